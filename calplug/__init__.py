@@ -1,0 +1,18 @@
+"""calplug: Contrastive ALignment (CAL, NeurIPS 2024) as a plugin for vision-language training.
+
+    import calplug
+    calplug.enable(model)                  # this instance's training forward returns the CAL loss
+    calplug.enable(model, contrast="mask") # the published algorithm (see CALConfig.faithful())
+    calplug.disable(model)                 # the original forward, exactly
+"""
+from .config import CALConfig, resolve_config
+from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
+from .hookspecs import hookimpl
+from .patching import config_of, disable, enable, enabled, is_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CALConfig", "CALConfigError", "CALError", "CALInputError", "UnsupportedModelError",
+    "config_of", "disable", "enable", "enabled", "hookimpl", "is_enabled", "resolve_config",
+]

@@ -1,0 +1,17 @@
+"""Errors calplug raises. Each message names the problem and the fix."""
+
+
+class CALError(Exception):
+    """Base class of every calplug error."""
+
+
+class CALConfigError(CALError, ValueError):
+    """A configuration value or key is invalid (names the key)."""
+
+
+class UnsupportedModelError(CALError, TypeError):
+    """No integration recognises the model (lists the supported classes)."""
+
+
+class CALInputError(CALError, ValueError):
+    """A training batch cannot be weighted as given (shapes, image placeholders, ...)."""

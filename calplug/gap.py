@@ -1,0 +1,55 @@
+"""Target-token gaps: how much the image raised the logit of each row's target token.
+
+Pure tensor code. The contrast side never materialises ``[N, V]`` logits: a row's target logit is
+its final hidden state dotted with that token's ``lm_head`` row (plus bias), which is all the gap
+needs. The main side reads target logits out of the logits the model already produced (a gather,
+no copy of the full tensor).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+_CHUNK_ROWS = 4096  # bounds the [rows, d] gather of lm_head rows
+
+
+def shift_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shift labels as for causal-LM loss.
+
+    Returns ``(shifted_labels [B, L-1], targets [B, L-1], supervised [B, L-1])``: row i predicts
+    token i+1; ``targets`` replaces every ignored (negative) label by token 0, as published.
+    """
+    shifted = labels[:, 1:]
+    supervised = shifted != IGNORE_INDEX
+    targets = torch.where(shifted < 0, torch.zeros_like(shifted), shifted)
+    return shifted, targets, supervised
+
+
+def main_target_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, L-1]`` logit of each row's target in the main pass's ``[B, L, V]`` logits."""
+    return logits[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+
+
+def hidden_target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[M]`` logits of ``targets [M]`` from final hidden states ``[M, d]``.
+
+    Equal to ``(hidden @ weight.T + bias)[arange(M), targets]`` without the ``[M, V]`` product;
+    computed in float32 (the published code upcasts logits to float32 before the gap).
+    """
+    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, targets.shape[0], _CHUNK_ROWS):
+        t = targets[start:start + _CHUNK_ROWS]
+        rows = weight.index_select(0, t).float()
+        out[start:start + _CHUNK_ROWS] = (hidden[start:start + _CHUNK_ROWS].float() * rows).sum(-1)
+    if bias is not None:
+        out += bias.index_select(0, targets).float()
+    return out
+
+
+def target_gap(main_logits: torch.Tensor, targets: torch.Tensor, contrast_logits: torch.Tensor,
+               has_contrast: torch.Tensor) -> torch.Tensor:
+    """``delta = main - contrast`` on rows with a contrast value, 0 elsewhere (float32 ``[B, L-1]``)."""
+    delta = torch.zeros_like(main_logits)
+    delta[has_contrast] = main_logits[has_contrast] - contrast_logits
+    return delta

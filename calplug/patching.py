@@ -1,0 +1,224 @@
+"""`enable` / `disable`: patch one model instance so its training forward returns the CAL loss.
+
+The patch is an instance attribute ``forward`` (the class, and every other instance, is untouched)
+that wraps the forward the model had, and calls it: in eval mode or without labels the original
+is returned as is. The wrapper keeps the original signature, which ``generate()`` and the HF
+Trainer inspect. State lives in ``model.__dict__["_calplug_state"]``, outside ``state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import types
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import distributed, gap, plugins
+from .config import CALConfig, resolve_config
+from .contrast import ContrastPlan, placeholder_plan
+from .errors import CALInputError, UnsupportedModelError
+from .integration import Integration, MainPass
+
+STATE_ATTR = "_calplug_state"
+_NO_INSTANCE_FORWARD = object()
+
+
+@dataclasses.dataclass
+class CALState:
+    config: CALConfig
+    integration: Integration
+    original_forward: Any          # the instance attribute `forward` had before, or the sentinel
+    signature: inspect.Signature
+
+
+# -- model resolution -----------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model whose forward computes logits: through PEFT, DeepSpeed, DDP and FSDP wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            model = model.get_base_model()
+        elif type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel",
+                                      "FullyShardedDataParallel") and hasattr(model, "module"):
+            model = model.module
+    return model
+
+
+def find_integration(model: nn.Module) -> Integration:
+    known = plugins.integrations()
+    for integration in known:
+        if integration.matches(model):
+            return integration
+    supported = sorted({cls for i in known for cls in i.model_classes})
+    raise UnsupportedModelError(
+        f"calplug has no integration for {type(model).__module__}.{type(model).__name__}. "
+        f"Supported model classes: {', '.join(supported)}. "
+        "A plugin can add one through the `calplug_integrations` hook (docs/plugins.md)."
+    )
+
+
+# -- public API -----------------------------------------------------------------------------------
+def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
+    """Patch ``model`` (this instance only) so that its training forward returns the CAL loss.
+
+    ``config`` is a `CALConfig`, a dict, a YAML path or None (then ``$CALPLUG_CONFIG`` or the
+    defaults); keyword ``overrides`` apply on top. Enabling an enabled model only updates its
+    config. Returns ``model`` (the object passed in, wrappers included).
+    """
+    target = unwrap_model(model)
+    state: CALState | None = target.__dict__.get(STATE_ATTR)
+    if state is not None:
+        base = state.config if config is None else config
+        state.config = resolve_config(base, **overrides)
+        return model
+    cfg = resolve_config(config, **overrides)
+    integration = find_integration(target)
+    if integration.check is not None:
+        integration.check(target)
+    signature = inspect.signature(target.forward)
+    original = target.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+    target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)
+    target.forward = types.MethodType(_make_forward(signature), target)
+    return model
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo `enable`: the instance gets back exactly the forward it had. A no-op when not enabled."""
+    target = unwrap_model(model)
+    state: CALState | None = target.__dict__.pop(STATE_ATTR, None)
+    if state is None:
+        return model
+    if state.original_forward is _NO_INSTANCE_FORWARD:
+        target.__dict__.pop("forward", None)
+    else:
+        target.__dict__["forward"] = state.original_forward
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return STATE_ATTR in unwrap_model(model).__dict__
+
+
+def config_of(model: nn.Module) -> CALConfig | None:
+    state = unwrap_model(model).__dict__.get(STATE_ATTR)
+    return None if state is None else state.config
+
+
+@contextlib.contextmanager
+def enabled(model: nn.Module, config=None, **overrides) -> Iterator[nn.Module]:
+    """``with calplug.enabled(model): ...`` -- CAL inside the block, the previous state after."""
+    target = unwrap_model(model)
+    previous = target.__dict__.get(STATE_ATTR)
+    previous_config = previous.config if previous is not None else None
+    enable(model, config, **overrides)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            disable(model)
+        else:
+            previous.config = previous_config
+
+
+# -- the patched forward --------------------------------------------------------------------------
+def _make_forward(signature: inspect.Signature):
+    def forward(self, *args, **kwargs):
+        return cal_forward(self, args, kwargs)
+
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    forward.__doc__ = "CAL-patched forward (calplug). " + (forward.__doc__ or "")
+    return forward
+
+
+def _original_forward(model: nn.Module, state: CALState):
+    if state.original_forward is _NO_INSTANCE_FORWARD:
+        return type(model).forward.__get__(model)
+    return state.original_forward
+
+
+def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
+    state: CALState = model.__dict__[STATE_ATTR]
+    original = _original_forward(model, state)
+    call = state.signature.bind_partial(*args, **kwargs).arguments
+    extra = call.pop(next((n for n, p in state.signature.parameters.items()
+                           if p.kind is p.VAR_KEYWORD), "\0"), {})
+    call.update(extra)
+    if not model.training or call.get("labels") is None:
+        return original(*args, **kwargs)
+    return cal_training_step(model, original, state, call)
+
+
+def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
+    config = state.config
+    num_items_in_batch = call.pop("num_items_in_batch", None)
+    main: MainPass = state.integration.main_pass(model, original, call)
+    if main.logits.shape[:2] != main.labels.shape:
+        raise CALInputError(
+            f"labels of shape {tuple(main.labels.shape)} do not match the sequence the model "
+            f"produced logits for ({tuple(main.logits.shape[:2])}): labels must be [batch, seq_len] "
+            "aligned with the model's inputs"
+        )
+    shifted, targets, supervised = gap.shift_targets(main.labels)
+    with torch.no_grad():
+        main_logits = gap.main_target_logits(main.logits.detach(), targets)
+        plan = plugins.contrasts()[config.contrast](main, config)
+        if distributed.any_rank(plan is not None, model) and plan is None:
+            plan = placeholder_plan(main)
+        delta = _delta(main, plan, main_logits, targets)
+    pm = plugins.get_plugin_manager()
+    weights = pm.hook.calplug_weights(delta=delta, labels=shifted, supervised=supervised, config=config)
+    loss = pm.hook.calplug_loss(logits=main.logits, labels=main.labels, weights=weights,
+                                config=config, num_items_in_batch=num_items_in_batch)
+    pm.hook.calplug_observe_step(model=model, delta=delta, weights=weights.detach(), labels=shifted,
+                                 supervised=supervised, config=config)
+    return _with_loss(main.output, loss, weights.detach(), delta)
+
+
+def _delta(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,
+           targets: torch.Tensor) -> torch.Tensor:
+    if plan is None:
+        return torch.zeros_like(main_logits)
+    with _no_gradient_checkpointing(main.decoder):
+        out = main.decoder(**plan.decoder_kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = plan.rows[:, :-1]
+    has = rows >= 0
+    with distributed.gathered(main.lm_head):
+        contrast = gap.hidden_target_logits(hidden.index_select(0, rows[has]), main.lm_head.weight,
+                                            getattr(main.lm_head, "bias", None), targets[has])
+    return gap.target_gap(main_logits, targets, contrast, has)
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(decoder: nn.Module):
+    """Turn activation checkpointing off for the no-grad contrast pass: there is nothing to save,
+    and checkpointing a no-grad call only warns and recomputes."""
+    flagged = [m for m in decoder.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+def _with_loss(output, loss: torch.Tensor, weights: torch.Tensor, delta: torch.Tensor):
+    """The model's own output type with ``loss`` set first, plus ``cal_weights`` / ``cal_delta``."""
+    if isinstance(output, tuple):
+        return (loss,) + tuple(x for x in output if x is not None)
+    fields = {k: v for k, v in output.items() if k != "loss"}
+    try:
+        result = type(output)(loss=loss, **fields)
+    except TypeError:  # an output type without a `loss` field
+        result = output
+        result["loss"] = loss
+    result.cal_weights = weights
+    result.cal_delta = delta
+    return result

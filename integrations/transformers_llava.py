@@ -1,0 +1,74 @@
+"""transformers' Llava classes: image positions are the image-token ids in ``input_ids``.
+
+The original forward runs without labels (so it computes no loss of its own); a pre-hook on the
+decoder records the merged embeddings, mask and positions it received; the contrast pass reuses
+them. Llava-type decoders get ``position_ids=None`` from the outer forward and then use 0..L-1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from calplug.errors import CALInputError
+from calplug.hookspecs import hookimpl
+from calplug.integration import (Integration, MainPass, arange_positions, capture_decoder_call,
+                                 explicit_attention_mask)
+
+from . import _transformers_compat as compat
+
+
+def check_labels(input_ids: torch.Tensor | None, labels: torch.Tensor) -> None:
+    if input_ids is None:
+        raise CALInputError(
+            "calplug needs input_ids to locate image positions; pass input_ids instead of inputs_embeds"
+        )
+    if labels.shape != input_ids.shape:
+        raise CALInputError(
+            f"labels of shape {tuple(labels.shape)} do not match input_ids of shape "
+            f"{tuple(input_ids.shape)}: pass labels as [batch, seq_len] aligned with input_ids "
+            "(-100 where no loss is wanted)"
+        )
+
+
+def check_pixels(visual: torch.Tensor, call: dict, pixel_keys: tuple[str, ...]) -> None:
+    if bool(visual.any()) and all(call.get(k) is None for k in pixel_keys):
+        raise CALInputError(
+            f"input_ids hold {int(visual.sum())} image placeholder tokens but no "
+            f"{' / '.join(pixel_keys)} was given: pass the pixels, or remove the placeholders"
+        )
+
+
+def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
+    labels = call.pop("labels")
+    input_ids = call.get("input_ids")
+    check_labels(input_ids, labels)
+    image_token = compat.config_token_id(model.config, "image_token_id", "image_token_index")
+    visual = input_ids == image_token
+    video_token = compat.config_token_id(model.config, "video_token_id", "video_token_index")
+    if video_token is not None:
+        visual |= input_ids == video_token
+    check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+    decoder, lm_head = compat.llava_type_decoder_and_head(model)
+    with capture_decoder_call(decoder) as decoder_kwargs:
+        output = original_forward(**call)
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    embeds = decoder_kwargs["inputs_embeds"]
+    positions = decoder_kwargs.get("position_ids")
+    return MainPass(
+        output=output, logits=logits, labels=labels, decoder=decoder, lm_head=lm_head,
+        decoder_kwargs=decoder_kwargs, visual_mask=visual,
+        attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
+        position_ids=arange_positions(embeds) if positions is None else positions,
+    )
+
+
+LLAVA = Integration(
+    name="transformers-llava",
+    model_classes=("LlavaForConditionalGeneration",),
+    main_pass=llava_main_pass,
+)
+
+
+@hookimpl
+def calplug_integrations():
+    return [LLAVA]
