@@ -9,7 +9,7 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "demo": ("calplug.demo", "miniature of the paper's noise-robustness result (the main job)"),
-    "inspect": ("calplug.inspect", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
+    "inspect": ("calplug.inspection", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
     "bench": ("calplug.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.patch_files", "list / apply / reverse the patch files for LLaVA-family forks"),
 }

@@ -54,7 +54,9 @@ def masked_attention_plan(main: MainPass, hidden: torch.Tensor) -> ContrastPlan:
     mask = main.attention_mask
     kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
     B, L = hidden.shape
-    return ContrastPlan(kwargs, identity_rows(B, L, hidden.device))
+    rows = identity_rows(B, L, hidden.device)
+    rows[~hidden.any(1)] = -1  # nothing hidden in this sample: its gap is 0 by definition
+    return ContrastPlan(kwargs, rows)
 
 
 def mask_contrast(main: MainPass, config) -> ContrastPlan | None:

@@ -23,14 +23,13 @@ from .errors import CALInputError, UnsupportedModelError
 from .integration import Integration, MainPass
 
 STATE_ATTR = "_calplug_state"
-_NO_INSTANCE_FORWARD = object()
 
 
 @dataclasses.dataclass
 class CALState:
     config: CALConfig
     integration: Integration
-    original_forward: Any          # the instance attribute `forward` had before, or the sentinel
+    original_forward: Any          # the instance attribute `forward` had before, or None
     signature: inspect.Signature
 
 
@@ -80,7 +79,7 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     if integration.check is not None:
         integration.check(target)
     signature = inspect.signature(target.forward)
-    original = target.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+    original = target.__dict__.get("forward")
     target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)
     target.forward = types.MethodType(_make_forward(signature), target)
     return model
@@ -92,7 +91,7 @@ def disable(model: nn.Module) -> nn.Module:
     state: CALState | None = target.__dict__.pop(STATE_ATTR, None)
     if state is None:
         return model
-    if state.original_forward is _NO_INSTANCE_FORWARD:
+    if state.original_forward is None:
         target.__dict__.pop("forward", None)
     else:
         target.__dict__["forward"] = state.original_forward
@@ -136,7 +135,7 @@ def _make_forward(signature: inspect.Signature):
 
 
 def _original_forward(model: nn.Module, state: CALState):
-    if state.original_forward is _NO_INSTANCE_FORWARD:
+    if state.original_forward is None:
         return type(model).forward.__get__(model)
     return state.original_forward
 

@@ -1,0 +1,308 @@
+"""calplug on transformers' LlavaForConditionalGeneration (tiny, seeded, CPU)."""
+import copy
+
+import pytest
+import torch
+
+import calplug
+from calplug import CALInputError, UnsupportedModelError, hookimpl, plugins
+from calplug.tiny import llava_batch, tiny_llava
+from reference import assert_rel_close, reference_cal_loss, reference_weights
+
+
+@pytest.fixture
+def model():
+    m = tiny_llava(seed=0)
+    m.train()
+    return m
+
+
+def reference_step(model, batch, alpha, beta, window):
+    """Spec steps 1-8 by hand: two full forwards with full logits, flattened pooling."""
+    captured = {}
+    decoder = model.model.language_model
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.setdefault("kw", kwargs) and None, with_kwargs=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    handle.remove()
+    image = batch["input_ids"] == model.config.image_token_id
+    with torch.no_grad():
+        kw = captured["kw"]
+        hidden = decoder(inputs_embeds=kw["inputs_embeds"],
+                         attention_mask=batch["attention_mask"] * (~image).long()).last_hidden_state
+        logits_wo = model.lm_head(hidden)
+    loss = reference_cal_loss(logits, logits_wo, batch["labels"], alpha, beta, window)
+    return loss, reference_weights(logits, logits_wo, batch["labels"], alpha, beta, window)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("alpha, beta, window", [(0.0, 5.0, 3), (1.0, 5.0, 3), (0.0, 0.05, 1)])
+def test_faithful_mode_equals_reference(model, padding_side, alpha, beta, window):
+    batch = llava_batch(model, padding_side=padding_side)  # includes a text-only sample
+    ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+
+    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
+    out = model(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
+    cal_grads = grads(model)
+    assert cal_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_rel_close(cal_grads[name], ref_grads[name], 1e-5, name)
+    if alpha == 0.0 and beta == 5.0:
+        assert out.cal_weights.std() > 0.01  # the weights really vary in this case
+
+
+def test_alpha_one_gives_plain_loss_and_text_only_sample_weights_alpha(model):
+    batch = llava_batch(model)
+    plain = model(**batch).loss
+    calplug.enable(model, contrast="mask")
+    out = model(**batch)
+    # random-init gaps are far below 1, so every weight clamps to alpha = 1: plain cross-entropy
+    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
+    calplug.enable(model, alpha=0.0, pool_window=1)
+    out = model(**batch)
+    assert torch.all(out.cal_delta[2] == 0)  # sample 2 is text-only: no image, no gap
+    assert torch.all(out.cal_weights[2] == 0.0)  # ... so its weights are alpha
+    assert out.cal_delta[0].abs().max() > 0
+
+
+def test_output_type_and_fields(model):
+    batch = llava_batch(model)
+    expected_type = type(model(**batch))
+    calplug.enable(model)
+    out = model(**batch)
+    assert type(out) is expected_type
+    assert out[0] is out.loss and out["loss"] is out.loss
+    B, L = batch["input_ids"].shape
+    assert out.cal_weights.shape == out.cal_delta.shape == (B, L - 1)
+    assert out.logits.shape[:2] == (B, L)
+
+
+def test_disable_restores_bit_identical_outputs_and_state_dict(model):
+    batch = llava_batch(model)
+    keys = list(model.state_dict())
+    forward_before = model.forward
+    torch.manual_seed(0)
+    before = model(**batch)
+    calplug.enable(model)
+    assert calplug.is_enabled(model)
+    assert list(model.state_dict()) == keys
+    cal = model(**batch)
+    assert not torch.equal(cal.loss, before.loss) or cal.cal_weights is not None
+    calplug.disable(model)
+    assert not calplug.is_enabled(model)
+    assert "forward" not in model.__dict__ and model.forward == forward_before
+    after = model(**batch)
+    assert torch.equal(after.loss, before.loss) and torch.equal(after.logits, before.logits)
+    assert not hasattr(after, "cal_weights")
+    calplug.disable(model)  # disabling twice is harmless
+
+
+def test_existing_instance_forward_is_restored_exactly(model):
+    original = model.forward
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+    model.forward = wrapped
+    calplug.enable(model)
+    calplug.disable(model)
+    assert model.__dict__["forward"] is wrapped
+
+
+def test_enable_twice_updates_config_and_patches_once(model):
+    calplug.enable(model, beta=4.0)
+    patched = model.__dict__["forward"]
+    calplug.enable(model, beta=3.0)
+    assert model.__dict__["forward"] is patched
+    assert calplug.config_of(model).beta == 3.0
+    calplug.disable(model)
+    assert "forward" not in model.__dict__
+
+
+def test_only_this_instance_is_patched(model):
+    other = tiny_llava(seed=1).train()
+    batch = llava_batch(model)
+    calplug.enable(model)
+    assert not calplug.is_enabled(other)
+    assert not hasattr(other(**batch), "cal_weights")
+    assert hasattr(model(**batch), "cal_weights")
+
+
+def test_context_manager(model):
+    with calplug.enabled(model, alpha=0.0) as m:
+        assert m is model and calplug.config_of(model).alpha == 0.0
+    assert not calplug.is_enabled(model)
+    calplug.enable(model, beta=2.0)
+    with calplug.enabled(model, beta=4.0):
+        assert calplug.config_of(model).beta == 4.0
+    assert calplug.config_of(model).beta == 2.0 and calplug.is_enabled(model)
+
+
+def test_eval_mode_and_no_labels_return_exactly_the_original(model):
+    batch = llava_batch(model)
+    model.eval()
+    ref = model(**batch)
+    calplug.enable(model)
+    out = model(**batch)
+    assert type(out) is type(ref) and torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+    model.train()
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    a = model(**no_labels)
+    assert a.loss is None and not hasattr(a, "cal_weights")
+
+
+def test_generate_is_unchanged(model):
+    batch = llava_batch(model, lengths=(6,), with_image=(True,))
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    ref = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    calplug.enable(model)
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+def test_return_dict_false_puts_loss_first(model):
+    batch = llava_batch(model)
+    calplug.enable(model)
+    out = model(**batch, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0 and out[1].dim() == 3
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_unknown_model_lists_supported_classes():
+    with pytest.raises(UnsupportedModelError, match=r"Linear.*Supported model classes: .*LlavaForConditionalGeneration"):
+        calplug.enable(torch.nn.Linear(2, 2))
+
+
+def test_labels_shape_mismatch(model):
+    batch = llava_batch(model)
+    batch["labels"] = batch["labels"][:, :-2]
+    calplug.enable(model)
+    with pytest.raises(CALInputError, match=r"labels of shape \(3, 26\) do not match input_ids of shape \(3, 28\)"):
+        model(**batch)
+
+
+def test_image_placeholders_without_pixels(model):
+    batch = llava_batch(model)
+    batch["pixel_values"] = None
+    calplug.enable(model)
+    with pytest.raises(CALInputError, match="image placeholder tokens but no pixel_values"):
+        model(**batch)
+
+
+def test_bad_config_at_enable(model):
+    with pytest.raises(calplug.CALConfigError, match="pool_window"):
+        calplug.enable(model, pool_window=2)
+    assert not calplug.is_enabled(model)
+
+
+# -- plugins --------------------------------------------------------------------------------------
+class DoubleSupervisedWeights:
+    @hookimpl
+    def calplug_weights(self, delta, supervised):
+        return supervised.float() * 2.0 + 1.0
+
+
+class Recorder:
+    def __init__(self):
+        self.steps = []
+
+    @hookimpl
+    def calplug_observe_step(self, delta, weights, labels, supervised, config):
+        self.steps.append((delta, weights, labels, supervised, config))
+
+
+def test_custom_weighting_plugin_changes_the_loss_and_observer_sees_it(model):
+    batch = llava_batch(model)
+    calplug.enable(model, contrast="mask")
+    base = model(**batch).loss
+    plugin, recorder = DoubleSupervisedWeights(), Recorder()
+    plugins.register(plugin, name="test-weights")
+    plugins.register(recorder, name="test-recorder")
+    try:
+        out = model(**batch)
+    finally:
+        plugins.unregister(name="test-weights")
+        plugins.unregister(name="test-recorder")
+    assert torch.all(out.cal_weights[out.cal_weights != 1.0] == 3.0)
+    # weights are constant on supervised rows, so the loss is still the plain mean... use it:
+    torch.testing.assert_close(out.loss, base, rtol=1e-6, atol=0)
+    delta, weights, labels, supervised, config = recorder.steps[0]
+    assert weights.shape == delta.shape == labels.shape == supervised.shape
+    assert config.contrast == "mask"
+    assert torch.equal(model(**batch).loss, base)  # unregistered: back to the built-in
+
+
+class UpweightFirstAnswerToken:
+    @hookimpl
+    def calplug_weights(self, supervised):
+        w = supervised.float()
+        first = supervised.float().cumsum(1) == 1
+        return torch.where(first & supervised, torch.full_like(w, 10.0), w)
+
+
+def test_non_uniform_plugin_weights_change_the_loss(model):
+    batch = llava_batch(model)
+    calplug.enable(model)
+    base = model(**batch).loss
+    plugins.register(UpweightFirstAnswerToken(), name="test-first")
+    try:
+        out = model(**batch)
+    finally:
+        plugins.unregister(name="test-first")
+    assert abs(out.loss.item() - base.item()) > 1e-4
+
+
+def test_custom_contrast_plugin_is_selectable(model):
+    calls = []
+
+    class NoContrast:
+        @hookimpl
+        def calplug_contrasts(self):
+            def nothing(main, config):
+                calls.append(main.visual_mask.sum().item())
+                return None
+            return {"nothing": nothing}
+
+    plugins.register(NoContrast(), name="test-contrast")
+    try:
+        calplug.enable(model, contrast="nothing")
+        out = model(**llava_batch(model))
+    finally:
+        calplug.disable(model)
+        plugins.unregister(name="test-contrast")
+    assert calls == [32] and torch.all(out.cal_delta == 0)
+    with pytest.raises(calplug.CALConfigError, match="nothing"):
+        calplug.CALConfig(contrast="nothing")
+
+
+def test_misspelt_hook_fails_loudly():
+    class Typo:
+        @hookimpl
+        def calplug_weight(self, delta):
+            return delta
+
+    with pytest.raises(Exception, match="calplug_weight"):
+        plugins.register(Typo(), name="test-typo")
+    plugins.unregister(name="test-typo")
+
+
+def test_deepcopy_of_an_enabled_model_patches_the_copy(model):
+    calplug.enable(model, alpha=0.0)
+    clone = copy.deepcopy(model)
+    assert calplug.is_enabled(clone)
+    batch = llava_batch(model)
+    out = clone(**batch)
+    out.loss.backward()
+    assert any(p.grad is not None for p in clone.parameters())
+    assert all(p.grad is None for p in model.parameters())
