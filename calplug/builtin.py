@@ -13,6 +13,7 @@ def calplug_contrasts():
         "mask": contrast.mask_contrast,
         "drop": contrast.drop_contrast,
         "patch_mask": contrast.patch_mask_contrast,
+        "blur": contrast.blur_contrast,
     }
 
 

@@ -16,6 +16,8 @@ for it. The built-in conditions are registered as plugins in `calplug.builtin`.
   image. Rows with no kept position before them (left padding) get gap 0.
 * ``patch_mask``: like ``mask`` but hides a random ``mask_ratio`` share of each sample's image
   positions (seeded by ``config.seed``).
+* ``blur``: the same sequence and mask, with the image features replaced by those of the
+  Gaussian-blurred pixels (``blur_sigma``); needs an integration that can re-run its vision path.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import dataclasses
 
 import torch
 
+from .blur import gaussian_blur
+from .errors import CALInputError
 from .integration import NON_SEQUENCE_DECODER_KWARGS, MainPass
 
 
@@ -78,6 +82,23 @@ def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
             chosen = torch.randperm(positions.numel(), generator=gen)[:n_hide].to(positions.device)
             hidden[b, positions[chosen]] = True
     return masked_attention_plan(main, hidden)
+
+
+def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
+    visual = main.visual_mask
+    if not bool(visual.any()):
+        return None
+    if main.contrast_embeds is None:
+        raise CALInputError("contrast='blur' needs an integration that can re-run its vision path")
+    kwargs = base_decoder_kwargs(main)
+    kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: gaussian_blur(px, config.blur_sigma))
+    B, L = visual.shape
+    rows = identity_rows(B, L, visual.device)
+    rows[~visual.any(1)] = -1
+    return ContrastPlan(kwargs, rows)
+
+
+blur_contrast.needs_pixels = True
 
 
 def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) -> ContrastPlan:

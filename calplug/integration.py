@@ -70,14 +70,22 @@ class Integration:
                    forward's keyword arguments, ``labels`` included.
     check:         optional ``fn(model)`` run by `calplug.enable`; raises
                    `UnsupportedModelError` for versions or configurations it cannot handle.
-    supports_blur: whether `MainPass.contrast_embeds` is provided (pixel-level contrasts).
+    pixel_keys:    forward keyword arguments that carry pixels (``("pixel_values",)``). When set,
+                   the engine can re-run the model's own embedding path on transformed pixels,
+                   which pixel-level contrasts such as ``blur`` need.
+    supports_blur: whether pixel-level contrasts work (true when ``pixel_keys`` is set, or when
+                   `main_pass` fills `MainPass.contrast_embeds` itself).
     """
 
     name: str
     model_classes: tuple[str, ...]
     main_pass: Callable[[nn.Module, Callable, dict], MainPass]
     check: Callable[[nn.Module], None] | None = None
+    pixel_keys: tuple[str, ...] = ()
     supports_blur: bool = False
+
+    def __post_init__(self) -> None:
+        self.supports_blur = self.supports_blur or bool(self.pixel_keys)
 
     def matches(self, model: nn.Module) -> bool:
         names = {cls.__name__ for cls in type(model).__mro__}
@@ -127,3 +135,42 @@ def arange_positions(embeds: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` positions 0..L-1: what Llama-type decoders use when given ``position_ids=None``."""
     B, L = embeds.shape[:2]
     return torch.arange(L, device=embeds.device).unsqueeze(0).expand(B, L)
+
+
+class _EmbeddingsReady(Exception):
+    """Raised from a decoder pre-hook to stop a forward once the merged embeddings exist."""
+
+
+def embeddings_with(original_forward: Callable, decoder: nn.Module, call: dict) -> torch.Tensor:
+    """The merged ``inputs_embeds`` the model builds for ``call`` (no grad), stopping before the
+    decoder runs: the model's own vision path and splice, with no upstream code copied."""
+
+    def stop(module, args, kwargs):
+        raise _EmbeddingsReady(kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[4])
+
+    handle = decoder.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            original_forward(**call)
+    except _EmbeddingsReady as ready:
+        return ready.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never called its decoder")
+
+
+def pixel_contrast_embeds(original_forward: Callable, decoder: nn.Module, call: dict,
+                          pixel_keys: tuple[str, ...]):
+    """``fn(pixel_transform) -> inputs_embeds`` re-running the embedding path on transformed pixels."""
+    call = {k: v for k, v in call.items() if k != "labels"}
+
+    def contrast_embeds(transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        changed = dict(call)
+        for key in pixel_keys:
+            if isinstance(changed.get(key), torch.Tensor):
+                changed[key] = transform(changed[key])
+            elif isinstance(changed.get(key), (list, tuple)):
+                changed[key] = type(changed[key])(transform(x) for x in changed[key])
+        return embeddings_with(original_forward, decoder, changed)
+
+    return contrast_embeds

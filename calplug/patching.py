@@ -20,7 +20,7 @@ from . import distributed, gap, plugins
 from .config import CALConfig, resolve_config
 from .contrast import ContrastPlan, placeholder_plan
 from .errors import CALInputError, UnsupportedModelError
-from .integration import Integration, MainPass
+from .integration import Integration, MainPass, pixel_contrast_embeds
 
 STATE_ATTR = "_calplug_state"
 
@@ -60,6 +60,19 @@ def find_integration(model: nn.Module) -> Integration:
     )
 
 
+def check_contrast_supported(config: CALConfig, integration: Integration) -> None:
+    """Contrasts that transform pixels (``needs_pixels = True`` on the function) need an
+    integration that can re-run its vision path."""
+    build = plugins.contrasts()[config.contrast]
+    if getattr(build, "needs_pixels", False) and not integration.supports_blur:
+        able = sorted({c for i in plugins.integrations() if i.supports_blur for c in i.model_classes})
+        raise UnsupportedModelError(
+            f"contrast={config.contrast!r} transforms the input pixels, and integration "
+            f"{integration.name!r} cannot re-run its vision path. Model classes that can: "
+            f"{', '.join(able) or 'none'}. Use contrast='drop', 'mask' or 'patch_mask' instead."
+        )
+
+
 # -- public API -----------------------------------------------------------------------------------
 def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     """Patch ``model`` (this instance only) so that its training forward returns the CAL loss.
@@ -72,12 +85,15 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     state: CALState | None = target.__dict__.get(STATE_ATTR)
     if state is not None:
         base = state.config if config is None else config
-        state.config = resolve_config(base, **overrides)
+        new_config = resolve_config(base, **overrides)
+        check_contrast_supported(new_config, state.integration)
+        state.config = new_config
         return model
     cfg = resolve_config(config, **overrides)
     integration = find_integration(target)
     if integration.check is not None:
         integration.check(target)
+    check_contrast_supported(cfg, integration)
     signature = inspect.signature(target.forward)
     original = target.__dict__.get("forward")
     target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)
@@ -155,7 +171,12 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
 def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
     config = state.config
     num_items_in_batch = call.pop("num_items_in_batch", None)
-    main: MainPass = state.integration.main_pass(model, original, call)
+    integration = state.integration
+    rerun_call = dict(call) if integration.pixel_keys else None
+    main: MainPass = integration.main_pass(model, original, call)
+    if rerun_call is not None and main.contrast_embeds is None:
+        main.contrast_embeds = pixel_contrast_embeds(original, main.decoder, rerun_call,
+                                                     integration.pixel_keys)
     if main.logits.shape[:2] != main.labels.shape:
         raise CALInputError(
             f"labels of shape {tuple(main.labels.shape)} do not match the sequence the model "

@@ -66,6 +66,7 @@ LLAVA = Integration(
     name="transformers-llava",
     model_classes=("LlavaForConditionalGeneration",),
     main_pass=llava_main_pass,
+    pixel_keys=("pixel_values",),
 )
 
 

@@ -1,0 +1,94 @@
+"""The paper's ablations as settings: patch masking, blur, clamp range, pooling (docs/ablations.md)."""
+import pytest
+import torch
+
+import calplug
+from calplug.blur import gaussian_blur
+from calplug.tiny import llava_batch, tiny_llava
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava(seed=0).train()
+
+
+def deltas(model, batch, **cfg):
+    calplug.enable(model, **cfg)
+    try:
+        with torch.no_grad():
+            return model(**batch).cal_delta
+    finally:
+        calplug.disable(model)
+
+
+def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(model):
+    batch = llava_batch(model)
+    assert torch.all(deltas(model, batch, contrast="patch_mask", mask_ratio=0.0) == 0)
+    full = deltas(model, batch, contrast="mask")
+    torch.testing.assert_close(deltas(model, batch, contrast="patch_mask", mask_ratio=1.0), full)
+    half = deltas(model, batch, contrast="patch_mask", mask_ratio=0.5)
+    assert 0 < (half - full).abs().sum() and half.abs().sum() > 0
+
+
+def test_patch_mask_is_seeded(model):
+    batch = llava_batch(model)
+    a = deltas(model, batch, contrast="patch_mask", mask_ratio=0.7, seed=3)
+    b = deltas(model, batch, contrast="patch_mask", mask_ratio=0.7, seed=3)
+    c = deltas(model, batch, contrast="patch_mask", mask_ratio=0.7, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_blur_tiny_sigma_gives_gaps_near_zero_and_large_sigma_moves_toward_mask(model):
+    batch = llava_batch(model)
+    mask = deltas(model, batch, contrast="mask")
+    tiny = deltas(model, batch, contrast="blur", blur_sigma=1e-3)
+    large = deltas(model, batch, contrast="blur", blur_sigma=10.0)
+    assert tiny.abs().max() < 1e-5 * mask.abs().max() + 1e-6
+    assert large.abs().max() > 100 * tiny.abs().max()
+    # the large blur's gaps point the same way as masking the image out
+    cos = torch.nn.functional.cosine_similarity(large.flatten(), mask.flatten(), dim=0)
+    assert cos > 0.3, cos
+    assert torch.all(large[2] == 0)  # the text-only sample is never contrasted
+
+
+def test_gaussian_blur_preserves_mean_and_smooths():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    y = gaussian_blur(x, 2.0)
+    assert y.shape == x.shape
+    assert y.std() < 0.5 * x.std()
+    torch.testing.assert_close(gaussian_blur(torch.full((1, 3, 8, 8), 0.7), 3.0), torch.full((1, 3, 8, 8), 0.7))
+    torch.testing.assert_close(gaussian_blur(x, 1e-3), x)
+
+
+def test_blur_on_an_integration_without_pixels_is_refused(model):
+    from calplug import plugins
+    from calplug.integration import Integration
+
+    class Fake(torch.nn.Module):
+        pass
+
+    fake_integration = Integration(name="fake", model_classes=("Fake",), main_pass=lambda *a: None)
+
+    class FakePlugin:
+        @calplug.hookimpl
+        def calplug_integrations(self):
+            return [fake_integration]
+
+    plugins.register(FakePlugin(), name="test-fake-integration")
+    try:
+        with pytest.raises(calplug.UnsupportedModelError, match=r"blur.*LlavaForConditionalGeneration"):
+            calplug.enable(Fake(), contrast="blur")
+        calplug.enable(model, contrast="blur")  # Llava can
+        calplug.disable(model)
+    finally:
+        plugins.unregister(name="test-fake-integration")
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 5.0), (0.0, 2.0), (2.0, 2.0)])
+def test_clamp_range_bounds_every_weight(model, alpha, beta):
+    batch = llava_batch(model)
+    calplug.enable(model, contrast="mask", alpha=alpha, beta=beta, pool_window=1)
+    out = model(**batch)
+    calplug.disable(model)
+    assert out.cal_weights.min() >= alpha and out.cal_weights.max() <= beta
