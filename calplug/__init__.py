@@ -8,11 +8,11 @@
 from .config import CALConfig, resolve_config
 from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
 from .hookspecs import hookimpl
-from .patching import config_of, disable, enable, enabled, is_enabled
+from .patching import config_of, disable, enable, enable_for_stage, enabled, is_enabled
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CALConfig", "CALConfigError", "CALError", "CALInputError", "UnsupportedModelError",
-    "config_of", "disable", "enable", "enabled", "hookimpl", "is_enabled", "resolve_config",
+    "config_of", "disable", "enable", "enable_for_stage", "enabled", "hookimpl", "is_enabled", "resolve_config",
 ]

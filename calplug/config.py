@@ -15,6 +15,7 @@ from .errors import CALConfigError
 
 ENV_VAR = "CALPLUG_CONFIG"
 POOL_SCOPES = ("flat", "sequence")
+STAGES = ("both", "pretrain", "finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class CALConfig:
     mask_ratio:   share of image positions hidden by contrast="patch_mask" (Tables 8, 9).
     blur_sigma:   Gaussian sigma, in pixels, for contrast="blur" (Table 9).
     seed:         seed of the random choices some contrasts make (patch_mask).
+    stages:       training stages CAL applies to, for scripts that know theirs (Table 3):
+                  "both" (default), "pretrain" (projector alignment) or "finetune" (instruction
+                  tuning); see `calplug.enable_for_stage`.
     """
 
     alpha: float = 1.0
@@ -42,6 +46,12 @@ class CALConfig:
     mask_ratio: float = 0.5
     blur_sigma: float = 1.0
     seed: int = 0
+    stages: str = "both"
+
+    def covers_stage(self, stage: str) -> bool:
+        if stage not in STAGES[1:]:
+            raise CALConfigError(f"training stage must be one of {STAGES[1:]}, got {stage!r}")
+        return self.stages in ("both", stage)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -146,6 +156,10 @@ def _validate(cfg: CALConfig) -> None:
         raise CALConfigError(f"blur_sigma must be > 0, got {cfg.blur_sigma}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise CALConfigError(f"seed must be an integer, got {cfg.seed!r}")
+    if cfg.stages not in STAGES:
+        close = difflib.get_close_matches(str(cfg.stages), STAGES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise CALConfigError(f"stages must be one of {STAGES}, got {cfg.stages!r}.{hint}")
     from .plugins import contrast_names  # late import: plugins may register more contrasts
 
     names = contrast_names()

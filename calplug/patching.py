@@ -101,6 +101,21 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     return model
 
 
+def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> bool:
+    """Enable CAL when the config's ``stages`` covers ``stage`` ("pretrain" or "finetune").
+
+    For training scripts that know their stage (LLaVA: pre-training is when only the projector is
+    tuned). Returns whether CAL is now enabled; when the stage is not covered, a model enabled
+    earlier is disabled, so one call per run is enough.
+    """
+    cfg = resolve_config(config, **overrides)
+    if cfg.covers_stage(stage):
+        enable(model, cfg)
+        return True
+    disable(model)
+    return False
+
+
 def disable(model: nn.Module) -> nn.Module:
     """Undo `enable`: the instance gets back exactly the forward it had. A no-op when not enabled."""
     target = unwrap_model(model)

@@ -92,3 +92,20 @@ def test_clamp_range_bounds_every_weight(model, alpha, beta):
     out = model(**batch)
     calplug.disable(model)
     assert out.cal_weights.min() >= alpha and out.cal_weights.max() <= beta
+
+
+@pytest.mark.parametrize("stages, pretrain, finetune", [
+    ("both", True, True), ("pretrain", True, False), ("finetune", False, True)])
+def test_stage_control(model, stages, pretrain, finetune):
+    assert calplug.enable_for_stage(model, "pretrain", stages=stages) is pretrain
+    assert calplug.is_enabled(model) is pretrain
+    assert calplug.enable_for_stage(model, "finetune", stages=stages) is finetune
+    assert calplug.is_enabled(model) is finetune
+    calplug.disable(model)
+
+
+def test_stage_errors():
+    with pytest.raises(calplug.CALConfigError, match=r"stages.*Did you mean 'pretrain'"):
+        calplug.CALConfig(stages="pretrian")
+    with pytest.raises(calplug.CALConfigError, match="training stage"):
+        calplug.CALConfig().covers_stage("sft")
