@@ -109,3 +109,34 @@ def test_stage_errors():
         calplug.CALConfig(stages="pretrian")
     with pytest.raises(calplug.CALConfigError, match="training stage"):
         calplug.CALConfig().covers_stage("sft")
+
+
+def test_docs_other_image_contrast_example(model):
+    """The third-party contrast of docs/ablations.md works as written."""
+    from calplug import plugins
+    from calplug.contrast import ContrastPlan, base_decoder_kwargs, identity_rows
+
+    class OtherImage:
+        @calplug.hookimpl
+        def calplug_contrasts(self):
+            def other_image(main, config):
+                visual = main.visual_mask
+                if not visual.any():
+                    return None
+                kwargs = base_decoder_kwargs(main)
+                kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: px.roll(1, dims=0))
+                rows = identity_rows(*visual.shape, visual.device)
+                rows[~visual.any(1)] = -1
+                return ContrastPlan(kwargs, rows)
+            other_image.needs_pixels = True
+            return {"other_image": other_image}
+
+    plugins.register(OtherImage(), name="test-other-image")
+    try:
+        batch = llava_batch(model)
+        swapped = deltas(model, batch, contrast="other_image")
+        mask = deltas(model, batch, contrast="mask")
+    finally:
+        plugins.unregister(name="test-other-image")
+    assert swapped[:2].abs().sum() > 0 and torch.all(swapped[2] == 0)
+    assert not torch.allclose(swapped, mask)
