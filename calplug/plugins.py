@@ -17,6 +17,7 @@ from . import hookspecs
 BUILTIN_PLUGINS = (
     "calplug.builtin",
     "calplug.integrations.transformers_llava",
+    "calplug.integrations.transformers_qwen_vl",
 )
 
 _manager: pluggy.PluginManager | None = None

@@ -1,4 +1,5 @@
-"""transformers' Llava classes: image positions are the image-token ids in ``input_ids``.
+"""transformers' Llava, LlavaNext and LlavaOnevision: image (and, for LlavaOnevision, video)
+positions are the placeholder-token ids in ``input_ids``.
 
 The original forward runs without labels (so it computes no loss of its own); a pre-hook on the
 decoder records the merged embeddings, mask and positions it received; the contrast pass reuses
@@ -42,6 +43,7 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     labels = call.pop("labels")
     input_ids = call.get("input_ids")
     check_labels(input_ids, labels)
+    compat.check_full_logits(call)
     image_token = compat.config_token_id(model.config, "image_token_id", "image_token_index")
     visual = input_ids == image_token
     video_token = compat.config_token_id(model.config, "video_token_id", "video_token_index")
@@ -66,10 +68,31 @@ LLAVA = Integration(
     name="transformers-llava",
     model_classes=("LlavaForConditionalGeneration",),
     main_pass=llava_main_pass,
+    check=compat.version_check("Llava"),
     pixel_keys=("pixel_values",),
+)
+
+# LlavaNext: anyres tiles, pixel_values [B, tiles, 3, H, W] plus image_sizes; the model's own
+# forward packs the tiles, so the integration only reads placeholders and the decoder call.
+LLAVA_NEXT = Integration(
+    name="transformers-llava-next",
+    model_classes=("LlavaNextForConditionalGeneration",),
+    main_pass=llava_main_pass,
+    check=compat.version_check("LlavaNext"),
+    pixel_keys=("pixel_values",),
+)
+
+# LlavaOnevision: images as LlavaNext, videos as pixel_values_videos [B, frames, 3, H, W];
+# video placeholder positions count as visual positions.
+LLAVA_ONEVISION = Integration(
+    name="transformers-llava-onevision",
+    model_classes=("LlavaOnevisionForConditionalGeneration",),
+    main_pass=llava_main_pass,
+    check=compat.version_check("LlavaOnevision"),
+    pixel_keys=("pixel_values", "pixel_values_videos"),
 )
 
 
 @hookimpl
 def calplug_integrations():
-    return [LLAVA]
+    return [LLAVA, LLAVA_NEXT, LLAVA_ONEVISION]

@@ -1,0 +1,83 @@
+"""transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL: image and video placeholders, M-RoPE positions.
+
+Visual positions are the ``image_token_id`` and ``video_token_id`` placeholders in ``input_ids``
+(``vision_start`` / ``vision_end`` are text). The original forward runs without labels; a pre-hook
+on the decoder records what the model handed it, in particular the 3-D rotary positions
+(``[3, B, L]``, or ``[4, B, L]`` with text positions first) the model computed for the whole
+multimodal sequence. The contrast pass reuses them: in ``drop`` mode every kept text token keeps
+its original 3-D position, so nothing is recomputed for the shortened sequence.
+
+Qwen3-VL also hands the decoder ``visual_pos_masks`` and ``deepstack_visual_embeds`` (visual
+features added to early decoder layers at the visual positions). They are declared as
+`MainPass.visual_extras`: ``drop`` removes the visual positions and clears them; ``mask`` and
+``patch_mask`` keep the sequence, so they keep them too (no text row can attend to a hidden
+visual position, whatever is added there).
+
+Pixel-level contrasts (``blur``) are not offered: Qwen's ``pixel_values`` are already cut into
+flattened patches, not images.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from calplug.hookspecs import hookimpl
+from calplug.integration import Integration, MainPass, capture_decoder_call, explicit_attention_mask
+
+from . import _transformers_compat as compat
+from .transformers_llava import check_labels, check_pixels
+
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+QWEN3_VISUAL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
+    labels = call.pop("labels")
+    input_ids = call.get("input_ids")
+    check_labels(input_ids, labels)
+    compat.check_full_logits(call)
+    config = model.config
+    visual = input_ids == compat.config_token_id(config, "image_token_id", "image_token_index")
+    video_token = compat.config_token_id(config, "video_token_id", "video_token_index")
+    if video_token is not None:
+        visual |= input_ids == video_token
+    check_pixels(visual, call, PIXEL_KEYS)
+    compat.warn_if_mrope_disabled(model, call)
+    decoder, lm_head = compat.qwen_type_decoder_and_head(model)
+    with capture_decoder_call(decoder) as decoder_kwargs:
+        output = original_forward(**call)
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    embeds = decoder_kwargs["inputs_embeds"]
+    return MainPass(
+        output=output, logits=logits, labels=labels, decoder=decoder, lm_head=lm_head,
+        decoder_kwargs=decoder_kwargs, visual_mask=visual,
+        attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
+        position_ids=compat.qwen_positions(decoder_kwargs.get("position_ids"), embeds),
+        visual_extras=tuple(k for k in QWEN3_VISUAL_EXTRAS if decoder_kwargs.get(k) is not None),
+    )
+
+
+QWEN2_VL = Integration(
+    name="transformers-qwen2-vl",
+    model_classes=("Qwen2VLForConditionalGeneration",),
+    main_pass=qwen_main_pass,
+    check=compat.version_check("Qwen2-VL"),
+)
+
+QWEN2_5_VL = Integration(
+    name="transformers-qwen2.5-vl",
+    model_classes=("Qwen2_5_VLForConditionalGeneration",),
+    main_pass=qwen_main_pass,
+    check=compat.version_check("Qwen2.5-VL"),
+)
+
+QWEN3_VL = Integration(
+    name="transformers-qwen3-vl",
+    model_classes=("Qwen3VLForConditionalGeneration",),
+    main_pass=qwen_main_pass,
+    check=compat.version_check("Qwen3-VL"),
+)
+
+
+@hookimpl
+def calplug_integrations():
+    return [QWEN2_VL, QWEN2_5_VL, QWEN3_VL]

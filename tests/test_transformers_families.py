@@ -1,0 +1,377 @@
+"""Every transformers VLM family calplug integrates, on whatever transformers this env has.
+
+Run by every env of the tox matrix (tox.ini: py = 5.24.0, hf-4.45, hf-4.49, hf-4.57); a family
+the installed transformers does not have is skipped with its name and the first version that
+has it. docs/support-matrix.md is generated from these results (tests/support_matrix.py).
+Tiny seeded random-init models (tests/_hf_families.py), CPU, eager attention.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import calplug
+from calplug import CALInputError, UnsupportedModelError
+from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
+from reference import assert_rel_close, reference_cal_loss, reference_weights
+
+IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
+VIDEO_BATCH = ("video", "image", None)   # a video sample, an image sample, a text-only one
+CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_versions(record_testsuite_property):
+    import transformers
+
+    record_testsuite_property("transformers", transformers.__version__)
+    record_testsuite_property("torch", torch.__version__)
+
+
+def family_or_skip(name):
+    family = FAMILIES[name]
+    if not family.available():
+        import transformers
+
+        pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]} "
+                    f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+    return family
+
+
+def video_works(name):
+    return not (name == "llava_onevision" and (4, 49) <= tf_version() < (4, 50))
+
+
+def skip_known_upstream_bug(name, kinds):
+    if "video" in kinds and not video_works(name):
+        pytest.skip("transformers 4.49's LlavaOnevision cannot take videos (its video check reads the "
+                    "image mask: UnboundLocalError / false size mismatch); use 4.45 or >= 4.50")
+
+
+def model_for(name, seed=0):
+    family = family_or_skip(name)
+    return family, family.build(seed).train()
+
+
+def reference_step(model, batch, alpha, beta, window):
+    """Spec steps 1-8 by hand: the usual forward, and a second full decoder pass with the same
+    decoder inputs (merged embeddings, positions, extra visual inputs) and attention to the
+    visual positions removed; full logits, flattened pooling."""
+    decoder, head = decoder_and_head(model)
+    captured = {}
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    handle.remove()
+    visual = visual_positions(model, batch["input_ids"])
+    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS}
+    kw["attention_mask"] = batch["attention_mask"] * (~visual).long()
+    with torch.no_grad():
+        logits_wo = head(decoder(**kw)[0])
+    loss = reference_cal_loss(logits, logits_wo, batch["labels"], alpha, beta, window)
+    return loss, reference_weights(logits, logits_wo, batch["labels"], alpha, beta, window)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def faithful_cases():
+    for name, family in FAMILIES.items():
+        yield pytest.param(name, IMAGE_BATCH, id=f"{name}-image")
+        if family.video:
+            yield pytest.param(name, VIDEO_BATCH, id=f"{name}-video")
+
+
+@pytest.mark.parametrize("name, kinds", list(faithful_cases()))
+def test_faithful_mode_equals_reference(name, kinds):
+    skip_known_upstream_bug(name, kinds)
+    family, model = model_for(name)
+    batch = make_batch(family, model, kinds=kinds, padding_side="left" if "video" in kinds else "right")
+    alpha, beta, window = 0.0, 5.0, 3
+    ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+
+    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
+    out = model(**batch)
+    out.loss.backward()
+    assert_rel_close(out.loss, ref_loss, 1e-5, "loss")
+    torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
+    cal_grads = grads(model)
+    assert cal_grads.keys() == ref_grads.keys()
+    for param in ref_grads:
+        assert_rel_close(cal_grads[param], ref_grads[param], 1e-5, param)
+    visual = visual_positions(model, batch["input_ids"])
+    assert visual[0].sum() > 0 and visual[2].sum() == 0
+    # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
+    plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+    assert out.cal_weights.std() > 1e-3 and (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
+    assert out.cal_delta[0].abs().max() > 0 and torch.all(out.cal_delta[2] == 0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_alpha_one_is_plain_loss_and_text_only_sample_weighs_one(name):
+    family, model = model_for(name)
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    plain = model(**batch).loss
+    calplug.enable(model, contrast="mask", pool_window=1)
+    out = model(**batch)
+    # sample 2 is text-only: no gap, so every weight is alpha = 1
+    assert torch.all(out.cal_delta[2] == 0) and torch.all(out.cal_weights[2] == 1.0)
+    # random-init gaps are below 1, so all weights clamp to alpha = 1: plain cross-entropy
+    assert torch.all(out.cal_weights == 1.0)
+    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
+    calplug.enable(model, alpha=0.0, beta=5.0)
+    out = model(**batch)
+    assert torch.all(out.cal_weights[2] == 0.0) and out.cal_weights[0].max() > 0
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_eval_and_generate_unchanged(name):
+    family, model = model_for(name)
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    model.eval()
+    ref = model(**batch)
+    one = make_batch(family, model, kinds=("image",), lengths=(6,))
+    inputs = {k: v for k, v in one.items() if k != "labels"}
+    ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    calplug.enable(model, contrast="mask")
+    out = model(**batch)
+    assert type(out) is type(ref) and torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
+    assert not hasattr(out, "cal_weights")
+    gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > inputs["input_ids"].shape[1] and torch.equal(gen, ref_gen)
+    model.train()
+    assert hasattr(model(**batch), "cal_weights")  # training mode is where CAL acts
+
+
+def decoder_calls(decoder):
+    calls = []
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(dict(kwargs)) and None, with_kwargs=True)
+    return calls, handle
+
+
+QWEN = [n for n, f in FAMILIES.items() if f.qwen]
+
+
+@pytest.mark.parametrize("kinds", [IMAGE_BATCH, VIDEO_BATCH], ids=["image", "video"])
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_drop_keeps_original_mrope_positions(name, kinds):
+    """Recomputing positions for the shortened sequence changes the gaps; calplug's drop pass
+    reuses the main pass's (3-D) positions and equals the mask pass on every text row."""
+    family, model = model_for(name)
+    batch = make_batch(family, model, kinds=kinds, padding_side="left")
+    decoder, head = decoder_and_head(model)
+    visual = visual_positions(model, batch["input_ids"])
+    keep = batch["attention_mask"].bool() & ~visual
+
+    calplug.enable(model, contrast="mask", alpha=0.0, beta=5.0, pool_window=1)
+    masked = model(**batch)
+    calplug.enable(model, contrast="drop")
+    calls, handle = decoder_calls(decoder)
+    dropped = model(**batch)
+    handle.remove()
+    main_call, contrast_call = calls
+    main_pos = main_call["position_ids"]
+    if main_pos is None:  # 4.45-4.46 training forwards: the decoder uses 0..L-1 on every axis
+        L = batch["input_ids"].shape[1]
+        main_pos = torch.arange(L).view(1, 1, L).expand(3, *batch["input_ids"].shape)
+
+    # 1. each kept token of each image sample has exactly its main-pass position in the drop pass
+    n_kept = keep[0].sum()
+    assert contrast_call["inputs_embeds"].shape[0] == 2  # the text-only sample is not re-run
+    for row, b in enumerate((0, 1)):
+        n = int(keep[b].sum())
+        torch.testing.assert_close(contrast_call["position_ids"][..., row, :n], main_pos[..., b, keep[b]],
+                                   rtol=0, atol=0)
+    # 2. the gaps of text rows (kept position predicting the next token) equal the mask pass's
+    rows = keep[:, :-1]
+    torch.testing.assert_close(dropped.cal_delta[rows], masked.cal_delta[rows], rtol=1e-4, atol=1e-5)
+    # 3. ... while positions recomputed for the shortened sample 0 change them
+    with torch.no_grad():
+        short = main_call["inputs_embeds"][0, keep[0]].unsqueeze(0)
+        extra = {"attention_mask": torch.ones(short.shape[:2], dtype=torch.long)}
+        if "visual_pos_masks" in main_call:
+            extra.update(visual_pos_masks=None, deepstack_visual_embeds=None)
+        recomputed = decoder(inputs_embeds=short, position_ids=None, use_cache=False, **extra)[0]
+        kept_pos = main_pos[..., 0, keep[0]].unsqueeze(-2)
+        reused = decoder(inputs_embeds=short, position_ids=kept_pos, use_cache=False, **extra)[0]
+    targets = batch["labels"][0, 1:].clamp(min=0)[keep[0, :-1]]  # the spec's target: label, or 0 if ignored
+    if keep[0, -1]:
+        recomputed, reused = recomputed[:, :-1], reused[:, :-1]
+    logit = lambda h: head(h)[0].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    masked_wo = masked.logits[0, :-1][keep[0, :-1]].gather(-1, targets.unsqueeze(-1)).squeeze(-1) \
+        - masked.cal_delta[0][keep[0, :-1]]
+    torch.testing.assert_close(logit(reused), masked_wo, rtol=1e-4, atol=1e-5)
+    # random-init attention is nearly uniform, so the effect is small, but 10x the tolerance above
+    assert (logit(recomputed) - masked_wo).abs().max() > 1e-4, "recomputed positions should differ"
+    assert n_kept < batch["attention_mask"][0].sum()
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_without_mm_token_type_ids_warns(name):
+    import inspect
+
+    family, model = model_for(name)
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+        pytest.skip(f"{family.class_name} takes no mm_token_type_ids before transformers 5.3")
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    del batch["mm_token_type_ids"]
+    calplug.enable(model)
+    with pytest.warns(UserWarning, match="without mm_token_type_ids"):
+        try:
+            model(**batch)
+        except ValueError as error:  # Qwen2-VL / Qwen3-VL 5.4+ refuse; Qwen2.5-VL goes 1-D
+            assert "mm_token_type_ids" in str(error)
+
+
+def test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask():
+    family, model = model_for("qwen3_vl")
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    decoder, _ = decoder_and_head(model)
+    for contrast, kept in (("mask", True), ("drop", False)):
+        calplug.enable(model, contrast=contrast)
+        calls, handle = decoder_calls(decoder)
+        model(**batch)
+        handle.remove()
+        main_call, contrast_call = calls
+        assert main_call["visual_pos_masks"] is not None and main_call["deepstack_visual_embeds"] is not None
+        if kept:
+            assert contrast_call["visual_pos_masks"] is main_call["visual_pos_masks"]
+            assert contrast_call["deepstack_visual_embeds"] is main_call["deepstack_visual_embeds"]
+        else:
+            assert contrast_call["visual_pos_masks"] is None
+            assert contrast_call["deepstack_visual_embeds"] is None
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_drop_equals_mask_on_text_rows(name):
+    family, model = model_for(name)
+    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
+    batch = make_batch(family, model, kinds=kinds)
+    keep = batch["attention_mask"].bool() & ~visual_positions(model, batch["input_ids"])
+    calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
+    masked = model(**batch).cal_delta
+    calplug.enable(model, contrast="drop")
+    dropped = model(**batch).cal_delta
+    rows = keep[:, :-1]
+    torch.testing.assert_close(dropped[rows], masked[rows], rtol=1e-4, atol=1e-5)
+    assert masked[rows].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_original_forward_never_gets_num_items_in_batch(name):
+    """The engine takes num_items_in_batch for its own loss; old forwards (Llava 4.45, Qwen2-VL
+    <= 4.52) raise TypeError when given it."""
+    family, model = model_for(name)
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    seen = []
+
+    def recording_forward(*args, **kwargs):
+        seen.append(set(kwargs))
+        return type(model).forward(model, *args, **kwargs)
+
+    model.forward = recording_forward
+    calplug.enable(model, contrast="mask", alpha=0.0)
+    plain = model(**batch).loss
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    scaled = model(**batch, num_items_in_batch=2 * n).loss
+    assert all("num_items_in_batch" not in keys and "labels" not in keys for keys in seen)
+    torch.testing.assert_close(scaled, plain / 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_unsupported_version_names_supported_ones(name, monkeypatch):
+    from calplug.integrations import _transformers_compat as compat
+
+    _, model = model_for(name)
+    oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57"}.get(name, "4.45")  # docs/transformers.md
+    monkeypatch.setattr(compat, "transformers_version", lambda: (4, 40))
+    expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*5\.24\.0\); installed: 4\.40"
+    with pytest.raises(UnsupportedModelError, match=expected):
+        calplug.enable(model)
+    assert not calplug.is_enabled(model)
+    monkeypatch.setattr(compat, "transformers_version", lambda: (6, 1))
+    with pytest.raises(UnsupportedModelError, match="installed: 6.1"):
+        calplug.enable(model)
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_unsupported_class_lists_families(name):
+    _, model = model_for(name)
+    listed = (r"Supported model classes: .*LlavaNextForConditionalGeneration.*"
+              r"LlavaOnevisionForConditionalGeneration.*Qwen2VLForConditionalGeneration.*"
+              r"Qwen2_5_VLForConditionalGeneration.*Qwen3VLForConditionalGeneration")
+    with pytest.raises(UnsupportedModelError, match=listed):
+        calplug.enable(model.model)  # the headless model: no logits, nothing to weight
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_partial_logits_refused(name):
+    import inspect
+
+    family, model = model_for(name)
+    params = inspect.signature(model.forward).parameters
+    arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
+    if arg is None:
+        pytest.skip(f"{family.class_name} in this transformers version takes no logits_to_keep")
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    calplug.enable(model)
+    with pytest.raises(CALInputError, match=f"{arg}=1: calplug needs the logits of every position"):
+        model(**batch, **{arg: 1})
+
+
+def test_support_matrix_generator_reads_junit(tmp_path):
+    """tests/support_matrix.py: a failure shows as FAIL, a family missing from a release as '-',
+    other skips as numbered notes; columns sorted by transformers version."""
+    import support_matrix
+
+    def suite(version, cases):
+        body = "".join(
+            f'<testcase classname="tests.test_transformers_families" name="{name}">{inner}</testcase>'
+            for name, inner in cases)
+        return (f'<testsuites><testsuite><properties><property name="transformers" value="{version}"/>'
+                f'</properties>{body}</testsuite></testsuites>')
+
+    (tmp_path / "py.xml").write_text(suite("5.24.0", [
+        ("test_faithful_mode_equals_reference[qwen3_vl-image]", ""),
+        ("test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
+        ("test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
+        ("test_eval_and_generate_unchanged[llava]", ""),
+    ]))
+    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", [
+        ("test_faithful_mode_equals_reference[qwen3_vl-image]",
+         '<skipped message="Qwen3VLForConditionalGeneration needs transformers &gt;= 4.57"/>'),
+        ("test_eval_and_generate_unchanged[llava]", ""),
+    ]))
+    out = tmp_path / "matrix.md"
+    assert support_matrix.main([str(tmp_path), str(out)]) == 0
+    text = out.read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| family"))
+    assert header.index("4.45.2") < header.index("5.24.0")
+    assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
+    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [1] |" in text
+    assert "1. takes no logits_to_keep" in text
+    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | - |" in text
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_blur_contrast_where_pixels_are_images(name):
+    """Llava types take images as [..., 3, H, W]: blur re-runs their vision path. Qwen-VL pixels are
+    pre-cut patches: blur is refused at enable, naming the alternatives."""
+    family, model = model_for(name)
+    if family.qwen:
+        with pytest.raises(UnsupportedModelError, match="contrast='blur' transforms the input pixels"):
+            calplug.enable(model, contrast="blur")
+        return
+    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
+    batch = make_batch(family, model, kinds=kinds)
+    calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
+    masked = model(**batch).cal_delta
+    calplug.enable(model, contrast="blur", blur_sigma=10.0)
+    blurred = model(**batch).cal_delta
+    assert torch.isfinite(blurred).all() and torch.all(blurred[2] == 0)
+    assert blurred[0].abs().max() > 1e-5 and not torch.allclose(blurred, masked)
