@@ -36,6 +36,10 @@ class CALConfig:
     stages:       training stages CAL applies to, for scripts that know theirs (Table 3):
                   "both" (default), "pretrain" (projector alignment) or "finetune" (instruction
                   tuning); see `calplug.enable_for_stage`.
+    loss_chunk:   0 (default): the loss reads the logits the model produced. N > 0: the model's
+                  lm_head runs on the last position only and the loss is a fused lm_head +
+                  cross-entropy over N rows at a time, so no [B, L, V] logits exist in training
+                  (the output's ``logits`` then hold the last position only; docs/performance.md).
     """
 
     alpha: float = 1.0
@@ -47,6 +51,7 @@ class CALConfig:
     blur_sigma: float = 1.0
     seed: int = 0
     stages: str = "both"
+    loss_chunk: int = 0
 
     def covers_stage(self, stage: str) -> bool:
         if stage not in STAGES[1:]:
@@ -160,6 +165,9 @@ def _validate(cfg: CALConfig) -> None:
         close = difflib.get_close_matches(str(cfg.stages), STAGES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise CALConfigError(f"stages must be one of {STAGES}, got {cfg.stages!r}.{hint}")
+    chunk = cfg.loss_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise CALConfigError(f"loss_chunk must be an integer >= 0 (rows per chunk; 0 = off), got {chunk!r}")
     from .plugins import contrast_names  # late import: plugins may register more contrasts
 
     names = contrast_names()

@@ -31,17 +31,21 @@ def main_target_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def hidden_target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
+                         targets: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[M]`` logits of ``targets [M]`` from final hidden states ``[M, d]``.
 
     Equal to ``(hidden @ weight.T + bias)[arange(M), targets]`` without the ``[M, V]`` product;
-    computed in float32 (the published code upcasts logits to float32 before the gap).
+    computed in float32 (the published code upcasts logits to float32 before the gap). With
+    ``rows [M]``, ``hidden`` holds ``[H, d]`` states and row m uses ``hidden[rows[m]]`` (many rows
+    can share a state); the ``[M, d]`` selection is then made chunk by chunk, never in full.
     """
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], _CHUNK_ROWS):
         t = targets[start:start + _CHUNK_ROWS]
-        rows = weight.index_select(0, t).float()
-        out[start:start + _CHUNK_ROWS] = (hidden[start:start + _CHUNK_ROWS].float() * rows).sum(-1)
+        w = weight.index_select(0, t).float()
+        h = hidden[start:start + _CHUNK_ROWS] if rows is None \
+            else hidden.index_select(0, rows[start:start + _CHUNK_ROWS])
+        out[start:start + _CHUNK_ROWS] = (h.float() * w).sum(-1)
     if bias is not None:
         out += bias.index_select(0, targets).float()
     return out

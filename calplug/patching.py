@@ -19,8 +19,9 @@ from torch import nn
 from . import distributed, gap, plugins
 from .config import CALConfig, resolve_config
 from .contrast import ContrastPlan, placeholder_plan
-from .errors import CALInputError, UnsupportedModelError
+from .errors import CALConfigError, CALInputError, UnsupportedModelError
 from .integration import Integration, MainPass, pixel_contrast_embeds
+from .loss import chunked_weighted_cross_entropy
 
 STATE_ATTR = "_calplug_state"
 
@@ -188,27 +189,39 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
     num_items_in_batch = call.pop("num_items_in_batch", None)
     integration = state.integration
     rerun_call = dict(call) if integration.pixel_keys else None
-    main: MainPass = integration.main_pass(model, original, call)
+    with _head_on_last_position(model, config.loss_chunk) as head_input:
+        main: MainPass = integration.main_pass(model, original, call)
     if rerun_call is not None and main.contrast_embeds is None:
         main.contrast_embeds = pixel_contrast_embeds(original, main.decoder, rerun_call,
                                                      integration.pixel_keys)
-    if main.logits.shape[:2] != main.labels.shape:
+    hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
+    seq_shape = main.logits.shape[:2] if hidden is None else hidden.shape[:2]
+    if seq_shape != main.labels.shape:
         raise CALInputError(
             f"labels of shape {tuple(main.labels.shape)} do not match the sequence the model "
-            f"produced logits for ({tuple(main.logits.shape[:2])}): labels must be [batch, seq_len] "
+            f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
             "aligned with the model's inputs"
         )
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():
-        main_logits = gap.main_target_logits(main.logits.detach(), targets)
+        if hidden is None:
+            main_logits = gap.main_target_logits(main.logits.detach(), targets)
+        else:
+            main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         plan = plugins.contrasts()[config.contrast](main, config)
         if distributed.any_rank(plan is not None, model) and plan is None:
             plan = placeholder_plan(main)
         delta = _delta(main, plan, main_logits, targets)
     pm = plugins.get_plugin_manager()
     weights = pm.hook.calplug_weights(delta=delta, labels=shifted, supervised=supervised, config=config)
-    loss = pm.hook.calplug_loss(logits=main.logits, labels=main.labels, weights=weights,
-                                config=config, num_items_in_batch=num_items_in_batch)
+    if hidden is None:
+        loss = pm.hook.calplug_loss(logits=main.logits, labels=main.labels, weights=weights,
+                                    config=config, num_items_in_batch=num_items_in_batch)
+    else:
+        _check_no_loss_plugin(pm)
+        loss = chunked_weighted_cross_entropy(hidden, main.lm_head.weight,
+                                              getattr(main.lm_head, "bias", None), main.labels,
+                                              weights, config.loss_chunk, num_items_in_batch)
     pm.hook.calplug_observe_step(model=model, delta=delta, weights=weights.detach(), labels=shifted,
                                  supervised=supervised, config=config)
     return _with_loss(main.output, loss, weights.detach(), delta)
@@ -225,9 +238,67 @@ def _delta(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,
     rows = plan.rows[:, :-1]
     has = rows >= 0
     with distributed.gathered(main.lm_head):
-        contrast = gap.hidden_target_logits(hidden.index_select(0, rows[has]), main.lm_head.weight,
-                                            getattr(main.lm_head, "bias", None), targets[has])
+        contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
+                                            getattr(main.lm_head, "bias", None), targets[has],
+                                            rows=rows[has])
     return gap.target_gap(main_logits, targets, contrast, has)
+
+
+@contextlib.contextmanager
+def _head_on_last_position(model: nn.Module, chunk: int) -> Iterator[dict]:
+    """With ``loss_chunk > 0``: during the main pass, the output projection receives only the
+    last position (so the model's logits are ``[B, 1, V]``), and the full ``[B, L, d]`` hidden
+    states it was given are recorded for the chunked loss. A no-op when ``chunk`` is 0."""
+    recorded: dict = {}
+    if not chunk:
+        yield recorded
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise CALConfigError(
+            f"loss_chunk={chunk} needs a plain torch.nn.Linear output projection "
+            f"(model.get_output_embeddings()), found {type(head).__name__}: adapters or "
+            "quantisation on lm_head change its output; set loss_chunk=0"
+        )
+    if distributed.is_sharded(model):
+        raise CALConfigError(
+            f"loss_chunk={chunk} reads the lm_head weight directly, which a sharded model "
+            "(DeepSpeed ZeRO-3, FSDP) partitions: set loss_chunk=0"
+        )
+
+    def pre_hook(module, args):
+        if recorded:
+            return None
+        recorded["hidden"] = args[0]
+        return (args[0][..., -1:, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+    if not recorded:
+        raise CALInputError(f"loss_chunk={chunk}: the model never called its output projection")
+
+
+def _hidden_main_logits(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, L-1]`` main-pass target logits from the final hidden states (chunked mode)."""
+    B, L, d = hidden.shape
+    rows = (torch.arange(B, device=hidden.device).unsqueeze(1) * L
+            + torch.arange(L - 1, device=hidden.device)).reshape(-1)
+    out = gap.hidden_target_logits(hidden.reshape(B * L, d), main.lm_head.weight,
+                                   getattr(main.lm_head, "bias", None), targets.reshape(-1), rows=rows)
+    return out.view(B, L - 1)
+
+
+def _check_no_loss_plugin(pm) -> None:
+    others = [impl.plugin_name for impl in pm.hook.calplug_loss.get_hookimpls()
+              if impl.plugin_name != "calplug.builtin"]
+    if others:
+        raise CALConfigError(
+            f"loss_chunk > 0 computes the loss without full logits, so the calplug_loss "
+            f"implementation of {', '.join(others)} cannot take part: set loss_chunk=0"
+        )
 
 
 @contextlib.contextmanager
