@@ -181,6 +181,13 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
     call.update(extra)
     if not model.training or call.get("labels") is None:
         return original(*args, **kwargs)
+    if call.get("fused_lm_head"):
+        raise CALConfigError(
+            "this training forward was called with fused_lm_head=True: the caller (TRL's "
+            "SFTTrainer) computes its own cross-entropy through a fused LM head and would ignore "
+            "the CAL loss. Build the trainer first, then call "
+            "calplug.trainer.enable_for_trainer(trainer) (docs/distributed.md)"
+        )
     return cal_training_step(model, original, state, call)
 
 

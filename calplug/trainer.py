@@ -1,0 +1,221 @@
+"""Logging CAL's weights from training loops: an observer plugin and an HF `TrainerCallback`.
+
+    from calplug.trainer import CALLoggingCallback
+    trainer = Trainer(model=calplug.enable(model), ..., callbacks=[CALLoggingCallback()])
+    # or, for a trainer built elsewhere (TRL's SFTTrainer, ...):
+    calplug.trainer.attach(trainer)
+
+`CALStats` is a plain calplug plugin (``calplug_observe_step``) that accumulates, over the
+supervised rows of every CAL step since the last report:
+
+* ``cal/mean_weight``   the mean loss weight (after clamping and pooling);
+* ``cal/share_alpha``   the share of rows whose gap is at or below ``alpha`` (clamped up);
+* ``cal/share_beta``    the share of rows whose gap is at or above ``beta`` (clamped down);
+* ``cal/mean_gap``      the mean gap; ``cal/tokens`` how many rows these describe;
+* a histogram of the gaps (fixed bins over ``[alpha - (beta - alpha), beta + (beta - alpha)]``,
+  values outside counted in the edge bins).
+
+The callback adds the scalars to every Trainer log (so every installed reporter, TensorBoard,
+wandb, ..., receives them, and ``trainer.state.log_history`` holds them) and writes the histogram
+to TensorBoard (``cal/gap``) and wandb when those reporters are active. Statistics are per
+process: under data parallelism each rank describes its own micro-batches (the Trainer reports
+rank 0's). Without transformers, use `CALStats` alone: ``stats = CALStats().register()``, then
+``stats.scalars()`` / ``stats.histogram()`` whenever you log.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import plugins
+from .hookspecs import hookimpl
+
+try:  # the callback needs transformers; CALStats does not
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - transformers is a dependency of calplug
+    _CallbackBase = object
+
+PREFIX = "cal/"
+
+
+class CALStats:
+    """Accumulates CAL weight statistics from ``calplug_observe_step`` until `reset`."""
+
+    def __init__(self, bins: int = 24, name: str | None = None):
+        self.bins = int(bins)
+        self.name = name or f"calplug.trainer.CALStats-{id(self):x}"
+        self.edges: torch.Tensor | None = None
+        self.reset()
+
+    # -- plugin registration -----------------------------------------------------------------
+    def register(self) -> "CALStats":
+        pm = plugins.get_plugin_manager()
+        if pm.get_plugin(self.name) is None:
+            plugins.register(self, name=self.name)
+        return self
+
+    def unregister(self) -> None:
+        pm = plugins.get_plugin_manager()
+        if pm.get_plugin(self.name) is not None:
+            plugins.unregister(name=self.name)
+
+    # -- the hook ----------------------------------------------------------------------------
+    @hookimpl
+    def calplug_observe_step(self, delta, weights, supervised, config):
+        sup = supervised
+        gaps = delta[sup].detach().float().cpu()
+        w = weights[sup].detach().float().cpu()
+        if self.edges is None:
+            span = max(config.beta - config.alpha, 1e-6)
+            self.edges = torch.linspace(config.alpha - span, config.beta + span, self.bins + 1)
+        self.steps += 1
+        self.tokens += int(gaps.numel())
+        self.weight_sum += float(w.sum())
+        self.at_alpha += int((gaps <= config.alpha).sum())
+        self.at_beta += int((gaps >= config.beta).sum())
+        self.gap_sum += float(gaps.sum())
+        self.gap_sq_sum += float((gaps * gaps).sum())
+        if gaps.numel():
+            self.gap_min = min(self.gap_min, float(gaps.min()))
+            self.gap_max = max(self.gap_max, float(gaps.max()))
+            inner = self.edges[1:-1].contiguous()
+            self.counts += torch.bincount(torch.bucketize(gaps, inner, right=True),
+                                          minlength=self.bins)
+
+    # -- reading -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.steps = 0
+        self.tokens = 0
+        self.weight_sum = 0.0
+        self.at_alpha = 0
+        self.at_beta = 0
+        self.gap_sum = 0.0
+        self.gap_sq_sum = 0.0
+        self.gap_min = math.inf
+        self.gap_max = -math.inf
+        self.counts = torch.zeros(self.bins, dtype=torch.long)
+
+    def scalars(self) -> dict[str, float]:
+        """The scalar statistics since the last reset ({} when no supervised row was seen)."""
+        if not self.tokens:
+            return {}
+        n = self.tokens
+        return {
+            PREFIX + "mean_weight": self.weight_sum / n,
+            PREFIX + "share_alpha": self.at_alpha / n,
+            PREFIX + "share_beta": self.at_beta / n,
+            PREFIX + "mean_gap": self.gap_sum / n,
+            PREFIX + "tokens": float(n),
+        }
+
+    def histogram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(counts [bins], edges [bins + 1])`` of the gaps since the last reset, or None."""
+        if not self.tokens:
+            return None
+        return self.counts.clone(), self.edges.clone()
+
+
+class CALLoggingCallback(_CallbackBase):
+    """HF `TrainerCallback` that reports `CALStats` with every Trainer log.
+
+    Registers its `CALStats` when training begins and unregisters it when training ends. The
+    scalars go into every training log (and ``trainer.state.log_history``). Reporters see them
+    when this callback runs before theirs, and the gap histogram needs to find the TensorBoard /
+    wandb callbacks: `attach` sets both up. Passed as ``callbacks=[CALLoggingCallback()]`` it
+    still fills ``log_history`` but runs after the reporters and writes no histogram.
+    """
+
+    def __init__(self, stats: CALStats | None = None, histogram: bool = True):
+        if _CallbackBase is object:  # pragma: no cover
+            raise ImportError("CALLoggingCallback needs transformers installed")
+        self.stats = stats or CALStats()
+        self.histogram = histogram
+        self.handler = None            # set by `attach`; used to find TensorBoard / wandb writers
+        self.last_histogram = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stats.reset()
+        self.stats.register()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stats.unregister()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        scalars = self.stats.scalars()
+        if not scalars or logs is None:
+            return
+        if "loss" not in logs and not any(k.startswith("train") for k in logs):
+            return  # an evaluation log: CAL statistics describe training steps only
+        logs.update(scalars)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(scalars)
+        hist = self.stats.histogram()
+        self.last_histogram = hist
+        if self.histogram and hist is not None and state.is_world_process_zero:
+            self._write_histogram(hist, state.global_step)
+        self.stats.reset()
+
+    def _write_histogram(self, hist, step: int) -> None:
+        counts, edges = hist
+        for cb in getattr(self.handler, "callbacks", ()):
+            name = type(cb).__name__
+            if name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
+                s = self.stats
+                cb.tb_writer.add_histogram_raw(
+                    PREFIX + "gap", min=s.gap_min, max=s.gap_max, num=s.tokens, sum=s.gap_sum,
+                    sum_squares=s.gap_sq_sum, bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(), global_step=step)
+                cb.tb_writer.flush()
+            elif name == "WandbCallback" and getattr(cb, "_wandb", None) is not None \
+                    and getattr(cb._wandb, "run", None) is not None:
+                cb._wandb.log({PREFIX + "gap": cb._wandb.Histogram(
+                    np_histogram=(counts.numpy(), edges.numpy()))}, commit=False)
+
+
+def attach(trainer, histogram: bool = True) -> CALLoggingCallback:
+    """Add a `CALLoggingCallback` to ``trainer`` ahead of its reporting callbacks; returns it."""
+    callback = CALLoggingCallback(histogram=histogram)
+    callback.handler = trainer.callback_handler
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+# -- trainers -------------------------------------------------------------------------------------
+# Trainer classes (by class name, anywhere in the MRO) whose `compute_loss` computes its own loss
+# and ignores the loss the model returns. TRL's SFTTrainer (1.x) runs the backbone through a fused
+# LM head (`model(..., fused_lm_head=True)`) and takes the cross-entropy from its log-probs.
+OWN_LOSS_TRAINERS = ("SFTTrainer",)
+
+
+def use_model_loss(trainer) -> bool:
+    """Make ``trainer`` optimise the loss its model returns (the CAL loss): for the trainers in
+    `OWN_LOSS_TRAINERS`, this instance's ``compute_loss`` becomes transformers'
+    ``Trainer.compute_loss`` (which passes ``num_items_in_batch`` to the model and, with
+    ``average_tokens_across_devices``, multiplies by the number of processes, as TRL does). The
+    trainer's own extra training metrics (TRL's entropy, token accuracy) are then not logged.
+    Returns whether anything was changed."""
+    import types
+
+    from transformers import Trainer
+
+    names = {cls.__name__ for cls in type(trainer).__mro__}
+    if not names.intersection(OWN_LOSS_TRAINERS):
+        return False
+    trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
+    return True
+
+
+def enable_for_trainer(trainer, config=None, *, log: bool = True, histogram: bool = True,
+                       **overrides) -> CALLoggingCallback | None:
+    """One call for an HF `Trainer` or TRL `SFTTrainer` that is already built:
+    ``calplug.enable(trainer.model, config, **overrides)`` (through PEFT and other wrappers),
+    `use_model_loss`, and (``log=True``) `attach` a `CALLoggingCallback`, which is returned.
+
+    Call it after constructing the trainer: TRL's SFTTrainer replaces the model's ``forward``
+    while it is built, and calplug must wrap the forward the model finally has."""
+    from .patching import enable
+
+    enable(trainer.model, config, **overrides)
+    use_model_loss(trainer)
+    return attach(trainer, histogram=histogram) if log else None

@@ -1,0 +1,57 @@
+"""Tiny datasets and helpers for the Trainer / SFTTrainer tests."""
+from __future__ import annotations
+
+import torch
+
+from calplug.tiny import llava_batch
+
+LENGTHS = (12, 9, 10, 7, 11, 8, 6, 12)
+
+
+def samples(model, n=8, seed=0):
+    """``n`` single-sample dicts (all with an image, so the default collator can stack them),
+    padded to one length, with different numbers of supervised tokens."""
+    lengths = tuple(LENGTHS[i % len(LENGTHS)] for i in range(n))
+    batch = llava_batch(model, seed=seed, lengths=lengths, with_image=(True,) * n)
+    return [{"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i],
+             "labels": batch["labels"][i], "pixel_values": batch["pixel_values"][i]} for i in range(n)]
+
+
+def hf_dataset(rows):
+    """A `datasets.Dataset` of the same samples, returning tensors (TRL requires a Dataset)."""
+    import datasets
+
+    ds = datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
+    ds.set_format("torch")
+    return ds
+
+
+class RecordingCollator:
+    """Stacks samples like `default_data_collator` and records every micro-batch it built."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, features):
+        batch = {k: torch.stack([f[k] for f in features]) for k in features[0]}
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def grad_snapshot(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_tokenizer(vocab_size=256):
+    """A word-level fast tokenizer over tokens "t0".."t{V-1}" (no download): TRL's SFTTrainer
+    requires a processing class."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0",
+                                   eos_token="t2", bos_token="t1")
