@@ -18,6 +18,7 @@ BUILTIN_PLUGINS = (
     "calplug.builtin",
     "calplug.integrations.transformers_llava",
     "calplug.integrations.transformers_qwen_vl",
+    "calplug.integrations.llava_style",
 )
 
 _manager: pluggy.PluginManager | None = None

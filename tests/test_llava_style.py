@@ -1,0 +1,296 @@
+"""calplug on LLaVA-style codebases (tiny seeded models built from configs, CPU).
+
+haotian-liu LLaVA (llava-torch==1.2.2.post1, tox -e llava), LLaVA-VL LLaVA-NeXT
+($CALPLUG_LLAVA_NEXT_SRC, tox -e llava-next) and MGM ($CALPLUG_MGM_SRC, tox -e mgm). Each test
+skips with a message naming what is missing when its codebase is not importable.
+"""
+import pytest
+import torch
+
+import calplug
+from calplug import CALInputError
+from reference import assert_rel_close, reference_cal_loss, reference_weights
+
+import _llava_style_models as tiny
+
+# (codebase, variant, backbone): 1.5 'pad' and 1.6 'anyres' + 'spatial_unpad' on every codebase
+# that has them; the Qwen2 backbone of LLaVA-NeXT.
+CASES = [
+    ("llava", "pad", "llama"), ("llava", "anyres", "llama"), ("llava", "pad", "mistral"),
+    ("llava-next", "pad", "llama"), ("llava-next", "anyres", "llama"), ("llava-next", "anyres", "qwen2"),
+    ("mgm", "pad", "llama"),
+]
+IDS = ["-".join(c) for c in CASES]
+# One case per codebase (and both LLaVA variants) for the behaviour tests.
+FEW = [CASES[0], CASES[1], CASES[4], CASES[6]]
+FEW_IDS = ["-".join(c) for c in FEW]
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """``fn() -> path`` of a tiny CLIP vision tower, saved on first use (after the skip checks)."""
+    saved = []
+
+    def folder():
+        if not saved:
+            saved.append(tiny.save_tiny_clip(str(tmp_path_factory.mktemp("openai-tiny-clip"))))
+        return saved[0]
+
+    return folder
+
+
+def make(case, clip_folder, **overrides):
+    name, variant, backbone = case
+    package = tiny.codebase(name)
+    if isinstance(package, str):
+        pytest.skip(package)
+    return tiny.build(name, clip_folder(), variant=variant, backbone=backbone, **overrides)
+
+
+def reference_step(model, batch, alpha, beta, window):
+    """Spec steps 1-8 by hand: the upstream splice, two full forwards of the language model with
+    full logits (the second with attention to image positions removed), flattened pooling."""
+    pos, mask, embeds, labels = tiny.splice(model, batch)
+    decoder = model.get_model()
+    logits = model.lm_head(decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)[0]).float()
+    image = tiny.image_positions(model, embeds, mask)
+    with torch.no_grad():
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask * (~image).to(mask.dtype),
+                         position_ids=pos)[0]
+        logits_wo = model.lm_head(hidden).float()
+    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
+    return loss, reference_weights(logits, logits_wo, labels, alpha, beta, window), image, mask
+
+
+def labels_of(batch, model):
+    return tiny.splice(model, batch)[3]
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+SETTINGS = {  # config overrides and batch options
+    "right": (dict(tokenizer_padding_side="right"), dict(padding_side="right")),
+    "left": (dict(tokenizer_padding_side="left"), dict(padding_side="left")),
+    "left-truncated": (dict(tokenizer_padding_side="left", tokenizer_model_max_length=None),
+                       dict(padding_side="right")),
+}
+# Cuts answers of samples 0 and 3 and the second image of sample 1, keeping some supervised
+# tokens after an image (with every image sample's answer cut, alpha = 0 leaves no weight
+# but round-off, which the 1e-6 of the normaliser then amplifies).
+TRUNCATE = {"pad": 24, "anyres": 62}
+
+
+@pytest.mark.parametrize("alpha, beta, window", [(0.0, 5.0, 3), (0.0, 0.05, 1)])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip_folder):
+    overrides, batch_options = SETTINGS[setting]
+    if "tokenizer_model_max_length" in overrides:
+        overrides = dict(overrides, tokenizer_model_max_length=TRUNCATE[case[1]])
+    model = make(case, clip_folder, **overrides)
+    # padding, a text-only sample (index 2) and a sample with two images (index 1)
+    batch = tiny.batch(model, variant=case[1], **batch_options)
+    ref_loss, (ref_w, ref_delta), image, mask = reference_step(model, batch, alpha, beta, window)
+    if "truncated" in setting:
+        assert mask.shape[1] == TRUNCATE[case[1]]
+        model.config.tokenizer_model_max_length = None
+        full = tiny.splice(model, batch)[3]
+        model.config.tokenizer_model_max_length = TRUNCATE[case[1]]
+        assert full.shape[1] > mask.shape[1] and int((full != -100).sum()) > int((labels_of(batch, model) != -100).sum())
+    assert int(image.sum()) > 0 and int(image[2].sum()) == 0
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+
+    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
+    out = model(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cal_weights.reshape(-1), ref_w, rtol=1e-5, atol=1e-5)
+    cal_grads = grads(model)
+    assert cal_grads.keys() == ref_grads.keys() and "lm_head.weight" in cal_grads
+    assert any("mm_projector" in n for n in cal_grads)
+    if case[1] == "anyres":
+        assert any("image_newline" in n for n in cal_grads)  # spatial_unpad's newline feature
+    for name in ref_grads:
+        assert_rel_close(cal_grads[name], ref_grads[name], 1e-5, name)
+    assert torch.count_nonzero(out.cal_delta[2]) == 0  # text-only sample: no gap
+    if beta == 5.0:
+        assert out.cal_weights.std() > 0.01  # the weights really vary
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_weights_one_give_the_upstream_loss(case, clip_folder):
+    """alpha = beta = 1: every weight is 1, so the CAL loss is the upstream's own mean
+    cross-entropy: labels, image positions and padding line up with what the upstream trains on."""
+    model = make(case, clip_folder, tokenizer_padding_side="left")
+    batch = tiny.batch(model, variant=case[1], padding_side="left")
+    plain = model(**batch)[0] if isinstance(model(**batch), tuple) else model(**batch).loss
+    calplug.enable(model, contrast="mask", alpha=1.0, beta=1.0)
+    out = model(**batch)
+    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
+    assert torch.all(out.cal_weights == 1.0)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_drop_gaps_equal_mask_gaps_except_removed_rows(case, padding_side, clip_folder):
+    """calplug/contrast.py: drop differs from mask only on rows at removed positions (image
+    features, padding)."""
+    model = make(case, clip_folder, tokenizer_padding_side=padding_side)
+    batch = tiny.batch(model, variant=case[1], padding_side=padding_side)
+    _, mask, embeds, _ = tiny.splice(model, batch)
+    removed = (tiny.image_positions(model, embeds, mask) | (mask == 0))[:, :-1]
+    with calplug.enabled(model, contrast="drop", alpha=0.0):
+        drop = model(**batch).cal_delta
+    with calplug.enabled(model, contrast="mask", alpha=0.0):
+        masked = model(**batch).cal_delta
+    text_rows = ~removed
+    assert int(text_rows.sum()) > 20
+    torch.testing.assert_close(drop[text_rows], masked[text_rows], rtol=1e-4, atol=1e-4)
+    assert float((drop - masked)[removed].abs().max()) > 1e-3
+    assert torch.count_nonzero(drop[2]) == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_eval_and_no_labels_return_what_the_original_returns(case, clip_folder):
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    before_eval = model(**batch)
+    model.train()
+    before_train = model(**no_labels)
+    calplug.enable(model)
+    model.eval()
+    after_eval = model(**batch)
+    model.train()
+    after_train = model(**no_labels)
+    for before, after in ((before_eval, after_eval), (before_train, after_train)):
+        assert type(before) is type(after)
+        assert torch.equal(before.logits, after.logits)
+        assert (before.loss is None) == (after.loss is None)
+        if before.loss is not None:
+            assert torch.equal(before.loss, after.loss)
+    assert not hasattr(after_train, "cal_weights")
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_disable_restores_and_the_splice_is_never_left_patched(case, clip_folder):
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    plain = model(**batch).loss
+    calplug.enable(model)
+    cal = model(**batch)
+    assert "prepare_inputs_labels_for_multimodal" not in model.__dict__
+    with pytest.raises(CALInputError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(1, 3, 64), labels=torch.zeros(1, 3, dtype=torch.long))
+    assert "prepare_inputs_labels_for_multimodal" not in model.__dict__
+    with pytest.raises(Exception):  # fails inside the upstream's vision tower, mid-splice
+        model(**dict(batch, images=torch.zeros(2, 5, 7)))
+    assert "prepare_inputs_labels_for_multimodal" not in model.__dict__
+    tuple_out = model(**batch, return_dict=False)  # the upstream's tuple form, loss first
+    assert isinstance(tuple_out, tuple) and torch.equal(tuple_out[0], cal.loss)
+    calplug.disable(model)
+    assert "forward" not in model.__dict__ and not calplug.is_enabled(model)
+    assert torch.equal(model(**batch).loss, plain)
+    assert hasattr(cal, "cal_weights")
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_bad_labels_are_refused_with_the_fix(case, clip_folder):
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    calplug.enable(model)
+    with pytest.raises(CALInputError, match="do not match input_ids"):
+        model(**dict(batch, labels=batch["labels"][:, 1:]))
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_no_images_in_the_batch(case, clip_folder):
+    """images=None: the splice returns input_ids; every gap is 0 and the loss is plain CE."""
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, samples=((3, 0, 6), (5, 0, 4)))
+    batch.pop("images")
+    plain = model(**batch).loss
+    calplug.enable(model, contrast="mask")
+    out = model(**batch)
+    assert torch.count_nonzero(out.cal_delta) == 0
+    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_upstream_computes_no_cross_entropy_of_its_own(case, clip_folder, monkeypatch):
+    """The rest of the forward gets labels=None: no cross-entropy over all B * (L - 1) rows
+    besides calplug's own over the supervised rows (every path here ends in F.cross_entropy)."""
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    rows = []
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda input, *a, **k: rows.append(input.reshape(-1, input.shape[-1]).shape[0])
+                        or original(input, *a, **k))
+    plain = model(**batch)
+    B, L = plain.logits.shape[:2]
+    assert max(rows) >= B * (L - 1)  # the upstream's own loss when not patched (transformers 5: B * L)
+    rows.clear()
+    calplug.enable(model)
+    out = model(**batch)
+    supervised = int((tiny.splice(model, batch)[3][:, 1:] != -100).sum())
+    assert rows == [supervised] and supervised < B * (L - 1) and out.loss.requires_grad
+
+
+def _decoder_positions(model, batch, **config):
+    calls = []
+    decoder = model.get_model()
+    handle = decoder.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((kw.get("position_ids"), kw["inputs_embeds"].shape[1])),
+        with_kwargs=True)
+    try:
+        with calplug.enabled(model, **config):
+            model(**batch)
+    finally:
+        handle.remove()
+    return calls
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "llava-next"],
+                         ids=[i for i, c in zip(IDS, CASES) if c[0] == "llava-next"])
+def test_pos_skipping_positions_are_reused_not_recomputed(case, clip_folder):
+    """LLaVA-NeXT's use_pos_skipping shifts positions at random inside the splice: the contrast
+    pass must get the positions the main pass used."""
+    model = make(case, clip_folder, use_pos_skipping=True, pos_skipping_range=1000)
+    batch = tiny.batch(model, variant=case[1])
+    (main_pos, L), (contrast_pos, _) = _decoder_positions(model, batch, contrast="mask")
+    assert main_pos is not None and not torch.equal(main_pos[0], torch.arange(L))
+    assert torch.equal(contrast_pos.expand(main_pos.shape[0] if main_pos.dim() > 1 else 1, L)[0], main_pos[0])
+    (main_pos, L), (drop_pos, L_drop) = _decoder_positions(model, batch, contrast="drop")
+    kept = drop_pos[0][: L_drop]
+    assert L_drop < L and bool(torch.isin(kept, main_pos[0]).all())  # a subset of the shifted ones
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_drop_keeps_original_positions(case, clip_folder):
+    """The drop pass is shorter than the main pass but keeps each text token's position
+    (transformers < 4.38 cut their rotary table to the sequence length: calplug lengthens it)."""
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    (main_pos, L), (drop_pos, L_drop) = _decoder_positions(model, batch, contrast="drop")
+    assert main_pos is None and L_drop < L  # haotian-liu passes None: 0..L-1
+    assert int(drop_pos.max()) > L_drop  # text after the image keeps its original position
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    with calplug.enabled(model, contrast="blur", alpha=0.0, blur_sigma=1e-3):
+        same = model(**batch).cal_delta  # a kernel of width one: the images are unchanged
+    with calplug.enabled(model, contrast="blur", alpha=0.0, blur_sigma=10.0):
+        blurred = model(**batch).cal_delta
+    assert float(same.abs().max()) < 1e-5
+    assert float(blurred[0].abs().max()) > 1e-3
+    assert torch.count_nonzero(blurred[2]) == 0
