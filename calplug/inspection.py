@@ -1,0 +1,328 @@
+"""``calplug inspect``: what CAL does to a model's captions.
+
+For a model and a few samples, runs one CAL training forward (no optimizer step, no gradient)
+and writes
+
+* ``tokens.html``: each caption's tokens coloured by their gap (how much the image raised the
+  logit of that token; the CAL paper's Figure 2a) and by the resulting loss weight;
+* ``gaps.png``: a histogram of the gaps of all supervised tokens with the clamp bounds alpha and
+  beta marked (the paper's Figure 4);
+* ``tokens.json``: the numbers behind both.
+
+Models: a checkpoint written by ``calplug demo`` (a folder with ``calplug_vocab.json``; the samples
+are then fresh synthetic images, some with contradictory captions), or any model calplug supports
+saved in a local folder with its processor: pass ``--image`` / ``--caption`` pairs and a
+``--prompt`` that contains the processor's image placeholder.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CALConfigError, CALInputError
+
+
+# -- gaps and weights from a CAL training forward -------------------------------------------------
+def gaps_and_weights(model, batch: dict, config=None) -> dict:
+    """One CAL training forward of ``batch`` (no grad, dropout off): ``delta`` and ``weights``
+    (float32 ``[B, L-1]``, row i belongs to token i+1) and the shifted ``supervised`` mask."""
+    import calplug
+
+    was_enabled = calplug.is_enabled(model)
+    previous = calplug.config_of(model)
+    calplug.enable(model, config)
+    was_training = model.training
+    model.train()
+    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m in dropout:
+        m.eval()
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        model.train(was_training)
+        if was_enabled:
+            calplug.enable(model, previous)
+        else:
+            calplug.disable(model)
+    delta, weights = getattr(out, "cal_delta", None), getattr(out, "cal_weights", None)
+    if delta is None or weights is None:
+        raise CALInputError("the model's training forward returned no cal_delta / cal_weights: "
+                            "was it given labels?")
+    supervised = batch["labels"][:, 1:] != -100
+    return dict(delta=delta.float().cpu(), weights=weights.float().cpu(), supervised=supervised.cpu())
+
+
+# -- samples --------------------------------------------------------------------------------------
+def demo_samples(path: Path, n: int, noise: float, seed: int):
+    """A demo checkpoint and ``n`` fresh synthetic samples (a share ``noise`` contradictory)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from . import synthetic
+
+    vocab = synthetic.Vocab.load(path / "calplug_vocab.json")
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    data = synthetic.make_set(n, seed=2_000_000 + seed, noise=noise)
+    batch = synthetic.batch(data, list(range(n)), vocab)
+    samples = []
+    for i in range(n):
+        scene = data.scenes[i]
+        truth = " ".join(scene.visual()[a] for a in synthetic.ATTRIBUTES)
+        samples.append(dict(image=data.images[i], tokens=vocab.decode(batch["input_ids"][i]),
+                            note=("contradictory caption; " if data.corrupted[i] else "")
+                            + f"image shows: {truth}",
+                            corrupted=bool(data.corrupted[i])))
+    return model, batch, samples
+
+
+def processor_samples(path: Path, images: list[str], captions: list[str], prompt: str):
+    """A model saved with its processor, and image/caption pairs: the prompt is unsupervised,
+    the caption supervised."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    if len(images) != len(captions) or not images:
+        raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
+                             f"{len(captions)} captions), at least one of each")
+    processor = AutoProcessor.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    model = _model_class(config).from_pretrained(path)
+    pil = [Image.open(p).convert("RGB") for p in images]
+    rows = []
+    for im, cap in zip(pil, captions):
+        full = processor(images=im, text=prompt + cap, return_tensors="pt")
+        head = processor(images=im, text=prompt, return_tensors="pt")
+        ids = full["input_ids"][0]
+        n_prompt = head["input_ids"].shape[1]
+        if not torch.equal(ids[:n_prompt], head["input_ids"][0]):
+            raise CALInputError("the tokens of the prompt alone are not a prefix of prompt + caption; "
+                                "end --prompt with a space or newline")
+        labels = ids.clone()
+        labels[:n_prompt] = -100
+        rows.append((full, labels))
+    # one sample per forward: no padding conventions to get right
+    batches = [dict(**{k: v for k, v in full.items()}, labels=labels[None]) for full, labels in rows]
+    tok = processor.tokenizer
+    samples = [dict(image=im, tokens=tok.convert_ids_to_tokens(full["input_ids"][0]), note="",
+                    corrupted=False) for im, (full, _) in zip(pil, rows)]
+    return model, batches, samples
+
+
+def _model_class(config):
+    import transformers
+
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        auto = getattr(transformers, name, None)
+        if auto is not None:
+            try:
+                auto._model_mapping[type(config)]
+                return auto
+            except KeyError:
+                continue
+    archs = getattr(config, "architectures", None) or []
+    if archs and hasattr(transformers, archs[0]):
+        return getattr(transformers, archs[0])
+    raise CALConfigError(f"cannot tell which transformers class loads a {type(config).__name__}; "
+                         "load the model yourself and call calplug.inspection.write_report")
+
+
+# -- the report -----------------------------------------------------------------------------------
+def token_rows(samples: list[dict], found: list[dict]) -> list[dict]:
+    """Per sample: the tokens with, for supervised tokens, their gap and weight."""
+    rows = []
+    for sample, f in zip(samples, found):
+        toks = []
+        for j, text in enumerate(sample["tokens"]):
+            entry = dict(text=text, supervised=False)
+            if j >= 1 and bool(f["supervised"][j - 1]):
+                entry.update(supervised=True, gap=float(f["delta"][j - 1]), weight=float(f["weights"][j - 1]))
+            toks.append(entry)
+        rows.append(dict(note=sample.get("note", ""), corrupted=sample.get("corrupted", False), tokens=toks))
+    return rows
+
+
+def _collapse_image_tokens(tokens: list[dict]) -> list[dict]:
+    """Runs of an identical unsupervised token (image placeholders) shown once, with a count."""
+    out = []
+    for t in tokens:
+        if out and not t["supervised"] and not out[-1]["supervised"] and t["text"] == out[-1]["text"]:
+            out[-1]["repeat"] = out[-1].get("repeat", 1) + 1
+        else:
+            out.append(dict(t))
+    return out
+
+
+def _gap_colour(gap: float, scale: float) -> str:
+    x = max(-1.0, min(1.0, gap / scale)) if scale > 0 else 0.0
+    if x >= 0:  # white -> red
+        return f"rgb(255,{round(255 - 200 * x)},{round(255 - 200 * x)})"
+    return f"rgb({round(255 + 200 * x)},{round(255 + 200 * x)},255)"  # white -> blue
+
+
+def _weight_colour(w: float, alpha: float, beta: float) -> str:
+    x = 0.0 if beta <= alpha else max(0.0, min(1.0, (w - alpha) / (beta - alpha)))
+    return f"rgb({round(255 - 120 * x)},{round(255 - 40 * x)},{round(255 - 180 * x)})"  # white -> green
+
+
+def _png_data_uri(image, size: int = 96) -> str:
+    buf = io.BytesIO()
+    image.resize((size, size), resample=0).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+.sample { display: flex; gap: 1em; margin: 1em 0; padding: .6em; border: 1px solid #ddd; border-radius: 6px; }
+.sample.corrupted { border-color: #d62728; }
+.sample img { image-rendering: pixelated; width: 96px; height: 96px; border: 1px solid #999; }
+.line { margin: .25em 0; line-height: 2; }
+.label { display: inline-block; width: 4.5em; color: #666; font-size: 90%; }
+.tok { font-family: ui-monospace, monospace; padding: .15em .3em; margin: 0 1px; border-radius: 3px; border: 1px solid #eee; }
+.ctx { color: #999; font-family: ui-monospace, monospace; margin: 0 2px; }
+.note { color: #555; font-size: 90%; }
+.legend span { display: inline-block; padding: .1em .5em; }
+"""
+
+
+def render_html(rows: list[dict], images: list, config, title: str) -> str:
+    gaps = [t["gap"] for r in rows for t in r["tokens"] if t["supervised"]]
+    scale = max([abs(g) for g in gaps] + [config.beta, 1e-6])
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             "<p>Each supervised caption token, coloured by its <b>gap</b> (target logit with the image "
+             "minus without it: red = the image raised it, blue = the image lowered it) and by its CAL "
+             f"<b>weight</b> (gap clamped to [alpha, beta] = [{config.alpha:g}, {config.beta:g}], then "
+             f"averaged over a window of {config.pool_window}: white = alpha, green = beta). Grey text "
+             "is context (prompt, image placeholders) that is not trained on. Hover a token for its "
+             "numbers.</p>",
+             "<p class='legend'>gap: "
+             + "".join(f"<span style='background:{_gap_colour(g, scale)}'>{g:+.1f}</span>"
+                       for g in (-scale, -scale / 2, 0.0, scale / 2, scale))
+             + " &nbsp; weight: "
+             + "".join(f"<span style='background:{_weight_colour(w, config.alpha, config.beta)}'>{w:g}</span>"
+                       for w in (config.alpha, (config.alpha + config.beta) / 2, config.beta))
+             + "</p>"]
+    for i, (row, image) in enumerate(zip(rows, images)):
+        toks = _collapse_image_tokens(row["tokens"])
+        cls = "sample corrupted" if row["corrupted"] else "sample"
+        parts.append(f"<div class='{cls}' id='sample-{i}'>")
+        if image is not None:
+            parts.append(f"<img alt='sample {i}' src='{_png_data_uri(image)}'>")
+        parts.append("<div>")
+        for kind in ("gap", "weight"):
+            parts.append(f"<div class='line {kind}-line'><span class='label'>{kind}</span>")
+            for t in toks:
+                text = html.escape(t["text"])
+                if not t["supervised"]:
+                    rep = f"&times;{t['repeat']}" if t.get("repeat", 1) > 1 else ""
+                    parts.append(f"<span class='ctx'>{text}{rep}</span>")
+                    continue
+                colour = (_gap_colour(t["gap"], scale) if kind == "gap"
+                          else _weight_colour(t["weight"], config.alpha, config.beta))
+                parts.append(f"<span class='tok' data-gap='{t['gap']:.4f}' data-weight='{t['weight']:.4f}' "
+                             f"style='background:{colour}' title='gap {t['gap']:+.3f}, weight "
+                             f"{t['weight']:.3f}'>{text}</span>")
+            parts.append("</div>")
+        if row["note"]:
+            parts.append(f"<div class='note'>{html.escape(row['note'])}</div>")
+        parts.append("</div></div>")
+    parts.append("<p><img alt='gap histogram' src='gaps.png' style='max-width:600px'></p>")
+    # Records, in the page, how many coloured tokens the browser laid out with a visible box
+    # (tests/test_inspect.py reads it back from a headless browser).
+    parts.append("<script>document.body.dataset.renderedTokens = [...document.querySelectorAll('.tok')]"
+                 ".filter(e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; })"
+                 ".length;</script></body></html>")
+    return "\n".join(parts)
+
+
+def plot_histogram(gaps: list[float], config, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=120)
+    ax.hist(gaps, bins=40, color="#4c72b0", alpha=0.85)
+    lo, hi = ax.get_xlim()
+    ax.axvspan(min(lo, config.alpha), config.alpha, color="#999999", alpha=0.15, label=f"weight = alpha (gap <= {config.alpha:g})")
+    ax.axvspan(config.beta, max(hi, config.beta), color="#2ca02c", alpha=0.12, label=f"weight = beta (gap >= {config.beta:g})")
+    ax.axvline(config.alpha, color="#555555", linestyle="--")
+    ax.axvline(config.beta, color="#2ca02c", linestyle="--")
+    ax.set_xlabel("gap: target logit with image - without image")
+    ax.set_ylabel("supervised tokens")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(model, batches, samples: list[dict], out: Path, config=None,
+                 title: str = "calplug inspect") -> dict:
+    """Gaps and weights for ``samples`` (``batches``: one batch dict for all, or a list of
+    single-sample batches), written to ``out`` as tokens.html, gaps.png and tokens.json."""
+    from .config import resolve_config
+
+    cfg = resolve_config(config)
+    found = []
+    for b in (batches if isinstance(batches, list) else [batches]):
+        f = gaps_and_weights(model, b, cfg)
+        found += [dict(delta=f["delta"][i], weights=f["weights"][i], supervised=f["supervised"][i])
+                  for i in range(f["delta"].shape[0])]
+    rows = token_rows(samples, found)
+    out.mkdir(parents=True, exist_ok=True)
+    gaps = [t["gap"] for r in rows for t in r["tokens"] if t["supervised"]]
+    plot_histogram(gaps, cfg, out / "gaps.png", f"{title}: {len(gaps)} supervised tokens")
+    (out / "tokens.html").write_text(render_html(rows, [s.get("image") for s in samples], cfg, title))
+    (out / "tokens.json").write_text(json.dumps(dict(config=cfg.to_dict(), samples=rows), indent=1))
+    return dict(rows=rows, gaps=gaps, config=cfg)
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="folder of a `calplug demo` checkpoint (OUT/cal-model-noise-P) or a saved model with its processor")
+    parser.add_argument("--out", default="calplug-inspect", help="output folder (default: ./calplug-inspect)")
+    parser.add_argument("--config", default=None, help="calplug YAML config (default: $CALPLUG_CONFIG or the defaults)")
+    parser.add_argument("--samples", type=int, default=8, help="demo checkpoints: how many synthetic samples (default 8)")
+    parser.add_argument("--noise", type=float, default=0.25,
+                        help="demo checkpoints: share of contradictory captions among the samples (default 0.25)")
+    parser.add_argument("--seed", type=int, default=0, help="demo checkpoints: seed of the samples")
+    parser.add_argument("--image", action="append", default=[], help="other models: an image file (repeatable)")
+    parser.add_argument("--caption", action="append", default=[], help="other models: its caption (repeatable)")
+    parser.add_argument("--prompt", default="USER: <image>\nDescribe the image. ASSISTANT: ",
+                        help="other models: the unsupervised text before each caption, with the image placeholder")
+
+
+def run(args) -> int:
+    from .synthetic import require_extras
+
+    require_extras()
+    path = Path(args.model)
+    if not path.is_dir():
+        raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a `calplug demo` checkpoint "
+                             "(OUT/cal-model-noise-0) or a folder written by save_pretrained")
+    if (path / "calplug_vocab.json").is_file():
+        if args.samples < 1 or not 0.0 <= args.noise <= 1.0:
+            raise CALConfigError("--samples must be >= 1 and --noise in [0, 1]")
+        model, batches, samples = demo_samples(path, args.samples, args.noise, args.seed)
+    else:
+        model, batches, samples = processor_samples(path, args.image, args.caption, args.prompt)
+    out = Path(args.out)
+    report = write_report(model, batches, samples, out, args.config, title=f"calplug inspect: {path.name}")
+    gaps = report["gaps"]
+    cfg = report["config"]
+    n = len(gaps)
+    below = sum(g <= cfg.alpha for g in gaps)
+    above = sum(g >= cfg.beta for g in gaps)
+    print(f"{n} supervised tokens in {len(samples)} samples: gap <= alpha ({cfg.alpha:g}): {below}, "
+          f"gap >= beta ({cfg.beta:g}): {above}, between: {n - below - above}")
+    print(f"wrote {out / 'tokens.html'}, {out / 'gaps.png'}, {out / 'tokens.json'}")
+    return 0

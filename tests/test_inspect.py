@@ -1,0 +1,197 @@
+"""`calplug inspect`: gaps and weights come from a CAL training forward and match a hand
+computation; each caption token carries its own numbers; the HTML renders its tokens in a real
+headless browser; the histogram and JSON are written."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import calplug
+from calplug import cli, demo, inspection, synthetic
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A demo checkpoint: the demo's tiny model, a few training steps on synthetic captions."""
+    vocab = synthetic.Vocab()
+    proto = demo.Protocol(steps=4, train_size=32)
+    model = demo.build_model(0, vocab, proto)
+    demo.train(model, synthetic.make_set(32, seed=0), vocab, proto, 0, cal=False)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    demo.save_checkpoint(model, vocab, path)
+    return path
+
+
+def hand_gaps(model, batch: dict) -> torch.Tensor:
+    """The default (drop) contrast by hand: target logit of the full multimodal sequence minus that
+    of the text tokens alone at their original position ids; [B, L-1], 0 off the kept rows."""
+    model.eval()
+    ids, labels = batch["input_ids"], batch["labels"]
+    image = model.config.image_token_index
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits.float()
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        for b in range(ids.shape[0]):
+            keep = torch.nonzero(ids[b] != image).squeeze(1)
+            text = model(input_ids=ids[b, keep][None], position_ids=keep[None]).logits[0].float()
+            for k, i in enumerate(keep.tolist()):
+                if i + 1 < ids.shape[1] and labels[b, i + 1] != -100:
+                    y = labels[b, i + 1]
+                    out[b, i] = full[b, i, y] - text[k, y]
+    return out
+
+
+def test_gaps_match_hand_computation_and_model_state_is_restored(checkpoint):
+    from transformers import LlavaForConditionalGeneration
+
+    vocab = synthetic.Vocab.load(checkpoint / "calplug_vocab.json")
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    data = synthetic.make_set(3, seed=5, noise=0.0)
+    batch = synthetic.batch(data, [0, 1, 2], vocab)
+    found = inspection.gaps_and_weights(model, batch)
+    expected = hand_gaps(model, batch)
+    sup = found["supervised"]
+    assert sup.sum() == 3 * 14  # every caption word, <eos> included
+    assert found["delta"][sup].abs().max() > 1e-3  # the image matters to a trained model
+    torch.testing.assert_close(found["delta"][sup], expected[sup], atol=2e-4, rtol=1e-4)
+    w = found["weights"][sup]
+    assert w.min() >= 1.0 - 1e-6 and w.max() <= 5.0 + 1e-6
+    # The model leaves as it came: not enabled, still in eval mode.
+    assert not calplug.is_enabled(model) and not model.training
+
+
+def test_previous_cal_config_survives(checkpoint):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    calplug.enable(model, beta=3.0)
+    vocab = synthetic.Vocab()
+    batch = synthetic.batch(synthetic.make_set(2, seed=1), [0, 1], vocab)
+    inspection.gaps_and_weights(model, batch, calplug.CALConfig(beta=7.0))
+    assert calplug.is_enabled(model) and calplug.config_of(model).beta == 3.0
+
+
+def test_each_token_carries_the_gap_of_the_row_that_predicts_it():
+    samples = [dict(tokens=["<bos>", "<image>", "<image>", "a", "red", "<eos>"], note="")]
+    delta = torch.tensor([0.0, 0.0, 0.5, 3.0, -1.0])      # row i predicts token i + 1
+    weights = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.5])
+    supervised = torch.tensor([False, False, True, True, True])
+    rows = inspection.token_rows(samples, [dict(delta=delta, weights=weights, supervised=supervised)])
+    toks = rows[0]["tokens"]
+    assert [t["supervised"] for t in toks] == [False, False, False, True, True, True]
+    assert [(t["text"], t["gap"], t["weight"]) for t in toks if t["supervised"]] == [
+        ("a", 0.5, 1.0), ("red", 3.0, 3.0), ("<eos>", -1.0, 1.5)]
+    collapsed = inspection._collapse_image_tokens(toks)
+    assert [t["text"] for t in collapsed] == ["<bos>", "<image>", "a", "red", "<eos>"]
+    assert collapsed[1]["repeat"] == 2
+
+
+def test_inspect_command_writes_html_histogram_and_json(checkpoint, tmp_path, capsys):
+    out = tmp_path / "inspect"
+    assert cli.main(["inspect", "--model", str(checkpoint), "--out", str(out), "--samples", "4",
+                     "--noise", "0.5"]) == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / "tokens.json").read_text())
+    assert len(data["samples"]) == 4
+    assert sum(s["corrupted"] for s in data["samples"]) == 2
+    sup = [t for s in data["samples"] for t in s["tokens"] if t["supervised"]]
+    assert len(sup) == 4 * 14
+    assert all(data["config"]["alpha"] - 1e-6 <= t["weight"] <= data["config"]["beta"] + 1e-6 for t in sup)
+    below = sum(t["gap"] <= data["config"]["alpha"] for t in sup)
+    assert f"56 supervised tokens in 4 samples: gap <= alpha (1): {below}" in text
+    html = (out / "tokens.html").read_text()
+    assert html.count("class='tok'") == 2 * 56  # one gap line and one weight line per caption
+    from PIL import Image
+
+    with Image.open(out / "gaps.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_inspect_refuses_a_missing_model_folder(tmp_path):
+    with pytest.raises(calplug.CALConfigError, match="is not a folder"):
+        cli.main(["inspect", "--model", str(tmp_path / "nope")])
+
+
+def test_html_renders_tokens_in_a_headless_browser(checkpoint, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with "
+                    "`apt-get update && apt-get install -y chromium` to run the browser test")
+    out = tmp_path / "inspect"
+    assert cli.main(["inspect", "--model", str(checkpoint), "--out", str(out), "--samples", "3"]) == 0
+    data = json.loads((out / "tokens.json").read_text())
+    words = [t["text"] for s in data["samples"] for t in s["tokens"] if t["supervised"]]
+    profile = tmp_path / "profile"
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}"]
+    url = (out / "tokens.html").resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    # The page's own script counted the coloured tokens the browser laid out with a visible box.
+    rendered = re.search(r'data-rendered-tokens="(\d+)"', dom)
+    assert rendered, f"the browser did not run the page (DOM starts: {dom[:300]!r})"
+    assert int(rendered.group(1)) == 2 * len(words)
+    shown = re.findall(r'<span class="tok"[^>]*>([^<]*)</span>', dom)
+    assert shown == [w.replace("<", "&lt;").replace(">", "&gt;") for s in data["samples"]
+                     for line in range(2) for w in [t["text"] for t in s["tokens"] if t["supervised"]]]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,800", url],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # text, images and coloured chips, not a blank page
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _saved_model_with_processor(folder: Path):
+    """A tiny Llava saved with a LlavaProcessor over a word-level tokenizer built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from calplug.tiny import tiny_llava
+
+    vocab = synthetic.Vocab()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab.words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<pad>")
+    fast.add_tokens(["<image>"], special_tokens=True)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    tiny_llava(0, vocab_size=len(vocab)).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    data = synthetic.make_set(2, seed=0)
+    paths = []
+    for i, im in enumerate(data.images):
+        paths.append(folder / f"{i}.png")
+        im.save(paths[-1])
+    return paths
+
+
+def test_inspect_a_saved_model_with_its_processor(tmp_path, capsys):
+    pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
+    model_dir = tmp_path / "model"
+    a, b = _saved_model_with_processor(model_dir)
+    caps = ["a small red circle on the left <eos>", "a large blue square <eos>"]
+    out = tmp_path / "out"
+    assert cli.main(["inspect", "--model", str(model_dir), "--out", str(out), "--prompt", "<bos> <image> describe : ",
+                     "--image", str(a), "--caption", caps[0], "--image", str(b), "--caption", caps[1]]) == 0
+    data = json.loads((out / "tokens.json").read_text())
+    for sample, cap in zip(data["samples"], caps):
+        assert [t["text"] for t in sample["tokens"] if t["supervised"]] == cap.split()
+        # the prompt, image placeholders included, is context
+        assert [t["text"] for t in sample["tokens"] if not t["supervised"]][:2] == ["<bos>", "<image>"]
+    assert "13 supervised tokens in 2 samples" in capsys.readouterr().out
+    with pytest.raises(calplug.CALConfigError, match="as many --caption as --image"):
+        cli.main(["inspect", "--model", str(model_dir), "--image", str(a)])
