@@ -16,7 +16,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calplug", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="calplug", description="Contrastive ALignment (CAL) for vision-language training.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

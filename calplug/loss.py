@@ -46,12 +46,18 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     ce = F.cross_entropy(logits[b, i].float(), labels[b, i + 1], reduction="none")
     w = weights.detach().float()[b, i]
     loss = (ce * w).sum() / (w.sum() + EPS)
-    if num_items_in_batch is not None:
-        n_local = supervised.sum()
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss * n_local / num_items_in_batch
-    return loss
+    return scale_to_batch_share(loss, supervised, num_items_in_batch)
+
+
+def scale_to_batch_share(loss: torch.Tensor, supervised: torch.Tensor,
+                         num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """Scale a micro-batch's weighted mean by its share of the accumulated batch's supervised
+    tokens (the HF Trainer's ``num_items_in_batch``); unchanged when that is None."""
+    if num_items_in_batch is None:
+        return loss
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss * supervised.sum() / num_items_in_batch
 
 
 # -- chunked path: no full logits ----------------------------------------------------------------
@@ -128,9 +134,4 @@ def chunked_weighted_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, b
     # Only supervised rows go through the output projection: the others carry no loss.
     total = _ChunkedWeightedCE.apply(hidden[b, i], weight, bias, labels[b, i + 1], w, int(chunk))
     loss = total / (w.sum() + EPS)
-    if num_items_in_batch is not None:
-        n_local = supervised.sum()
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss * n_local / num_items_in_batch
-    return loss
+    return scale_to_batch_share(loss, supervised, num_items_in_batch)
