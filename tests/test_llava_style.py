@@ -294,3 +294,16 @@ def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
     assert float(same.abs().max()) < 1e-5
     assert float(blurred[0].abs().max()) > 1e-3
     assert torch.count_nonzero(blurred[2]) == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, clip_folder):
+    """Tables 8/9 on the LLaVA-style codebases: ratio 0 contrasts nothing, ratio 1 is `mask`."""
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1])
+    with calplug.enabled(model, contrast="mask", alpha=0.0):
+        masked = model(**batch).cal_delta
+    with calplug.enabled(model, contrast="patch_mask", mask_ratio=0.0, alpha=0.0):
+        assert torch.all(model(**batch).cal_delta == 0)
+    with calplug.enabled(model, contrast="patch_mask", mask_ratio=1.0, alpha=0.0):
+        torch.testing.assert_close(model(**batch).cal_delta, masked)

@@ -375,3 +375,21 @@ def test_blur_contrast_where_pixels_are_images(name):
     blurred = model(**batch).cal_delta
     assert torch.isfinite(blurred).all() and torch.all(blurred[2] == 0)
     assert blurred[0].abs().max() > 1e-5 and not torch.allclose(blurred, masked)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
+    """Tables 8/9 on every family: hiding no image position contrasts nothing (all gaps 0);
+    hiding all of them is the published mask contrast."""
+    family, model = model_for(name)
+    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
+    batch = make_batch(family, model, kinds=kinds)
+    calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
+    masked = model(**batch).cal_delta
+    calplug.enable(model, contrast="patch_mask", mask_ratio=0.0)
+    assert torch.all(model(**batch).cal_delta == 0)
+    calplug.enable(model, contrast="patch_mask", mask_ratio=1.0)
+    torch.testing.assert_close(model(**batch).cal_delta, masked)
+    calplug.enable(model, contrast="patch_mask", mask_ratio=0.5)
+    half = model(**batch).cal_delta
+    assert half.abs().max() > 0 and not torch.allclose(half, masked)
