@@ -395,7 +395,7 @@ def test_patched_llava_parses_the_cal_flags(patched_llava):
     assert off["use_cal"] is False
 
 
-def check_training(got: dict) -> None:
+def check_training(got: dict, integration: str = "llava-style") -> None:
     off, on, other_stage = got["off"], got["on"], got["other_stage"]
     for run in (off, on, other_stage):
         assert run["global_step"] == 2 and len(run["losses"]) == 2
@@ -407,7 +407,7 @@ def check_training(got: dict) -> None:
     assert call["config"]["alpha"] == 0.0                 # --cal_alpha overrides the file's 3.0
     assert call["config"]["pool_scope"] == "sequence"     # from --cal_config
     assert call["config"]["contrast"] == "mask" and call["config"]["pool_window"] == 1
-    assert call["integration"] == "llava-style"
+    assert call["integration"] == integration
     # The loss is the weight-normalised mean, so it moves only where weights differ between
     # tokens: alpha=0 leaves the gaps of this untrained model unclamped (with alpha=1, the
     # default, every gap of an untrained model is clamped up to 1 and the loss equals CAL off).
@@ -468,7 +468,7 @@ def test_fork_patch_trains_two_steps_with_cal(name, tmp_path):
     patch_files.apply(patch, root)
     got = run_driver("train", name, src=root)
     assert got["module"].startswith(str(root))
-    check_training(got)
+    check_training(got, integration="mgm" if name == "mgm" else "llava-style")
 
 
 # -- the driver (this file run as a script, in a subprocess) -------------------------------------
@@ -535,7 +535,7 @@ def _tiny_assets(root: Path) -> dict[str, str]:
     LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=128)).save_pretrained(llm)
-    clip = root / "clip"
+    clip = root / "openai-tiny-clip"  # MGM builds a CLIP tower only when the path contains "openai"
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, image_size=32, patch_size=8)).save_pretrained(clip)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
