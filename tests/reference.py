@@ -47,3 +47,15 @@ def assert_rel_close(actual, expected, rel=1e-5, name="", atol=1e-8):
     err = (actual - expected).norm().item()
     scale = expected.norm().item()
     assert err <= rel * scale + atol, f"{name}: relative error {err / max(scale, 1e-30):.3g} > {rel}"
+
+
+def grads(model):
+    """Every parameter gradient of ``model``, cloned, by name."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_rel_close(actual: dict, expected: dict, rel=1e-5):
+    """Same parameters got gradients, and each agrees to ``rel`` (see `assert_rel_close`)."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert_rel_close(actual[name], expected[name], rel, name)

@@ -1,6 +1,5 @@
 import pytest
 
-import calplug
 from calplug import CALConfig, CALConfigError
 from calplug.config import resolve_config
 

@@ -9,7 +9,7 @@ import torch
 
 import calplug
 from calplug import CALInputError
-from reference import assert_rel_close, reference_cal_loss, reference_weights
+from reference import assert_grads_rel_close, grads, reference_cal_loss, reference_weights
 
 import _llava_style_models as tiny
 
@@ -66,10 +66,6 @@ def labels_of(batch, model):
     return tiny.splice(model, batch)[3]
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 SETTINGS = {  # config overrides and batch options
     "right": (dict(tokenizer_padding_side="right"), dict(padding_side="right")),
     "left": (dict(tokenizer_padding_side="left"), dict(padding_side="left")),
@@ -111,12 +107,11 @@ def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip
     torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.cal_weights.reshape(-1), ref_w, rtol=1e-5, atol=1e-5)
     cal_grads = grads(model)
-    assert cal_grads.keys() == ref_grads.keys() and "lm_head.weight" in cal_grads
+    assert "lm_head.weight" in cal_grads
     assert any("mm_projector" in n for n in cal_grads)
     if case[1] == "anyres":
         assert any("image_newline" in n for n in cal_grads)  # spatial_unpad's newline feature
-    for name in ref_grads:
-        assert_rel_close(cal_grads[name], ref_grads[name], 1e-5, name)
+    assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     assert torch.count_nonzero(out.cal_delta[2]) == 0  # text-only sample: no gap
     if beta == 5.0:
         assert out.cal_weights.std() > 0.01  # the weights really vary

@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     timeout = datetime.timedelta(seconds=args.timeout)
     if args.no_agree:
         distributed.any_rank = lambda flag, model: flag

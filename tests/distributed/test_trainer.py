@@ -24,7 +24,7 @@ pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (pip i
 
 import calplug
 from calplug import plugins
-from calplug.trainer import CALStats, attach, enable_for_trainer, use_model_loss
+from calplug.trainer import CALStats, enable_for_trainer, use_model_loss
 
 import _hf
 from _common import make_model
