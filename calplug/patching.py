@@ -195,7 +195,9 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
     config = state.config
     num_items_in_batch = call.pop("num_items_in_batch", None)
     integration = state.integration
-    rerun_call = dict(call) if integration.pixel_keys else None
+    build_contrast = plugins.contrasts()[config.contrast]
+    # Only a contrast that transforms pixels needs the forward's arguments kept for a re-run.
+    rerun_call = dict(call) if integration.pixel_keys and getattr(build_contrast, "needs_pixels", False) else None
     with _head_on_last_position(model, config.loss_chunk) as head_input:
         main: MainPass = integration.main_pass(model, original, call)
     if rerun_call is not None and main.contrast_embeds is None:
@@ -215,7 +217,7 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
             main_logits = gap.main_target_logits(main.logits.detach(), targets)
         else:
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
-        plan = plugins.contrasts()[config.contrast](main, config)
+        plan = build_contrast(main, config)
         if distributed.any_rank(plan is not None, model) and plan is None:
             plan = placeholder_plan(main)
         delta = _delta(main, plan, main_logits, targets)
