@@ -20,6 +20,7 @@ package never mixes with anything imported in the test process.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import json
 import os
@@ -581,6 +582,7 @@ def _drive_train(codebase: str) -> None:
         if not torch.cuda.is_available():
             torch.cuda.synchronize = lambda *a, **k: None
     root = Path(tempfile.mkdtemp(prefix="calplug-patch-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # also on the SystemExit(0) skip
     assets = _tiny_assets(root)
 
     calls: list[dict] = []
