@@ -31,14 +31,25 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def must_agree(model: nn.Module) -> bool:
+    """True when ranks must run the same modules in the same order: a sharded model in a
+    process group (ZeRO-3 / FSDP gather parameters collectively as modules run)."""
+    return _dist_ready() and is_sharded(model)
+
+
 def any_rank(flag: bool, model: nn.Module) -> bool:
     """``flag`` OR-ed over all ranks when the model is sharded (one tiny all-reduce), else ``flag``."""
-    if not (_dist_ready() and is_sharded(model)):
-        return flag
+    return any_rank_each([flag], model)[0]
+
+
+def any_rank_each(flags: list[bool], model: nn.Module) -> list[bool]:
+    """Each flag OR-ed over all ranks with one all-reduce when the model is sharded, else as given."""
+    if not must_agree(model):
+        return list(flags)
     device = next(model.parameters()).device
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ class MainPass:
     visual_extras:   decoder keyword arguments that only carry visual information (for example
                      Qwen3-VL's deepstack features); a contrast that removes the image clears them.
     contrast_embeds: optional ``fn(pixel_transform) -> inputs_embeds`` that re-runs the vision
-                     path on transformed pixels (used by pixel-level contrasts such as blur).
+                     path on transformed pixels (used by pixel-level contrasts such as blur);
+                     None when the micro-batch has no pixels (nothing to re-run).
     """
 
     output: Any

@@ -200,7 +200,7 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
     rerun_call = dict(call) if integration.pixel_keys and getattr(build_contrast, "needs_pixels", False) else None
     with _head_on_last_position(model, config.loss_chunk) as head_input:
         main: MainPass = integration.main_pass(model, original, call)
-    if rerun_call is not None and main.contrast_embeds is None:
+    if rerun_call is not None and main.contrast_embeds is None and _has_pixels(rerun_call, integration):
         main.contrast_embeds = pixel_contrast_embeds(original, main.decoder, rerun_call,
                                                      integration.pixel_keys)
     hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
@@ -217,9 +217,7 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
             main_logits = gap.main_target_logits(main.logits.detach(), targets)
         else:
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
-        plan = build_contrast(main, config)
-        if distributed.any_rank(plan is not None, model) and plan is None:
-            plan = placeholder_plan(main)
+        plan = _contrast_plan(model, main, config, build_contrast)
         delta = _delta(main, plan, main_logits, targets)
     pm = plugins.get_plugin_manager()
     weights = pm.hook.calplug_weights(delta=delta, labels=shifted, supervised=supervised, config=config)
@@ -234,6 +232,56 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
     pm.hook.calplug_observe_step(model=model, delta=delta, weights=weights.detach(), labels=shifted,
                                  supervised=supervised, config=config)
     return _with_loss(main.output, loss, weights.detach(), delta)
+
+
+def _contrast_plan(model: nn.Module, main: MainPass, config: CALConfig,
+                   build_contrast) -> ContrastPlan | None:
+    """This rank's contrast plan; under ZeRO-3 / FSDP, one that runs the same modules on every rank.
+
+    A rank with nothing to contrast would skip the contrast pass while others run it, and their
+    collective parameter gathers would pair up wrongly (a crash or a hang). Plain contrasts
+    (drop, mask, patch_mask) build their plan without running any module, so ranks agree after
+    building: a rank without a plan runs a one-token placeholder through the decoder. A contrast
+    that re-runs the vision tower on transformed pixels (``needs_pixels``: blur) runs modules
+    while building, so ranks agree before: a rank whose micro-batch has pixels but no image
+    positions (the LLaVA codebases' dummy images) re-runs its vision path unchanged, and a rank
+    with no pixels at all cannot, which is an error on every rank at once rather than a hang.
+    """
+    if not (getattr(build_contrast, "needs_pixels", False) and distributed.must_agree(model)):
+        plan = build_contrast(main, config)
+        if distributed.any_rank(plan is not None, model) and plan is None:
+            plan = placeholder_plan(main)
+        return plan
+    has_visual = bool(main.visual_mask.any())
+    can_rerun = main.contrast_embeds is not None  # set only when this micro-batch has pixels
+    any_visual, any_without_pixels = distributed.any_rank_each([has_visual, not can_rerun], model)
+    if not any_visual:
+        return None
+    if any_without_pixels:
+        raise CALInputError(
+            f"contrast={config.contrast!r} re-runs the vision tower in the contrast pass, and under "
+            "DeepSpeed ZeRO-3 / FSDP every rank must then run it, but at least one rank's "
+            "micro-batch has no pixel values. Give text-only micro-batches a dummy image (as the "
+            "LLaVA codebases do), or use contrast='drop', 'mask' or 'patch_mask'"
+        )
+    if not has_visual:
+        main.contrast_embeds(lambda pixels: pixels)  # the same vision-tower gathers as the others
+        return placeholder_plan(main)
+    plan = build_contrast(main, config)
+    return placeholder_plan(main) if plan is None else plan
+
+
+def _has_pixels(call: dict, integration: Integration) -> bool:
+    """Whether the forward was given any pixels under the integration's pixel keys (a rank
+    without them has no vision path to re-run)."""
+    for key in integration.pixel_keys:
+        value = call.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            return True
+        if isinstance(value, (list, tuple)) and any(
+                isinstance(v, torch.Tensor) and v.numel() > 0 for v in value):
+            return True
+    return False
 
 
 def _delta(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,

@@ -143,3 +143,42 @@ def test_docs_other_image_contrast_example(model):
         plugins.unregister(name="test-other-image")
     assert swapped[:2].abs().sum() > 0 and torch.all(swapped[2] == 0)
     assert not torch.allclose(swapped, mask)
+
+
+def simulate_sharded_ranks(monkeypatch, other_rank_has_images: bool) -> list:
+    """Make calplug act as one rank of a sharded (ZeRO-3) job whose other rank does or does not
+    have images: `must_agree` is True, and the agreement ORs in the other rank's flags. Returns
+    the list of flag vectors this rank offered."""
+    from calplug import distributed
+
+    offered: list = []
+
+    def any_rank_each(flags, model):
+        offered.append(list(flags))
+        return [flags[0] or other_rank_has_images, flags[1]]
+
+    monkeypatch.setattr(distributed, "must_agree", lambda model: True)
+    monkeypatch.setattr(distributed, "any_rank_each", any_rank_each)
+    return offered
+
+
+def test_blur_on_a_sharded_rank_with_images_is_unchanged_by_the_agreement(model, monkeypatch):
+    batch = llava_batch(model)
+    alone = deltas(model, batch, contrast="blur", blur_sigma=10.0)
+    offered = simulate_sharded_ranks(monkeypatch, other_rank_has_images=False)
+    agreed = deltas(model, batch, contrast="blur", blur_sigma=10.0)
+    assert offered == [[True, False]]  # has image positions, has pixels to re-run
+    torch.testing.assert_close(agreed, alone, rtol=0, atol=0)
+
+
+def test_blur_on_a_sharded_rank_without_pixels_stops_with_the_fix(model, monkeypatch):
+    """Another rank blurs (so runs the vision tower again); this rank has no pixels, so it cannot
+    run the same modules: every rank raises the same error instead of hanging in a gather."""
+    batch = llava_batch(model, with_image=(False, False, False))
+    offered = simulate_sharded_ranks(monkeypatch, other_rank_has_images=True)
+    with pytest.raises(calplug.CALInputError, match=r"no pixel values.*dummy image.*'drop'"):
+        deltas(model, batch, contrast="blur")
+    assert offered == [[False, True]]
+    # With no rank holding images there is nothing to contrast and nothing to agree on.
+    offered = simulate_sharded_ranks(monkeypatch, other_rank_has_images=False)
+    assert torch.count_nonzero(deltas(model, batch, contrast="blur")) == 0

@@ -291,6 +291,36 @@ def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
     assert torch.count_nonzero(blurred[2]) == 0
 
 
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_blur_on_a_sharded_rank_with_only_dummy_images(case, clip_folder, monkeypatch):
+    """ZeRO-3, simulated: another rank blurs its images, so it runs the vision tower again. This
+    rank's samples are all text-only with the zero images LLaVA's loader gives them: it must run
+    its vision path too (unchanged pixels) and a placeholder decoder pass, and its loss stays plain
+    cross-entropy. Without any pixels it cannot, and stops with the error naming the fix."""
+    from calplug import distributed
+
+    model = make(case, clip_folder)
+    batch = tiny.batch(model, variant=case[1], samples=((3, 0, 6), (5, 0, 4)))
+    plain = model(**batch).loss
+    offered = []
+    monkeypatch.setattr(distributed, "must_agree", lambda model: True)
+    monkeypatch.setattr(distributed, "any_rank_each",
+                        lambda flags, model: offered.append(list(flags)) or [True, flags[1]])
+    tower_runs = []
+    tower = model.get_model().get_vision_tower()
+    tower.register_forward_hook(lambda *a: tower_runs.append(torch.is_grad_enabled()))
+    calplug.enable(model, contrast="blur", blur_sigma=10.0)
+    out = model(**batch)
+    assert offered == [[False, False]]  # no image positions, pixels to re-run
+    assert tower_runs == [True, False]  # the main pass, then the no-grad re-run
+    assert torch.count_nonzero(out.cal_delta) == 0
+    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
+    for key in ("images", "images_aux", "image_sizes"):
+        batch.pop(key, None)
+    with pytest.raises(CALInputError, match="no pixel values"):
+        model(**batch)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, clip_folder):
     """Tables 8/9 on the LLaVA-style codebases: ratio 0 contrasts nothing, ratio 1 is `mask`."""

@@ -69,11 +69,11 @@ def add_dummy_image_hook(model):
     return state
 
 
-def reference_run(case: str, steps: int = STEPS, lr: float = LR):
+def reference_run(case: str, steps: int = STEPS, lr: float = LR, contrast: str = "drop"):
     """Single process, same model init and micro-batches: per step and rank the CAL loss and gap,
     and the parameters after ``steps`` SGD steps on the mean of the ranks' losses."""
     model = make_model()
-    calplug.enable(model)
+    calplug.enable(model, contrast=contrast)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, deltas = [], []
     for step in range(steps):

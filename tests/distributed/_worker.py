@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-agree", action="store_true",
                     help="negative control: ranks decide alone whether to run the contrast pass")
+    ap.add_argument("--contrast", default="drop", help="CALConfig.contrast for both ranks")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = ap.parse_args()
@@ -65,7 +66,7 @@ def main() -> int:
     # prefetching and live-parameter limits).
     enable_first = args.case == "images"
     if enable_first:
-        calplug.enable(model)
+        calplug.enable(model, contrast=args.contrast)
     if args.mode == "ddp":
         torch.distributed.init_process_group("gloo", timeout=timeout)
         # The tiny Llava selects vision_feature_layer=-2: the last CLIP layer gets no gradient.
@@ -80,7 +81,7 @@ def main() -> int:
                                                  config=deepspeed_config(int(args.mode[-1]),
                                                                          release_all=enable_first))
     if not enable_first:
-        calplug.enable(engine)  # finds the model through the DDP / DeepSpeed wrapper
+        calplug.enable(engine, contrast=args.contrast)  # finds the model through the DDP / DeepSpeed wrapper
     assert calplug.is_enabled(model)
     record = {"losses": [], "deltas": [], "sharded": distributed.is_sharded(model)}
 

@@ -36,9 +36,9 @@ needs_deepspeed = pytest.mark.skipif(
 
 
 @functools.lru_cache(maxsize=None)
-def reference(case):
+def reference(case, contrast="drop"):
     torch.manual_seed(0)
-    return _common.reference_run(case)
+    return _common.reference_run(case, contrast=contrast)
 
 
 def run_ranks(tmp_path, mode, case, *extra, timeout=240.0, launcher="popen"):
@@ -46,12 +46,13 @@ def run_ranks(tmp_path, mode, case, *extra, timeout=240.0, launcher="popen"):
     return start(["--mode", mode, "--case", case, *extra], tmp_path, timeout=timeout)
 
 
-def check_against_reference(tmp_path, mode, case, launcher="popen", record=lambda k, v: None):
-    result = run_ranks(tmp_path, mode, case, launcher=launcher)
+def check_against_reference(tmp_path, mode, case, launcher="popen", record=lambda k, v: None,
+                            contrast="drop"):
+    result = run_ranks(tmp_path, mode, case, "--contrast", contrast, launcher=launcher)
     assert not result["timed_out"] and set(result["returncodes"]) == {0}, describe(result)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_common.WORLD)]
     params = torch.load(tmp_path / "params.pt")
-    ref_losses, ref_deltas, ref_params = reference(case)
+    ref_losses, ref_deltas, ref_params = reference(case, contrast)
     for r, rec in enumerate(ranks):
         # Step 0: same model, same micro-batch: the CAL loss and every gap as in one process.
         assert rec["losses"][0] == pytest.approx(ref_losses[0][r], abs=1e-5), (r, rec["losses"])
@@ -110,3 +111,27 @@ def test_zero3_text_only_rank_without_agreement_dies_on_a_collective_mismatch(tm
     text = "\n".join(result["logs"])
     assert result["timed_out"] or any(s in text for s in (
         "collective mismatch", "Connection reset", "Timed out", "timeout", "doesn't match")), describe(result)
+
+
+@needs_gloo
+@needs_deepspeed
+def test_zero3_blur_matches_single_process(tmp_path, record_property):
+    """contrast='blur' runs the vision tower a second time (on blurred pixels) inside the contrast
+    pass: under ZeRO-3 both ranks do, gathering the same parameters, and the result is the
+    single-process one."""
+    ranks = check_against_reference(tmp_path, "zero3", "images", contrast="blur",
+                                    record=record_property)
+    assert all(torch.count_nonzero(r["deltas"][0]) > 0 for r in ranks)
+
+
+@needs_gloo
+@needs_deepspeed
+def test_zero3_blur_with_a_text_only_rank_stops_every_rank_with_the_fix(tmp_path):
+    """Rank 1 has no pixels, so it cannot re-run the vision tower that rank 0's blur runs: both
+    ranks learn it from the agreement and raise the same error, instead of hanging in a gather."""
+    result = run_ranks(tmp_path, "zero3", "mixed", "--contrast", "blur", "--timeout", "60",
+                       timeout=150.0)
+    assert not result["timed_out"], describe(result)
+    assert all(rc != 0 for rc in result["returncodes"]), describe(result)
+    assert all("no pixel values" in log and "dummy image" in log for log in result["logs"]), \
+        describe(result)
