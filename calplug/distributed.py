@@ -63,3 +63,18 @@ def gathered(module: nn.Module) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def reduce_over_ranks(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``values`` (a small CPU tensor) summed (``op="sum"``) or maxed (``"max"``) over all ranks
+    of the default process group; returned unchanged when there is no group or only one rank.
+    Runs on the device the backend needs (CUDA for NCCL) and comes back on the CPU."""
+    if not _dist_ready() or torch.distributed.get_world_size() == 1:
+        return values
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = values.to(device)
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    torch.distributed.all_reduce(t, op=reduce_op)
+    return t.cpu()

@@ -17,10 +17,12 @@ supervised rows of every CAL step since the last report:
 
 The callback adds the scalars to every Trainer log (so every installed reporter, TensorBoard,
 wandb, ..., receives them, and ``trainer.state.log_history`` holds them) and writes the histogram
-to TensorBoard (``cal/gap``) and wandb when those reporters are active. Statistics are per
-process: under data parallelism each rank describes its own micro-batches (the Trainer reports
-rank 0's). Without transformers, use `CALStats` alone: ``stats = CALStats().register()``, then
-``stats.scalars()`` / ``stats.histogram()`` whenever you log.
+to TensorBoard (``cal/gap``) and wandb when those reporters are active. Under data parallelism
+(DDP, DeepSpeed, multi-node) the callback sums the statistics over all ranks before it logs (two
+small all-reduces per log, which every rank makes since the Trainer logs on every rank), so the
+numbers describe the whole global batch, not rank 0's share of it. Without transformers, use
+`CALStats` alone: ``stats = CALStats().register()``, then ``stats.reduce_over_ranks()`` (under
+data parallelism, on every rank) and ``stats.scalars()`` / ``stats.histogram()`` whenever you log.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import math
 
 import torch
 
-from . import plugins
+from . import distributed, plugins
 from .hookspecs import hookimpl
 
 try:  # the callback needs transformers; CALStats does not
@@ -96,6 +98,23 @@ class CALStats:
         self.gap_max = -math.inf
         self.counts = torch.zeros(self.bins, dtype=torch.long)
 
+    def reduce_over_ranks(self) -> None:
+        """Replace this rank's statistics by those of all ranks together (sums, and the extreme
+        gaps). A collective call: every rank of the process group must make it, with the same
+        ``bins``. A no-op without a process group."""
+        sums = torch.tensor([self.steps, self.tokens, self.weight_sum, self.at_alpha, self.at_beta,
+                             self.gap_sum, self.gap_sq_sum, *self.counts.tolist()],
+                            dtype=torch.float64)
+        sums = distributed.reduce_over_ranks(sums, "sum")
+        extremes = distributed.reduce_over_ranks(
+            torch.tensor([-self.gap_min, self.gap_max], dtype=torch.float64), "max")
+        (self.steps, self.tokens, self.at_alpha, self.at_beta) = (
+            int(sums[0]), int(sums[1]), int(sums[3]), int(sums[4]))
+        self.weight_sum, self.gap_sum, self.gap_sq_sum = (float(sums[2]), float(sums[5]),
+                                                          float(sums[6]))
+        self.counts = sums[7:].round().long()
+        self.gap_min, self.gap_max = -float(extremes[0]), float(extremes[1])
+
     def scalars(self) -> dict[str, float]:
         """The scalar statistics since the last reset ({} when no supervised row was seen)."""
         if not self.tokens:
@@ -111,7 +130,7 @@ class CALStats:
 
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(counts [bins], edges [bins + 1])`` of the gaps since the last reset, or None."""
-        if not self.tokens:
+        if not self.tokens or self.edges is None:  # edges: set by this rank's first CAL step
             return None
         return self.counts.clone(), self.edges.clone()
 
@@ -142,11 +161,15 @@ class CALLoggingCallback(_CallbackBase):
         self.stats.unregister()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        scalars = self.stats.scalars()
-        if not scalars or logs is None:
-            return
-        if "loss" not in logs and not any(k.startswith("train") for k in logs):
+        if logs is None or ("loss" not in logs and not any(k.startswith("train") for k in logs)):
             return  # an evaluation log: CAL statistics describe training steps only
+        # Every rank reaches this point for the same log (the Trainer logs on all ranks), so
+        # the collective is safe here, and must come before any return that depends on this
+        # rank's own statistics.
+        self.stats.reduce_over_ranks()
+        scalars = self.stats.scalars()
+        if not scalars:
+            return
         logs.update(scalars)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(scalars)

@@ -38,6 +38,36 @@ class RecordingCollator:
         return batch
 
 
+def training_args(output_dir, **kw):
+    """The Trainer tests' arguments: SGD, constant LR, no clipping, two micro-batches of two
+    samples per optimizer step, one step, CPU, nothing saved or reported."""
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(output_dir), per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd",
+                lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", logging_steps=1,
+                save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, remove_unused_columns=False)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class GradsAtFirstStep:
+    """Trainer callback keeping the accumulated gradients of the first optimizer step."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Cb(TrainerCallback):
+            grads = None
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+                if self.grads is None:
+                    self.grads = grad_snapshot(model)
+
+        return _Cb()
+
+
 def grad_snapshot(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -1,4 +1,4 @@
-"""Start N ranks of tests/distributed/_worker.py as subprocesses, with a timeout, so a hang or a
+"""Start N ranks of tests/distributed/_worker.py (or another worker script) as subprocesses, with a timeout, so a hang or a
 collective mismatch fails the test instead of blocking CI."""
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], out: Path, world: int = 2, timeout: float = 240.0) -> dict:
-    """Run the ranks; returns {"returncodes": [...], "logs": [...], "timed_out": bool}."""
+def launch(args: list[str], out: Path, world: int = 2, timeout: float = 240.0,
+           worker: Path = WORKER) -> dict:
+    """Run the ranks of ``worker``; returns {"returncodes": [...], "logs": [...], "timed_out": bool}."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs, logs = [], []
@@ -29,7 +30,7 @@ def launch(args: list[str], out: Path, world: int = 2, timeout: float = 240.0) -
                    DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
         log = open(out / f"log{rank}.txt", "w")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args, "--out", str(out)],
+        procs.append(subprocess.Popen([sys.executable, str(worker), *args, "--out", str(out)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     timed_out = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,31 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 def _args(tmp_path, **kw):
-    from transformers import TrainingArguments
-
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
-                gradient_accumulation_steps=2, max_steps=1, learning_rate=0.1, optim="sgd",
-                lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", logging_steps=1,
-                save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
-                disable_tqdm=True, remove_unused_columns=False)
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-class GradsAtFirstStep:
-    """Trainer callback keeping the accumulated gradients of the first optimizer step."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class _Cb(TrainerCallback):
-            grads = None
-
-            def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-                if self.grads is None:
-                    self.grads = _hf.grad_snapshot(model)
-
-        return _Cb()
+    return _hf.training_args(tmp_path / "out", **kw)
 
 
 def _record_niib(model):
@@ -94,7 +71,7 @@ def test_trainer_grad_accumulation_is_token_weighted_cal(tmp_path):
 
     model = make_model()
     collator = _hf.RecordingCollator()
-    grads = GradsAtFirstStep()
+    grads = _hf.GradsAtFirstStep()
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_hf.samples(model),
                       data_collator=collator, callbacks=[grads])
     enable_for_trainer(trainer, log=False)
@@ -125,7 +102,7 @@ def test_trainer_cal_with_unit_weights_equals_the_unpatched_trainer(tmp_path):
 
     def run(cal):
         model = make_model()
-        grads = GradsAtFirstStep()
+        grads = _hf.GradsAtFirstStep()
         trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_hf.samples(model),
                           data_collator=_hf.RecordingCollator(), callbacks=[grads])
         if cal:
@@ -228,7 +205,7 @@ def test_trl_sft_trainer_trains_on_the_cal_loss(tmp_path):
 
     model = make_model()
     collator = _hf.RecordingCollator()
-    grads = GradsAtFirstStep()
+    grads = _hf.GradsAtFirstStep()
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
                      gradient_accumulation_steps=2, max_steps=2, learning_rate=0.1, optim="sgd",
                      lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none",
@@ -275,3 +252,32 @@ def test_trl_sft_trainer_trains_on_the_cal_loss(tmp_path):
                                             abs=1e-4)
     assert all(math.isfinite(l["loss"]) and "cal/mean_weight" in l for l in logs[:2])
     assert callback.last_histogram is not None
+
+
+def test_two_process_trainer_is_token_weighted_cal_over_the_global_batch(tmp_path):
+    """`torchrun --nproc_per_node 2`-style launch (two processes, DDP over gloo): each rank
+    accumulates two micro-batches. The Trainer counts the supervised tokens of all four (both
+    ranks, ``average_tokens_across_devices``), passes that count to every forward, multiplies each
+    rank's loss by the number of processes, and DDP averages the gradients: the update must be the
+    token-weighted average of the four micro-batch CAL losses, as in one process. The logged CAL
+    statistics are summed over both ranks and describe all four micro-batches."""
+    from _launch import describe, launch
+
+    worker = Path(__file__).with_name("_trainer_worker.py")
+    result = launch([], tmp_path, timeout=300.0, worker=worker)
+    assert not result["timed_out"] and set(result["returncodes"]) == {0}, describe(result)
+    ranks = [torch.load(tmp_path / f"trainer_rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    micro = ranks[0]["batches"] + ranks[1]["batches"]
+    want, counts, losses = _expected_grads(micro)
+    assert len(set(counts)) > 1
+    for rec in ranks:
+        assert rec["num_items_in_batch"] == [sum(counts)] * 2  # global count, both forwards
+        _assert_grads_close(rec["grads"], want)                  # DDP-averaged = the formula
+    # The CAL statistics of the first log: every supervised row of the four micro-batches.
+    ref = make_model()
+    calplug.enable(ref)
+    w = torch.cat([ref(**mb).cal_weights[mb["labels"][:, 1:] != -100] for mb in micro])
+    for rec in ranks:
+        assert rec["log"]["cal/tokens"] == w.numel() == sum(counts)
+        assert rec["log"]["cal/mean_weight"] == pytest.approx(float(w.mean()), abs=1e-5)
