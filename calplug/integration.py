@@ -40,6 +40,10 @@ class MainPass:
     contrast_embeds: optional ``fn(pixel_transform) -> inputs_embeds`` that re-runs the vision
                      path on transformed pixels (used by pixel-level contrasts such as blur);
                      None when the micro-batch has no pixels (nothing to re-run).
+    extra_loss:      a scalar the model adds to its language-model loss and that the training loss
+                     must keep, with its coefficient applied (a mixture-of-experts router's
+                     load-balancing loss); the engine adds it to the CAL loss. None when there is
+                     none.
     """
 
     output: Any
@@ -53,6 +57,7 @@ class MainPass:
     position_ids: torch.Tensor
     visual_extras: tuple[str, ...] = ()
     contrast_embeds: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
+    extra_loss: torch.Tensor | None = None
 
     @property
     def inputs_embeds(self) -> torch.Tensor:

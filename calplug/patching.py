@@ -229,6 +229,8 @@ def cal_training_step(model: nn.Module, original, state: CALState, call: dict):
         loss = chunked_weighted_cross_entropy(hidden, main.lm_head.weight,
                                               getattr(main.lm_head, "bias", None), main.labels,
                                               weights, config.loss_chunk, num_items_in_batch)
+    if main.extra_loss is not None:  # e.g. a MoE router's load-balancing term, as the model adds it
+        loss = loss + main.extra_loss.to(loss.dtype)
     pm.hook.calplug_observe_step(model=model, delta=delta, weights=weights.detach(), labels=shifted,
                                  supervised=supervised, config=config)
     return _with_loss(main.output, loss, weights.detach(), delta)

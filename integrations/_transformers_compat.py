@@ -58,6 +58,7 @@ SUPPORTED = {
     "Qwen2-VL": ("Qwen2VLForConditionalGeneration", (4, 45)),
     "Qwen2.5-VL": ("Qwen2_5_VLForConditionalGeneration", (4, 49)),
     "Qwen3-VL": ("Qwen3VLForConditionalGeneration", (4, 57)),
+    "Qwen3-VL-MoE": ("Qwen3VLMoeForConditionalGeneration", (4, 57)),
 }
 
 
@@ -115,7 +116,7 @@ def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]
 
 
 def qwen_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Decoder and lm_head of Qwen2-VL / Qwen2.5-VL / Qwen3-VL for this transformers version."""
+    """Decoder and lm_head of Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) for this transformers version."""
     inner = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     if isinstance(inner, nn.Module) and isinstance(head, nn.Module):

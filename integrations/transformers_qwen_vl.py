@@ -1,4 +1,5 @@
-"""transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL: image and video placeholders, M-RoPE positions.
+"""transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: image and video placeholders,
+M-RoPE positions.
 
 Visual positions are the ``image_token_id`` and ``video_token_id`` placeholders in ``input_ids``
 (``vision_start`` / ``vision_end`` are text). The original forward runs without labels; a pre-hook
@@ -13,13 +14,20 @@ features added to early decoder layers at the visual positions). They are declar
 ``patch_mask`` keep the sequence, so they keep them too (no text row can attend to a hidden
 visual position, whatever is added there).
 
+Qwen3-VL-MoE adds its router's load-balancing loss to the language-model loss when router logits
+are requested; the main pass runs without labels, so the model leaves it out and the term is kept
+as `MainPass.extra_loss` (CAL loss + ``router_aux_loss_coef * aux_loss``, as the model would).
+The contrast pass needs no router term: it only reads target logits.
+
 Pixel-level contrasts (``blur``) are not offered: Qwen's ``pixel_values`` are already cut into
 flattened patches, not images.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from calplug.errors import CALInputError
 from calplug.hookspecs import hookimpl
 from calplug.integration import Integration, MainPass, capture_decoder_call, explicit_attention_mask
 
@@ -28,6 +36,28 @@ from .transformers_llava import check_labels, check_pixels
 
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 QWEN3_VISUAL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def router_aux_loss(model: nn.Module, call: dict, output) -> torch.Tensor | None:
+    """The MoE load-balancing term a Qwen-VL MoE forward adds to its language-model loss, with its
+    coefficient: ``text_config.router_aux_loss_coef * output.aux_loss``. Its forward computes
+    ``aux_loss`` when router logits are requested (5.x: ``output_router_logits`` argument or
+    ``text_config.output_router_logits``; 4.57: only the argument) and adds it only when given
+    labels, which calplug's main pass does not pass: so the term is taken here. None otherwise."""
+    if isinstance(output, tuple):
+        requested = call.get("output_router_logits")
+        if requested is None:
+            requested = getattr(compat.text_config(model.config), "output_router_logits", False)
+        if requested:
+            raise CALInputError(
+                "return_dict=False with router logits requested: calplug cannot tell the router's "
+                "aux_loss from the other outputs of a tuple; call the model with return_dict=True"
+            )
+        return None
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return None
+    return compat.text_config(model.config).router_aux_loss_coef * aux
 
 
 def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
@@ -53,6 +83,7 @@ def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
         attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
         position_ids=compat.qwen_positions(decoder_kwargs.get("position_ids"), embeds),
         visual_extras=tuple(k for k in QWEN3_VISUAL_EXTRAS if decoder_kwargs.get(k) is not None),
+        extra_loss=router_aux_loss(model, call, output),
     )
 
 
@@ -78,6 +109,14 @@ QWEN3_VL = Integration(
 )
 
 
+QWEN3_VL_MOE = Integration(
+    name="transformers-qwen3-vl-moe",
+    model_classes=("Qwen3VLMoeForConditionalGeneration",),
+    main_pass=qwen_main_pass,
+    check=compat.version_check("Qwen3-VL-MoE"),
+)
+
+
 @hookimpl
 def calplug_integrations():
-    return [QWEN2_VL, QWEN2_5_VL, QWEN3_VL]
+    return [QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE]

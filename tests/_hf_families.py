@@ -154,6 +154,19 @@ def build_qwen3_vl(seed=0):
                         Qwen3VLForConditionalGeneration, seed)
 
 
+def build_qwen3_vl_moe(seed=0, **text_extra):
+    """Qwen3-VL-MoE: every decoder layer a 4-expert, top-2 MoE block. Router logits (and so the
+    load-balancing aux loss) are off unless asked for, as in the released configs."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    text = {"head_dim": 16, "rope_scaling": rope, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "decoder_sparse_step": 1, **text_extra}
+    return _qwen_config(Qwen3VLMoeConfig, vision, text, Qwen3VLMoeForConditionalGeneration, seed)
+
+
 def qwen_visual(patch):
     dim = 3 * 2 * patch * patch
 
@@ -163,7 +176,7 @@ def qwen_visual(patch):
             ids = torch.tensor([VSTART] + [IMAGE] * 4 + [VEND])
             return ids, {"pixel_values": torch.randn(16, dim, generator=g), "image_grid_thw": grid}
         grid = torch.tensor([[2, 4, 4]])  # 4 frames, 2 temporal patches, 4 tokens each
-        if model.config.model_type == "qwen3_vl":  # one <start>tokens<end> group per temporal patch
+        if model.config.model_type.startswith("qwen3_vl"):  # one <start>tokens<end> per temporal patch
             ids = torch.tensor(([VSTART] + [VIDEO] * 4 + [VEND]) * 2)
         else:
             ids = torch.tensor([VSTART] + [VIDEO] * 8 + [VEND])
@@ -185,6 +198,8 @@ FAMILIES = {
                          qwen_visual(14), video=True, qwen=True),
     "qwen3_vl": Family("qwen3_vl", "Qwen3VLForConditionalGeneration", (4, 57), build_qwen3_vl,
                        qwen_visual(16), video=True, qwen=True),
+    "qwen3_vl_moe": Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", (4, 57),
+                           build_qwen3_vl_moe, qwen_visual(16), video=True, qwen=True),
 }
 
 

@@ -23,6 +23,7 @@ FAMILIES = {
     "qwen2_vl": ("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("Qwen3-VL", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3-VL-MoE", "Qwen3VLMoeForConditionalGeneration"),
 }
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
 

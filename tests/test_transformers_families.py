@@ -240,6 +240,35 @@ def test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask():
             assert contrast_call["deepstack_visual_embeds"] is None
 
 
+def test_qwen3_vl_moe_keeps_the_router_load_balancing_loss():
+    """With router logits requested, Qwen3-VL-MoE's loss is LM loss + coef * aux_loss. calplug's
+    main pass runs without labels (so the model adds no aux term itself); the CAL loss must add
+    it: with unit weights the CAL loss and its gradients equal the model's own, and with CAL
+    weights the difference from the same step without router logits is exactly coef * aux_loss."""
+    family = family_or_skip("qwen3_vl_moe")
+    model = family.build(0, router_aux_loss_coef=0.5).train()
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    routed = dict(batch, output_router_logits=True)
+    own = model(**routed)
+    assert own.aux_loss is not None and own.aux_loss.item() > 0.1
+    own.loss.backward()
+    own_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    with calplug.enabled(model, alpha=1.0, beta=1.0):  # every weight 1: the model's own loss
+        unit = model(**routed)
+        unit.loss.backward()
+        assert unit.loss.item() == pytest.approx(own.loss.item(), rel=1e-6)
+        assert_grads_rel_close(grads(model), own_grads, 1e-5)
+    model.zero_grad(set_to_none=True)
+    with calplug.enabled(model):
+        cal_routed = model(**routed)
+        cal_plain = model(**batch)  # no router logits: no aux term
+    assert cal_plain.loss.item() != pytest.approx(unit.loss.item(), rel=1e-3)  # CAL weights differ
+    assert (cal_routed.loss - cal_plain.loss).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5)
+    with calplug.enabled(model), pytest.raises(CALInputError, match="return_dict=True"):
+        model(**routed, return_dict=False)
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_drop_equals_mask_on_text_rows(name):
     family, model = model_for(name)
@@ -281,7 +310,7 @@ def test_unsupported_version_names_supported_ones(name, monkeypatch):
     from calplug.integrations import _transformers_compat as compat
 
     _, model = model_for(name)
-    oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57"}.get(name, "4.45")  # docs/transformers.md
+    oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57"}.get(name, "4.45")  # docs/transformers.md
     monkeypatch.setattr(compat, "transformers_version", lambda: (4, 40))
     expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*5\.24\.0\); installed: 4\.40"
     with pytest.raises(UnsupportedModelError, match=expected):
@@ -334,6 +363,8 @@ def test_support_matrix_generator_reads_junit(tmp_path):
         ("test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
         ("test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
         ("test_eval_and_generate_unchanged[llava]", ""),
+        ("test_faithful_mode_equals_reference[qwen3_vl_moe-image]", ""),
+        ("test_qwen3_vl_moe_keeps_the_router_load_balancing_loss", ""),
     ]))
     (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", [
         ("test_faithful_mode_equals_reference[qwen3_vl-image]",
@@ -346,6 +377,7 @@ def test_support_matrix_generator_reads_junit(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| family"))
     assert header.index("4.45.2") < header.index("5.24.0")
     assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
+    assert "| Qwen3-VL-MoE | `Qwen3VLMoeForConditionalGeneration` | - | pass 2/2 |" in text
     assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [1] |" in text
     assert "1. takes no logits_to_keep" in text
     assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | - |" in text
