@@ -54,6 +54,7 @@ TESTED_VERSIONS = ("4.45.2", "4.49.0", "4.57.6", "5.24.0")
 SUPPORTED = {
     "Llava": ("LlavaForConditionalGeneration", (4, 45)),
     "LlavaNext": ("LlavaNextForConditionalGeneration", (4, 45)),
+    "LlavaNextVideo": ("LlavaNextVideoForConditionalGeneration", (4, 45)),
     "LlavaOnevision": ("LlavaOnevisionForConditionalGeneration", (4, 45)),
     "Qwen2-VL": ("Qwen2VLForConditionalGeneration", (4, 45)),
     "Qwen2.5-VL": ("Qwen2_5_VLForConditionalGeneration", (4, 49)),
@@ -101,7 +102,7 @@ def config_token_id(config, *names: str) -> int | None:
 
 
 def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Decoder and lm_head of Llava / LlavaNext / LlavaOnevision for this transformers version."""
+    """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
     inner = getattr(model, "model", None)
     if inner is not None and isinstance(getattr(inner, "language_model", None), nn.Module) \
             and isinstance(getattr(model, "lm_head", None), nn.Module):

@@ -1,5 +1,5 @@
-"""transformers' Llava, LlavaNext and LlavaOnevision: image (and, for LlavaOnevision, video)
-positions are the placeholder-token ids in ``input_ids``.
+"""transformers' Llava, LlavaNext, LlavaNextVideo and LlavaOnevision: image (and, for
+LlavaNextVideo and LlavaOnevision, video) positions are the placeholder-token ids in ``input_ids``.
 
 The original forward runs without labels (so it computes no loss of its own); a pre-hook on the
 decoder records the merged embeddings, mask and positions it received; the contrast pass reuses
@@ -93,6 +93,17 @@ LLAVA_ONEVISION = Integration(
 )
 
 
+# LlavaNextVideo: LlavaNext images plus videos as pixel_values_videos [B, frames, 3, H, W], each
+# frame's features pooled by the model's spatial pooler; video placeholders are visual positions.
+LLAVA_NEXT_VIDEO = Integration(
+    name="transformers-llava-next-video",
+    model_classes=("LlavaNextVideoForConditionalGeneration",),
+    main_pass=llava_main_pass,
+    check=compat.version_check("LlavaNextVideo"),
+    pixel_keys=("pixel_values", "pixel_values_videos"),
+)
+
+
 @hookimpl
 def calplug_integrations():
-    return [LLAVA, LLAVA_NEXT, LLAVA_ONEVISION]
+    return [LLAVA, LLAVA_NEXT, LLAVA_NEXT_VIDEO, LLAVA_ONEVISION]

@@ -66,6 +66,7 @@ def _finish(cls, config, seed):
 
 # -- Llava types ---------------------------------------------------------------------------------
 LLAVA_COUNTS = {"llava": {"image": 16}, "llava_next": {"image": 36},
+                "llava_next_video": {"image": 136, "video": 32},
                 "llava_onevision": {"image": 36, "video": 9}}
 
 
@@ -86,6 +87,22 @@ def build_llava_next(seed=0):
                              vision_feature_select_strategy="default",
                              image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]])
     return _finish(LlavaNextForConditionalGeneration, config, seed)
+
+
+def build_llava_next_video(seed=0):
+    """Patch size 4 (8 x 8 patches a frame): 4.45's video pooler divides by
+    ``image_size // patch_size**2``, which the other families' patch size 8 makes 0. Explicit
+    ``image_seq_length`` / ``video_seq_length`` keep 4.45 off its legacy one-placeholder path."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    clip = _clip()
+    clip.patch_size = 4
+    config = LlavaNextVideoConfig(vision_config=clip, text_config=_llama(), image_token_index=IMAGE,
+                                  video_token_index=VIDEO, vision_feature_layer=-2,
+                                  vision_feature_select_strategy="default",
+                                  image_grid_pinpoints=[[32, 32], [32, 64], [64, 32], [64, 64]],
+                                  spatial_pool_stride=2, image_seq_length=136, video_seq_length=32)
+    return _finish(LlavaNextVideoForConditionalGeneration, config, seed)
 
 
 def build_llava_onevision(seed=0):
@@ -189,6 +206,9 @@ FAMILIES = {
                     llava_visual("llava"), video=False, qwen=False),
     "llava_next": Family("llava_next", "LlavaNextForConditionalGeneration", (4, 39), build_llava_next,
                          llava_visual("llava_next"), video=False, qwen=False),
+    "llava_next_video": Family("llava_next_video", "LlavaNextVideoForConditionalGeneration", (4, 42),
+                               build_llava_next_video, llava_visual("llava_next_video"), video=True,
+                               qwen=False),
     "llava_onevision": Family("llava_onevision", "LlavaOnevisionForConditionalGeneration", (4, 45),
                               build_llava_onevision, llava_visual("llava_onevision"), video=True,
                               qwen=False),

@@ -19,6 +19,7 @@ MODULE = "tests.test_transformers_families"
 FAMILIES = {
     "llava": ("Llava", "LlavaForConditionalGeneration"),
     "llava_next": ("LlavaNext", "LlavaNextForConditionalGeneration"),
+    "llava_next_video": ("LlavaNextVideo", "LlavaNextVideoForConditionalGeneration"),
     "llava_onevision": ("LlavaOnevision", "LlavaOnevisionForConditionalGeneration"),
     "qwen2_vl": ("Qwen2-VL", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration"),
