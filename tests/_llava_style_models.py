@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import sys
+import types
 
 import torch
 
@@ -68,6 +70,23 @@ def save_tiny_clip(folder: str) -> str:
     return folder
 
 
+def save_tiny_openclip_convnext(clip_folder: str) -> str:
+    """A folder MGM's OpenCLIPVisionTower accepts as ``mm_vision_tower_aux``: its name must hold
+    "openclip", "convnext", "base" and "w-320" (MGM picks the open_clip model by name), with the
+    open_clip config and a checkpoint holding no weights (MGM loads it with strict=False, so the
+    ConvNeXt keeps its seeded random init). The tower is ConvNeXt-base (MGM knows no smaller one);
+    fed 64-pixel images it costs a fraction of a second."""
+    from open_clip.factory import get_model_config
+
+    folder = f"{clip_folder}-openclip-convnext-base-w-320"
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump(get_model_config("convnext_base_w_320"), f)
+    torch.save({"unused": torch.zeros(1)}, os.path.join(folder, "open_clip_pytorch_model.bin"))
+    torch.save({"unused": torch.zeros(1)}, os.path.join(folder, "no_projector_weights.pt"))
+    return folder
+
+
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.2)
@@ -75,7 +94,8 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 
 def build(name: str, clip_folder: str, variant: str = "pad", backbone: str = "llama", seed: int = 0,
           **config_overrides):
-    """A tiny seeded model of codebase ``name``; ``variant`` "pad" (1.5) or "anyres" (1.6)."""
+    """A tiny seeded model of codebase ``name``; ``variant`` "pad" (1.5), "anyres" (1.6) or, for
+    MGM, "aux" (1.5 plus MGM's high-resolution branch: a ConvNeXt tower fed ``images_aux``)."""
     package = codebase(name)
     assert not isinstance(package, str), package
     mm = dict(mm_vision_tower=clip_folder, mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
@@ -86,6 +106,11 @@ def build(name: str, clip_folder: str, variant: str = "pad", backbone: str = "ll
                   image_grid_pinpoints=PINPOINTS)
     # MGM: its vision-tower path must exist and contain "openai" (the fixture's folder name
     # does); without mm_vision_tower_aux it takes the plain LLaVA path (images_aux=None).
+    if variant == "aux":
+        assert name == "mgm", "only MGM has an auxiliary vision tower"
+        # drop_path=False: MGM's default trains the (frozen) ConvNeXt with stochastic depth, so
+        # two runs of the same batch would see different features (run-to-run noise, not CAL's).
+        mm.update(mm_vision_tower_aux=save_tiny_openclip_convnext(clip_folder), drop_path=False)
     mm.update(config_overrides)
     if name == "mgm":
         llama = importlib.import_module("mgm.model.language_model.mgm_llama")
@@ -100,6 +125,13 @@ def build(name: str, clip_folder: str, variant: str = "pad", backbone: str = "ll
     torch.manual_seed(seed)
     model = model_cls(config)
     model.get_model().get_vision_tower().load_model()
+    if variant == "aux":  # what MGM's training script does: load the tower, build the projectors
+        tower_aux = model.get_model().get_vision_tower_aux()
+        tower_aux.load_model()
+        model.config.mm_hidden_size_aux = tower_aux.hidden_size
+        adapter = os.path.join(mm["mm_vision_tower_aux"], "no_projector_weights.pt")
+        model.get_model().initialize_uni_modules(
+            types.SimpleNamespace(pretrain_mm_mlp_adapter=adapter), for_eval=True)
     with torch.no_grad():
         newline = getattr(model.get_model(), "image_newline", None)
         if newline is not None:  # upstream allocates it with torch.empty
@@ -160,6 +192,8 @@ def batch(model, seed: int = 0, samples=((3, 1, 6), (2, 1, 3, 1, 2), (5, 0, 4), 
         out.update(images=images, image_sizes=sizes)
     else:
         out.update(images=torch.randn(total, 3, 32, 32, generator=gen))
+    if variant == "aux":  # MGM: each image also at high resolution, for the ConvNeXt branch
+        out["images_aux"] = torch.randn(total, 3, 64, 64, generator=gen)
     if "modalities" in inspect.signature(model.prepare_inputs_labels_for_multimodal).parameters:
         out["modalities"] = ["image"] * len(rows)  # LLaVA-NeXT: one per sample (its collator's)
     text_only = [b for b, spec in enumerate(samples) if sum(spec[1::2]) == 0]
@@ -169,6 +203,8 @@ def batch(model, seed: int = 0, samples=((3, 1, 6), (2, 1, 3, 1, 2), (5, 0, 4), 
             out["images"][index] = torch.zeros_like(out["images"][index])
         else:
             out["images"][index] = 0.0
+        if "images_aux" in out:
+            out["images_aux"][index] = 0.0
     return out
 
 

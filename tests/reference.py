@@ -54,8 +54,8 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_grads_rel_close(actual: dict, expected: dict, rel=1e-5):
+def assert_grads_rel_close(actual: dict, expected: dict, rel=1e-5, atol=1e-8):
     """Same parameters got gradients, and each agrees to ``rel`` (see `assert_rel_close`)."""
     assert actual.keys() == expected.keys()
     for name in expected:
-        assert_rel_close(actual[name], expected[name], rel, name)
+        assert_rel_close(actual[name], expected[name], rel, name, atol=atol)
