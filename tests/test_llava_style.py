@@ -272,6 +272,50 @@ def test_pos_skipping_positions_are_reused_not_recomputed(case, clip_folder):
     assert L_drop < L and bool(torch.isin(kept, main_pos[0]).all())  # a subset of the shifted ones
 
 
+NEXT_CASES = [c for c in CASES if c[0] == "llava-next"]
+NEXT_IDS = [i for i, c in zip(IDS, CASES) if c[0] == "llava-next"]
+
+
+def video_batch(model, variant, frames=3):
+    """LLaVA-NeXT's video input: sample 0 holds one placeholder whose entry in ``images`` is a
+    ``[frames, 3, H, W]`` clip with modality "video" (the splice pools each frame's features);
+    sample 1 an image, sample 2 text-only (its zero image)."""
+    batch = tiny.batch(model, variant=variant, samples=((3, 1, 6), (2, 1, 4), (5, 0, 4)))
+    images = list(batch["images"])
+    images[0] = torch.randn(frames, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    batch["images"] = images
+    batch["modalities"] = ["video", "image", "image"]
+    return batch
+
+
+@pytest.mark.parametrize("case", NEXT_CASES, ids=NEXT_IDS)
+def test_llava_next_video_sample(case, clip_folder):
+    """A video sample: its pooled frame features are image positions like any image's. Faithful
+    mode equals the reference in loss and gradients; drop equals mask on every text row."""
+    model = make(case, clip_folder, mm_spatial_pool_mode="average", mm_spatial_pool_stride=2)
+    batch = video_batch(model, case[1])
+    ref_loss, (ref_w, ref_delta), image, mask = reference_step(model, batch, 0.0, 5.0, 3)
+    frames = batch["images"][0].shape[0]
+    per_frame = (model.get_vision_tower().num_patches_per_side // 2) ** 2
+    assert int(image[0].sum()) >= frames * per_frame  # the whole clip, pooled, is visual
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    with calplug.enabled(model, contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3):
+        out = model(**batch)
+        out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
+    assert float(out.cal_delta[0].abs().max()) > 1e-3  # the video moves its caption's logits
+    assert_grads_rel_close(grads(model), ref_grads, 1e-5)
+    with torch.no_grad(), calplug.enabled(model, contrast="mask"):
+        masked = model(**batch).cal_delta
+    with torch.no_grad(), calplug.enabled(model, contrast="drop"):
+        dropped = model(**batch).cal_delta
+    text_rows = (~image & mask.bool())[:, :-1]  # rows at text positions (predicting the next token)
+    torch.testing.assert_close(dropped[text_rows], masked[text_rows], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
 def test_drop_keeps_original_positions(case, clip_folder):
     """The drop pass is shorter than the main pass but keeps each text token's position
