@@ -7,7 +7,8 @@ import torch
 import calplug
 from calplug import CALInputError, UnsupportedModelError, hookimpl, plugins
 from calplug.tiny import llava_batch, tiny_llava
-from reference import assert_grads_rel_close, grads, reference_cal_loss, reference_weights
+from _faithful import faithful_step_after_reference
+from reference import assert_grads_rel_close, reference_cal_loss, reference_weights
 
 
 @pytest.fixture
@@ -41,17 +42,11 @@ def reference_step(model, batch, alpha, beta, window):
 def test_faithful_mode_equals_reference(model, padding_side, alpha, beta, window):
     batch = llava_batch(model, padding_side=padding_side)  # includes a text-only sample
     ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
-    ref_loss.backward()
-    ref_grads = grads(model)
-    model.zero_grad()
-
-    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
-    out = model(**batch)
-    out.loss.backward()
+    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
-    assert_grads_rel_close(grads(model), ref_grads, 1e-5)
+    assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     if alpha == 0.0 and beta == 5.0:
         assert out.cal_weights.std() > 0.01  # the weights really vary in this case
 

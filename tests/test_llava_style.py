@@ -9,7 +9,8 @@ import torch
 
 import calplug
 from calplug import CALInputError
-from reference import assert_grads_rel_close, grads, reference_cal_loss, reference_weights
+from _faithful import faithful_step_after_reference
+from reference import assert_grads_rel_close, reference_cal_loss, reference_weights
 
 import _llava_style_models as tiny
 
@@ -97,17 +98,10 @@ def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip
         model.config.tokenizer_model_max_length = TRUNCATE[case[1]]
         assert full.shape[1] > mask.shape[1] and int((full != -100).sum()) > int((labels_of(batch, model) != -100).sum())
     assert int(image.sum()) > 0 and int(image[2].sum()) == 0
-    ref_loss.backward()
-    ref_grads = grads(model)
-    model.zero_grad()
-
-    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
-    out = model(**batch)
-    out.loss.backward()
+    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.cal_weights.reshape(-1), ref_w, rtol=1e-5, atol=1e-5)
-    cal_grads = grads(model)
     assert "lm_head.weight" in cal_grads
     assert any("mm_projector" in n for n in cal_grads)
     if case[1] == "anyres":
@@ -298,16 +292,12 @@ def test_llava_next_video_sample(case, clip_folder):
     frames = batch["images"][0].shape[0]
     per_frame = (model.get_vision_tower().num_patches_per_side // 2) ** 2
     assert int(image[0].sum()) >= frames * per_frame  # the whole clip, pooled, is visual
-    ref_loss.backward()
-    ref_grads = grads(model)
-    model.zero_grad()
-    with calplug.enabled(model, contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3):
-        out = model(**batch)
-        out.loss.backward()
+    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, 0.0, 5.0, 3)
+    calplug.disable(model)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
     assert float(out.cal_delta[0].abs().max()) > 1e-3  # the video moves its caption's logits
-    assert_grads_rel_close(grads(model), ref_grads, 1e-5)
+    assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     with torch.no_grad(), calplug.enabled(model, contrast="mask"):
         masked = model(**batch).cal_delta
     with torch.no_grad(), calplug.enabled(model, contrast="drop"):

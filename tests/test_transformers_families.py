@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import calplug
 from calplug import CALInputError, UnsupportedModelError
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
+from _faithful import faithful_step_after_reference
 from reference import assert_grads_rel_close, assert_rel_close, grads, reference_cal_loss, reference_weights
 
 IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
@@ -85,17 +86,11 @@ def test_faithful_mode_equals_reference(name, kinds):
     batch = make_batch(family, model, kinds=kinds, padding_side="left" if "video" in kinds else "right")
     alpha, beta, window = 0.0, 5.0, 3
     ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
-    ref_loss.backward()
-    ref_grads = grads(model)
-    model.zero_grad()
-
-    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta, pool_window=window)
-    out = model(**batch)
-    out.loss.backward()
+    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     assert_rel_close(out.loss, ref_loss, 1e-5, "loss")
     torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
-    assert_grads_rel_close(grads(model), ref_grads, 1e-5)
+    assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     visual = visual_positions(model, batch["input_ids"])
     assert visual[0].sum() > 0 and visual[2].sum() == 0
     # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy

@@ -1,0 +1,20 @@
+"""One faithful-mode CAL step beside its reference: the shared middle of every integration's
+faithful test (tests/test_llava_hf.py, test_llava_style.py, test_transformers_families.py)."""
+from __future__ import annotations
+
+import calplug
+from reference import grads
+
+
+def faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window):
+    """Backpropagate the reference loss and keep its gradients, then enable calplug in faithful
+    mode (masked contrast pass, flat pooling) on the same model and run one training step on
+    ``batch``. Returns ``(output, cal_grads, ref_grads)``; calplug stays enabled."""
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta,
+                   pool_window=window)
+    out = model(**batch)
+    out.loss.backward()
+    return out, grads(model), ref_grads
