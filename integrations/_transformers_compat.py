@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.integration import Integration
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,6 +62,13 @@ SUPPORTED = {
     "Qwen3-VL": ("Qwen3VLForConditionalGeneration", (4, 57)),
     "Qwen3-VL-MoE": ("Qwen3VLMoeForConditionalGeneration", (4, 57)),
 }
+
+
+def family_integration(family: str, name: str, main_pass, **extra) -> Integration:
+    """The `Integration` of a transformers family of `SUPPORTED`: its class name and version gate
+    come from that table, so each is written once. ``extra``: further `Integration` fields."""
+    return Integration(name=name, model_classes=(SUPPORTED[family][0],), main_pass=main_pass,
+                       check=version_check(family), **extra)
 
 
 def version_check(family: str):

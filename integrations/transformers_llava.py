@@ -12,8 +12,7 @@ from torch import nn
 
 from calplug.errors import CALInputError
 from calplug.hookspecs import hookimpl
-from calplug.integration import (Integration, MainPass, arange_positions, capture_decoder_call,
-                                 explicit_attention_mask)
+from calplug.integration import MainPass, arange_positions, capture_decoder_call, explicit_attention_mask
 
 from . import _transformers_compat as compat
 
@@ -64,44 +63,25 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     )
 
 
-LLAVA = Integration(
-    name="transformers-llava",
-    model_classes=("LlavaForConditionalGeneration",),
-    main_pass=llava_main_pass,
-    check=compat.version_check("Llava"),
-    pixel_keys=("pixel_values",),
-)
+LLAVA = compat.family_integration("Llava", "transformers-llava", llava_main_pass,
+                                  pixel_keys=("pixel_values",))
 
 # LlavaNext: anyres tiles, pixel_values [B, tiles, 3, H, W] plus image_sizes; the model's own
 # forward packs the tiles, so the integration only reads placeholders and the decoder call.
-LLAVA_NEXT = Integration(
-    name="transformers-llava-next",
-    model_classes=("LlavaNextForConditionalGeneration",),
-    main_pass=llava_main_pass,
-    check=compat.version_check("LlavaNext"),
-    pixel_keys=("pixel_values",),
-)
-
-# LlavaOnevision: images as LlavaNext, videos as pixel_values_videos [B, frames, 3, H, W];
-# video placeholder positions count as visual positions.
-LLAVA_ONEVISION = Integration(
-    name="transformers-llava-onevision",
-    model_classes=("LlavaOnevisionForConditionalGeneration",),
-    main_pass=llava_main_pass,
-    check=compat.version_check("LlavaOnevision"),
-    pixel_keys=("pixel_values", "pixel_values_videos"),
-)
-
+LLAVA_NEXT = compat.family_integration("LlavaNext", "transformers-llava-next", llava_main_pass,
+                                       pixel_keys=("pixel_values",))
 
 # LlavaNextVideo: LlavaNext images plus videos as pixel_values_videos [B, frames, 3, H, W], each
 # frame's features pooled by the model's spatial pooler; video placeholders are visual positions.
-LLAVA_NEXT_VIDEO = Integration(
-    name="transformers-llava-next-video",
-    model_classes=("LlavaNextVideoForConditionalGeneration",),
-    main_pass=llava_main_pass,
-    check=compat.version_check("LlavaNextVideo"),
-    pixel_keys=("pixel_values", "pixel_values_videos"),
-)
+LLAVA_NEXT_VIDEO = compat.family_integration("LlavaNextVideo", "transformers-llava-next-video",
+                                             llava_main_pass,
+                                             pixel_keys=("pixel_values", "pixel_values_videos"))
+
+# LlavaOnevision: images as LlavaNext, videos as pixel_values_videos [B, frames, 3, H, W];
+# video placeholder positions count as visual positions.
+LLAVA_ONEVISION = compat.family_integration("LlavaOnevision", "transformers-llava-onevision",
+                                            llava_main_pass,
+                                            pixel_keys=("pixel_values", "pixel_values_videos"))
 
 
 @hookimpl

@@ -29,7 +29,7 @@ from torch import nn
 
 from calplug.errors import CALInputError
 from calplug.hookspecs import hookimpl
-from calplug.integration import Integration, MainPass, capture_decoder_call, explicit_attention_mask
+from calplug.integration import MainPass, capture_decoder_call, explicit_attention_mask
 
 from . import _transformers_compat as compat
 from .transformers_llava import check_labels, check_pixels
@@ -87,34 +87,10 @@ def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     )
 
 
-QWEN2_VL = Integration(
-    name="transformers-qwen2-vl",
-    model_classes=("Qwen2VLForConditionalGeneration",),
-    main_pass=qwen_main_pass,
-    check=compat.version_check("Qwen2-VL"),
-)
-
-QWEN2_5_VL = Integration(
-    name="transformers-qwen2.5-vl",
-    model_classes=("Qwen2_5_VLForConditionalGeneration",),
-    main_pass=qwen_main_pass,
-    check=compat.version_check("Qwen2.5-VL"),
-)
-
-QWEN3_VL = Integration(
-    name="transformers-qwen3-vl",
-    model_classes=("Qwen3VLForConditionalGeneration",),
-    main_pass=qwen_main_pass,
-    check=compat.version_check("Qwen3-VL"),
-)
-
-
-QWEN3_VL_MOE = Integration(
-    name="transformers-qwen3-vl-moe",
-    model_classes=("Qwen3VLMoeForConditionalGeneration",),
-    main_pass=qwen_main_pass,
-    check=compat.version_check("Qwen3-VL-MoE"),
-)
+QWEN2_VL = compat.family_integration("Qwen2-VL", "transformers-qwen2-vl", qwen_main_pass)
+QWEN2_5_VL = compat.family_integration("Qwen2.5-VL", "transformers-qwen2.5-vl", qwen_main_pass)
+QWEN3_VL = compat.family_integration("Qwen3-VL", "transformers-qwen3-vl", qwen_main_pass)
+QWEN3_VL_MOE = compat.family_integration("Qwen3-VL-MoE", "transformers-qwen3-vl-moe", qwen_main_pass)
 
 
 @hookimpl
