@@ -8,7 +8,7 @@
 from .config import CALConfig, resolve_config
 from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
 from .hookspecs import hookimpl
-from .patching import config_of, disable, enable, enable_for_stage, enabled, is_enabled
+from .enabling import config_of, disable, enable, enable_for_stage, enabled, is_enabled
 
 __version__ = "0.1.0"
 

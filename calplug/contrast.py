@@ -1,8 +1,8 @@
-"""Contrast conditions: how the no-grad "without the image" pass is built.
+"""Contrast conditions (step 2 of docs/cal.md): how the no-grad "without the image" pass is built.
 
 Pure tensor code over a `MainPass`. Each condition returns a `ContrastPlan`: the decoder keyword
 arguments of the contrast pass, and for every main position which contrast hidden state stands
-for it. The built-in conditions are registered as plugins in `calplug.builtin`.
+for it. The built-in conditions are registered as `Contrast` records in `calplug.builtin`.
 
 * ``mask`` (as published): same sequence, attention *to* image positions removed. Recomputes every
   position, image positions included; faithful to the reference code.
@@ -21,24 +21,18 @@ for it. The built-in conditions are registered as plugins in `calplug.builtin`.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .blur import gaussian_blur
 from .errors import CALInputError
-from .integration import NON_SEQUENCE_DECODER_KWARGS, MainPass
+from .hookspecs import ContrastPlan, MainPass
 
-
-@dataclasses.dataclass
-class ContrastPlan:
-    """decoder_kwargs: keyword arguments of the no-grad decoder call.
-    rows: long ``[B, L]``; ``rows[b, i]`` indexes the flattened ``[B' * L']`` hidden states of the
-    contrast pass and gives the state that predicts token ``i + 1`` of sample ``b`` without the
-    image; -1 means no contrast value (gap 0)."""
-
-    decoder_kwargs: dict
-    rows: torch.Tensor
+# Decoder keyword arguments that describe the cache / output format, not the sequence: the
+# contrast pass drops them and runs without a cache.
+NON_SEQUENCE_DECODER_KWARGS = (
+    "cache", "past_key_values", "use_cache", "cache_position", "output_attentions",
+    "output_hidden_states", "return_dict", "input_ids",
+)
 
 
 def base_decoder_kwargs(main: MainPass) -> dict:
@@ -96,9 +90,6 @@ def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
     rows = identity_rows(B, L, visual.device)
     rows[~visual.any(1)] = -1
     return ContrastPlan(kwargs, rows)
-
-
-blur_contrast.needs_pixels = True
 
 
 def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) -> ContrastPlan:

@@ -53,7 +53,7 @@ def hidden_target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def target_gap(main_logits: torch.Tensor, targets: torch.Tensor, contrast_logits: torch.Tensor,
                has_contrast: torch.Tensor) -> torch.Tensor:
-    """``delta = main - contrast`` on rows with a contrast value, 0 elsewhere (float32 ``[B, L-1]``)."""
-    delta = torch.zeros_like(main_logits)
-    delta[has_contrast] = main_logits[has_contrast] - contrast_logits
-    return delta
+    """Step 4: ``gap = main - contrast`` on rows with a contrast value, 0 elsewhere (float32 ``[B, L-1]``)."""
+    gaps = torch.zeros_like(main_logits)
+    gaps[has_contrast] = main_logits[has_contrast] - contrast_logits
+    return gaps

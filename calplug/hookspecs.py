@@ -1,55 +1,173 @@
-"""The hooks through which calplug is extended (pluggy, project name ``calplug``).
+"""Every way calplug can be extended: the pluggy hooks (project name ``calplug``) and the typed
+records they exchange (`Integration`, `MainPass`, `Contrast`, `ContrastPlan`).
 
-Every hook is a plain documented function; implementations take only the keyword arguments they
+Each hook is a plain documented function; implementations take only the keyword arguments they
 need (pluggy passes by name, so arguments can be added later without breaking a plugin).
-calplug's own behaviour is registered as plugins on the same manager (see `calplug.plugins`), so a
+calplug's own behaviour is registered as plugins on the same manager (`calplug.plugins`), so a
 third-party plugin loaded from the ``calplug`` entry-point group is an equal: later-registered
 implementations run first, so for `firstresult` hooks a plugin overrides the built-in answer by
 returning something other than None.
 
-Order of a CAL training step: integration main pass -> `calplug_contrasts` condition -> target
-gaps (core) -> `calplug_weights` -> `calplug_loss` -> `calplug_observe_step`.
+A CAL training step (`calplug.step`; the algorithm's steps are numbered in docs/cal.md) calls
+them in this order: the matching `Integration`'s main pass (step 1) -> the selected `Contrast`
+builds the contrast pass (step 2) -> target gaps (steps 3-4, core) -> `calplug_weights`
+(steps 5-6) -> `calplug_loss` (step 7) -> `calplug_observe_step`. How to write each kind of
+plugin: docs/plugins.md.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing the hooks costs no torch import
+    import torch
+    from torch import nn
+
+    from .config import CALConfig
 
 PROJECT = "calplug"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+# -- records ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MainPass:
+    """What an integration's main pass (step 1) hands the engine. Complete when `main_pass`
+    returns: the engine reads nothing from the model itself.
+
+    output:          what the model's own forward returned, computed without its own loss.
+    logits:          ``[B, L, V]`` logits of that forward, as produced (never copied); with
+                     ``loss_chunk > 0`` only the last position's ``[B, 1, V]``.
+    labels:          long ``[B, L]`` labels aligned with the decoder sequence (-100 = ignored).
+    decoder:         the text decoder module (its output's first item is the final hidden state).
+    lm_head:         the output projection (``weight [V, d]``, optional ``bias``).
+    decoder_kwargs:  the keyword arguments the decoder received in the main pass.
+    visual_mask:     bool ``[B, L]``, True at image (or video) positions of the decoder sequence.
+    attention_mask:  ``[B, L]`` 2-D padding mask the decoder received (ones when it got none).
+    position_ids:    the positions the decoder really used, explicit (``[B, L]`` or ``[k, B, L]``).
+    visual_extras:   decoder keyword arguments that only carry visual information (Qwen3-VL's
+                     deepstack features); a contrast that removes image positions clears them.
+    contrast_embeds: ``fn(pixel_transform) -> inputs_embeds`` re-running the model's own vision
+                     path and splice on transformed pixels (no grad), for contrasts with
+                     ``needs_pixels``; set by integrations with ``pixel_contrasts`` whenever the
+                     micro-batch has pixels, None otherwise.
+    extra_loss:      a scalar the model adds to its language-model loss and that training must
+                     keep, coefficient applied (a mixture-of-experts router's load-balancing
+                     loss); the engine adds it to the CAL loss. None when there is none.
+    """
+
+    output: Any
+    logits: "torch.Tensor"
+    labels: "torch.Tensor"
+    decoder: "nn.Module"
+    lm_head: "nn.Module"
+    decoder_kwargs: dict
+    visual_mask: "torch.Tensor"
+    attention_mask: "torch.Tensor"
+    position_ids: "torch.Tensor"
+    visual_extras: tuple[str, ...] = ()
+    contrast_embeds: Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], "torch.Tensor"] | None = None
+    extra_loss: "torch.Tensor | None" = None
+
+    @property
+    def inputs_embeds(self) -> "torch.Tensor":
+        return self.decoder_kwargs["inputs_embeds"]
+
+
+@dataclasses.dataclass
+class Integration:
+    """A model family calplug can patch: model knowledge, no CAL math.
+
+    name:             short name (``"transformers-llava"``).
+    model_classes:    class names this integration patches; a model matches when one of them is in
+                      its class's MRO (no upstream import needed), and the names are listed in the
+                      error for unsupported models.
+    main_pass:        ``fn(model, original_forward, kwargs) -> MainPass``: runs the model's own
+                      forward on ``kwargs`` (the forward's keyword arguments, ``labels`` included)
+                      and returns a complete `MainPass`.
+    decoder_and_head: optional ``fn(model) -> (decoder, lm_head)``: where the text decoder and the
+                      output projection live, before any forward runs. ``loss_chunk`` needs it
+                      (it hooks the head); without it that setting is refused.
+    check:            optional ``fn(model)`` run by `calplug.enable`; raises
+                      `UnsupportedModelError` for versions or configurations it cannot handle.
+    pixel_contrasts:  whether `main_pass` fills `MainPass.contrast_embeds` when the micro-batch
+                      has pixels, so that contrasts with ``needs_pixels`` (blur) can run.
+    """
+
+    name: str
+    model_classes: tuple[str, ...]
+    main_pass: Callable[["nn.Module", Callable, dict], MainPass]
+    decoder_and_head: Callable[["nn.Module"], "tuple[nn.Module, nn.Module]"] | None = None
+    check: Callable[["nn.Module"], None] | None = None
+    pixel_contrasts: bool = False
+
+    def matches(self, model: "nn.Module") -> bool:
+        names = {cls.__name__ for cls in type(model).__mro__}
+        return any(name in names for name in self.model_classes)
+
+
+@dataclasses.dataclass
+class ContrastPlan:
+    """How to run one contrast pass (step 2).
+
+    decoder_kwargs: keyword arguments of the no-grad decoder call.
+    rows:           long ``[B, L]``; ``rows[b, i]`` indexes the flattened ``[B' * L']`` hidden
+                    states of the contrast pass and gives the state that predicts token ``i + 1``
+                    of sample ``b`` without the image; -1 means no contrast value (gap 0).
+    """
+
+    decoder_kwargs: dict
+    rows: "torch.Tensor"
+
+
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """A contrast condition: how the "without the image" pass is built.
+
+    name:         what ``CALConfig.contrast`` selects it by.
+    build:        ``fn(main: MainPass, config: CALConfig) -> ContrastPlan | None``; None when the
+                  micro-batch has nothing to contrast (every gap is 0). Pure tensor code: it must
+                  not run modules, except through ``main.contrast_embeds``.
+    needs_pixels: True when ``build`` calls ``main.contrast_embeds`` (it transforms the input
+                  pixels, like blur): only integrations with ``pixel_contrasts`` can then be
+                  enabled, and under sharded training every rank re-runs its vision path.
+    """
+
+    name: str
+    build: Callable[[MainPass, "CALConfig"], ContrastPlan | None]
+    needs_pixels: bool = False
+
+
 # -- model knowledge ------------------------------------------------------------------------------
 @hookspec
-def calplug_integrations():
-    """Return a list of `calplug.integration.Integration` objects this plugin provides.
+def calplug_integrations() -> "list[Integration]":
+    """Return the `Integration` records this plugin provides.
 
-    Called when `calplug.enable` looks for the integration that can patch a model. An
-    `Integration` names the model classes it supports (for error messages), decides whether it
-    matches a model instance, and knows how to run that model's main pass and report where the
-    image positions are. Integrations hold model knowledge and no CAL math.
+    Called when `calplug.enable` looks for the integration that can patch a model; the first
+    that matches wins, third-party plugins before the built-in ones.
     """
 
 
-# -- the contrast condition -----------------------------------------------------------------------
+# -- step 2: the contrast condition ---------------------------------------------------------------
 @hookspec
-def calplug_contrasts():
-    """Return a dict ``{name: build_contrast}`` of contrast conditions this plugin provides.
+def calplug_contrasts() -> "list[Contrast]":
+    """Return the `Contrast` records this plugin provides.
 
-    ``build_contrast(main, config)`` receives the `calplug.integration.MainPass` of the step and the
-    `CALConfig`, and returns a `calplug.contrast.ContrastPlan` (the decoder keyword arguments of
-    the no-grad "without the image" pass, and which contrast row stands for each main row), or
-    None when there is nothing to contrast (every gap is 0). ``config.contrast`` selects a name;
-    names are validated against the union of all plugins' dicts.
+    ``CALConfig.contrast`` selects one by name; names are validated against the union of all
+    plugins' records, a later-registered plugin's record replacing an earlier one of the same name.
     """
 
 
-# -- gap -> weight -> loss ------------------------------------------------------------------------
+# -- steps 5-7: gap -> weight -> loss -------------------------------------------------------------
 @hookspec(firstresult=True)
-def calplug_weights(delta, labels, supervised, config):
-    """Turn target-token gaps into per-row loss weights; the first non-None answer wins.
+def calplug_weights(gaps: "torch.Tensor", labels: "torch.Tensor", supervised: "torch.Tensor",
+                    config: "CALConfig") -> "torch.Tensor | None":
+    """Turn target-token gaps into per-row loss weights (steps 5-6); the first non-None answer wins.
 
-    delta:      float32 ``[B, L-1]`` gap of each shifted row (row i predicts token i+1), computed
+    gaps:       float32 ``[B, L-1]`` gap of each shifted row (row i predicts token i+1), computed
                 on token 0 where the label is ignored, 0 where there was nothing to contrast.
     labels:     long ``[B, L-1]`` shifted labels (ignore index -100 kept).
     supervised: bool ``[B, L-1]`` rows that enter the loss.
@@ -60,20 +178,31 @@ def calplug_weights(delta, labels, supervised, config):
 
 
 @hookspec(firstresult=True)
-def calplug_loss(logits, labels, weights, config, num_items_in_batch):
-    """Return the scalar training loss; the first non-None answer wins.
+def calplug_loss(logits: "torch.Tensor | None", labels: "torch.Tensor", weights: "torch.Tensor",
+                 config: "CALConfig", num_items_in_batch: "int | torch.Tensor | None",
+                 hidden_states: "torch.Tensor | None", lm_head: "nn.Module") -> "torch.Tensor | None":
+    """Return the scalar training loss (step 7); the first non-None answer wins.
 
-    logits:  ``[B, L, V]`` main-pass logits exactly as the model produced them (do not copy).
-    labels:  long ``[B, L]`` unshifted labels aligned with ``logits``.
-    weights: float32 ``[B, L-1]`` from `calplug_weights`.
+    logits:        ``[B, L, V]`` main-pass logits exactly as the model produced them (do not
+                   copy them); None with ``config.loss_chunk > 0``, where no full logits exist.
+    labels:        long ``[B, L]`` unshifted labels aligned with the decoder sequence.
+    weights:       float32 ``[B, L-1]`` from `calplug_weights`.
     num_items_in_batch: the HF Trainer's token count over the whole accumulated batch, or None.
-    The built-in implementation is the spec's weighted, normalised cross-entropy (`calplug.loss`).
+    hidden_states: with ``config.loss_chunk > 0``, the ``[B, L, d]`` final hidden states that
+                   ``lm_head`` turns into logits; None otherwise.
+    lm_head:       the output projection.
+    The built-in implementation is the weighted, normalised cross-entropy of `calplug.loss`,
+    chunked when ``hidden_states`` is given. An implementation that does not declare the
+    ``hidden_states`` argument cannot compute a chunked loss, and ``loss_chunk > 0`` is then
+    refused rather than run without it; one that declares it may return None to decline.
     """
 
 
 # -- observation ----------------------------------------------------------------------------------
 @hookspec
-def calplug_observe_step(model, delta, weights, labels, supervised, config):
+def calplug_observe_step(model: "nn.Module", gaps: "torch.Tensor", weights: "torch.Tensor",
+                         labels: "torch.Tensor", supervised: "torch.Tensor",
+                         config: "CALConfig") -> None:
     """Called after every CAL training step with that step's gaps, weights and shifted labels.
 
     For logging, histograms and pictures. Tensors are detached; do not modify them. Return

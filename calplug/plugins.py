@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable
-
 import pluggy
 
 from . import hookspecs
+from .errors import CALConfigError
+from .hookspecs import Contrast, Integration
 
 BUILTIN_PLUGINS = (
     "calplug.builtin",
@@ -50,11 +50,13 @@ def unregister(plugin: object | None = None, name: str | None = None) -> None:
     get_plugin_manager().unregister(plugin=plugin, name=name)
 
 
-def contrasts() -> dict[str, Callable]:
-    """All registered contrast conditions, later-registered plugins overriding earlier ones."""
-    merged: dict[str, Callable] = {}
-    for table in reversed(get_plugin_manager().hook.calplug_contrasts()):
-        merged.update(table or {})
+def contrasts() -> dict[str, Contrast]:
+    """All registered contrast conditions by name, later-registered plugins overriding earlier
+    ones."""
+    merged: dict[str, Contrast] = {}
+    for records in reversed(get_plugin_manager().hook.calplug_contrasts()):
+        for record in _records(records, Contrast, "calplug_contrasts"):
+            merged[record.name] = record
     return merged
 
 
@@ -62,9 +64,21 @@ def contrast_names() -> list[str]:
     return list(contrasts())
 
 
-def integrations() -> list:
+def integrations() -> list[Integration]:
     """All registered integrations, later-registered (third-party) plugins first."""
-    found = []
-    for group in get_plugin_manager().hook.calplug_integrations():
-        found.extend(group or [])
+    found: list[Integration] = []
+    for records in get_plugin_manager().hook.calplug_integrations():
+        found.extend(_records(records, Integration, "calplug_integrations"))
     return found
+
+
+def _records(records, kind: type, hook: str) -> list:
+    """A hook's answer as a list of ``kind`` records; anything else is a plugin bug, named."""
+    records = list(records or ())
+    for record in records:
+        if not isinstance(record, kind):
+            raise CALConfigError(
+                f"a {hook} implementation returned {record!r}; it must return a list of "
+                f"calplug.hookspecs.{kind.__name__} records (docs/plugins.md)"
+            )
+    return records

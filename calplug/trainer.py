@@ -64,9 +64,9 @@ class CALStats:
 
     # -- the hook ----------------------------------------------------------------------------
     @hookimpl
-    def calplug_observe_step(self, delta, weights, supervised, config):
+    def calplug_observe_step(self, gaps, weights, supervised, config):
         sup = supervised
-        gaps = delta[sup].detach().float().cpu()
+        gaps = gaps[sup].detach().float().cpu()
         w = weights[sup].detach().float().cpu()
         if self.edges is None:
             span = max(config.beta - config.alpha, 1e-6)
@@ -237,7 +237,7 @@ def enable_for_trainer(trainer, config=None, *, log: bool = True, histogram: boo
 
     Call it after constructing the trainer: TRL's SFTTrainer replaces the model's ``forward``
     while it is built, and calplug must wrap the forward the model finally has."""
-    from .patching import enable
+    from .enabling import enable
 
     enable(trainer.model, config, **overrides)
     use_model_loss(trainer)

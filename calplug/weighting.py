@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def clamp_and_pool(delta: torch.Tensor, supervised: torch.Tensor, *, alpha: float, beta: float,
+def clamp_and_pool(gaps: torch.Tensor, supervised: torch.Tensor, *, alpha: float, beta: float,
                    window: int, scope: str = "flat") -> torch.Tensor:
-    """float32 ``[B, T]`` weights from gaps ``delta [B, T]``."""
-    weights = delta.float().clamp(min=alpha, max=beta)
+    """float32 ``[B, T]`` weights from gaps ``[B, T]``."""
+    weights = gaps.float().clamp(min=alpha, max=beta)
     if window == 1:
         return weights
     pad = window // 2

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from calplug.errors import CALInputError, UnsupportedModelError
-from calplug.hookspecs import hookimpl
-from calplug.integration import (Integration, MainPass, arange_positions, capture_decoder_call,
-                                 explicit_attention_mask)
+from calplug.gap import IGNORE_INDEX
+from calplug.hookspecs import Integration, MainPass, hookimpl
 
-IGNORE_INDEX = -100
+from . import compat
+from .capture import arange_positions, capture_decoder_call, explicit_attention_mask
+
 # Stands for "ignored text label" while labels pass through the upstream splice. Any value the
 # splice never writes itself works; this one fits int32 and int64 labels.
 SENTINEL = -987_654_321
@@ -45,7 +46,7 @@ SPLICE = "prepare_inputs_labels_for_multimodal"
 PIXEL_ARGS = ("images", "images_aux")
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     decoder = model.get_model() if hasattr(model, "get_model") else None
     head = getattr(model, "lm_head", None)
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Linear) \
@@ -58,50 +59,8 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
-def _legacy_rotary_modules(decoder: nn.Module) -> list[nn.Module]:
-    """Rotary-embedding modules of transformers < 4.38 (``forward(x, seq_len)``): they return the
-    cos/sin table cut to the sequence length and the attention indexes it with ``position_ids``."""
-    found = []
-    for module in decoder.modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            names = list(inspect.signature(module.forward).parameters)
-            if names[1:2] == ["seq_len"]:  # 4.38-4.44 take (x, position_ids, seq_len=None)
-                found.append(module)
-    return found
-
-
-class _KeepPositionsDecoder(nn.Module):
-    """The decoder, for the contrast pass on transformers < 4.38: a sequence shortened by the
-    ``drop`` contrast keeps its original position ids, which can exceed its length; the rotary
-    table is then asked for ``max(position_ids) + 1`` rows instead of ``seq_len``. Values are
-    unchanged (the table rows are the same); only the cut is longer."""
-
-    def __init__(self, decoder: nn.Module, rotary: list[nn.Module]):
-        super().__init__()
-        self.decoder = decoder
-        self._rotary = rotary
-
-    def forward(self, **kwargs):
-        positions = kwargs.get("position_ids")
-        needed = 0 if positions is None else int(positions.max()) + 1
-
-        def longer(module, args, kw):
-            if isinstance(kw.get("seq_len"), int) and kw["seq_len"] < needed:
-                kw = dict(kw, seq_len=needed)
-            elif len(args) > 1 and isinstance(args[1], int) and args[1] < needed:
-                args = (args[0], needed) + tuple(args[2:])
-            return args, kw
-
-        handles = [m.register_forward_pre_hook(longer, with_kwargs=True) for m in self._rotary]
-        try:
-            return self.decoder(**kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
 def check(model: nn.Module) -> None:
-    _decoder_and_head(model)
+    decoder_and_head(model)
 
 
 def _mark(labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -181,7 +140,7 @@ def _input_error_if_unusable(call: dict, labels: torch.Tensor) -> None:
 def main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     labels = call["labels"]
     _input_error_if_unusable(call, labels)
-    decoder, lm_head = _decoder_and_head(model)
+    decoder, lm_head = decoder_and_head(model)
     spy = _SpliceSpy(model)
     had_attr = SPLICE in model.__dict__
     previous = model.__dict__.get(SPLICE)
@@ -217,10 +176,9 @@ def main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     blur = None
     if any(isinstance(spy.bound.get(name), (torch.Tensor, list, tuple)) for name in PIXEL_ARGS):
         blur = spy.contrast_embeds
-    rotary = _legacy_rotary_modules(decoder)
     return MainPass(
         output=output, logits=logits, labels=new_labels,
-        decoder=_KeepPositionsDecoder(decoder, rotary) if rotary else decoder, lm_head=lm_head,
+        decoder=compat.contrast_decoder(decoder), lm_head=lm_head,
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
         position_ids=arange_positions(embeds) if positions is None else positions,
@@ -235,8 +193,9 @@ LLAVA_STYLE = Integration(
     model_classes=("LlavaMetaForCausalLM", "LlavaLlamaForCausalLM", "LlavaMistralForCausalLM",
                    "LlavaQwenForCausalLM"),
     main_pass=main_pass,
+    decoder_and_head=decoder_and_head,
     check=check,
-    supports_blur=True,
+    pixel_contrasts=True,
 )
 
 # MGM (Mini-Gemini): the same splice with `images_aux`, and its own cross-entropy in forward.
@@ -245,8 +204,9 @@ MGM = Integration(
     model_classes=("MGMMetaForCausalLM", "MGMLlamaForCausalLM", "MGMMistralForCausalLM",
                    "MGMMixtralForCausalLM", "MGMGemmaForCausalLM"),
     main_pass=main_pass,
+    decoder_and_head=decoder_and_head,
     check=check,
-    supports_blur=True,
+    pixel_contrasts=True,
 )
 
 

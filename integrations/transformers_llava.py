@@ -12,9 +12,10 @@ from torch import nn
 
 from calplug.errors import CALInputError
 from calplug.hookspecs import hookimpl
-from calplug.integration import MainPass, arange_positions, capture_decoder_call, explicit_attention_mask
+from calplug.hookspecs import MainPass
 
-from . import _transformers_compat as compat
+from . import compat
+from .capture import arange_positions, capture_decoder_call, explicit_attention_mask, pixel_rerun
 
 
 def check_labels(input_ids: torch.Tensor | None, labels: torch.Tensor) -> None:
@@ -38,6 +39,10 @@ def check_pixels(visual: torch.Tensor, call: dict, pixel_keys: tuple[str, ...]) 
         )
 
 
+# Forward arguments that carry images as [..., 3, H, W] tensors (pixel contrasts transform them).
+PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
 def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     labels = call.pop("labels")
     input_ids = call.get("input_ids")
@@ -50,6 +55,7 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
         visual |= input_ids == video_token
     check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
     decoder, lm_head = compat.llava_type_decoder_and_head(model)
+    pixel_keys = tuple(k for k in PIXEL_KEYS if k in call)
     with capture_decoder_call(decoder) as decoder_kwargs:
         output = original_forward(**call)
     logits = output[0] if isinstance(output, tuple) else output.logits
@@ -60,28 +66,31 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
         position_ids=arange_positions(embeds) if positions is None else positions,
+        contrast_embeds=pixel_rerun(original_forward, decoder, call, pixel_keys),
     )
 
 
-LLAVA = compat.family_integration("Llava", "transformers-llava", llava_main_pass,
-                                  pixel_keys=("pixel_values",))
+LLAVA = compat.family_integration(
+    "Llava", "transformers-llava", llava_main_pass,
+    compat.llava_type_decoder_and_head, pixel_contrasts=True)
 
 # LlavaNext: anyres tiles, pixel_values [B, tiles, 3, H, W] plus image_sizes; the model's own
 # forward packs the tiles, so the integration only reads placeholders and the decoder call.
-LLAVA_NEXT = compat.family_integration("LlavaNext", "transformers-llava-next", llava_main_pass,
-                                       pixel_keys=("pixel_values",))
+LLAVA_NEXT = compat.family_integration(
+    "LlavaNext", "transformers-llava-next", llava_main_pass,
+    compat.llava_type_decoder_and_head, pixel_contrasts=True)
 
 # LlavaNextVideo: LlavaNext images plus videos as pixel_values_videos [B, frames, 3, H, W], each
 # frame's features pooled by the model's spatial pooler; video placeholders are visual positions.
-LLAVA_NEXT_VIDEO = compat.family_integration("LlavaNextVideo", "transformers-llava-next-video",
-                                             llava_main_pass,
-                                             pixel_keys=("pixel_values", "pixel_values_videos"))
+LLAVA_NEXT_VIDEO = compat.family_integration(
+    "LlavaNextVideo", "transformers-llava-next-video", llava_main_pass,
+    compat.llava_type_decoder_and_head, pixel_contrasts=True)
 
 # LlavaOnevision: images as LlavaNext, videos as pixel_values_videos [B, frames, 3, H, W];
 # video placeholder positions count as visual positions.
-LLAVA_ONEVISION = compat.family_integration("LlavaOnevision", "transformers-llava-onevision",
-                                            llava_main_pass,
-                                            pixel_keys=("pixel_values", "pixel_values_videos"))
+LLAVA_ONEVISION = compat.family_integration(
+    "LlavaOnevision", "transformers-llava-onevision", llava_main_pass,
+    compat.llava_type_decoder_and_head, pixel_contrasts=True)
 
 
 @hookimpl

@@ -29,9 +29,10 @@ from torch import nn
 
 from calplug.errors import CALInputError
 from calplug.hookspecs import hookimpl
-from calplug.integration import MainPass, capture_decoder_call, explicit_attention_mask
+from calplug.hookspecs import MainPass
 
-from . import _transformers_compat as compat
+from . import compat
+from .capture import capture_decoder_call, explicit_attention_mask
 from .transformers_llava import check_labels, check_pixels
 
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
@@ -87,10 +88,18 @@ def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     )
 
 
-QWEN2_VL = compat.family_integration("Qwen2-VL", "transformers-qwen2-vl", qwen_main_pass)
-QWEN2_5_VL = compat.family_integration("Qwen2.5-VL", "transformers-qwen2.5-vl", qwen_main_pass)
-QWEN3_VL = compat.family_integration("Qwen3-VL", "transformers-qwen3-vl", qwen_main_pass)
-QWEN3_VL_MOE = compat.family_integration("Qwen3-VL-MoE", "transformers-qwen3-vl-moe", qwen_main_pass)
+QWEN2_VL = compat.family_integration(
+    "Qwen2-VL", "transformers-qwen2-vl", qwen_main_pass,
+    compat.qwen_type_decoder_and_head)
+QWEN2_5_VL = compat.family_integration(
+    "Qwen2.5-VL", "transformers-qwen2.5-vl", qwen_main_pass,
+    compat.qwen_type_decoder_and_head)
+QWEN3_VL = compat.family_integration(
+    "Qwen3-VL", "transformers-qwen3-vl", qwen_main_pass,
+    compat.qwen_type_decoder_and_head)
+QWEN3_VL_MOE = compat.family_integration(
+    "Qwen3-VL-MoE", "transformers-qwen3-vl-moe", qwen_main_pass,
+    compat.qwen_type_decoder_and_head)
 
 
 @hookimpl

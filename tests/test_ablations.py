@@ -4,7 +4,7 @@ import torch
 
 import calplug
 from calplug.blur import gaussian_blur
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.testing import llava_batch, tiny_llava
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def deltas(model, batch, **cfg):
     calplug.enable(model, **cfg)
     try:
         with torch.no_grad():
-            return model(**batch).cal_delta
+            return model(**batch).cal_gaps
     finally:
         calplug.disable(model)
 
@@ -66,7 +66,7 @@ def test_gaussian_blur_preserves_mean_and_smooths():
 
 def test_blur_on_an_integration_without_pixels_is_refused(model):
     from calplug import plugins
-    from calplug.integration import Integration
+    from calplug.hookspecs import Integration
 
     class Fake(torch.nn.Module):
         pass
@@ -117,7 +117,8 @@ def test_stage_errors():
 def test_docs_other_image_contrast_example(model):
     """The third-party contrast of docs/ablations.md works as written."""
     from calplug import plugins
-    from calplug.contrast import ContrastPlan, base_decoder_kwargs, identity_rows
+    from calplug.contrast import base_decoder_kwargs, identity_rows
+    from calplug.hookspecs import Contrast, ContrastPlan
 
     class OtherImage:
         @calplug.hookimpl
@@ -131,8 +132,7 @@ def test_docs_other_image_contrast_example(model):
                 rows = identity_rows(*visual.shape, visual.device)
                 rows[~visual.any(1)] = -1
                 return ContrastPlan(kwargs, rows)
-            other_image.needs_pixels = True
-            return {"other_image": other_image}
+            return [Contrast("other_image", other_image, needs_pixels=True)]
 
     plugins.register(OtherImage(), name="test-other-image")
     try:

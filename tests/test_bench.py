@@ -8,7 +8,8 @@ import statistics
 import pytest
 import torch
 
-from calplug import bench, cli
+from calplug import cli
+from calplug.cli import bench
 from calplug.errors import CALConfigError
 
 TINY = ["--image-tokens", "16", "--text-tokens", "40", "--text-before-image", "5", "--vocab", "2000",
@@ -87,7 +88,7 @@ def test_floor_is_exactly_the_drop_contrast_pass():
     cfg = tiny_config()
     model = bench.build_model(cfg)
     batch = bench.build_batch(model, cfg)
-    from calplug.integrations import _transformers_compat as compat
+    from calplug.integrations import compat
 
     decoder, _ = compat.llava_type_decoder_and_head(model)
     outputs = []

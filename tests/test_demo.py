@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import calplug
-from calplug import cli, demo, plugins, synthetic
+from calplug import cli, plugins
+from calplug.cli import demo, synthetic
 from calplug.errors import CALConfigError
 
 
@@ -96,7 +97,7 @@ class _Counter:
         self.calls = 0
 
     @calplug.hookimpl
-    def calplug_observe_step(self, delta):
+    def calplug_observe_step(self, gaps):
         self.calls += 1
 
 

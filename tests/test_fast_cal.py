@@ -23,9 +23,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import calplug
-from calplug import distributed, patching, plugins
+from calplug import distributed, enabling, plugins, step
 from calplug.hookspecs import hookimpl
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.testing import llava_batch, tiny_llava
 
 VOCAB = 1000  # distinctive: no other dimension of the tiny model is 1000
 
@@ -39,7 +39,7 @@ def llava():
 
 
 def _decoder_and_head(model):
-    from calplug.integrations import _transformers_compat as compat
+    from calplug.integrations import compat
 
     return compat.llava_type_decoder_and_head(model)
 
@@ -62,9 +62,9 @@ def record_calls(module):
         handle.remove()
 
 
-def cal_delta(model, batch, contrast):
+def cal_gaps(model, batch, contrast):
     with calplug.enabled(model, contrast=contrast):
-        return model(**batch).cal_delta
+        return model(**batch).cal_gaps
 
 
 def documented_rows(model, batch):
@@ -86,8 +86,8 @@ def test_drop_gaps_equal_mask_gaps_except_documented_rows_llava(padding_side, at
     model = tiny_llava(1, vocab_size=VOCAB, attn_implementation=attn).train()
     batch = llava_batch(model, seed=3, lengths=(12, 9, 10, 7), with_image=(True, True, False, True),
                         padding_side=padding_side)
-    drop = cal_delta(model, batch, "drop")
-    mask = cal_delta(model, batch, "mask")
+    drop = cal_gaps(model, batch, "drop")
+    mask = cal_gaps(model, batch, "mask")
     documented = documented_rows(model, batch)
     text_rows = ~documented
     assert int(text_rows.sum()) > 20
@@ -112,7 +112,7 @@ def _family(name):
         pytest.skip(f"{family.class_name} needs transformers >= {family.since}")
     model = family.build(0).train()
     try:
-        patching.find_integration(model)
+        enabling.find_integration(model)
     except calplug.UnsupportedModelError:
         pytest.skip(f"no calplug integration for {family.class_name} is registered yet "
                     "(integrations/transformers_qwen_vl.py for the Qwen-VL families)")
@@ -133,8 +133,8 @@ def test_drop_gaps_equal_mask_gaps_except_documented_rows_families(name, padding
                                padding_side=padding_side, seed=1)
     with calplug.enabled(model, contrast="drop"):
         out = model(**batch)
-    drop, logits = out.cal_delta, out.logits.detach()
-    mask = cal_delta(model, batch, "mask")
+    drop, logits = out.cal_gaps, out.logits.detach()
+    mask = cal_gaps(model, batch, "mask")
     visual = helpers.visual_positions(model, batch["input_ids"])
     documented = (visual | (batch["attention_mask"] == 0))[:, :-1]
     text_rows = ~documented
@@ -169,7 +169,7 @@ def test_chunked_loss_equals_full_loss_families(name):
 
 def test_left_padding_rows_with_nothing_before_get_zero(llava):
     batch = llava_batch(llava, seed=5, lengths=(12, 6), with_image=(True, True), padding_side="left")
-    drop = cal_delta(llava, batch, "drop")
+    drop = cal_gaps(llava, batch, "drop")
     pad = (batch["attention_mask"] == 0)[:, :-1]
     assert int(pad.sum()) >= 6
     assert torch.count_nonzero(drop[pad]) == 0
@@ -183,7 +183,7 @@ def test_drop_row_at_last_image_position_uses_text_before_image(llava):
     batch = llava_batch(llava, seed=7, lengths=(11, 8), with_image=(True, True), prompt=1)
     ids, labels = batch["input_ids"], batch["labels"]
     image_token = llava.config.image_token_index
-    drop = cal_delta(llava, batch, "drop")
+    drop = cal_gaps(llava, batch, "drop")
     llava.eval()
     try:
         for b in range(ids.shape[0]):
@@ -211,7 +211,7 @@ def test_batch_without_images_runs_exactly_one_forward(llava, contrast):
             record_calls(lm_head) as head:
         out = llava(**batch)
     assert len(dec) == 1 and len(head) == 1
-    assert torch.count_nonzero(out.cal_delta) == 0
+    assert torch.count_nonzero(out.cal_gaps) == 0
     assert torch.all(out.cal_weights == 1.0)  # alpha: plain cross-entropy
     # ... and the loss is then the model's own loss.
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(llava, 
     batch = llava_batch(llava, seed=4, lengths=(12, 9, 10), with_image=(True, True, False))
     B, L = batch["input_ids"].shape
     recorders = []
-    original_delta = patching._delta
+    original_delta = step.contrast_gaps
 
     def recorded_delta(*args, **kwargs):
         rec = ShapeRecorder()
@@ -261,7 +261,7 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(llava, 
         with rec:
             return original_delta(*args, **kwargs)
 
-    monkeypatch.setattr(patching, "_delta", recorded_delta)
+    monkeypatch.setattr(step, "contrast_gaps", recorded_delta)
     with calplug.enabled(llava, contrast=contrast), record_calls(lm_head) as head, \
             record_calls(decoder) as dec:
         llava(**batch)
@@ -355,11 +355,11 @@ def _sharded_worker(rank, world, init_file, case, results):
                                          world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         from calplug import distributed as dist_mod
-        from calplug.tiny import llava_batch as batch_fn, tiny_llava as model_fn
+        from calplug.testing import llava_batch as batch_fn, tiny_llava as model_fn
 
         dist_mod.is_sharded = lambda model: True  # pretend ZeRO-3 partitioned the parameters
         model = model_fn(0).train()
-        from calplug.integrations import _transformers_compat as compat
+        from calplug.integrations import compat
 
         decoder, _ = compat.llava_type_decoder_and_head(model)
         # Stand-in for ZeRO-3's parameter gathering: every decoder layer call is a collective that
@@ -390,7 +390,7 @@ def _sharded_worker(rank, world, init_file, case, results):
         out.loss.backward()
         torch.distributed.barrier()
         results[rank] = {"decoder_calls": seen, "layer_calls": len(layer_calls),
-                         "loss": float(out.loss), "nonzero_delta": int(torch.count_nonzero(out.cal_delta))}
+                         "loss": float(out.loss), "nonzero_delta": int(torch.count_nonzero(out.cal_gaps))}
     finally:
         torch.distributed.destroy_process_group()
 
@@ -474,7 +474,7 @@ def test_chunked_loss_equals_the_loss_on_full_logits(llava, contrast, chunk):
     full, g_full = _step(llava, batch, contrast=contrast)
     chunked, g_chunk = _step(llava, batch, contrast=contrast, loss_chunk=chunk)
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(chunked.cal_delta, full.cal_delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked.cal_gaps, full.cal_gaps, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(chunked.cal_weights, full.cal_weights, rtol=1e-4, atol=1e-5)
     assert g_full.keys() == g_chunk.keys() and any(n.endswith("lm_head.weight") for n in g_full)
     scale = max(float(g.abs().max()) for g in g_full.values())

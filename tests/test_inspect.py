@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import calplug
-from calplug import cli, demo, inspection, synthetic
+from calplug import cli
+from calplug.cli import demo, synthetic
+from calplug.cli import inspect as inspection
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -61,8 +63,8 @@ def test_gaps_match_hand_computation_and_model_state_is_restored(checkpoint):
     expected = hand_gaps(model, batch)
     sup = found["supervised"]
     assert sup.sum() == 3 * 14  # every caption word, <eos> included
-    assert found["delta"][sup].abs().max() > 1e-3  # the image matters to a trained model
-    torch.testing.assert_close(found["delta"][sup], expected[sup], atol=2e-4, rtol=1e-4)
+    assert found["gaps"][sup].abs().max() > 1e-3  # the image matters to a trained model
+    torch.testing.assert_close(found["gaps"][sup], expected[sup], atol=2e-4, rtol=1e-4)
     w = found["weights"][sup]
     assert w.min() >= 1.0 - 1e-6 and w.max() <= 5.0 + 1e-6
     # The model leaves as it came: not enabled, still in eval mode.
@@ -85,7 +87,7 @@ def test_each_token_carries_the_gap_of_the_row_that_predicts_it():
     delta = torch.tensor([0.0, 0.0, 0.5, 3.0, -1.0])      # row i predicts token i + 1
     weights = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.5])
     supervised = torch.tensor([False, False, True, True, True])
-    rows = inspection.token_rows(samples, [dict(delta=delta, weights=weights, supervised=supervised)])
+    rows = inspection.token_rows(samples, [dict(gaps=delta, weights=weights, supervised=supervised)])
     toks = rows[0]["tokens"]
     assert [t["supervised"] for t in toks] == [False, False, False, True, True, True]
     assert [(t["text"], t["gap"], t["weight"]) for t in toks if t["supervised"]] == [
@@ -157,7 +159,7 @@ def _saved_model_with_processor(folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from calplug.tiny import tiny_llava
+    from calplug.testing import tiny_llava
 
     vocab = synthetic.Vocab()
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab.words)}, unk_token="<pad>"))

@@ -6,7 +6,8 @@ import torch
 
 import calplug
 from calplug import CALInputError, UnsupportedModelError, hookimpl, plugins
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.hookspecs import Contrast
+from calplug.testing import llava_batch, tiny_llava
 from _faithful import faithful_step_after_reference
 from reference import assert_grads_rel_close, reference_cal_loss, reference_weights
 
@@ -44,7 +45,7 @@ def test_faithful_mode_equals_reference(model, padding_side, alpha, beta, window
     ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
     out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cal_gaps.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
     assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     if alpha == 0.0 and beta == 5.0:
@@ -60,9 +61,9 @@ def test_alpha_one_gives_plain_loss_and_text_only_sample_weights_alpha(model):
     torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
     calplug.enable(model, alpha=0.0, pool_window=1)
     out = model(**batch)
-    assert torch.all(out.cal_delta[2] == 0)  # sample 2 is text-only: no image, no gap
+    assert torch.all(out.cal_gaps[2] == 0)  # sample 2 is text-only: no image, no gap
     assert torch.all(out.cal_weights[2] == 0.0)  # ... so its weights are alpha
-    assert out.cal_delta[0].abs().max() > 0
+    assert out.cal_gaps[0].abs().max() > 0
 
 
 def test_output_type_and_fields(model):
@@ -73,7 +74,7 @@ def test_output_type_and_fields(model):
     assert type(out) is expected_type
     assert out[0] is out.loss and out["loss"] is out.loss
     B, L = batch["input_ids"].shape
-    assert out.cal_weights.shape == out.cal_delta.shape == (B, L - 1)
+    assert out.cal_weights.shape == out.cal_gaps.shape == (B, L - 1)
     assert out.logits.shape[:2] == (B, L)
 
 
@@ -197,7 +198,7 @@ def test_bad_config_at_enable(model):
 # -- plugins --------------------------------------------------------------------------------------
 class DoubleSupervisedWeights:
     @hookimpl
-    def calplug_weights(self, delta, supervised):
+    def calplug_weights(self, gaps, supervised):
         return supervised.float() * 2.0 + 1.0
 
 
@@ -206,8 +207,8 @@ class Recorder:
         self.steps = []
 
     @hookimpl
-    def calplug_observe_step(self, delta, weights, labels, supervised, config):
-        self.steps.append((delta, weights, labels, supervised, config))
+    def calplug_observe_step(self, gaps, weights, labels, supervised, config):
+        self.steps.append((gaps, weights, labels, supervised, config))
 
 
 def test_custom_weighting_plugin_changes_the_loss_and_observer_sees_it(model):
@@ -260,7 +261,7 @@ def test_custom_contrast_plugin_is_selectable(model):
             def nothing(main, config):
                 calls.append(main.visual_mask.sum().item())
                 return None
-            return {"nothing": nothing}
+            return [Contrast("nothing", nothing)]
 
     plugins.register(NoContrast(), name="test-contrast")
     try:
@@ -269,7 +270,7 @@ def test_custom_contrast_plugin_is_selectable(model):
     finally:
         calplug.disable(model)
         plugins.unregister(name="test-contrast")
-    assert calls == [32] and torch.all(out.cal_delta == 0)
+    assert calls == [32] and torch.all(out.cal_gaps == 0)
     with pytest.raises(calplug.CALConfigError, match="nothing"):
         calplug.CALConfig(contrast="nothing")
 
@@ -277,8 +278,8 @@ def test_custom_contrast_plugin_is_selectable(model):
 def test_misspelt_hook_fails_loudly():
     class Typo:
         @hookimpl
-        def calplug_weight(self, delta):
-            return delta
+        def calplug_weight(self, gaps):
+            return gaps
 
     with pytest.raises(Exception, match="calplug_weight"):
         plugins.register(Typo(), name="test-typo")

@@ -100,7 +100,7 @@ def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip
     assert int(image.sum()) > 0 and int(image[2].sum()) == 0
     out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.cal_weights.reshape(-1), ref_w, rtol=1e-5, atol=1e-5)
     assert "lm_head.weight" in cal_grads
     assert any("mm_projector" in n for n in cal_grads)
@@ -111,7 +111,7 @@ def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip
     # atol: MGM's aux branch has key-projection biases (vlm_uni_aux_projector) whose gradient is 0
     # in exact arithmetic (softmax is shift-invariant) and ~1e-8 of round-off in fp32.
     assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=1e-7)
-    assert torch.count_nonzero(out.cal_delta[2]) == 0  # text-only sample: no gap
+    assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
     if beta == 5.0:
         assert out.cal_weights.std() > 0.01  # the weights really vary
 
@@ -139,9 +139,9 @@ def test_drop_gaps_equal_mask_gaps_except_removed_rows(case, padding_side, clip_
     _, mask, embeds, _ = tiny.splice(model, batch)
     removed = (tiny.image_positions(model, embeds, mask) | (mask == 0))[:, :-1]
     with calplug.enabled(model, contrast="drop", alpha=0.0):
-        drop = model(**batch).cal_delta
+        drop = model(**batch).cal_gaps
     with calplug.enabled(model, contrast="mask", alpha=0.0):
-        masked = model(**batch).cal_delta
+        masked = model(**batch).cal_gaps
     text_rows = ~removed
     assert int(text_rows.sum()) > 20
     torch.testing.assert_close(drop[text_rows], masked[text_rows], rtol=1e-4, atol=1e-4)
@@ -212,7 +212,7 @@ def test_no_images_in_the_batch(case, clip_folder):
     plain = model(**batch).loss
     calplug.enable(model, contrast="mask")
     out = model(**batch)
-    assert torch.count_nonzero(out.cal_delta) == 0
+    assert torch.count_nonzero(out.cal_gaps) == 0
     torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
 
 
@@ -295,13 +295,13 @@ def test_llava_next_video_sample(case, clip_folder):
     out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, 0.0, 5.0, 3)
     calplug.disable(model)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.cal_delta.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
-    assert float(out.cal_delta[0].abs().max()) > 1e-3  # the video moves its caption's logits
+    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
+    assert float(out.cal_gaps[0].abs().max()) > 1e-3  # the video moves its caption's logits
     assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     with torch.no_grad(), calplug.enabled(model, contrast="mask"):
-        masked = model(**batch).cal_delta
+        masked = model(**batch).cal_gaps
     with torch.no_grad(), calplug.enabled(model, contrast="drop"):
-        dropped = model(**batch).cal_delta
+        dropped = model(**batch).cal_gaps
     text_rows = (~image & mask.bool())[:, :-1]  # rows at text positions (predicting the next token)
     torch.testing.assert_close(dropped[text_rows], masked[text_rows], rtol=1e-4, atol=1e-5)
 
@@ -322,9 +322,9 @@ def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
     model = make(case, clip_folder)
     batch = tiny.batch(model, variant=case[1])
     with calplug.enabled(model, contrast="blur", alpha=0.0, blur_sigma=1e-3):
-        same = model(**batch).cal_delta  # a kernel of width one: the images are unchanged
+        same = model(**batch).cal_gaps  # a kernel of width one: the images are unchanged
     with calplug.enabled(model, contrast="blur", alpha=0.0, blur_sigma=10.0):
-        blurred = model(**batch).cal_delta
+        blurred = model(**batch).cal_gaps
     assert float(same.abs().max()) < 1e-5
     assert float(blurred[0].abs().max()) > 1e-3
     assert torch.count_nonzero(blurred[2]) == 0
@@ -352,7 +352,7 @@ def test_blur_on_a_sharded_rank_with_only_dummy_images(case, clip_folder, monkey
     out = model(**batch)
     assert offered == [[False, False]]  # no image positions, pixels to re-run
     assert tower_runs == [True, False]  # the main pass, then the no-grad re-run
-    assert torch.count_nonzero(out.cal_delta) == 0
+    assert torch.count_nonzero(out.cal_gaps) == 0
     torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
     for key in ("images", "images_aux", "image_sizes"):
         batch.pop(key, None)
@@ -366,8 +366,8 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, clip_folder)
     model = make(case, clip_folder)
     batch = tiny.batch(model, variant=case[1])
     with calplug.enabled(model, contrast="mask", alpha=0.0):
-        masked = model(**batch).cal_delta
+        masked = model(**batch).cal_gaps
     with calplug.enabled(model, contrast="patch_mask", mask_ratio=0.0, alpha=0.0):
-        assert torch.all(model(**batch).cal_delta == 0)
+        assert torch.all(model(**batch).cal_gaps == 0)
     with calplug.enabled(model, contrast="patch_mask", mask_ratio=1.0, alpha=0.0):
-        torch.testing.assert_close(model(**batch).cal_delta, masked)
+        torch.testing.assert_close(model(**batch).cal_gaps, masked)

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from calplug import cli, patch_files
-from calplug.patch_files import PatchConflictError
+from calplug import cli
+from calplug.cli import patch as patch_files
+from calplug.cli.patch import PatchConflictError
 
 LLAVA = "llava-v1.2.2"
 LLAVA_VERSION = "1.2.2.post1"
@@ -595,7 +596,7 @@ def _drive_train(codebase: str) -> None:
             _emit({"skip": f"calplug has no integration for the patched LLaVA model ({exc}); "
                            "it comes from calplug/integrations/llava_style.py (issue 3)"})
             raise SystemExit(0)
-        state = calplug.patching.unwrap_model(model).__dict__.get(calplug.patching.STATE_ATTR)
+        state = calplug.enabling.unwrap_model(model).__dict__.get(calplug.step.STATE_ATTR)
         calls.append({"stage": stage, "enabled": enabled,
                       "config": calplug.resolve_config(config, **overrides).to_dict(),
                       "integration": state.integration.name if state else None})

@@ -7,7 +7,8 @@ import torch
 import calplug
 from calplug import plugins
 from calplug.contrast import masked_attention_plan
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.hookspecs import Contrast
+from calplug.testing import llava_batch, tiny_llava
 
 
 def test_builtins_are_plugins_on_the_same_manager():
@@ -30,9 +31,10 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch, fresh_manager):
     (pkg / "demo_cal_plugin.py").parent.mkdir(parents=True)
     (pkg / "demo_cal_plugin.py").write_text(
         "import calplug\n"
+        "from calplug.hookspecs import Contrast\n"
         "@calplug.hookimpl\n"
         "def calplug_contrasts():\n"
-        "    return {'from_entry_point': lambda main, config: None}\n")
+        "    return [Contrast('from_entry_point', lambda main, config: None)]\n")
     dist = pkg / "demo_cal_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo-cal-plugin\nVersion: 1.0\n")
@@ -52,8 +54,8 @@ def test_entry_points_can_be_disabled(tmp_path, monkeypatch, fresh_manager):
 # -- the examples of docs/plugins.md --------------------------------------------------------------
 class SigmoidWeights:
     @calplug.hookimpl
-    def calplug_weights(self, delta, supervised, config):
-        return config.alpha + (config.beta - config.alpha) * torch.sigmoid(delta)
+    def calplug_weights(self, gaps, supervised, config):
+        return config.alpha + (config.beta - config.alpha) * torch.sigmoid(gaps)
 
 
 class FirstHalf:
@@ -63,7 +65,7 @@ class FirstHalf:
             visual = main.visual_mask
             first = visual & (visual.long().cumsum(1) <= visual.sum(1, keepdim=True) // 2)
             return masked_attention_plan(main, first) if first.any() else None
-        return {"first_half": first_half}
+        return [Contrast("first_half", first_half)]
 
 
 def test_docs_examples_run_and_change_the_result():
@@ -75,7 +77,7 @@ def test_docs_examples_run_and_change_the_result():
     plugins.register(FirstHalf(), name="doc-first-half")
     try:
         soft = model(**batch)
-        expected = 5.0 * torch.sigmoid(soft.cal_delta)
+        expected = 5.0 * torch.sigmoid(soft.cal_gaps)
         torch.testing.assert_close(soft.cal_weights, expected)
         calplug.enable(model, contrast="first_half")
         half = model(**batch)
@@ -84,6 +86,6 @@ def test_docs_examples_run_and_change_the_result():
         plugins.unregister(name="doc-first-half")
     image_rows = slice(0, 17)
     # hiding half of the image moves the gaps, but not to where hiding all of it does
-    assert not torch.allclose(half.cal_delta[:, 17:], full.cal_delta[:, 17:])
-    assert torch.all(half.cal_delta[2] == 0)  # text-only sample
-    assert half.cal_delta[:2, image_rows].abs().sum() > 0
+    assert not torch.allclose(half.cal_gaps[:, 17:], full.cal_gaps[:, 17:])
+    assert torch.all(half.cal_gaps[2] == 0)  # text-only sample
+    assert half.cal_gaps[:2, image_rows].abs().sum() > 0

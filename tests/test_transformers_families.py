@@ -88,7 +88,7 @@ def test_faithful_mode_equals_reference(name, kinds):
     ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
     out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
     assert_rel_close(out.loss, ref_loss, 1e-5, "loss")
-    torch.testing.assert_close(out.cal_delta.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.cal_gaps.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
     assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
     visual = visual_positions(model, batch["input_ids"])
@@ -96,7 +96,7 @@ def test_faithful_mode_equals_reference(name, kinds):
     # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
     plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
     assert out.cal_weights.std() > 1e-3 and (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
-    assert out.cal_delta[0].abs().max() > 0 and torch.all(out.cal_delta[2] == 0)
+    assert out.cal_gaps[0].abs().max() > 0 and torch.all(out.cal_gaps[2] == 0)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -107,7 +107,7 @@ def test_alpha_one_is_plain_loss_and_text_only_sample_weighs_one(name):
     calplug.enable(model, contrast="mask", pool_window=1)
     out = model(**batch)
     # sample 2 is text-only: no gap, so every weight is alpha = 1
-    assert torch.all(out.cal_delta[2] == 0) and torch.all(out.cal_weights[2] == 1.0)
+    assert torch.all(out.cal_gaps[2] == 0) and torch.all(out.cal_weights[2] == 1.0)
     # random-init gaps are below 1, so all weights clamp to alpha = 1: plain cross-entropy
     assert torch.all(out.cal_weights == 1.0)
     torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
@@ -177,7 +177,7 @@ def test_qwen_drop_keeps_original_mrope_positions(name, kinds):
                                    rtol=0, atol=0)
     # 2. the gaps of text rows (kept position predicting the next token) equal the mask pass's
     rows = keep[:, :-1]
-    torch.testing.assert_close(dropped.cal_delta[rows], masked.cal_delta[rows], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dropped.cal_gaps[rows], masked.cal_gaps[rows], rtol=1e-4, atol=1e-5)
     # 3. ... while positions recomputed for the shortened sample 0 change them
     with torch.no_grad():
         short = main_call["inputs_embeds"][0, keep[0]].unsqueeze(0)
@@ -192,7 +192,7 @@ def test_qwen_drop_keeps_original_mrope_positions(name, kinds):
         recomputed, reused = recomputed[:, :-1], reused[:, :-1]
     logit = lambda h: head(h)[0].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     masked_wo = masked.logits[0, :-1][keep[0, :-1]].gather(-1, targets.unsqueeze(-1)).squeeze(-1) \
-        - masked.cal_delta[0][keep[0, :-1]]
+        - masked.cal_gaps[0][keep[0, :-1]]
     torch.testing.assert_close(logit(reused), masked_wo, rtol=1e-4, atol=1e-5)
     # random-init attention is nearly uniform, so the effect is small, but 10x the tolerance above
     assert (logit(recomputed) - masked_wo).abs().max() > 1e-4, "recomputed positions should differ"
@@ -271,9 +271,9 @@ def test_drop_equals_mask_on_text_rows(name):
     batch = make_batch(family, model, kinds=kinds)
     keep = batch["attention_mask"].bool() & ~visual_positions(model, batch["input_ids"])
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
-    masked = model(**batch).cal_delta
+    masked = model(**batch).cal_gaps
     calplug.enable(model, contrast="drop")
-    dropped = model(**batch).cal_delta
+    dropped = model(**batch).cal_gaps
     rows = keep[:, :-1]
     torch.testing.assert_close(dropped[rows], masked[rows], rtol=1e-4, atol=1e-5)
     assert masked[rows].abs().max() > 1e-4
@@ -302,7 +302,7 @@ def test_original_forward_never_gets_num_items_in_batch(name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_unsupported_version_names_supported_ones(name, monkeypatch):
-    from calplug.integrations import _transformers_compat as compat
+    from calplug.integrations import compat
 
     _, model = model_for(name)
     oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57"}.get(name, "4.45")  # docs/transformers.md
@@ -390,9 +390,9 @@ def test_blur_contrast_where_pixels_are_images(name):
     kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
-    masked = model(**batch).cal_delta
+    masked = model(**batch).cal_gaps
     calplug.enable(model, contrast="blur", blur_sigma=10.0)
-    blurred = model(**batch).cal_delta
+    blurred = model(**batch).cal_gaps
     assert torch.isfinite(blurred).all() and torch.all(blurred[2] == 0)
     assert blurred[0].abs().max() > 1e-5 and not torch.allclose(blurred, masked)
 
@@ -405,11 +405,11 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
     kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
-    masked = model(**batch).cal_delta
+    masked = model(**batch).cal_gaps
     calplug.enable(model, contrast="patch_mask", mask_ratio=0.0)
-    assert torch.all(model(**batch).cal_delta == 0)
+    assert torch.all(model(**batch).cal_gaps == 0)
     calplug.enable(model, contrast="patch_mask", mask_ratio=1.0)
-    torch.testing.assert_close(model(**batch).cal_delta, masked)
+    torch.testing.assert_close(model(**batch).cal_gaps, masked)
     calplug.enable(model, contrast="patch_mask", mask_ratio=0.5)
-    half = model(**batch).cal_delta
+    half = model(**batch).cal_gaps
     assert half.abs().max() > 0 and not torch.allclose(half, masked)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import calplug
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.testing import llava_batch, tiny_llava
 
 WORLD = 2
 STEPS = 2
@@ -47,7 +47,7 @@ def add_dummy_image_hook(model):
     image and add its features times 0, so every rank runs (and, under ZeRO-3, gathers) the same
     modules in the same order and every parameter gets a gradient. Only on grad-enabled calls
     without pixels (the main pass); the state flag is set per step by the caller."""
-    from calplug.integrations import _transformers_compat as compat
+    from calplug.integrations import compat
 
     decoder, _ = compat.llava_type_decoder_and_head(model)
     state = {"needed": False}
@@ -83,7 +83,7 @@ def reference_run(case: str, steps: int = STEPS, lr: float = LR, contrast: str =
             out = model(**rank_batch(model, case, rank, step))
             (out.loss / WORLD).backward()
             step_losses.append(float(out.loss.detach()))
-            step_deltas.append(out.cal_delta.clone())
+            step_deltas.append(out.cal_gaps.clone())
         opt.step()
         losses.append(step_losses)
         deltas.append(step_deltas)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from calplug.tiny import llava_batch
+from calplug.testing import llava_batch
 
 LENGTHS = (12, 9, 10, 7, 11, 8, 6, 12)
 

@@ -85,10 +85,10 @@ def main() -> int:
     assert calplug.is_enabled(model)
     record = {"losses": [], "deltas": [], "sharded": distributed.is_sharded(model)}
 
-    class Recorder:  # through the observer hook: DDP rebuilds outputs and drops `cal_delta`
+    class Recorder:  # through the observer hook: DDP rebuilds outputs and drops `cal_gaps`
         @calplug.hookimpl
-        def calplug_observe_step(self, delta):
-            record["deltas"].append(delta.clone())
+        def calplug_observe_step(self, gaps):
+            record["deltas"].append(gaps.clone())
 
     plugins.register(Recorder(), name="test-recorder")
     params = list(model.parameters())

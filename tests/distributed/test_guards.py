@@ -5,7 +5,7 @@ import pytest
 
 import calplug
 from calplug.errors import CALConfigError
-from calplug.tiny import llava_batch, tiny_llava
+from calplug.testing import llava_batch, tiny_llava
 
 
 def test_fused_lm_head_training_call_is_refused_with_the_fix():

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import calplug
-from calplug import patching
-from calplug.integrations import _transformers_compat as compat
-from calplug.tiny import llava_batch
+from calplug import enabling, step
+from calplug.integrations import compat
+from calplug.testing import llava_batch
 
 from _common import make_model
 
@@ -80,7 +80,7 @@ def test_gradient_checkpointing_same_loss_and_grads_and_no_checkpointed_contrast
     noisy = [str(w.message) for w in caught] + records.messages
     assert not [m for m in noisy if "checkpoint" in m.lower() or "requires_grad" in m], noisy
     assert float(out_ckpt.loss.detach()) == pytest.approx(float(out_plain.loss.detach()), abs=1e-5)
-    torch.testing.assert_close(out_ckpt.cal_delta, out_plain.cal_delta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_ckpt.cal_gaps, out_plain.cal_gaps, atol=1e-5, rtol=0)
     g_plain, g_ckpt = _grads(plain), _grads(ckpt)
     assert set(g_plain) == set(g_ckpt)
     for n in g_plain:
@@ -96,7 +96,7 @@ def test_no_gradient_checkpointing_switches_flags_off_and_back_for_any_codebase(
     root[1].gradient_checkpointing = True
     root[0].gradient_checkpointing = False
     with pytest.raises(RuntimeError):
-        with patching._no_gradient_checkpointing(root):
+        with step._no_gradient_checkpointing(root):
             assert (root.gradient_checkpointing, root[1].gradient_checkpointing) == (False, False)
             raise RuntimeError("boom")
     assert (root.gradient_checkpointing, root[1].gradient_checkpointing) == (True, True)
@@ -126,7 +126,7 @@ def test_bf16_gaps_and_weights_in_fp32_and_loss_within_bf16_tolerance(mode):
         got.loss.backward()
     assert got.loss.dtype == torch.float32
     # Gaps and weights are float32 values, not bf16 values stored in float32.
-    assert _is_float32_not_bf16_grid(got.cal_delta)
+    assert _is_float32_not_bf16_grid(got.cal_gaps)
     assert got.cal_weights.dtype == torch.float32
     sup = batch["labels"][:, 1:] != -100
     # bf16 keeps 8 bits of mantissa: relative error ~2^-8 per op; a 2-layer model stays within 2 %.
@@ -152,8 +152,8 @@ def test_lora_enable_finds_base_model_trains_adapters_only_and_merge_leaves_no_t
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8,
                                                  target_modules=["q_proj", "v_proj"]))
     calplug.enable(peft_model)
-    assert patching.unwrap_model(peft_model) is base
-    assert calplug.is_enabled(peft_model) and patching.STATE_ATTR in base.__dict__
+    assert enabling.unwrap_model(peft_model) is base
+    assert calplug.is_enabled(peft_model) and step.STATE_ATTR in base.__dict__
     out = peft_model(**batch)
     # LoRA's B starts at 0: the adapted model is the base model, so the CAL loss is the same.
     assert hasattr(out, "cal_weights")
@@ -174,7 +174,7 @@ def test_lora_enable_finds_base_model_trains_adapters_only_and_merge_leaves_no_t
     merged = peft_model.merge_and_unload()
     assert merged is base
     traces = [name for name, m in merged.named_modules()
-              if patching.STATE_ATTR in m.__dict__ or "forward" in m.__dict__]
+              if step.STATE_ATTR in m.__dict__ or "forward" in m.__dict__]
     assert traces == [] and not calplug.is_enabled(merged)
     with torch.no_grad():
         merged_logits = merged(**batch).logits

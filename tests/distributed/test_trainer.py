@@ -138,7 +138,7 @@ def test_logging_callback_reports_weights_shares_and_histogram(tmp_path, monkeyp
         out = ref(**mb)
         sup = mb["labels"][:, 1:] != -100
         w_all.append(out.cal_weights[sup])
-        d_all.append(out.cal_delta[sup])
+        d_all.append(out.cal_gaps[sup])
     w, d = torch.cat(w_all), torch.cat(d_all)
     first = trainer.state.log_history[0]
     assert first["cal/tokens"] == w.numel()
@@ -169,7 +169,7 @@ def test_logging_callback_reports_weights_shares_and_histogram(tmp_path, monkeyp
 
 def test_cal_stats_without_a_trainer():
     model = make_model()
-    from calplug.tiny import llava_batch
+    from calplug.testing import llava_batch
 
     batch = llava_batch(model)
     stats = CALStats(bins=8).register()
@@ -182,7 +182,7 @@ def test_cal_stats_without_a_trainer():
     s = stats.scalars()
     assert s["cal/tokens"] == int(sup.sum())
     assert s["cal/mean_weight"] == pytest.approx(float(out.cal_weights[sup].mean()), abs=1e-6)
-    assert s["cal/share_alpha"] == pytest.approx(float((out.cal_delta[sup] <= 0.5).float().mean()))
+    assert s["cal/share_alpha"] == pytest.approx(float((out.cal_gaps[sup] <= 0.5).float().mean()))
     counts, edges = stats.histogram()
     assert int(counts.sum()) == int(sup.sum()) and edges.numel() == 9
     assert edges[0] == pytest.approx(-1.0) and edges[-1] == pytest.approx(3.5)

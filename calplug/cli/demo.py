@@ -3,11 +3,11 @@ contradictory captions grows, with and without CAL. No downloads, CPU, a few min
 
 Protocol (fixed before any result was seen; docs/demo.md):
 
-* Data (`calplug.synthetic`): 32 x 32 images of one shape (sizes x colours x shapes x
+* Data (`calplug.cli.synthetic`): 32 x 32 images of one shape (sizes x colours x shapes x
   positions: 2 x 6 x 4 x 3); the caption says size, colour, shape and position, then two random
   words no image can predict. At noise rate p, a share p of the training captions has every visual
   word replaced by a wrong one. The evaluation set is clean and held out.
-* Model: a random-init transformers ``LlavaForConditionalGeneration`` (`calplug.tiny.tiny_llava`:
+* Model: a random-init transformers ``LlavaForConditionalGeneration`` (`calplug.testing.tiny_llava`:
   CLIP tower 2 x 32, Llama decoder 2 x 64, 16 image tokens), word-level vocabulary.
 * Training: identical for both methods -- same initial weights, data, batch order and steps --
   except that "CAL" calls ``calplug.enable(model)`` (default config: contrast="drop", alpha=1,
@@ -59,7 +59,7 @@ class Protocol:
 
 # -- training and evaluation ----------------------------------------------------------------------
 def build_model(seed: int, vocab: synthetic.Vocab, proto: Protocol):
-    from .tiny import tiny_llava
+    from ..testing import tiny_llava
 
     return tiny_llava(seed, vocab_size=len(vocab), hidden_size=proto.hidden, layers=proto.layers,
                       image_size=synthetic.IMAGE_SIZE, patch_size=synthetic.PATCH_SIZE)
@@ -165,7 +165,7 @@ def run_experiment(proto: Protocol, *, show_progress: bool = True, checkpoint: P
 
 
 def _cal_config() -> dict:
-    from .config import CALConfig
+    from ..config import CALConfig
 
     return CALConfig().to_dict()
 
@@ -277,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def protocol_from_args(args) -> Protocol:
-    from .errors import CALConfigError
+    from ..errors import CALConfigError
 
     proto = Protocol.full() if args.full else Protocol.default()
     n_seeds = len(proto.seeds) if args.seeds is None else args.seeds
@@ -330,7 +330,7 @@ def _versions() -> dict:
 
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return dict(calplug=__version__, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version())

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import CALError
+from ..errors import CALError
 
 SUFFIX = ".patch"
 
@@ -49,7 +49,7 @@ def patch_dir() -> Path:
     candidates = []
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) for p in spec.submodule_search_locations]
-    candidates.append(Path(__file__).resolve().parent.parent / "patches")  # source / editable
+    candidates.append(Path(__file__).resolve().parents[2] / "patches")  # source / editable
     for folder in candidates:
         if folder.is_dir() and any(folder.glob("*" + SUFFIX)):
             return folder

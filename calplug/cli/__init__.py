@@ -8,10 +8,10 @@ import sys
 
 COMMANDS = {
     # name: (module, one-line help)
-    "demo": ("calplug.demo", "miniature of the paper's noise-robustness result (the main job)"),
-    "inspect": ("calplug.inspection", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
-    "bench": ("calplug.bench", "time and memory of plain, CAL default and CAL faithful steps"),
-    "patch": ("calplug.patch_files", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "demo": ("calplug.cli.demo", "miniature of the paper's noise-robustness result (the main job)"),
+    "inspect": ("calplug.cli.inspect", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
+    "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
+    "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
 }
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return f"calplug {__version__}"
 

@@ -83,7 +83,7 @@ def build_model(cfg: BenchConfig):
     """A random-init LLaVA-shaped `LlavaForConditionalGeneration` (CLIP tower -> Llama decoder)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from .errors import CALConfigError
+    from ..errors import CALConfigError
 
     side = math.isqrt(cfg.image_tokens)
     if side * side != cfg.image_tokens:
@@ -145,7 +145,7 @@ def build_batch(model, cfg: BenchConfig) -> dict:
 def floor_inputs(model, batch: dict) -> dict:
     """Decoder inputs of the floor: each sample's text tokens alone (no image positions, no
     padding), packed to the left, with the position ids they have in the full sequence."""
-    from .integrations import _transformers_compat as compat
+    from ..integrations import compat
 
     decoder, _ = compat.llava_type_decoder_and_head(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
@@ -168,7 +168,7 @@ def floor_inputs(model, batch: dict) -> dict:
 # -- the variants ---------------------------------------------------------------------------------
 def make_steps(model, batch: dict, loss_chunk: int = 0) -> dict[str, Callable[[], float | None]]:
     import calplug
-    from .integrations import _transformers_compat as compat
+    from ..integrations import compat
 
     decoder, _ = compat.llava_type_decoder_and_head(model)
     floor_kwargs = floor_inputs(model, batch)
@@ -211,10 +211,10 @@ def _sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def contrast_probe(device: torch.device):
     """Record the seconds of every contrast pass (calplug's no-grad decoder call and target
-    logits, `calplug.patching._delta`) made inside the block."""
-    from . import patching
+    logits, `calplug.step.contrast_gaps`) made inside the block."""
+    from .. import step
 
-    original = patching._delta
+    original = step.contrast_gaps
     seconds: list[float] = []
 
     def timed(*args, **kwargs):
@@ -225,11 +225,11 @@ def contrast_probe(device: torch.device):
         seconds.append(time.perf_counter() - start)
         return out
 
-    patching._delta = timed
+    step.contrast_gaps = timed
     try:
         yield seconds
     finally:
-        patching._delta = original
+        step.contrast_gaps = original
 
 
 def time_steps(steps: dict, device: torch.device, repeats: int, warmup: int):
@@ -319,7 +319,7 @@ def benchmark(cfg: BenchConfig) -> dict:
     device = cfg.resolved_device()
     model = build_model(cfg)
     batch = build_batch(model, cfg)
-    from .integrations import _transformers_compat as compat
+    from ..integrations import compat
 
     decoder, lm_head = compat.llava_type_decoder_and_head(model)
     steps = make_steps(model, batch, cfg.loss_chunk)
@@ -475,7 +475,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import CALConfigError
+    from ..errors import CALConfigError
 
     if args.repeats < 1:
         raise CALConfigError("--repeats must be at least 1")

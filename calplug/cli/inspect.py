@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import CALConfigError, CALInputError
+from ..errors import CALConfigError, CALInputError
 
 
 # -- gaps and weights from a CAL training forward -------------------------------------------------
 def gaps_and_weights(model, batch: dict, config=None) -> dict:
-    """One CAL training forward of ``batch`` (no grad, dropout off): ``delta`` and ``weights``
+    """One CAL training forward of ``batch`` (no grad, dropout off): ``gaps`` and ``weights``
     (float32 ``[B, L-1]``, row i belongs to token i+1) and the shifted ``supervised`` mask."""
     import calplug
 
@@ -51,12 +51,12 @@ def gaps_and_weights(model, batch: dict, config=None) -> dict:
             calplug.enable(model, previous)
         else:
             calplug.disable(model)
-    delta, weights = getattr(out, "cal_delta", None), getattr(out, "cal_weights", None)
-    if delta is None or weights is None:
-        raise CALInputError("the model's training forward returned no cal_delta / cal_weights: "
+    gaps, weights = getattr(out, "cal_gaps", None), getattr(out, "cal_weights", None)
+    if gaps is None or weights is None:
+        raise CALInputError("the model's training forward returned no cal_gaps / cal_weights: "
                             "was it given labels?")
     supervised = batch["labels"][:, 1:] != -100
-    return dict(delta=delta.float().cpu(), weights=weights.float().cpu(), supervised=supervised.cpu())
+    return dict(gaps=gaps.float().cpu(), weights=weights.float().cpu(), supervised=supervised.cpu())
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _model_class(config):
     if archs and hasattr(transformers, archs[0]):
         return getattr(transformers, archs[0])
     raise CALConfigError(f"cannot tell which transformers class loads a {type(config).__name__}; "
-                         "load the model yourself and call calplug.inspection.write_report")
+                         "load the model yourself and call calplug.cli.inspect.write_report")
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def token_rows(samples: list[dict], found: list[dict]) -> list[dict]:
         for j, text in enumerate(sample["tokens"]):
             entry = dict(text=text, supervised=False)
             if j >= 1 and bool(f["supervised"][j - 1]):
-                entry.update(supervised=True, gap=float(f["delta"][j - 1]), weight=float(f["weights"][j - 1]))
+                entry.update(supervised=True, gap=float(f["gaps"][j - 1]), weight=float(f["weights"][j - 1]))
             toks.append(entry)
         rows.append(dict(note=sample.get("note", ""), corrupted=sample.get("corrupted", False), tokens=toks))
     return rows
@@ -268,14 +268,14 @@ def write_report(model, batches, samples: list[dict], out: Path, config=None,
                  title: str = "calplug inspect") -> dict:
     """Gaps and weights for ``samples`` (``batches``: one batch dict for all, or a list of
     single-sample batches), written to ``out`` as tokens.html, gaps.png and tokens.json."""
-    from .config import resolve_config
+    from ..config import resolve_config
 
     cfg = resolve_config(config)
     found = []
     for b in (batches if isinstance(batches, list) else [batches]):
         f = gaps_and_weights(model, b, cfg)
-        found += [dict(delta=f["delta"][i], weights=f["weights"][i], supervised=f["supervised"][i])
-                  for i in range(f["delta"].shape[0])]
+        found += [dict(gaps=f["gaps"][i], weights=f["weights"][i], supervised=f["supervised"][i])
+                  for i in range(f["gaps"].shape[0])]
     rows = token_rows(samples, found)
     out.mkdir(parents=True, exist_ok=True)
     gaps = [t["gap"] for r in rows for t in r["tokens"] if t["supervised"]]

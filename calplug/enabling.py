@@ -1,0 +1,182 @@
+"""`enable` / `disable`: install the CAL step (`calplug.step`) as one model instance's forward,
+and take it off again.
+
+The install is an instance attribute ``forward`` (the class, and every other instance, is
+untouched) that calls the forward the model had: in eval mode or without labels the original is
+returned as is. It keeps the original signature, which ``generate()`` and the HF Trainer
+inspect. State lives in ``model.__dict__["_calplug_state"]``, outside ``state_dict``. Training
+wrappers (PEFT, DeepSpeed, DDP, FSDP, ...) are looked through by one table, `WRAPPERS`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Callable, Iterator
+
+from torch import nn
+
+from . import plugins
+from .config import CALConfig, resolve_config
+from .errors import UnsupportedModelError
+from .hookspecs import Integration
+from .step import COMPILE_REFUSAL, STATE_ATTR, CALForward, CALState
+
+
+# -- model resolution -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Wrapper:
+    """A training wrapper `enable` looks through: class names (anywhere in the MRO) and how to
+    reach the module it wraps."""
+
+    what: str
+    class_names: tuple[str, ...]
+    inner: Callable[[nn.Module], nn.Module]
+
+
+def _module(wrapper: nn.Module) -> nn.Module:
+    return wrapper.module
+
+
+def _data_parallel_module(wrapper: nn.Module) -> nn.Module:
+    """nn.DataParallel replicates its module on every forward; a replica would call the CAL
+    forward installed on the original, so it is looked through only when it runs one device."""
+    if len(getattr(wrapper, "device_ids", None) or ()) > 1:
+        raise UnsupportedModelError(
+            "nn.DataParallel over several GPUs copies the model on every forward, and the copies "
+            "would run the CAL step of the original's parameters: use DistributedDataParallel "
+            "(torchrun, the HF Trainer, accelerate), or train on one device"
+        )
+    return wrapper.module
+
+
+def _refuse_compiled(wrapper: nn.Module) -> nn.Module:
+    raise UnsupportedModelError(COMPILE_REFUSAL)
+
+
+WRAPPERS: tuple[Wrapper, ...] = (
+    Wrapper("PEFT", ("PeftModel", "PeftMixedModel"), lambda m: m.get_base_model()),
+    Wrapper("DeepSpeed", ("DeepSpeedEngine",), _module),
+    Wrapper("DistributedDataParallel", ("DistributedDataParallel",), _module),
+    Wrapper("FSDP", ("FullyShardedDataParallel",), _module),
+    Wrapper("torch.compile", ("OptimizedModule",), _refuse_compiled),
+    Wrapper("nn.DataParallel", ("DataParallel",), _data_parallel_module),
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model whose forward computes logits, looked for through every `WRAPPERS` layer."""
+    while True:
+        names = {cls.__name__ for cls in type(model).__mro__}
+        wrapper = next((w for w in WRAPPERS if names.intersection(w.class_names)), None)
+        if wrapper is None:
+            return model
+        model = wrapper.inner(model)
+
+
+def find_integration(model: nn.Module) -> Integration:
+    known = plugins.integrations()
+    for integration in known:
+        if integration.matches(model):
+            return integration
+    supported = sorted({cls for i in known for cls in i.model_classes})
+    raise UnsupportedModelError(
+        f"calplug has no integration for {type(model).__module__}.{type(model).__name__}. "
+        f"Supported model classes: {', '.join(supported)}. "
+        "A plugin can add one through the `calplug_integrations` hook (docs/plugins.md)."
+    )
+
+
+def check_contrast_supported(config: CALConfig, integration: Integration) -> None:
+    """Contrasts that transform pixels (``Contrast.needs_pixels``) need an integration that
+    re-runs its vision path (``Integration.pixel_contrasts``)."""
+    contrast = plugins.contrasts()[config.contrast]
+    if contrast.needs_pixels and not integration.pixel_contrasts:
+        able = sorted({c for i in plugins.integrations() if i.pixel_contrasts for c in i.model_classes})
+        raise UnsupportedModelError(
+            f"contrast={config.contrast!r} transforms the input pixels, and integration "
+            f"{integration.name!r} cannot re-run its vision path. Model classes that can: "
+            f"{', '.join(able) or 'none'}. Use contrast='drop', 'mask' or 'patch_mask' instead."
+        )
+
+
+# -- public API -----------------------------------------------------------------------------------
+def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
+    """Install the CAL step on ``model`` (this instance only): its training forward then returns
+    the CAL loss.
+
+    ``config`` is a `CALConfig`, a dict, a YAML path or None (then ``$CALPLUG_CONFIG`` or the
+    defaults); keyword ``overrides`` apply on top. Enabling an enabled model only updates its
+    config. Returns ``model`` (the object passed in, wrappers included).
+    """
+    target = unwrap_model(model)
+    state: CALState | None = target.__dict__.get(STATE_ATTR)
+    if state is not None:
+        base = state.config if config is None else config
+        new_config = resolve_config(base, **overrides)
+        check_contrast_supported(new_config, state.integration)
+        state.config = new_config
+        return model
+    cfg = resolve_config(config, **overrides)
+    integration = find_integration(target)
+    if integration.check is not None:
+        integration.check(target)
+    check_contrast_supported(cfg, integration)
+    signature = inspect.signature(target.forward)
+    original = target.__dict__.get("forward")
+    target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)
+    target.forward = CALForward(target)
+    return model
+
+
+def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> bool:
+    """Enable CAL when the config's ``stages`` covers ``stage`` ("pretrain" or "finetune").
+
+    For training scripts that know their stage (LLaVA: pre-training is when only the projector is
+    tuned). Returns whether CAL is now enabled; when the stage is not covered, a model enabled
+    earlier is disabled, so one call per run is enough.
+    """
+    cfg = resolve_config(config, **overrides)
+    if cfg.covers_stage(stage):
+        enable(model, cfg)
+        return True
+    disable(model)
+    return False
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo `enable`: the instance gets back exactly the forward it had. A no-op when not enabled."""
+    target = unwrap_model(model)
+    state: CALState | None = target.__dict__.pop(STATE_ATTR, None)
+    if state is None:
+        return model
+    if state.original_forward is None:
+        target.__dict__.pop("forward", None)
+    else:
+        target.__dict__["forward"] = state.original_forward
+    return model
+
+
+def is_enabled(model: nn.Module) -> bool:
+    return STATE_ATTR in unwrap_model(model).__dict__
+
+
+def config_of(model: nn.Module) -> CALConfig | None:
+    state = unwrap_model(model).__dict__.get(STATE_ATTR)
+    return None if state is None else state.config
+
+
+@contextlib.contextmanager
+def enabled(model: nn.Module, config=None, **overrides) -> Iterator[nn.Module]:
+    """``with calplug.enabled(model): ...`` -- CAL inside the block, the previous state after."""
+    target = unwrap_model(model)
+    previous = target.__dict__.get(STATE_ATTR)
+    previous_config = previous.config if previous is not None else None
+    enable(model, config, **overrides)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            disable(model)
+        else:
+            previous.config = previous_config

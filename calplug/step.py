@@ -1,0 +1,282 @@
+"""The CAL training step: what the forward of an enabled model does in training mode with labels.
+
+`cal_forward` is the forward `calplug.enable` installs; `training_step` runs the algorithm's
+steps as numbered in docs/cal.md, using only what the integration's `MainPass` and the plugin
+hooks (`calplug.hookspecs`) hand it: it knows no model family. Sharded training (ZeRO-3, FSDP)
+only adds the agreement of `_contrast_plan`, so every rank runs the same modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import distributed, gap, plugins
+from .config import CALConfig
+from .contrast import placeholder_plan
+from .errors import CALConfigError, CALInputError, UnsupportedModelError
+from .hookspecs import Contrast, ContrastPlan, Integration, MainPass
+from .integrations import compat
+
+STATE_ATTR = "_calplug_state"
+COMPILE_REFUSAL = (
+    "calplug cannot run under torch.compile: the CAL step decides per batch whether and how to run "
+    "its contrast pass, which compiling the whole model cannot trace. Enable calplug on the "
+    "uncompiled model (calplug.enable(model), not calplug.enable(torch.compile(model))) and "
+    "train it uncompiled (HF Trainer: torch_compile=False)"
+)
+
+
+@dataclasses.dataclass
+class CALState:
+    """What `calplug.enable` leaves on a model, in ``model.__dict__[STATE_ATTR]`` (outside
+    ``state_dict``): the config, the integration, and the forward to call and to restore."""
+
+    config: CALConfig
+    integration: Integration
+    original_forward: Any          # the instance attribute `forward` had before, or None
+    signature: inspect.Signature   # of the forward the model had: the patched one keeps it
+
+
+class CALForward:
+    """The instance attribute ``forward`` of an enabled model: calls `cal_forward`.
+
+    A plain object rather than a closure, so that copying the model copies it with the model.
+    Its ``__signature__`` is the forward's own, which ``generate()`` and the HF Trainer inspect.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.model.__dict__[STATE_ATTR].signature
+
+    def __call__(self, *args, **kwargs):
+        return cal_forward(self.model, args, kwargs)
+
+
+def original_forward(model: nn.Module, state: CALState):
+    """The forward the model had before `calplug.enable`, bound to it."""
+    if state.original_forward is None:
+        return type(model).forward.__get__(model)
+    return state.original_forward
+
+
+# -- step 8: CAL acts in training mode with labels only ---------------------------------------
+def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
+    state: CALState = model.__dict__[STATE_ATTR]
+    original = original_forward(model, state)
+    call = state.signature.bind_partial(*args, **kwargs).arguments
+    extra = call.pop(next((n for n, p in state.signature.parameters.items()
+                           if p.kind is p.VAR_KEYWORD), "\0"), {})
+    call.update(extra)
+    if not model.training or call.get("labels") is None:
+        return original(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        raise UnsupportedModelError(COMPILE_REFUSAL)
+    compat.check_not_own_loss_call(call)
+    return training_step(model, original, state, call)
+
+
+def training_step(model: nn.Module, original, state: CALState, call: dict):
+    """Steps 1-7 for one micro-batch; returns the model's output type with the CAL loss."""
+    config = state.config
+    num_items_in_batch = call.pop("num_items_in_batch", None)
+    contrast = plugins.contrasts()[config.contrast]
+    pm = plugins.get_plugin_manager()
+    if config.loss_chunk:
+        _check_loss_plugins_take_hidden_states(pm)
+    # step 1: the main pass, with grad (with loss_chunk, the head sees the last position only)
+    with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input:
+        main: MainPass = state.integration.main_pass(model, original, call)
+    hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
+    seq_shape = main.logits.shape[:2] if hidden is None else hidden.shape[:2]
+    if seq_shape != main.labels.shape:
+        raise CALInputError(
+            f"labels of shape {tuple(main.labels.shape)} do not match the sequence the model "
+            f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
+            "aligned with the model's inputs"
+        )
+    # step 3: shift; ignored rows take token 0 as their target
+    shifted, targets, supervised = gap.shift_targets(main.labels)
+    with torch.no_grad():
+        if hidden is None:
+            main_logits = gap.main_target_logits(main.logits.detach(), targets)
+        else:
+            main_logits = _hidden_main_logits(main, hidden.detach(), targets)
+        # steps 2 and 4: the contrast pass and the target-token gaps
+        plan = _contrast_plan(model, main, config, contrast)
+        gaps = contrast_gaps(main, plan, main_logits, targets)
+    # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
+    weights = pm.hook.calplug_weights(gaps=gaps, labels=shifted, supervised=supervised, config=config)
+    # step 7: the weighted, normalised cross-entropy (chunked when hidden states were recorded)
+    loss = pm.hook.calplug_loss(logits=None if hidden is not None else main.logits,
+                                labels=main.labels, weights=weights, config=config,
+                                num_items_in_batch=num_items_in_batch, hidden_states=hidden,
+                                lm_head=main.lm_head)
+    if main.extra_loss is not None:  # e.g. a MoE router's load-balancing term, as the model adds it
+        loss = loss + main.extra_loss.to(loss.dtype)
+    pm.hook.calplug_observe_step(model=model, gaps=gaps, weights=weights.detach(), labels=shifted,
+                                 supervised=supervised, config=config)
+    return _with_loss(main.output, loss, weights.detach(), gaps)
+
+
+# -- step 2: the contrast pass ----------------------------------------------------------------
+def _contrast_plan(model: nn.Module, main: MainPass, config: CALConfig,
+                   contrast: Contrast) -> ContrastPlan | None:
+    """This rank's contrast plan; under ZeRO-3 / FSDP, one that runs the same modules on every rank.
+
+    A rank with nothing to contrast would skip the contrast pass while others run it, and their
+    collective parameter gathers would pair up wrongly (a crash or a hang). Plain contrasts
+    (drop, mask, patch_mask) build their plan without running any module, so ranks agree after
+    building: a rank without a plan runs a one-token placeholder through the decoder. A contrast
+    that re-runs the vision tower on transformed pixels (``needs_pixels``: blur) runs modules
+    while building, so ranks agree before: a rank whose micro-batch has pixels but no image
+    positions (the LLaVA codebases' dummy images) re-runs its vision path unchanged, and a rank
+    with no pixels at all cannot, which is an error on every rank at once rather than a hang.
+    """
+    if not (contrast.needs_pixels and distributed.must_agree(model)):
+        plan = contrast.build(main, config)
+        if distributed.any_rank(plan is not None, model) and plan is None:
+            plan = placeholder_plan(main)
+        return plan
+    has_visual = bool(main.visual_mask.any())
+    can_rerun = main.contrast_embeds is not None  # set only when this micro-batch has pixels
+    any_visual, any_without_pixels = distributed.any_rank_each([has_visual, not can_rerun], model)
+    if not any_visual:
+        return None
+    if any_without_pixels:
+        raise CALInputError(
+            f"contrast={config.contrast!r} re-runs the vision tower in the contrast pass, and under "
+            "DeepSpeed ZeRO-3 / FSDP every rank must then run it, but at least one rank's "
+            "micro-batch has no pixel values. Give text-only micro-batches a dummy image (as the "
+            "LLaVA codebases do), or use contrast='drop', 'mask' or 'patch_mask'"
+        )
+    if not has_visual:
+        main.contrast_embeds(lambda pixels: pixels)  # the same vision-tower gathers as the others
+        return placeholder_plan(main)
+    plan = contrast.build(main, config)
+    return placeholder_plan(main) if plan is None else plan
+
+
+def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,
+                  targets: torch.Tensor) -> torch.Tensor:
+    """Steps 2 and 4: run the contrast pass of ``plan`` (no grad) and return float32 ``[B, L-1]``
+    gaps ``main - contrast`` of each row's target logit; 0 on rows without a contrast value.
+    The contrast side never makes vocabulary-sized logits (`gap.hidden_target_logits`)."""
+    if plan is None:
+        return torch.zeros_like(main_logits)
+    with _no_gradient_checkpointing(main.decoder):
+        out = main.decoder(**plan.decoder_kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = plan.rows[:, :-1]
+    has = rows >= 0
+    with distributed.gathered(main.lm_head):
+        contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
+                                            getattr(main.lm_head, "bias", None), targets[has],
+                                            rows=rows[has])
+    return gap.target_gap(main_logits, targets, contrast, has)
+
+
+@contextlib.contextmanager
+def _no_gradient_checkpointing(decoder: nn.Module):
+    """Turn activation checkpointing off for the no-grad contrast pass: there is nothing to save,
+    and checkpointing a no-grad call only warns and recomputes."""
+    flagged = [m for m in decoder.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
+# -- loss_chunk: no full logits -----------------------------------------------------------------
+@contextlib.contextmanager
+def _head_on_last_position(model: nn.Module, integration: Integration, chunk: int) -> Iterator[dict]:
+    """With ``loss_chunk > 0``: during the main pass, the output projection receives only the
+    last position (so the model's logits are ``[B, 1, V]``), and the full ``[B, L, d]`` hidden
+    states it was given are recorded for the chunked loss. A no-op when ``chunk`` is 0."""
+    recorded: dict = {}
+    if not chunk:
+        yield recorded
+        return
+    if integration.decoder_and_head is None:
+        raise CALConfigError(
+            f"loss_chunk={chunk} needs to know the output projection before the forward runs, and "
+            f"integration {integration.name!r} does not say where it is "
+            "(Integration.decoder_and_head): set loss_chunk=0"
+        )
+    _, head = integration.decoder_and_head(model)
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise CALConfigError(
+            f"loss_chunk={chunk} needs a plain torch.nn.Linear output projection, found "
+            f"{type(head).__name__}: adapters or quantisation on lm_head change its output; "
+            "set loss_chunk=0"
+        )
+    if distributed.is_sharded(model):
+        raise CALConfigError(
+            f"loss_chunk={chunk} reads the lm_head weight directly, which a sharded model "
+            "(DeepSpeed ZeRO-3, FSDP) partitions: set loss_chunk=0"
+        )
+
+    def pre_hook(module, args):
+        if recorded:
+            return None
+        recorded["hidden"] = args[0]
+        return (args[0][..., -1:, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+    if not recorded:
+        raise CALInputError(f"loss_chunk={chunk}: the model never called its output projection")
+
+
+def _hidden_main_logits(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, L-1]`` main-pass target logits from the final hidden states (chunked mode)."""
+    B, L, d = hidden.shape
+    rows = (torch.arange(B, device=hidden.device).unsqueeze(1) * L
+            + torch.arange(L - 1, device=hidden.device)).reshape(-1)
+    out = gap.hidden_target_logits(hidden.reshape(B * L, d), main.lm_head.weight,
+                                   getattr(main.lm_head, "bias", None), targets.reshape(-1), rows=rows)
+    return out.view(B, L - 1)
+
+
+def _check_loss_plugins_take_hidden_states(pm) -> None:
+    """``loss_chunk > 0`` hands `calplug_loss` no logits: an implementation that does not declare
+    ``hidden_states`` cannot compute that loss, so the setting is refused (the hook's contract)."""
+    unable = [impl.plugin_name for impl in pm.hook.calplug_loss.get_hookimpls()
+              if "hidden_states" not in impl.argnames]
+    if unable:
+        raise CALConfigError(
+            f"loss_chunk > 0 computes the loss without full logits, and the calplug_loss "
+            f"implementation of {', '.join(unable)} takes no hidden_states argument, so it cannot "
+            "take part: set loss_chunk=0, or give that implementation a hidden_states argument "
+            "(docs/plugins.md)"
+        )
+
+
+# -- the output -----------------------------------------------------------------------------------
+def _with_loss(output, loss: torch.Tensor, weights: torch.Tensor, gaps: torch.Tensor):
+    """The model's own output type with ``loss`` set first, plus ``cal_weights`` / ``cal_gaps``."""
+    if isinstance(output, tuple):
+        return (loss,) + tuple(x for x in output if x is not None)
+    fields = {k: v for k, v in output.items() if k != "loss"}
+    try:
+        result = type(output)(loss=loss, **fields)
+    except TypeError:  # an output type without a `loss` field
+        result = output
+        result["loss"] = loss
+    result.cal_weights = weights
+    result.cal_gaps = gaps
+    return result

@@ -1,0 +1,257 @@
+"""Version facts of every upstream calplug integrates: each version gate, and each tested version,
+is written here once.
+
+* **transformers.** From 4.52 the multimodal models hold the decoder at
+  ``model.model.language_model`` and the head at ``model.lm_head``; before, Llava-type models had
+  ``model.language_model.model`` / ``model.language_model.lm_head`` and Qwen-VL ``model.model`` /
+  ``model.lm_head``; 5.0 removed the old compatibility properties. Also here: the image-token
+  config name (``image_token_index`` before 4.52, ``image_token_id`` after), Qwen-VL positions
+  when the decoder was handed ``None`` (4.45-4.46 training forwards), the name of the "only the
+  last k logits" argument (``num_logits_to_keep`` in 4.45, ``logits_to_keep`` later), Qwen's
+  ``mm_token_type_ids`` (5.3+), rotary tables cut to the sequence length (< 4.38, which the
+  LLaVA codebases pin), and the supported range of every family. The engine pops
+  ``num_items_in_batch`` from the call before the original forward runs, so versions whose
+  forward rejects it (Llava 4.45, Qwen2-VL up to 4.52) never receive it.
+* **TRL.** Trainers that compute their own loss and ignore the model's (`OWN_LOSS_TRAINERS`).
+* **Tested versions.** `TESTED_VERSIONS` (transformers), `TESTED_CODEBASES` (llava-torch, the
+  LLaVA-NeXT and MGM commits, TRL); ``tests/test_layout.py`` fails when tox.ini pins others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from calplug.errors import CALConfigError, CALInputError, UnsupportedModelError
+from calplug.hookspecs import Integration
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def require_version(family: str, minimum: tuple[int, int], tested: str,
+                    below: tuple[int, int] = (6, 0)) -> None:
+    """Raise `UnsupportedModelError` unless ``minimum <= installed transformers < below``."""
+    have = transformers_version()
+    if not minimum <= have < below:
+        raise UnsupportedModelError(
+            f"calplug's {family} integration supports transformers >= {minimum[0]}.{minimum[1]}, "
+            f"< {below[0]}.{below[1]} (tested: {tested}); installed: {'.'.join(map(str, have))}. "
+            f"Install a supported version, e.g. pip install 'transformers>={minimum[0]}.{minimum[1]},"
+            f"<{below[0]}'"
+        )
+
+
+# The transformers releases the tox matrix runs (tox.ini [testenv:hf-*] and the default env); the
+# oldest one per family is the first release that has the family (Qwen3-VL: 4.57.0 was yanked).
+TESTED_VERSIONS = ("4.45.2", "4.49.0", "4.57.6", "5.24.0")
+
+# Other codebases and the version (or commit) of each that calplug is tested against: the
+# llava-torch wheel (haotian-liu LLaVA, tox -e llava / patches), the LLaVA-VL LLaVA-NeXT and MGM
+# source commits (tox -e llava-next / mgm, and the patch files), TRL (tox -e distributed).
+TESTED_CODEBASES = {
+    "llava-torch": "1.2.2.post1",
+    "LLaVA-NeXT": "df17966",
+    "MGM": "769820c",
+    "trl": "1.16.0",
+}
+
+# family -> (transformers class name, oldest supported (major, minor))
+SUPPORTED = {
+    "Llava": ("LlavaForConditionalGeneration", (4, 45)),
+    "LlavaNext": ("LlavaNextForConditionalGeneration", (4, 45)),
+    "LlavaNextVideo": ("LlavaNextVideoForConditionalGeneration", (4, 45)),
+    "LlavaOnevision": ("LlavaOnevisionForConditionalGeneration", (4, 45)),
+    "Qwen2-VL": ("Qwen2VLForConditionalGeneration", (4, 45)),
+    "Qwen2.5-VL": ("Qwen2_5_VLForConditionalGeneration", (4, 49)),
+    "Qwen3-VL": ("Qwen3VLForConditionalGeneration", (4, 57)),
+    "Qwen3-VL-MoE": ("Qwen3VLMoeForConditionalGeneration", (4, 57)),
+}
+
+
+def family_integration(family: str, name: str, main_pass, decoder_and_head, **extra) -> Integration:
+    """The `Integration` of a transformers family of `SUPPORTED`: its class name and version gate
+    come from that table, so each is written once. ``extra``: further `Integration` fields."""
+    return Integration(name=name, model_classes=(SUPPORTED[family][0],), main_pass=main_pass,
+                       decoder_and_head=decoder_and_head, check=VersionCheck(family), **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionCheck:
+    """An `Integration.check` for a family of `SUPPORTED`: the installed transformers must be in
+    its range. A plain record rather than a closure, so that an enabled model pickles."""
+
+    family: str
+
+    def __call__(self, model: nn.Module) -> None:
+        minimum = SUPPORTED[self.family][1]
+        tested = ", ".join(v for v in TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= minimum)
+        require_version(self.family, minimum, tested)
+
+
+# Names of the "compute logits for the last k positions only" argument across versions.
+LOGITS_TO_KEEP_NAMES = ("logits_to_keep", "num_logits_to_keep")
+
+
+def check_full_logits(call: dict) -> None:
+    """CAL weights every position: a training call that asks for only the last k logits is refused."""
+    for name in LOGITS_TO_KEEP_NAMES:
+        value = call.get(name)
+        if value is not None and not (isinstance(value, int) and value == 0):
+            raise CALInputError(
+                f"{name}={value!r}: calplug needs the logits of every position to weight the loss; "
+                f"leave {name} at its default (0) in training"
+            )
+
+
+def text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def config_token_id(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "language_model", None), nn.Module) \
+            and isinstance(getattr(model, "lm_head", None), nn.Module):
+        return inner.language_model, model.lm_head  # >= 4.52
+    lm = getattr(model, "language_model", None)
+    if lm is not None and hasattr(lm, "model") and hasattr(lm, "lm_head"):
+        return lm.model, lm.lm_head  # < 4.52
+    raise UnsupportedModelError(
+        f"cannot find the decoder and lm_head of {type(model).__name__} in this transformers "
+        f"version ({'.'.join(map(str, transformers_version()))})"
+    )
+
+
+def qwen_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Decoder and lm_head of Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) for this transformers version."""
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    if isinstance(inner, nn.Module) and isinstance(head, nn.Module):
+        language_model = getattr(inner, "language_model", None)
+        if isinstance(language_model, nn.Module):
+            return language_model, head  # >= 4.52
+        if hasattr(inner, "layers"):
+            return inner, head  # < 4.52: model.model is the text decoder
+    raise UnsupportedModelError(
+        f"cannot find the decoder and lm_head of {type(model).__name__} in this transformers "
+        f"version ({'.'.join(map(str, transformers_version()))})"
+    )
+
+
+def qwen_positions(position_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
+    """The M-RoPE positions the Qwen decoder used, explicit.
+
+    4.45-4.46 training forwards hand the decoder ``position_ids=None``; it then uses 0..L-1 on all
+    three axes. Later versions hand ``[3, B, L]`` (or ``[4, B, L]`` with text positions first,
+    or ``[B, L]``), which are returned as they are.
+    """
+    if position_ids is not None:
+        return position_ids
+    B, L = embeds.shape[:2]
+    return torch.arange(L, device=embeds.device).view(1, 1, L).expand(3, B, L)
+
+
+def warn_if_mrope_disabled(model: nn.Module, call: dict) -> None:
+    """From 5.3 Qwen-VL forwards take ``mm_token_type_ids`` and need it for M-RoPE when images or
+    videos come: 5.4+ Qwen2-VL / Qwen3-VL raise without it, Qwen2.5-VL (5.24) silently falls back
+    to 1-D positions. calplug keeps whatever positions the model used; it only says so."""
+    if call.get("mm_token_type_ids") is not None:
+        return
+    if call.get("image_grid_thw") is None and call.get("video_grid_thw") is None:
+        return
+    if "mm_token_type_ids" not in inspect.signature(type(model).forward).parameters:
+        return
+    warnings.warn(
+        f"{type(model).__name__}: image_grid_thw / video_grid_thw given without mm_token_type_ids; "
+        f"transformers {'.'.join(map(str, transformers_version()))} then drops M-RoPE (1-D "
+        "positions) or raises. Pass the processor's mm_token_type_ids (0 text, 1 image, 2 video) "
+        "to the forward.", UserWarning, stacklevel=4)
+
+
+# -- transformers < 4.38 (the LLaVA codebases' pins): rotary tables cut to the sequence length --
+def legacy_rotary_modules(decoder: nn.Module) -> list[nn.Module]:
+    """Rotary-embedding modules of transformers < 4.38 (``forward(x, seq_len)``): they return the
+    cos/sin table cut to the sequence length and the attention indexes it with ``position_ids``.
+    Found by signature, not version number, so a backport behaves the same."""
+    found = []
+    for module in decoder.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            names = list(inspect.signature(module.forward).parameters)
+            if names[1:2] == ["seq_len"]:  # 4.38-4.44 take (x, position_ids, seq_len=None)
+                found.append(module)
+    return found
+
+
+class KeepPositionsDecoder(nn.Module):
+    """The decoder, for the contrast pass on transformers < 4.38: a sequence shortened by the
+    ``drop`` contrast keeps its original position ids, which can exceed its length; the rotary
+    table is then asked for ``max(position_ids) + 1`` rows instead of ``seq_len``. Values are
+    unchanged (the table rows are the same); only the cut is longer."""
+
+    def __init__(self, decoder: nn.Module, rotary: list[nn.Module]):
+        super().__init__()
+        self.decoder = decoder
+        self._rotary = rotary
+
+    def forward(self, **kwargs):
+        positions = kwargs.get("position_ids")
+        needed = 0 if positions is None else int(positions.max()) + 1
+
+        def longer(module, args, kw):
+            if isinstance(kw.get("seq_len"), int) and kw["seq_len"] < needed:
+                kw = dict(kw, seq_len=needed)
+            elif len(args) > 1 and isinstance(args[1], int) and args[1] < needed:
+                args = (args[0], needed) + tuple(args[2:])
+            return args, kw
+
+        handles = [m.register_forward_pre_hook(longer, with_kwargs=True) for m in self._rotary]
+        try:
+            return self.decoder(**kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def contrast_decoder(decoder: nn.Module) -> nn.Module:
+    """The module the contrast pass calls: the decoder itself, or on transformers < 4.38 the
+    decoder with its rotary table lengthened (`KeepPositionsDecoder`)."""
+    rotary = legacy_rotary_modules(decoder)
+    return KeepPositionsDecoder(decoder, rotary) if rotary else decoder
+
+
+# -- TRL ------------------------------------------------------------------------------------------
+# Trainer classes (by class name, anywhere in the MRO) whose `compute_loss` computes its own loss
+# and ignores the loss the model returns. TRL's SFTTrainer (1.x) runs the backbone through a fused
+# LM head (`model(..., fused_lm_head=True)`) and takes the cross-entropy from its log-probs.
+OWN_LOSS_TRAINERS = ("SFTTrainer",)
+FUSED_HEAD_ARGUMENT = "fused_lm_head"
+
+
+def check_not_own_loss_call(call: dict) -> None:
+    """A training call from a trainer that computes its own cross-entropy (TRL's fused LM head)
+    would ignore the CAL loss: refuse it, naming the fix."""
+    if call.get(FUSED_HEAD_ARGUMENT):
+        raise CALConfigError(
+            f"this training forward was called with {FUSED_HEAD_ARGUMENT}=True: the caller (TRL's "
+            "SFTTrainer) computes its own cross-entropy through a fused LM head and would ignore "
+            "the CAL loss. Build the trainer first, then call "
+            "calplug.trainer.enable_for_trainer(trainer) (docs/distributed.md)"
+        )
