@@ -123,12 +123,17 @@ def resolve_config(config: CALConfig | Mapping[str, Any] | str | os.PathLike | N
     return base.replace(**overrides) if overrides else base
 
 
+def did_you_mean(value: Any, choices) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value``, or ''."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _reject_unknown_keys(values: Mapping[str, Any], source: str) -> None:
     known = field_names()
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, known)
             raise CALConfigError(
                 f"{source}: unknown calplug setting {key!r}.{hint} Valid settings: {', '.join(known)}."
             )
@@ -151,9 +156,8 @@ def _validate(cfg: CALConfig) -> None:
     if isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % 2 == 0:
         raise CALConfigError(f"pool_window must be a positive odd integer (1 = no pooling), got {w!r}")
     if cfg.pool_scope not in POOL_SCOPES:
-        close = difflib.get_close_matches(str(cfg.pool_scope), POOL_SCOPES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise CALConfigError(f"pool_scope must be one of {POOL_SCOPES}, got {cfg.pool_scope!r}.{hint}")
+        raise CALConfigError(f"pool_scope must be one of {POOL_SCOPES}, got {cfg.pool_scope!r}."
+                             + did_you_mean(cfg.pool_scope, POOL_SCOPES))
     ratio = _number(cfg, "mask_ratio")
     if not 0.0 <= ratio <= 1.0:
         raise CALConfigError(f"mask_ratio must be in [0, 1], got {ratio}")
@@ -162,9 +166,8 @@ def _validate(cfg: CALConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise CALConfigError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.stages not in STAGES:
-        close = difflib.get_close_matches(str(cfg.stages), STAGES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise CALConfigError(f"stages must be one of {STAGES}, got {cfg.stages!r}.{hint}")
+        raise CALConfigError(f"stages must be one of {STAGES}, got {cfg.stages!r}."
+                             + did_you_mean(cfg.stages, STAGES))
     chunk = cfg.loss_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise CALConfigError(f"loss_chunk must be an integer >= 0 (rows per chunk; 0 = off), got {chunk!r}")
@@ -172,9 +175,8 @@ def _validate(cfg: CALConfig) -> None:
 
     names = contrast_names()
     if cfg.contrast not in names:
-        close = difflib.get_close_matches(str(cfg.contrast), names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise CALConfigError(
-            f"contrast {cfg.contrast!r} is not a registered contrast condition.{hint} "
+            f"contrast {cfg.contrast!r} is not a registered contrast condition."
+            f"{did_you_mean(cfg.contrast, names)} "
             f"Registered: {', '.join(sorted(names))}."
         )

@@ -1,23 +1,10 @@
-"""Contrast conditions (step 2 of docs/cal.md): how the no-grad "without the image" pass is built.
+"""Step 2 of docs/cal.md: contrast conditions, i.e. how the no-grad "without the image" pass is built.
 
 Pure tensor code over a `MainPass`. Each condition returns a `ContrastPlan`: the decoder keyword
 arguments of the contrast pass, and for every main position which contrast hidden state stands
-for it. The built-in conditions are registered as `Contrast` records in `calplug.builtin`.
-
-* ``mask`` (as published): same sequence, attention *to* image positions removed. Recomputes every
-  position, image positions included; faithful to the reference code.
-* ``drop`` (default): image positions (and padding) are removed from the sequence and every kept
-  token keeps its original position id (1-D or M-RoPE), so each kept row's hidden state equals the
-  ``mask`` pass's up to float round-off. Samples without images are not run at all.
-  A row whose position was removed (an image position, padding) borrows the hidden state of the
-  last kept position before it: the prediction a text-only model makes for that target from the
-  text so far. This is the one place drop differs from mask: the row *at* the last image position,
-  which predicts the first text token after the image, is predicted from the text before the
-  image. Rows with no kept position before them (left padding) get gap 0.
-* ``patch_mask``: like ``mask`` but hides a random ``mask_ratio`` share of each sample's image
-  positions (seeded by ``config.seed``).
-* ``blur``: the same sequence and mask, with the image features replaced by those of the
-  Gaussian-blurred pixels (``blur_sigma``); needs an integration that can re-run its vision path.
+for it. The built-in conditions (``mask`` as published, ``drop`` the fast default, ``patch_mask``,
+``blur``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
+``mask``, row by row, is in docs/cal.md.
 """
 from __future__ import annotations
 

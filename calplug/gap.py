@@ -1,4 +1,4 @@
-"""Target-token gaps: how much the image raised the logit of each row's target token.
+"""Steps 3-4 of docs/cal.md: shifted targets, and how much the image raised each target's logit.
 
 Pure tensor code. The contrast side never materialises ``[N, V]`` logits: a row's target logit is
 its final hidden state dotted with that token's ``lm_head`` row (plus bias), which is all the gap

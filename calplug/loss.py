@@ -1,15 +1,11 @@
-"""The weighted, normalised cross-entropy of the spec (step 7).
+"""Step 7 of docs/cal.md: the weighted, normalised cross-entropy
+``sum_i(ce_i * w_i) / (sum_{i supervised} w_i + 1e-6)``.
 
-``loss = sum_i(ce_i * w_i) / (sum_{i supervised} w_i + 1e-6)``.
-
-Memory: the logits are used as the model produced them (never sliced into a shifted copy).
-`weighted_cross_entropy` evaluates the cross-entropy on the supervised rows only: it gathers
-those rows (``[n_supervised, V]``, upcast to float32) and runs log-softmax on them, where
-transformers' own causal-LM loss upcasts and log-softmaxes all ``B * L`` rows. Ignored rows (image
-positions, prompts, padding: most of a multimodal sequence) contribute 0 either way, so the value
-is the same up to float summation order, and the loss makes no full-size ``[B, L, V]`` temporary in
-its forward (its backward writes the one ``[B, L, V]`` gradient of the logits, as any loss does).
-`per_row_cross_entropy` keeps the full-size form for callers that want every row.
+Memory is why it looks the way it does: the logits are used as the model produced them (never
+sliced into a shifted copy), and the cross-entropy runs on the supervised rows only, where
+transformers' own loss upcasts and log-softmaxes all ``B * L`` rows; ignored rows contribute 0
+either way, so the value is the same. The chunked variant (``loss_chunk``) never makes
+``[B, L, V]`` logits at all. Figures: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -34,7 +30,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
                            num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Scalar CAL loss for one micro-batch.
 
-    Without ``num_items_in_batch`` this is the spec's loss: the weighted mean over this
+    Without ``num_items_in_batch`` this is step 7's loss: the weighted mean over this
     micro-batch's supervised rows. With it (the HF Trainer passes the supervised-token count of
     the whole accumulated batch, and then does *not* divide by the accumulation steps), the
     micro-batch's weighted mean is scaled by its share of those tokens, so the accumulated

@@ -1,31 +1,51 @@
-"""Tiny, seeded models and batches built from configs (tests, demo, bench; no downloads)."""
+"""Tiny, seeded models and batches built from configs, for the demo, the bench and the tests.
+
+Random init, no downloads: everything calplug runs without a model hub builds its model here.
+"""
 from __future__ import annotations
 
 import torch
+
+from .gap import IGNORE_INDEX
 
 IMAGE_TOKEN = 250
 
 
 def tiny_llava(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, layers: int = 2,
-               image_size: int = 32, patch_size: int = 8, attn_implementation: str = "eager"):
-    """A random-init transformers `LlavaForConditionalGeneration` (16 image tokens per image)."""
+               intermediate_size: int | None = None, heads: int = 4, kv_heads: int = 2,
+               image_size: int = 32, patch_size: int = 8, vision_hidden: int = 32,
+               vision_layers: int = 2, vision_heads: int = 4, vision_feature_layer: int = -2,
+               image_token: int | None = None, max_positions: int | None = None,
+               attn_implementation: str = "eager"):
+    """A random-init transformers `LlavaForConditionalGeneration` (CLIP tower -> Llama decoder),
+    seeded: ``(image_size // patch_size) ** 2`` image tokens per image (16 by default).
+
+    The one tiny-Llava builder of calplug: the demo, the bench (LLaVA-1.5 shaped sizes) and the
+    tests all build through it. ``image_token`` defaults to 250 when the vocabulary has it, else
+    the last id.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     n_image_tokens = (image_size // patch_size) ** 2
+    if image_token is None:
+        image_token = IMAGE_TOKEN if vocab_size > IMAGE_TOKEN else vocab_size - 1
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size,
+                intermediate_size=intermediate_size or 2 * hidden_size, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads)
+    if max_positions is not None:
+        text["max_position_embeddings"] = max_positions
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=image_size, patch_size=patch_size),
-        text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                                intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                                num_attention_heads=4, num_key_value_heads=2),
-        image_token_index=IMAGE_TOKEN if vocab_size > IMAGE_TOKEN else vocab_size - 1,
-        image_seq_length=n_image_tokens, vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_config=CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                       num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                                       image_size=image_size, patch_size=patch_size),
+        text_config=LlamaConfig(**text),
+        image_token_index=image_token, image_seq_length=n_image_tokens,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
     )
-    config._attn_implementation = attn_implementation
+    for sub in (config, config.text_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    return model
+    return LlavaForConditionalGeneration(config)
 
 
 def llava_batch(model, *, seed: int = 0, lengths=(12, 9, 10), with_image=(True, True, False),
@@ -44,10 +64,10 @@ def llava_batch(model, *, seed: int = 0, lengths=(12, 9, 10), with_image=(True, 
     for n_text, img in zip(lengths, with_image):
         text = torch.randint(3, min(vocab, image_token) - 1, (n_text,), generator=g)
         lab = text.clone()
-        lab[:prompt] = -100
+        lab[:prompt] = IGNORE_INDEX
         if img:
             ids = torch.cat([text[:1], torch.full((n_img,), image_token), text[1:]])
-            lab = torch.cat([lab[:1], torch.full((n_img,), -100), lab[1:]])
+            lab = torch.cat([lab[:1], torch.full((n_img,), IGNORE_INDEX), lab[1:]])
         else:
             ids = text
         seqs.append(ids)
@@ -55,7 +75,7 @@ def llava_batch(model, *, seed: int = 0, lengths=(12, 9, 10), with_image=(True, 
     L = max(s.numel() for s in seqs)
     B = len(seqs)
     input_ids = torch.zeros(B, L, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(B, L, dtype=torch.long)
     for b, (s, lab) in enumerate(zip(seqs, labs)):
         sl = slice(0, s.numel()) if padding_side == "right" else slice(L - s.numel(), L)

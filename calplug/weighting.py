@@ -1,12 +1,8 @@
-"""Gap -> weight: clamp to ``[alpha, beta]``, then average-pool (the spec's steps 5 and 6).
+"""Steps 5-6 of docs/cal.md: clamp each gap to ``[alpha, beta]``, then average-pool the weights.
 
-Pure tensor code, no gradient. Two pooling scopes:
-
-* ``flat`` (as published): one vector of all ``B * (L-1)`` rows, pooled with kernel ``w``, stride 1,
-  padding ``w // 2``, padding not counted. It runs across ignored rows and across the boundary
-  between one sequence and the next.
-* ``sequence``: each row averages the clamped weights of the *supervised* rows within the window
-  in its own sequence (rows that are not supervised keep their clamped value; they carry no loss).
+Pure tensor code, no gradient. ``scope="flat"`` pools the flattened batch as published (across
+ignored rows and sequence boundaries); ``"sequence"`` pools within each sequence over supervised
+rows only (docs/cal.md compares them).
 """
 from __future__ import annotations
 

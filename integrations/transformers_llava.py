@@ -55,7 +55,6 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
         visual |= input_ids == video_token
     check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
     decoder, lm_head = compat.llava_type_decoder_and_head(model)
-    pixel_keys = tuple(k for k in PIXEL_KEYS if k in call)
     with capture_decoder_call(decoder) as decoder_kwargs:
         output = original_forward(**call)
     logits = output[0] if isinstance(output, tuple) else output.logits
@@ -66,7 +65,7 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
         position_ids=arange_positions(embeds) if positions is None else positions,
-        contrast_embeds=pixel_rerun(original_forward, decoder, call, pixel_keys),
+        contrast_embeds=pixel_rerun(original_forward, decoder, call, PIXEL_KEYS),
     )
 
 

@@ -1,10 +1,10 @@
 """Tiny, seeded transformers VLMs of every family calplug integrates, and batches for them.
 
 Test helpers only (model knowledge the tests need to write their own reference): each family
-builds a random-init model from a tiny config (UPSTREAMS.md "Tiny configs that build and train")
-and a batch of [prefix][visual placeholders][prompt][answer] samples, one of them text-only.
-Version differences of the *configs* are handled here; calplug's own version gates live in
-integrations/_transformers_compat.py.
+builds a random-init model from a tiny config and a batch of [prefix][visual placeholders]
+[prompt][answer] samples, one of them text-only. Version differences of the *configs* are handled
+here; calplug's own version gates live in integrations/compat.py. Llava is calplug's own tiny
+model (`calplug.testing.tiny_llava`), the one the demo and the bench build too.
 """
 from __future__ import annotations
 
@@ -71,12 +71,9 @@ LLAVA_COUNTS = {"llava": {"image": 16}, "llava_next": {"image": 36},
 
 
 def build_llava(seed=0):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from calplug.testing import tiny_llava
 
-    config = LlavaConfig(vision_config=_clip(), text_config=_llama(), image_token_index=IMAGE,
-                         image_seq_length=16, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    return _finish(LlavaForConditionalGeneration, config, seed)
+    return tiny_llava(seed, vocab_size=VOCAB, image_token=IMAGE)
 
 
 def build_llava_next(seed=0):
@@ -276,7 +273,7 @@ def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def decoder_and_head(model):
     """The text decoder and lm_head, by the paths each transformers version uses (tests' own copy,
-    independent of integrations/_transformers_compat.py)."""
+    independent of integrations/compat.py)."""
     inner = model.model if hasattr(model, "model") else None
     language_model = getattr(inner, "language_model", None)
     if language_model is not None and not hasattr(language_model, "lm_head"):

@@ -1,7 +1,20 @@
 import os
 import sys
 
-import torch
+# Installed third-party calplug plugins would change what the tests measure: the suite switches
+# them off itself (tox sets the same variable), before calplug builds its plugin manager.
+os.environ["CALPLUG_DISABLE_ENTRYPOINTS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and shared test helpers
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """What the cases of tests/cases.py share within a session (a tiny CLIP tower, saved once)."""
+    from cases import Env
+
+    return Env(tmp_path_factory)

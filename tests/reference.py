@@ -1,4 +1,4 @@
-"""The CAL loss written straight from ../shared/CAL_SPEC.md, independent of calplug's code.
+"""The CAL loss written straight from the algorithm of docs/cal.md (steps 3-7), independent of calplug's code.
 
 Tests compute the two full-logit passes their own (model-specific) way and hand them here:
 ``logits`` from the usual forward, ``logits_wo`` from the same inputs with attention to image

@@ -4,8 +4,9 @@
                                           # support-matrix env runs this script
     python tests/support_matrix.py .tox/results docs/support-matrix.md   # by hand
 
-Reads only the results of tests/test_transformers_families.py (each env records the
-transformers version it ran as a junit testsuite property). Standard library only.
+Reads the results of tests/test_transformers_families.py and of the ``hf-`` cases of
+tests/test_properties.py (each env records the transformers version it ran as a junit testsuite
+property). Standard library only.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-MODULE = "tests.test_transformers_families"
+MODULES = ("tests.test_transformers_families", "tests.test_properties")
 # test-id family key -> (display name, transformers class)
 FAMILIES = {
     "llava": ("Llava", "LlavaForConditionalGeneration"),
@@ -29,7 +30,10 @@ FAMILIES = {
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
 
 
-def family_of(test_name: str) -> str | None:
+def family_of(test_name: str, module: str = MODULES[0]) -> str | None:
+    if module == "tests.test_properties":  # case ids: hf-<family>-<modality>-<padding>
+        case = re.search(r"\[hf-(\w+?)-", test_name)
+        return case.group(1) if case and case.group(1) in FAMILIES else None
     tokens = re.split(r"[\[\]\-]", test_name)
     for token in tokens[1:]:
         if token in FAMILIES:
@@ -51,9 +55,9 @@ def read(path: pathlib.Path) -> tuple[str, str, dict, float]:
             version = prop.get("value")
     counts: dict = {}
     for case in root.iter("testcase"):
-        if case.get("classname") != MODULE:
+        if case.get("classname") not in MODULES:
             continue
-        family = family_of(case.get("name", ""))
+        family = family_of(case.get("name", ""), case.get("classname"))
         if family is None:
             continue
         c = counts.setdefault(family, {"passed": 0, "failed": 0, "skipped": []})
@@ -86,11 +90,12 @@ def render(results: list[tuple[str, str, dict, float]]) -> str:
         "by hand). Regenerate with `tox` (all envs, then the `support-matrix` env), or after running",
         "some envs: `tox -e py,hf-4.45,hf-4.49,hf-4.57,support-matrix`.",
         "",
-        "A cell counts the tests of tests/test_transformers_families.py for that family: faithful",
-        "mode = spec reference (loss and gradients, 1e-5 relative; images and videos), eval and",
-        "generate unchanged, text-only samples weigh alpha, drop = mask on text rows, original",
-        "M-RoPE positions kept (Qwen), version and class errors. `-` = the family is not in that",
-        "transformers release.",
+        "A cell counts the tests of that family: its cases in tests/test_properties.py (faithful",
+        "mode = spec reference in loss and gradients, 1e-5 relative; unit weights = the model's own",
+        "loss; drop = mask on text rows; no vocabulary-sized contrast tensors; disable, eval and",
+        "generate unchanged; images and videos, both paddings) and tests/test_transformers_families.py",
+        "(original M-RoPE positions kept, deepstack, MoE router loss, version and class errors).",
+        "`-` = the family is not in that transformers release.",
         "",
         "| family | class | " + " | ".join(f"{v} (`{env}`)" for env, v, _, _ in results) + " |",
         "|---|---|" + "---|" * len(results),
@@ -129,7 +134,7 @@ def main(argv: list[str]) -> int:
     files = sorted(results_dir.glob("*.xml"))
     results = [r for r in map(read, files) if r[2]]
     if not results:
-        print(f"no results of {MODULE} in {results_dir}/*.xml: run the tox envs first "
+        print(f"no results of {', '.join(MODULES)} in {results_dir}/*.xml: run the tox envs first "
               "(tox -e py,hf-4.45,hf-4.49,hf-4.57)", file=sys.stderr)
         return 1
     output.write_text(render(results))

@@ -1,4 +1,4 @@
-"""The core math against numbers computed by hand from ../shared/CAL_SPEC.md."""
+"""The core math against numbers computed by hand from the algorithm of docs/cal.md."""
 import math
 
 import pytest

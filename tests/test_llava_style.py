@@ -1,4 +1,6 @@
-"""calplug on LLaVA-style codebases (tiny seeded models built from configs, CPU).
+"""calplug on LLaVA-style codebases (tiny seeded models built from configs, CPU): what is
+particular to their splice. The properties every integration shares run on these codebases' cases
+in tests/test_properties.py.
 
 haotian-liu LLaVA (llava-torch==1.2.2.post1, tox -e llava), LLaVA-VL LLaVA-NeXT
 ($CALPLUG_LLAVA_NEXT_SRC, tox -e llava-next) and MGM ($CALPLUG_MGM_SRC, tox -e mgm). Each test
@@ -10,171 +12,29 @@ import torch
 import calplug
 from calplug import CALInputError
 from _faithful import faithful_step_after_reference
-from reference import assert_grads_rel_close, reference_cal_loss, reference_weights
+from cases import LLAVA_STYLE, llava_style_reference
+from reference import assert_grads_rel_close
 
 import _llava_style_models as tiny
 
-# (codebase, variant, backbone): 1.5 'pad' and 1.6 'anyres' + 'spatial_unpad' on every codebase
-# that has them; the Qwen2 backbone of LLaVA-NeXT; MGM with its high-resolution branch ('aux': a
-# ConvNeXt tower fed `images_aux`, mined into the CLIP features).
-CASES = [
-    ("llava", "pad", "llama"), ("llava", "anyres", "llama"), ("llava", "pad", "mistral"),
-    ("llava-next", "pad", "llama"), ("llava-next", "anyres", "llama"), ("llava-next", "anyres", "qwen2"),
-    ("mgm", "pad", "llama"), ("mgm", "aux", "llama"),
-]
+CASES = LLAVA_STYLE
 IDS = ["-".join(c) for c in CASES]
 # One case per codebase (and both LLaVA variants) for the behaviour tests.
 FEW = [CASES[0], CASES[1], CASES[4], CASES[6], CASES[7]]
 FEW_IDS = ["-".join(c) for c in FEW]
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """``fn() -> path`` of a tiny CLIP vision tower, saved on first use (after the skip checks)."""
-    saved = []
-
-    def folder():
-        if not saved:
-            saved.append(tiny.save_tiny_clip(str(tmp_path_factory.mktemp("openai-tiny-clip"))))
-        return saved[0]
-
-    return folder
-
-
-def make(case, clip_folder, **overrides):
+def make(case, env, **overrides):
     name, variant, backbone = case
     package = tiny.codebase(name)
     if isinstance(package, str):
         pytest.skip(package)
-    return tiny.build(name, clip_folder(), variant=variant, backbone=backbone, **overrides)
-
-
-def reference_step(model, batch, alpha, beta, window):
-    """Spec steps 1-8 by hand: the upstream splice, two full forwards of the language model with
-    full logits (the second with attention to image positions removed), flattened pooling."""
-    pos, mask, embeds, labels = tiny.splice(model, batch)
-    decoder = model.get_model()
-    logits = model.lm_head(decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)[0]).float()
-    image = tiny.image_positions(model, embeds, mask)
-    with torch.no_grad():
-        hidden = decoder(inputs_embeds=embeds, attention_mask=mask * (~image).to(mask.dtype),
-                         position_ids=pos)[0]
-        logits_wo = model.lm_head(hidden).float()
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
-    return loss, reference_weights(logits, logits_wo, labels, alpha, beta, window), image, mask
-
-
-def labels_of(batch, model):
-    return tiny.splice(model, batch)[3]
-
-
-SETTINGS = {  # config overrides and batch options
-    "right": (dict(tokenizer_padding_side="right"), dict(padding_side="right")),
-    "left": (dict(tokenizer_padding_side="left"), dict(padding_side="left")),
-    "left-truncated": (dict(tokenizer_padding_side="left", tokenizer_model_max_length=None),
-                       dict(padding_side="right")),
-}
-# Cuts answers of samples 0 and 3 and the second image of sample 1, keeping some supervised
-# tokens after an image (with every image sample's answer cut, alpha = 0 leaves no weight
-# but round-off, which the 1e-6 of the normaliser then amplifies).
-TRUNCATE = {"pad": 24, "anyres": 62, "aux": 24}
-
-
-@pytest.mark.parametrize("alpha, beta, window", [(0.0, 5.0, 3), (0.0, 0.05, 1)])
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_faithful_mode_equals_reference(case, setting, alpha, beta, window, clip_folder):
-    overrides, batch_options = SETTINGS[setting]
-    if "tokenizer_model_max_length" in overrides:
-        overrides = dict(overrides, tokenizer_model_max_length=TRUNCATE[case[1]])
-    model = make(case, clip_folder, **overrides)
-    # padding, a text-only sample (index 2) and a sample with two images (index 1)
-    batch = tiny.batch(model, variant=case[1], **batch_options)
-    ref_loss, (ref_w, ref_delta), image, mask = reference_step(model, batch, alpha, beta, window)
-    if "truncated" in setting:
-        assert mask.shape[1] == TRUNCATE[case[1]]
-        model.config.tokenizer_model_max_length = None
-        full = tiny.splice(model, batch)[3]
-        model.config.tokenizer_model_max_length = TRUNCATE[case[1]]
-        assert full.shape[1] > mask.shape[1] and int((full != -100).sum()) > int((labels_of(batch, model) != -100).sum())
-    assert int(image.sum()) > 0 and int(image[2].sum()) == 0
-    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
-    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref_delta, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.cal_weights.reshape(-1), ref_w, rtol=1e-5, atol=1e-5)
-    assert "lm_head.weight" in cal_grads
-    assert any("mm_projector" in n for n in cal_grads)
-    if case[1] == "anyres":
-        assert any("image_newline" in n for n in cal_grads)  # spatial_unpad's newline feature
-    if case[1] == "aux":
-        assert any("vlm_uni_aux_projector" in n for n in cal_grads)  # the images_aux branch
-    # atol: MGM's aux branch has key-projection biases (vlm_uni_aux_projector) whose gradient is 0
-    # in exact arithmetic (softmax is shift-invariant) and ~1e-8 of round-off in fp32.
-    assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=1e-7)
-    assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
-    if beta == 5.0:
-        assert out.cal_weights.std() > 0.01  # the weights really vary
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_weights_one_give_the_upstream_loss(case, clip_folder):
-    """alpha = beta = 1: every weight is 1, so the CAL loss is the upstream's own mean
-    cross-entropy: labels, image positions and padding line up with what the upstream trains on."""
-    model = make(case, clip_folder, tokenizer_padding_side="left")
-    batch = tiny.batch(model, variant=case[1], padding_side="left")
-    plain = model(**batch)[0] if isinstance(model(**batch), tuple) else model(**batch).loss
-    calplug.enable(model, contrast="mask", alpha=1.0, beta=1.0)
-    out = model(**batch)
-    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
-    assert torch.all(out.cal_weights == 1.0)
-
-
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_drop_gaps_equal_mask_gaps_except_removed_rows(case, padding_side, clip_folder):
-    """calplug/contrast.py: drop differs from mask only on rows at removed positions (image
-    features, padding)."""
-    model = make(case, clip_folder, tokenizer_padding_side=padding_side)
-    batch = tiny.batch(model, variant=case[1], padding_side=padding_side)
-    _, mask, embeds, _ = tiny.splice(model, batch)
-    removed = (tiny.image_positions(model, embeds, mask) | (mask == 0))[:, :-1]
-    with calplug.enabled(model, contrast="drop", alpha=0.0):
-        drop = model(**batch).cal_gaps
-    with calplug.enabled(model, contrast="mask", alpha=0.0):
-        masked = model(**batch).cal_gaps
-    text_rows = ~removed
-    assert int(text_rows.sum()) > 20
-    torch.testing.assert_close(drop[text_rows], masked[text_rows], rtol=1e-4, atol=1e-4)
-    assert float((drop - masked)[removed].abs().max()) > 1e-3
-    assert torch.count_nonzero(drop[2]) == 0
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_eval_and_no_labels_return_what_the_original_returns(case, clip_folder):
-    model = make(case, clip_folder)
-    batch = tiny.batch(model, variant=case[1])
-    no_labels = {k: v for k, v in batch.items() if k != "labels"}
-    model.eval()
-    before_eval = model(**batch)
-    model.train()
-    before_train = model(**no_labels)
-    calplug.enable(model)
-    model.eval()
-    after_eval = model(**batch)
-    model.train()
-    after_train = model(**no_labels)
-    for before, after in ((before_eval, after_eval), (before_train, after_train)):
-        assert type(before) is type(after)
-        assert torch.equal(before.logits, after.logits)
-        assert (before.loss is None) == (after.loss is None)
-        if before.loss is not None:
-            assert torch.equal(before.loss, after.loss)
-    assert not hasattr(after_train, "cal_weights")
+    return tiny.build(name, env.clip_folder(), variant=variant, backbone=backbone, **overrides)
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_disable_restores_and_the_splice_is_never_left_patched(case, clip_folder):
-    model = make(case, clip_folder)
+def test_disable_restores_and_the_splice_is_never_left_patched(case, env):
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     plain = model(**batch).loss
     calplug.enable(model)
@@ -195,8 +55,8 @@ def test_disable_restores_and_the_splice_is_never_left_patched(case, clip_folder
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_bad_labels_are_refused_with_the_fix(case, clip_folder):
-    model = make(case, clip_folder)
+def test_bad_labels_are_refused_with_the_fix(case, env):
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     calplug.enable(model)
     with pytest.raises(CALInputError, match="do not match input_ids"):
@@ -204,9 +64,9 @@ def test_bad_labels_are_refused_with_the_fix(case, clip_folder):
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_no_images_in_the_batch(case, clip_folder):
+def test_no_images_in_the_batch(case, env):
     """images=None: the splice returns input_ids; every gap is 0 and the loss is plain CE."""
-    model = make(case, clip_folder)
+    model = make(case, env)
     batch = tiny.batch(model, samples=((3, 0, 6), (5, 0, 4)))
     batch.pop("images")
     plain = model(**batch).loss
@@ -217,10 +77,10 @@ def test_no_images_in_the_batch(case, clip_folder):
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_upstream_computes_no_cross_entropy_of_its_own(case, clip_folder, monkeypatch):
+def test_upstream_computes_no_cross_entropy_of_its_own(case, env, monkeypatch):
     """The rest of the forward gets labels=None: no cross-entropy over all B * (L - 1) rows
     besides calplug's own over the supervised rows (every path here ends in F.cross_entropy)."""
-    model = make(case, clip_folder)
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     rows = []
     original = torch.nn.functional.cross_entropy
@@ -253,10 +113,10 @@ def _decoder_positions(model, batch, **config):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] == "llava-next"],
                          ids=[i for i, c in zip(IDS, CASES) if c[0] == "llava-next"])
-def test_pos_skipping_positions_are_reused_not_recomputed(case, clip_folder):
+def test_pos_skipping_positions_are_reused_not_recomputed(case, env):
     """LLaVA-NeXT's use_pos_skipping shifts positions at random inside the splice: the contrast
     pass must get the positions the main pass used."""
-    model = make(case, clip_folder, use_pos_skipping=True, pos_skipping_range=1000)
+    model = make(case, env, use_pos_skipping=True, pos_skipping_range=1000)
     batch = tiny.batch(model, variant=case[1])
     (main_pos, L), (contrast_pos, _) = _decoder_positions(model, batch, contrast="mask")
     assert main_pos is not None and not torch.equal(main_pos[0], torch.arange(L))
@@ -283,12 +143,13 @@ def video_batch(model, variant, frames=3):
 
 
 @pytest.mark.parametrize("case", NEXT_CASES, ids=NEXT_IDS)
-def test_llava_next_video_sample(case, clip_folder):
+def test_llava_next_video_sample(case, env):
     """A video sample: its pooled frame features are image positions like any image's. Faithful
     mode equals the reference in loss and gradients; drop equals mask on every text row."""
-    model = make(case, clip_folder, mm_spatial_pool_mode="average", mm_spatial_pool_stride=2)
+    model = make(case, env, mm_spatial_pool_mode="average", mm_spatial_pool_stride=2)
     batch = video_batch(model, case[1])
-    ref_loss, (ref_w, ref_delta), image, mask = reference_step(model, batch, 0.0, 5.0, 3)
+    ref = llava_style_reference(model, batch, 0.0, 5.0, 3)
+    ref_loss, ref_delta, image, mask = ref.loss, ref.gaps, ref.visual, ref.attention
     frames = batch["images"][0].shape[0]
     per_frame = (model.get_vision_tower().num_patches_per_side // 2) ** 2
     assert int(image[0].sum()) >= frames * per_frame  # the whole clip, pooled, is visual
@@ -307,10 +168,10 @@ def test_llava_next_video_sample(case, clip_folder):
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_drop_keeps_original_positions(case, clip_folder):
+def test_drop_keeps_original_positions(case, env):
     """The drop pass is shorter than the main pass but keeps each text token's position
     (transformers < 4.38 cut their rotary table to the sequence length: calplug lengthens it)."""
-    model = make(case, clip_folder)
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     (main_pos, L), (drop_pos, L_drop) = _decoder_positions(model, batch, contrast="drop")
     assert main_pos is None and L_drop < L  # haotian-liu passes None: 0..L-1
@@ -318,8 +179,8 @@ def test_drop_keeps_original_positions(case, clip_folder):
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
-    model = make(case, clip_folder)
+def test_blur_reruns_the_splice_on_blurred_images(case, env):
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     with calplug.enabled(model, contrast="blur", alpha=0.0, blur_sigma=1e-3):
         same = model(**batch).cal_gaps  # a kernel of width one: the images are unchanged
@@ -331,14 +192,14 @@ def test_blur_reruns_the_splice_on_blurred_images(case, clip_folder):
 
 
 @pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
-def test_blur_on_a_sharded_rank_with_only_dummy_images(case, clip_folder, monkeypatch):
+def test_blur_on_a_sharded_rank_with_only_dummy_images(case, env, monkeypatch):
     """ZeRO-3, simulated: another rank blurs its images, so it runs the vision tower again. This
     rank's samples are all text-only with the zero images LLaVA's loader gives them: it must run
     its vision path too (unchanged pixels) and a placeholder decoder pass, and its loss stays plain
     cross-entropy. Without any pixels it cannot, and stops with the error naming the fix."""
     from calplug import distributed
 
-    model = make(case, clip_folder)
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1], samples=((3, 0, 6), (5, 0, 4)))
     plain = model(**batch).loss
     offered = []
@@ -361,9 +222,9 @@ def test_blur_on_a_sharded_rank_with_only_dummy_images(case, clip_folder, monkey
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, clip_folder):
+def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, env):
     """Tables 8/9 on the LLaVA-style codebases: ratio 0 contrasts nothing, ratio 1 is `mask`."""
-    model = make(case, clip_folder)
+    model = make(case, env)
     batch = tiny.batch(model, variant=case[1])
     with calplug.enabled(model, contrast="mask", alpha=0.0):
         masked = model(**batch).cal_gaps

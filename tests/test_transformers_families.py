@@ -7,13 +7,11 @@ Tiny seeded random-init models (tests/_hf_families.py), CPU, eager attention.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import calplug
 from calplug import CALInputError, UnsupportedModelError
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
-from _faithful import faithful_step_after_reference
-from reference import assert_grads_rel_close, assert_rel_close, grads, reference_cal_loss, reference_weights
+from reference import assert_grads_rel_close, grads
 
 IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
 VIDEO_BATCH = ("video", "image", None)   # a video sample, an image sample, a text-only one
@@ -51,88 +49,6 @@ def skip_known_upstream_bug(name, kinds):
 def model_for(name, seed=0):
     family = family_or_skip(name)
     return family, family.build(seed).train()
-
-
-def reference_step(model, batch, alpha, beta, window):
-    """Spec steps 1-8 by hand: the usual forward, and a second full decoder pass with the same
-    decoder inputs (merged embeddings, positions, extra visual inputs) and attention to the
-    visual positions removed; full logits, flattened pooling."""
-    decoder, head = decoder_and_head(model)
-    captured = {}
-    handle = decoder.register_forward_pre_hook(
-        lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    handle.remove()
-    visual = visual_positions(model, batch["input_ids"])
-    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS}
-    kw["attention_mask"] = batch["attention_mask"] * (~visual).long()
-    with torch.no_grad():
-        logits_wo = head(decoder(**kw)[0])
-    loss = reference_cal_loss(logits, logits_wo, batch["labels"], alpha, beta, window)
-    return loss, reference_weights(logits, logits_wo, batch["labels"], alpha, beta, window)
-
-
-def faithful_cases():
-    for name, family in FAMILIES.items():
-        yield pytest.param(name, IMAGE_BATCH, id=f"{name}-image")
-        if family.video:
-            yield pytest.param(name, VIDEO_BATCH, id=f"{name}-video")
-
-
-@pytest.mark.parametrize("name, kinds", list(faithful_cases()))
-def test_faithful_mode_equals_reference(name, kinds):
-    skip_known_upstream_bug(name, kinds)
-    family, model = model_for(name)
-    batch = make_batch(family, model, kinds=kinds, padding_side="left" if "video" in kinds else "right")
-    alpha, beta, window = 0.0, 5.0, 3
-    ref_loss, (ref_w, ref_delta) = reference_step(model, batch, alpha, beta, window)
-    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window)
-    assert_rel_close(out.loss, ref_loss, 1e-5, "loss")
-    torch.testing.assert_close(out.cal_gaps.view(-1), ref_delta, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.cal_weights.view(-1), ref_w, rtol=1e-5, atol=1e-6)
-    assert_grads_rel_close(cal_grads, ref_grads, 1e-5)
-    visual = visual_positions(model, batch["input_ids"])
-    assert visual[0].sum() > 0 and visual[2].sum() == 0
-    # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
-    plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
-    assert out.cal_weights.std() > 1e-3 and (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
-    assert out.cal_gaps[0].abs().max() > 0 and torch.all(out.cal_gaps[2] == 0)
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_alpha_one_is_plain_loss_and_text_only_sample_weighs_one(name):
-    family, model = model_for(name)
-    batch = make_batch(family, model, kinds=IMAGE_BATCH)
-    plain = model(**batch).loss
-    calplug.enable(model, contrast="mask", pool_window=1)
-    out = model(**batch)
-    # sample 2 is text-only: no gap, so every weight is alpha = 1
-    assert torch.all(out.cal_gaps[2] == 0) and torch.all(out.cal_weights[2] == 1.0)
-    # random-init gaps are below 1, so all weights clamp to alpha = 1: plain cross-entropy
-    assert torch.all(out.cal_weights == 1.0)
-    torch.testing.assert_close(out.loss, plain, rtol=1e-6, atol=0)
-    calplug.enable(model, alpha=0.0, beta=5.0)
-    out = model(**batch)
-    assert torch.all(out.cal_weights[2] == 0.0) and out.cal_weights[0].max() > 0
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_eval_and_generate_unchanged(name):
-    family, model = model_for(name)
-    batch = make_batch(family, model, kinds=IMAGE_BATCH)
-    model.eval()
-    ref = model(**batch)
-    one = make_batch(family, model, kinds=("image",), lengths=(6,))
-    inputs = {k: v for k, v in one.items() if k != "labels"}
-    ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    calplug.enable(model, contrast="mask")
-    out = model(**batch)
-    assert type(out) is type(ref) and torch.equal(out.loss, ref.loss) and torch.equal(out.logits, ref.logits)
-    assert not hasattr(out, "cal_weights")
-    gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert gen.shape[1] > inputs["input_ids"].shape[1] and torch.equal(gen, ref_gen)
-    model.train()
-    assert hasattr(model(**batch), "cal_weights")  # training mode is where CAL acts
 
 
 def decoder_calls(decoder):
@@ -262,21 +178,6 @@ def test_qwen3_vl_moe_keeps_the_router_load_balancing_loss():
     assert (cal_routed.loss - cal_plain.loss).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5)
     with calplug.enabled(model), pytest.raises(CALInputError, match="return_dict=True"):
         model(**routed, return_dict=False)
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_drop_equals_mask_on_text_rows(name):
-    family, model = model_for(name)
-    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
-    batch = make_batch(family, model, kinds=kinds)
-    keep = batch["attention_mask"].bool() & ~visual_positions(model, batch["input_ids"])
-    calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
-    masked = model(**batch).cal_gaps
-    calplug.enable(model, contrast="drop")
-    dropped = model(**batch).cal_gaps
-    rows = keep[:, :-1]
-    torch.testing.assert_close(dropped[rows], masked[rows], rtol=1e-4, atol=1e-5)
-    assert masked[rows].abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from ..gap import IGNORE_INDEX
+
 VARIANTS = ("plain", "cal_default", "cal_faithful", "cal_chunked", "floor")
 LABELS = {
     "plain": "plain step (model's own loss)",
@@ -81,9 +83,8 @@ class BenchConfig:
 # -- model and batch ------------------------------------------------------------------------------
 def build_model(cfg: BenchConfig):
     """A random-init LLaVA-shaped `LlavaForConditionalGeneration` (CLIP tower -> Llama decoder)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     from ..errors import CALConfigError
+    from ..testing import tiny_llava
 
     side = math.isqrt(cfg.image_tokens)
     if side * side != cfg.image_tokens:
@@ -94,20 +95,13 @@ def build_model(cfg: BenchConfig):
     if cfg.text_before_image >= cfg.text_tokens - cfg.batch:
         raise CALConfigError("--text-before-image must be smaller than --text-tokens")
     patch = 14
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
-                                       num_hidden_layers=cfg.vision_layers, num_attention_heads=2,
-                                       image_size=side * patch, patch_size=patch),
-        text_config=LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden,
-                                intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-                                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                                max_position_embeddings=max(4096, 2 * (cfg.image_tokens + cfg.text_tokens))),
-        image_token_index=cfg.vocab - 1, image_seq_length=cfg.image_tokens,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )
-    config._attn_implementation = cfg.attn
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
+    model = tiny_llava(cfg.seed, vocab_size=cfg.vocab, hidden_size=cfg.hidden, layers=cfg.layers,
+                       intermediate_size=cfg.intermediate, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                       image_size=side * patch, patch_size=patch, vision_hidden=cfg.vision_hidden,
+                       vision_layers=cfg.vision_layers, vision_heads=2, vision_feature_layer=-1,
+                       image_token=cfg.vocab - 1,
+                       max_positions=max(4096, 2 * (cfg.image_tokens + cfg.text_tokens)),
+                       attn_implementation=cfg.attn)
     return model.to(device=cfg.resolved_device(), dtype=cfg.resolved_dtype()).train()
 
 
@@ -123,15 +117,15 @@ def build_batch(model, cfg: BenchConfig) -> dict:
     for b in range(cfg.batch):
         n_text = max(cfg.text_tokens - 16 * b, cfg.text_before_image + 2)
         text = torch.randint(3, image_token - 1, (n_text,), generator=g)
-        lab = torch.full_like(text, -100)
+        lab = torch.full_like(text, IGNORE_INDEX)
         n_answer = max(1, int(round(cfg.answer_share * (n_text - cfg.text_before_image))))
         lab[-n_answer:] = text[-n_answer:]
         k = cfg.text_before_image
         seqs.append(torch.cat([text[:k], torch.full((cfg.image_tokens,), image_token), text[k:]]))
-        labs.append(torch.cat([lab[:k], torch.full((cfg.image_tokens,), -100), lab[k:]]))
+        labs.append(torch.cat([lab[:k], torch.full((cfg.image_tokens,), IGNORE_INDEX), lab[k:]]))
     L = max(s.numel() for s in seqs)
     input_ids = torch.zeros(cfg.batch, L, dtype=torch.long)
-    labels = torch.full((cfg.batch, L), -100, dtype=torch.long)
+    labels = torch.full((cfg.batch, L), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(cfg.batch, L, dtype=torch.long)
     for b, (s, lab) in enumerate(zip(seqs, labs)):
         input_ids[b, :s.numel()], labels[b, :s.numel()], mask[b, :s.numel()] = s, lab, 1
@@ -343,7 +337,7 @@ def benchmark(cfg: BenchConfig) -> dict:
             "image_tokens": cfg.image_tokens,
             "text_tokens": [int(x) for x in ((batch["attention_mask"] == 1)
                                              & (batch["input_ids"] != model.config.image_token_index)).sum(1)],
-            "supervised": int((batch["labels"][:, 1:] != -100).sum()),
+            "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
             "decoder_params": sum(p.numel() for p in decoder.parameters()),
             "lm_head_params": lm_head.weight.numel(),
         },

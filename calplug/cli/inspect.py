@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CALConfigError, CALInputError
+from ..gap import IGNORE_INDEX
 
 
 # -- gaps and weights from a CAL training forward -------------------------------------------------
@@ -55,7 +56,7 @@ def gaps_and_weights(model, batch: dict, config=None) -> dict:
     if gaps is None or weights is None:
         raise CALInputError("the model's training forward returned no cal_gaps / cal_weights: "
                             "was it given labels?")
-    supervised = batch["labels"][:, 1:] != -100
+    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
     return dict(gaps=gaps.float().cpu(), weights=weights.float().cpu(), supervised=supervised.cpu())
 
 
@@ -104,7 +105,7 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
             raise CALInputError("the tokens of the prompt alone are not a prefix of prompt + caption; "
                                 "end --prompt with a space or newline")
         labels = ids.clone()
-        labels[:n_prompt] = -100
+        labels[:n_prompt] = IGNORE_INDEX
         rows.append((full, labels))
     # one sample per forward: no padding conventions to get right
     batches = [dict(**{k: v for k, v in full.items()}, labels=labels[None]) for full, labels in rows]

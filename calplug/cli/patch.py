@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..config import did_you_mean
 from ..errors import CALError
 
 SUFFIX = ".patch"
@@ -176,10 +177,8 @@ def resolve(name: str) -> PatchFile:
     if len(prefixed) == 1:
         return prefixed[0]
     names = sorted(by_name)
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     which = "matches several patches" if prefixed else "is not a calplug patch"
-    raise PatchError(f"{name!r} {which}.{hint} Available: {', '.join(names)} (`calplug patch list`).")
+    raise PatchError(f"{name!r} {which}.{did_you_mean(name, names)} Available: {', '.join(names)} (`calplug patch list`).")
 
 
 # -- checking -------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..gap import IGNORE_INDEX
+
 ATTRIBUTES = {
     "size": ("small", "large"),
     "colour": ("red", "green", "blue", "yellow", "purple", "white"),
@@ -189,7 +191,7 @@ def batch(data: CaptionSet, index, vocab: Vocab) -> dict:
     for i in index:
         cap = vocab.encode(data.captions[int(i)])
         ids.append(prompt + cap)
-        labels.append([-100] * len(prompt) + cap)
+        labels.append([IGNORE_INDEX] * len(prompt) + cap)
     input_ids = torch.tensor(ids)
     return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                 labels=torch.tensor(labels), pixel_values=data.pixel_values[torch.as_tensor(index)])

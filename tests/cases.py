@@ -1,0 +1,284 @@
+"""The registry of integration cases that tests/test_properties.py checks, one property at a time.
+
+A case is one integration, with one modality and one layout of the batch: a tiny seeded model and
+a training batch, the two-forward reference of the spec written by the test itself (never by
+calplug), and where the image positions of the decoder sequence are. Adding an integration to
+calplug means adding its cases here (and its tiny model to the helpers it uses); every property
+then runs on it. Case ids start with the kind (``testing-``, ``hf-``, ``llava_style-``), which the
+tox envs select by (``-k``) and tests/support_matrix.py reads.
+
+Each batch holds padding, a text-only sample at index 2 and image (or video) samples before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+
+import _hf_families as hf
+import _llava_style_models as styled
+from reference import reference_cal_loss, reference_weights
+
+SETTING = (0.0, 5.0, 3)  # alpha, beta, window: weights that vary on a random-init model
+
+
+@dataclasses.dataclass
+class Reference:
+    """The spec computed by the test: loss, flat weights and gaps, and the decoder sequence's
+    labels, image positions and padding mask."""
+
+    loss: torch.Tensor
+    weights: torch.Tensor
+    gaps: torch.Tensor
+    labels: torch.Tensor
+    visual: torch.Tensor
+    attention: torch.Tensor
+
+
+@dataclasses.dataclass
+class Layout:
+    """The decoder sequence of a batch: labels, image positions and padding mask, ``[B, L]``."""
+
+    labels: torch.Tensor
+    visual: torch.Tensor
+    attention: torch.Tensor
+
+    @property
+    def text_rows(self) -> torch.Tensor:
+        """Shifted rows at kept (text, not padding) positions: where drop must equal mask."""
+        return (self.attention.bool() & ~self.visual)[:, :-1]
+
+    @property
+    def removed_rows(self) -> torch.Tensor:
+        return ~self.text_rows
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    build: Callable[["Env"], tuple]                      # -> (model in train mode, batch)
+    reference: Callable[..., Reference]                  # (model, batch, alpha, beta, window)
+    layout: Callable[..., Layout]                        # (model, batch)
+    decoder: Callable                                    # model -> the text decoder module
+    settings: tuple = (SETTING,)                         # (alpha, beta, window) of the faithful test
+    gap_atol: float = 1e-6                               # faithful gaps / weights
+    grad_atol: float = 1e-8                              # faithful gradients (rel 1e-5 + atol)
+    drop_atol: float = 1e-4                              # drop vs mask on text rows (rtol 1e-4)
+    min_weight_std: float = 1e-3                         # faithful weights really vary
+    far_from_plain: bool = True                          # ... and move the loss off plain CE
+    grad_names: tuple = ()                               # parameters that must get a gradient
+    generate_inputs: Callable | None = None              # model -> inputs of generate(), or None
+    check: Callable | None = None                        # (model, batch, Reference) extra faithful checks
+
+    def own_loss(self, model, batch) -> torch.Tensor:
+        out = model(**batch)
+        return out[0] if isinstance(out, tuple) else out.loss
+
+
+class Env:
+    """What cases share within a test session: a tiny CLIP tower saved once (LLaVA codebases)."""
+
+    def __init__(self, tmp_path_factory):
+        self._factory = tmp_path_factory
+        self._clip = None
+
+    def clip_folder(self) -> str:
+        if self._clip is None:
+            self._clip = styled.save_tiny_clip(str(self._factory.mktemp("openai-tiny-clip")))
+        return self._clip
+
+
+# -- transformers classes: calplug's tiny Llava and every family of tests/_hf_families.py --------
+CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
+
+
+def hf_reference(model, batch, alpha, beta, window) -> Reference:
+    """Spec steps 1-8 by hand: the usual forward, and a second full decoder pass with the same
+    decoder inputs (merged embeddings, positions, extra visual inputs) and attention to the
+    visual positions removed; full logits, flattened pooling."""
+    decoder, head = hf.decoder_and_head(model)
+    captured = {}
+    handle = decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    handle.remove()
+    layout = hf_layout(model, batch)
+    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS}
+    kw["attention_mask"] = batch["attention_mask"] * (~layout.visual).long()
+    with torch.no_grad():
+        logits_wo = head(decoder(**kw)[0])
+    labels = batch["labels"]
+    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
+    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
+    return Reference(loss, weights, gaps, labels, layout.visual, layout.attention)
+
+
+def hf_layout(model, batch) -> Layout:
+    return Layout(batch["labels"], hf.visual_positions(model, batch["input_ids"]),
+                  batch["attention_mask"])
+
+
+def hf_decoder(model):
+    return hf.decoder_and_head(model)[0]
+
+
+def _video_works(name) -> bool:
+    return not (name == "llava_onevision" and (4, 49) <= hf.tf_version() < (4, 50))
+
+
+def family_case(name: str, kind: str, padding_side: str) -> Case:
+    family = hf.FAMILIES[name]
+    kinds = ("image", "image", None) if kind == "image" else ("video", "image", None)
+
+    def build(env):
+        if not family.available():
+            import transformers
+
+            pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]} "
+                        f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+        if kind == "video" and not _video_works(name):
+            pytest.skip("transformers 4.49's LlavaOnevision cannot take videos (its video check reads "
+                        "the image mask: UnboundLocalError / false size mismatch); use 4.45 or >= 4.50")
+        model = family.build(0).train()
+        return model, hf.make_batch(family, model, kinds=kinds, padding_side=padding_side)
+
+    def generate_inputs(model):
+        one = hf.make_batch(family, model, kinds=("image",), lengths=(6,))
+        return {k: v for k, v in one.items() if k != "labels"}
+
+    return Case(f"hf-{name}-{kind}-{padding_side}", build, hf_reference, hf_layout, hf_decoder,
+                drop_atol=1e-5,
+                generate_inputs=generate_inputs if (kind, padding_side) == ("image", "right") else None)
+
+
+def tiny_llava_case(padding_side: str, attn: str) -> Case:
+    """calplug.testing's tiny Llava, the model of the demo and the bench: three clamp settings,
+    both paddings, eager and SDPA attention."""
+
+    def build(env):
+        from calplug.testing import llava_batch, tiny_llava
+
+        model = tiny_llava(seed=0, attn_implementation=attn).train()
+        return model, llava_batch(model, padding_side=padding_side)
+
+    def generate_inputs(model):
+        from calplug.testing import llava_batch
+
+        one = llava_batch(model, lengths=(6,), with_image=(True,))
+        return {k: v for k, v in one.items() if k != "labels"}
+
+    return Case(f"testing-tiny_llava-{attn}-{padding_side}", build, hf_reference, hf_layout,
+                hf_decoder, settings=((0.0, 5.0, 3), (1.0, 5.0, 3), (0.0, 0.05, 1)),
+                min_weight_std=0.01,
+                generate_inputs=generate_inputs if padding_side == "right" else None)
+
+
+# -- LLaVA-style codebases: haotian-liu LLaVA, LLaVA-NeXT, MGM (tests/_llava_style_models.py) ----
+# Cuts answers of samples 0 and 3 and the second image of sample 1, keeping some supervised
+# tokens after an image (with every image sample's answer cut, alpha = 0 leaves no weight but
+# round-off, which the 1e-6 of the normaliser then amplifies).
+TRUNCATE = {"pad": 24, "anyres": 62, "aux": 24}
+LAYOUTS = {  # config overrides and batch options
+    "right": (dict(tokenizer_padding_side="right"), dict(padding_side="right")),
+    "left": (dict(tokenizer_padding_side="left"), dict(padding_side="left")),
+    "left-truncated": (dict(tokenizer_padding_side="left", tokenizer_model_max_length=None),
+                       dict(padding_side="right")),
+}
+
+
+def llava_style_reference(model, batch, alpha, beta, window) -> Reference:
+    """Spec steps 1-8 by hand: the upstream splice, two full forwards of the language model with
+    full logits (the second with attention to image positions removed), flattened pooling."""
+    pos, mask, embeds, labels = styled.splice(model, batch)
+    decoder = model.get_model()
+    logits = model.lm_head(decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)[0]).float()
+    image = styled.image_positions(model, embeds, mask)
+    with torch.no_grad():
+        hidden = decoder(inputs_embeds=embeds, attention_mask=mask * (~image).to(mask.dtype),
+                         position_ids=pos)[0]
+        logits_wo = model.lm_head(hidden).float()
+    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
+    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
+    return Reference(loss, weights, gaps, labels, image, mask)
+
+
+def llava_style_layout(model, batch) -> Layout:
+    _, mask, embeds, labels = styled.splice(model, batch)
+    return Layout(labels, styled.image_positions(model, embeds, mask), mask)
+
+
+def llava_style_case(codebase: str, variant: str, backbone: str, layout: str) -> Case:
+    overrides, batch_options = LAYOUTS[layout]
+    if "tokenizer_model_max_length" in overrides:
+        overrides = dict(overrides, tokenizer_model_max_length=TRUNCATE[variant])
+
+    def build(env):
+        package = styled.codebase(codebase)
+        if isinstance(package, str):
+            pytest.skip(package)
+        model = styled.build(codebase, env.clip_folder(), variant=variant, backbone=backbone,
+                             **overrides)
+        return model, styled.batch(model, variant=variant, **batch_options)
+
+    def truncated(model, batch, ref):
+        """The splice really cut the sequence: fewer supervised labels than without the cut."""
+        assert ref.attention.shape[1] == TRUNCATE[variant]
+        model.config.tokenizer_model_max_length = None
+        full = styled.splice(model, batch)[3]
+        model.config.tokenizer_model_max_length = TRUNCATE[variant]
+        assert full.shape[1] > ref.attention.shape[1]
+        assert int((full != -100).sum()) > int((styled.splice(model, batch)[3] != -100).sum())
+
+    grad_names = ("lm_head.weight", "mm_projector")
+    if variant == "anyres":
+        grad_names += ("image_newline",)        # spatial_unpad's newline feature
+    if variant == "aux":
+        grad_names += ("vlm_uni_aux_projector",)  # MGM's images_aux branch
+    return Case(f"llava_style-{codebase}-{variant}-{backbone}-{layout}", build,
+                llava_style_reference, llava_style_layout, lambda model: model.get_model(),
+                settings=((0.0, 5.0, 3), (0.0, 0.05, 1)),
+                # atol: MGM's aux branch has key-projection biases (vlm_uni_aux_projector) whose
+                # gradient is 0 in exact arithmetic (softmax is shift-invariant) and ~1e-8 of
+                # round-off in fp32.
+                gap_atol=1e-5, grad_atol=1e-7, min_weight_std=0.01, grad_names=grad_names,
+                # the weights vary, but on these tiny LLaVA models they move the loss by less
+                # than 1e-4 of its value (4e-4 of 7.0), which the faithful check already pins
+                far_from_plain=False,
+                check=truncated if "truncated" in layout else None)
+
+
+# (codebase, variant, backbone): 1.5 'pad' and 1.6 'anyres' + 'spatial_unpad' on every codebase
+# that has them; the Qwen2 backbone of LLaVA-NeXT; MGM with its high-resolution branch ('aux': a
+# ConvNeXt tower fed `images_aux`, mined into the CLIP features).
+LLAVA_STYLE = [
+    ("llava", "pad", "llama"), ("llava", "anyres", "llama"), ("llava", "pad", "mistral"),
+    ("llava-next", "pad", "llama"), ("llava-next", "anyres", "llama"), ("llava-next", "anyres", "qwen2"),
+    ("mgm", "pad", "llama"), ("mgm", "aux", "llama"),
+]
+
+
+def _all_cases() -> list[Case]:
+    cases = [tiny_llava_case(side, attn) for attn in ("eager", "sdpa") for side in ("right", "left")]
+    for name, family in hf.FAMILIES.items():
+        for kind in ("image", "video") if family.video else ("image",):
+            cases += [family_case(name, kind, side) for side in ("right", "left")]
+    cases += [llava_style_case(*spec, layout) for spec in LLAVA_STYLE for layout in LAYOUTS]
+    return cases
+
+
+CASES = _all_cases()
+
+
+def params(cases=None, with_settings: bool = False):
+    """pytest params of ``cases`` (default: all), with ids; with ``with_settings`` one per
+    (case, faithful setting)."""
+    out = []
+    for case in CASES if cases is None else cases:
+        if with_settings:
+            out += [pytest.param(case, s, id=f"{case.id}-a{s[0]:g}-b{s[1]:g}-w{s[2]}")
+                    for s in case.settings]
+        else:
+            out.append(pytest.param(case, id=case.id))
+    return out

@@ -1,0 +1,246 @@
+"""Each property calplug promises, written once and checked on every case of tests/cases.py (one
+case per integration, modality and batch layout; a case whose upstream is not installed skips,
+naming what would enable it).
+
+* faithful mode equals the two-forward reference of the spec (loss, gaps, weights, gradients);
+* with unit weights the CAL loss is the model's own loss, and a text-only sample weighs alpha;
+* drop equals mask on every text row, and differs only where documented;
+* the drop contrast pass covers only the text of samples that have an image;
+* the contrast side never calls ``lm_head`` nor makes a vocabulary-sized tensor;
+* disable restores the model exactly; eval, calls without labels and ``generate()`` are untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import calplug
+from calplug import step
+from _faithful import faithful_step_after_reference
+from cases import CASES, SETTING, params
+from reference import assert_grads_rel_close
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_versions(record_testsuite_property):
+    import transformers
+
+    record_testsuite_property("transformers", transformers.__version__)
+    record_testsuite_property("torch", torch.__version__)
+
+
+@contextlib.contextmanager
+def record_calls(module):
+    """Record the shape of ``inputs_embeds`` (or the first argument) of every call of ``module``."""
+    shapes = []
+
+    def pre_hook(mod, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+        shapes.append(tuple(x.shape))
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield shapes
+    finally:
+        handle.remove()
+
+
+def gaps_with(model, batch, **config):
+    with calplug.enabled(model, **config):
+        return model(**batch).cal_gaps
+
+
+# -- faithful mode -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case, setting", params(with_settings=True))
+def test_faithful_mode_equals_reference(case, setting, env):
+    alpha, beta, window = setting
+    model, batch = case.build(env)
+    ref = case.reference(model, batch, alpha, beta, window)
+    if case.check is not None:
+        case.check(model, batch, ref)
+    assert int(ref.visual[0].sum()) > 0 and int(ref.visual[2].sum()) == 0
+    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref.loss, alpha, beta, window)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref.gaps, rtol=1e-5, atol=case.gap_atol)
+    torch.testing.assert_close(out.cal_weights.reshape(-1), ref.weights, rtol=1e-5, atol=case.gap_atol)
+    for name in case.grad_names:
+        assert any(name in n for n in cal_grads), name
+    assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=case.grad_atol)
+    assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
+    if setting == SETTING:
+        # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
+        assert out.cal_weights.std() > case.min_weight_std
+        if case.far_from_plain:
+            plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ref.labels[:, 1:].flatten())
+            assert (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
+        assert out.cal_gaps[0].abs().max() > 0
+
+
+# -- unit weights ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", params())
+def test_unit_weights_give_the_models_own_loss_and_text_only_samples_weigh_alpha(case, env):
+    """alpha = beta = 1: every weight is 1, so the CAL loss is the model's own mean cross-entropy:
+    labels, image positions and padding line up with what the model trains on."""
+    model, batch = case.build(env)
+    own = case.own_loss(model, batch)
+    with calplug.enabled(model, contrast="mask", alpha=1.0, beta=1.0):
+        out = model(**batch)
+    assert torch.all(out.cal_weights == 1.0)
+    torch.testing.assert_close(out.loss, own, rtol=1e-6, atol=0)
+    with calplug.enabled(model, contrast="mask", alpha=0.0, beta=5.0, pool_window=1):
+        out = model(**batch)
+    # sample 2 is text-only: no gap, so every weight is alpha = 0
+    assert torch.all(out.cal_gaps[2] == 0) and torch.all(out.cal_weights[2] == 0.0)
+    assert out.cal_weights[0].max() > 0
+
+
+# -- drop = mask on text rows --------------------------------------------------------------------
+@pytest.mark.parametrize("case", params())
+def test_drop_equals_mask_on_text_rows(case, env):
+    """The default contrast removes image positions (and padding) but keeps every text token's
+    position: on text rows its gaps equal the published mask contrast's. It differs only on the
+    rows docs/cal.md names (at removed positions), and there a visual row borrows the last text
+    state before its image."""
+    model, batch = case.build(env)
+    layout = case.layout(model, batch)
+    with calplug.enabled(model, contrast="drop", alpha=0.0):
+        out = model(**batch)
+    drop, logits = out.cal_gaps, out.logits.detach()
+    masked = gaps_with(model, batch, contrast="mask", alpha=0.0)
+    rows = layout.text_rows
+    assert int(rows.sum()) > 20
+    torch.testing.assert_close(drop[rows], masked[rows], rtol=1e-4, atol=case.drop_atol)
+    assert masked[rows].abs().max() > 1e-4
+    assert float((drop - masked)[layout.removed_rows].abs().max()) > 1e-3
+    assert torch.count_nonzero(drop[2]) == 0  # the text-only sample
+    # Rows in an image's run of positions that predict an ignored token (target 0) all borrow the
+    # same text state: main logit - gap is constant over them.
+    for b in range(drop.shape[0]):
+        visual = layout.visual[b, :-1]
+        if not visual.any():
+            continue
+        start = int(visual.nonzero()[0])
+        end = start + int(visual[start:].long().cumprod(0).sum())      # the first contiguous run
+        run = torch.arange(start, end)
+        run = run[layout.labels[b, run + 1] == -100]
+        assert run.numel() > 1
+        contrast = logits[b, run, 0].float() - drop[b, run]
+        torch.testing.assert_close(contrast, contrast[:1].expand_as(contrast), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", params())
+def test_drop_pass_covers_only_text_of_samples_with_images(case, env):
+    model, batch = case.build(env)
+    layout = case.layout(model, batch)
+    kept = (layout.attention.bool() & ~layout.visual)
+    with_image = layout.visual.any(1)
+    with calplug.enabled(model, contrast="drop"), record_calls(case.decoder(model)) as calls:
+        model(**batch)
+    assert len(calls) == 2
+    assert calls[0][:2] == tuple(layout.visual.shape)
+    # only the samples with images, only their text tokens (no image positions, no padding
+    # beyond the longest of them)
+    assert calls[1][:2] == (int(with_image.sum()), int(kept[with_image].sum(1).max()))
+
+
+# -- no vocabulary-sized contrast tensors ----------------------------------------------------------
+class ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("contrast", ["drop", "mask"])
+@pytest.mark.parametrize("case", params())
+def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, contrast, env,
+                                                                          monkeypatch):
+    model, batch = case.build(env)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    recorders = []
+    original = step.contrast_gaps
+
+    def recorded(*args, **kwargs):
+        rec = ShapeRecorder()
+        recorders.append(rec)
+        with rec:
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(step, "contrast_gaps", recorded)
+    with calplug.enabled(model, contrast=contrast), record_calls(head) as head_calls, \
+            record_calls(case.decoder(model)) as decoder_calls:
+        out = model(**batch)
+    assert len(recorders) == 1 and len(recorders[0].shapes) > 50   # the decoder pass ran inside
+    assert len(decoder_calls) == 2
+    assert len(head_calls) == 1 and head_calls[0][:2] == tuple(out.logits.shape[:2])  # main pass only
+    vocab_sized = [(f, s) for f, s in recorders[0].shapes if vocab in s]
+    assert vocab_sized == []
+
+
+# -- disable, eval, generate -----------------------------------------------------------------------
+@pytest.mark.parametrize("case", params())
+def test_disable_restores_bit_identical_outputs_and_state_dict(case, env):
+    model, batch = case.build(env)
+    keys = list(model.state_dict())
+    had_forward = "forward" in model.__dict__
+    before = model(**batch)
+    calplug.enable(model)
+    assert calplug.is_enabled(model) and list(model.state_dict()) == keys
+    assert hasattr(model(**batch), "cal_weights")
+    calplug.disable(model)
+    assert not calplug.is_enabled(model)
+    assert ("forward" in model.__dict__) == had_forward
+    after = model(**batch)
+    before_loss = before[0] if isinstance(before, tuple) else before.loss
+    after_loss = after[0] if isinstance(after, tuple) else after.loss
+    assert torch.equal(after_loss, before_loss) and torch.equal(after.logits, before.logits)
+    assert not hasattr(after, "cal_weights")
+    calplug.disable(model)  # disabling twice is harmless
+    assert list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("case", params())
+def test_eval_and_calls_without_labels_return_what_the_original_returns(case, env):
+    model, batch = case.build(env)
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    before_eval = model(**batch)
+    model.train()
+    before_train = model(**no_labels)
+    calplug.enable(model)
+    model.eval()
+    after_eval = model(**batch)
+    model.train()
+    after_train = model(**no_labels)
+    for before, after in ((before_eval, after_eval), (before_train, after_train)):
+        assert type(before) is type(after)
+        assert torch.equal(before.logits, after.logits)
+        assert (before.loss is None) == (after.loss is None)
+        if before.loss is not None:
+            assert torch.equal(before.loss, after.loss)
+        assert not hasattr(after, "cal_weights")
+    assert hasattr(model(**batch), "cal_weights")  # training mode with labels is where CAL acts
+
+
+@pytest.mark.parametrize("case", params([c for c in CASES if c.generate_inputs is not None]))
+def test_generate_is_unchanged(case, env):
+    model, _ = case.build(env)
+    model.eval()
+    inputs = case.generate_inputs(model)
+    ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    calplug.enable(model)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1] and torch.equal(out, ref)
