@@ -39,7 +39,7 @@ class CALState:
     config: CALConfig
     integration: Integration
     original_forward: Any          # the instance attribute `forward` had before, or None
-    signature: inspect.Signature   # of the forward the model had: the patched one keeps it
+    signature: inspect.Signature   # of the forward the model had: CALForward keeps it
 
 
 class CALForward:

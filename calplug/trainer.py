@@ -32,6 +32,7 @@ import torch
 
 from . import distributed, plugins
 from .hookspecs import hookimpl
+from .integrations import compat
 
 try:  # the callback needs transformers; CALStats does not
     from transformers import TrainerCallback as _CallbackBase
@@ -205,15 +206,11 @@ def attach(trainer, histogram: bool = True) -> CALLoggingCallback:
 
 
 # -- trainers -------------------------------------------------------------------------------------
-# Trainer classes (by class name, anywhere in the MRO) whose `compute_loss` computes its own loss
-# and ignores the loss the model returns. TRL's SFTTrainer (1.x) runs the backbone through a fused
-# LM head (`model(..., fused_lm_head=True)`) and takes the cross-entropy from its log-probs.
-OWN_LOSS_TRAINERS = ("SFTTrainer",)
 
 
 def use_model_loss(trainer) -> bool:
     """Make ``trainer`` optimise the loss its model returns (the CAL loss): for the trainers in
-    `OWN_LOSS_TRAINERS`, this instance's ``compute_loss`` becomes transformers'
+    `calplug.integrations.compat.OWN_LOSS_TRAINERS`, this instance's ``compute_loss`` becomes transformers'
     ``Trainer.compute_loss`` (which passes ``num_items_in_batch`` to the model and, with
     ``average_tokens_across_devices``, multiplies by the number of processes, as TRL does). The
     trainer's own extra training metrics (TRL's entropy, token accuracy) are then not logged.
@@ -223,7 +220,7 @@ def use_model_loss(trainer) -> bool:
     from transformers import Trainer
 
     names = {cls.__name__ for cls in type(trainer).__mro__}
-    if not names.intersection(OWN_LOSS_TRAINERS):
+    if not names.intersection(compat.OWN_LOSS_TRAINERS):
         return False
     trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
     return True
