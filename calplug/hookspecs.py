@@ -202,9 +202,11 @@ def calplug_loss(logits: "torch.Tensor | None", labels: "torch.Tensor", weights:
 @hookspec
 def calplug_observe_step(model: "nn.Module", gaps: "torch.Tensor", weights: "torch.Tensor",
                          labels: "torch.Tensor", supervised: "torch.Tensor",
-                         config: "CALConfig") -> None:
+                         contrasted: "torch.Tensor", config: "CALConfig") -> None:
     """Called after every CAL training step with that step's gaps, weights and shifted labels.
 
+    contrasted: bool ``[B, L-1]``, the rows that got a contrast value (False where the sample had
+                no image, or the row no kept state before it): their gap is 0 by definition.
     For logging, histograms and pictures. Tensors are detached; do not modify them. Return
     values are ignored.
     """

@@ -111,7 +111,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         # steps 2 and 4: the contrast pass and the target-token gaps
         plan = _contrast_plan(model, main, config, contrast)
-        gaps = contrast_gaps(main, plan, main_logits, targets)
+        gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
     weights = pm.hook.calplug_weights(gaps=gaps, labels=shifted, supervised=supervised, config=config)
     # step 7: the weighted, normalised cross-entropy (chunked when hidden states were recorded)
@@ -122,7 +122,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     if main.extra_loss is not None:  # e.g. a MoE router's load-balancing term, as the model adds it
         loss = loss + main.extra_loss.to(loss.dtype)
     pm.hook.calplug_observe_step(model=model, gaps=gaps, weights=weights.detach(), labels=shifted,
-                                 supervised=supervised, config=config)
+                                 supervised=supervised, contrasted=contrasted, config=config)
     return _with_loss(main.output, loss, weights.detach(), gaps)
 
 
@@ -165,12 +165,13 @@ def _contrast_plan(model: nn.Module, main: MainPass, config: CALConfig,
 
 
 def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
-    """Steps 2 and 4: run the contrast pass of ``plan`` (no grad) and return float32 ``[B, L-1]``
-    gaps ``main - contrast`` of each row's target logit; 0 on rows without a contrast value.
-    The contrast side never makes vocabulary-sized logits (`gap.hidden_target_logits`)."""
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2 and 4: run the contrast pass of ``plan`` (no grad). Returns float32 ``[B, L-1]``
+    gaps ``main - contrast`` of each row's target logit (0 on rows without a contrast value) and
+    bool ``[B, L-1]``: which rows had one. The contrast side never makes vocabulary-sized logits
+    (`gap.hidden_target_logits`)."""
     if plan is None:
-        return torch.zeros_like(main_logits)
+        return torch.zeros_like(main_logits), torch.zeros_like(main_logits, dtype=torch.bool)
     with _no_gradient_checkpointing(main.decoder):
         out = main.decoder(**plan.decoder_kwargs)
     hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
@@ -181,7 +182,7 @@ def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.
         contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
                                             getattr(main.lm_head, "bias", None), targets[has],
                                             rows=rows[has])
-    return gap.target_gap(main_logits, targets, contrast, has)
+    return gap.target_gap(main_logits, targets, contrast, has), has
 
 
 @contextlib.contextmanager

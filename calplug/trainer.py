@@ -12,6 +12,8 @@ supervised rows of every CAL step since the last report:
 * ``cal/share_alpha``   the share of rows whose gap is at or below ``alpha`` (clamped up);
 * ``cal/share_beta``    the share of rows whose gap is at or above ``beta`` (clamped down);
 * ``cal/mean_gap``      the mean gap; ``cal/tokens`` how many rows these describe;
+* ``cal/share_contrasted`` the share of rows that got a contrast value (rows of samples without
+  an image have none: their gap is 0 and their weight ``alpha``);
 * a histogram of the gaps (fixed bins over ``[alpha - (beta - alpha), beta + (beta - alpha)]``,
   values outside counted in the edge bins).
 
@@ -65,7 +67,7 @@ class CALStats:
 
     # -- the hook ----------------------------------------------------------------------------
     @hookimpl
-    def calplug_observe_step(self, gaps, weights, supervised, config):
+    def calplug_observe_step(self, gaps, weights, supervised, contrasted, config):
         sup = supervised
         gaps = gaps[sup].detach().float().cpu()
         w = weights[sup].detach().float().cpu()
@@ -74,6 +76,7 @@ class CALStats:
             self.edges = torch.linspace(config.alpha - span, config.beta + span, self.bins + 1)
         self.steps += 1
         self.tokens += int(gaps.numel())
+        self.contrasted += int(contrasted[sup].sum())
         self.weight_sum += float(w.sum())
         self.at_alpha += int((gaps <= config.alpha).sum())
         self.at_beta += int((gaps >= config.beta).sum())
@@ -87,14 +90,15 @@ class CALStats:
                                           minlength=self.bins)
 
     # -- reading -----------------------------------------------------------------------------
+    # Counters summed over steps (and over ranks by `reduce_over_ranks`); floats are sums of values.
+    COUNTS = ("steps", "tokens", "at_alpha", "at_beta", "contrasted")
+    SUMS = ("weight_sum", "gap_sum", "gap_sq_sum")
+
     def reset(self) -> None:
-        self.steps = 0
-        self.tokens = 0
-        self.weight_sum = 0.0
-        self.at_alpha = 0
-        self.at_beta = 0
-        self.gap_sum = 0.0
-        self.gap_sq_sum = 0.0
+        for name in self.COUNTS:
+            setattr(self, name, 0)
+        for name in self.SUMS:
+            setattr(self, name, 0.0)
         self.gap_min = math.inf
         self.gap_max = -math.inf
         self.counts = torch.zeros(self.bins, dtype=torch.long)
@@ -103,17 +107,15 @@ class CALStats:
         """Replace this rank's statistics by those of all ranks together (sums, and the extreme
         gaps). A collective call: every rank of the process group must make it, with the same
         ``bins``. A no-op without a process group."""
-        sums = torch.tensor([self.steps, self.tokens, self.weight_sum, self.at_alpha, self.at_beta,
-                             self.gap_sum, self.gap_sq_sum, *self.counts.tolist()],
+        names = self.COUNTS + self.SUMS
+        sums = torch.tensor([getattr(self, n) for n in names] + self.counts.tolist(),
                             dtype=torch.float64)
         sums = distributed.reduce_over_ranks(sums, "sum")
         extremes = distributed.reduce_over_ranks(
             torch.tensor([-self.gap_min, self.gap_max], dtype=torch.float64), "max")
-        (self.steps, self.tokens, self.at_alpha, self.at_beta) = (
-            int(sums[0]), int(sums[1]), int(sums[3]), int(sums[4]))
-        self.weight_sum, self.gap_sum, self.gap_sq_sum = (float(sums[2]), float(sums[5]),
-                                                          float(sums[6]))
-        self.counts = sums[7:].round().long()
+        for i, name in enumerate(names):
+            setattr(self, name, int(round(float(sums[i]))) if name in self.COUNTS else float(sums[i]))
+        self.counts = sums[len(names):].round().long()
         self.gap_min, self.gap_max = -float(extremes[0]), float(extremes[1])
 
     def scalars(self) -> dict[str, float]:
@@ -126,6 +128,7 @@ class CALStats:
             PREFIX + "share_alpha": self.at_alpha / n,
             PREFIX + "share_beta": self.at_beta / n,
             PREFIX + "mean_gap": self.gap_sum / n,
+            PREFIX + "share_contrasted": self.contrasted / n,
             PREFIX + "tokens": float(n),
         }
 

@@ -125,6 +125,18 @@ def config_token_id(config, *names: str) -> int | None:
     return None
 
 
+def placeholder_positions(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, L]``: the image and video placeholder positions of ``input_ids``, by the
+    config's token ids (``image_token_id`` / ``image_token_index``, ``video_token_id`` /
+    ``video_token_index``, whichever names this version uses)."""
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for names in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
+        token = config_token_id(config, *names)
+        if token is not None:
+            visual |= input_ids == token
+    return visual
+
+
 def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
     inner = getattr(model, "model", None)

@@ -48,11 +48,7 @@ def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     input_ids = call.get("input_ids")
     check_labels(input_ids, labels)
     compat.check_full_logits(call)
-    image_token = compat.config_token_id(model.config, "image_token_id", "image_token_index")
-    visual = input_ids == image_token
-    video_token = compat.config_token_id(model.config, "video_token_id", "video_token_index")
-    if video_token is not None:
-        visual |= input_ids == video_token
+    visual = compat.placeholder_positions(model.config, input_ids)
     check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
     decoder, lm_head = compat.llava_type_decoder_and_head(model)
     with capture_decoder_call(decoder) as decoder_kwargs:

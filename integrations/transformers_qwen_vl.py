@@ -67,10 +67,7 @@ def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     check_labels(input_ids, labels)
     compat.check_full_logits(call)
     config = model.config
-    visual = input_ids == compat.config_token_id(config, "image_token_id", "image_token_index")
-    video_token = compat.config_token_id(config, "video_token_id", "video_token_index")
-    if video_token is not None:
-        visual |= input_ids == video_token
+    visual = compat.placeholder_positions(config, input_ids)
     check_pixels(visual, call, PIXEL_KEYS)
     compat.warn_if_mrope_disabled(model, call)
     decoder, lm_head = compat.qwen_type_decoder_and_head(model)

@@ -132,11 +132,11 @@ def test_batch_layout_and_labels():
 ])
 def test_bad_options_raise_clear_errors(args, message):
     with pytest.raises(CALConfigError, match=message):
-        cli.main(["bench", *TINY, *args, "--no-memory"])
+        cli.main(["bench", *TINY, *args, "--no-memory", "--debug"])
 
 
 def test_cuda_requested_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     with pytest.raises(CALConfigError, match="--device cpu"):
-        cli.main(["bench", *TINY[:-4], "--device", "cuda", "--no-memory"])
+        cli.main(["bench", *TINY[:-4], "--device", "cuda", "--no-memory", "--debug"])

@@ -120,7 +120,7 @@ def test_inspect_command_writes_html_histogram_and_json(checkpoint, tmp_path, ca
 
 def test_inspect_refuses_a_missing_model_folder(tmp_path):
     with pytest.raises(calplug.CALConfigError, match="is not a folder"):
-        cli.main(["inspect", "--model", str(tmp_path / "nope")])
+        cli.main(["inspect", "--model", str(tmp_path / "nope"), "--debug"])
 
 
 def test_html_renders_tokens_in_a_headless_browser(checkpoint, tmp_path):
@@ -196,4 +196,4 @@ def test_inspect_a_saved_model_with_its_processor(tmp_path, capsys):
         assert [t["text"] for t in sample["tokens"] if not t["supervised"]][:2] == ["<bos>", "<image>"]
     assert "13 supervised tokens in 2 samples" in capsys.readouterr().out
     with pytest.raises(calplug.CALConfigError, match="as many --caption as --image"):
-        cli.main(["inspect", "--model", str(model_dir), "--image", str(a)])
+        cli.main(["inspect", "--model", str(model_dir), "--image", str(a), "--debug"])

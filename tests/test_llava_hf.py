@@ -205,3 +205,22 @@ def test_deepcopy_of_an_enabled_model_patches_the_copy(model):
     out.loss.backward()
     assert any(p.grad is not None for p in clone.parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_logging_stats_report_the_share_of_rows_that_got_a_contrast(model):
+    """`cal/share_contrasted`: supervised rows of samples with an image have a contrast value,
+    rows of the text-only sample none (gap 0 by definition), in both contrasts."""
+    from calplug.trainer import CALStats
+
+    batch = llava_batch(model)  # samples 0 and 1 have an image, sample 2 is text-only
+    supervised = batch["labels"][:, 1:] != -100
+    expected = float(supervised[:2].sum()) / float(supervised.sum())
+    assert 0.0 < expected < 1.0
+    for contrast in ("drop", "mask"):
+        stats = CALStats().register()
+        try:
+            with calplug.enabled(model, contrast=contrast):
+                model(**batch)
+        finally:
+            stats.unregister()
+        assert stats.scalars()["cal/share_contrasted"] == pytest.approx(expected)

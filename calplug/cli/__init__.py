@@ -1,10 +1,19 @@
 """The ``calplug`` command. Each subcommand is a module with ``add_arguments(parser)`` and
-``run(args) -> int``, imported only when that subcommand runs (so ``calplug --help`` is instant)."""
+``run(args) -> int``, imported only when that subcommand runs (so ``calplug --help`` is instant).
+
+Failures a user can fix (calplug's own errors, and OS errors such as an unwritable folder) end
+as one line on stderr and exit status 2; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import CALConfigError, CALError
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -42,7 +51,41 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"calplug {name}", description=help_text)
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(rest)) or 0)
+    sub.add_argument("--debug", action="store_true",
+                     help="show the full traceback when the command fails")
+    args = sub.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except (CALError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"calplug {name}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its message, with the file name OS errors carry."""
+    if isinstance(error, OSError) and not isinstance(error, CALError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """The output folder ``path``, created if missing and checked writable, before any work is
+    done: a command that trains for minutes must not fail at the end for want of a folder."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CALConfigError(f"{option} {str(folder)!r} is a file, not a folder: give a folder path "
+                             "(it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise CALConfigError(f"{option} {str(folder)!r} cannot be written ({error.strerror}): "
+                             "choose a folder you can write to") from error
+    return folder
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import synthetic
+from . import prepare_output_dir, synthetic
 
 METHODS = ("plain", "cal")
 METHOD_LABELS = {"plain": "plain", "cal": "CAL"}
@@ -307,8 +307,7 @@ def run(args) -> int:
     proto = protocol_from_args(args)
     threads = args.threads or 1
     torch.set_num_threads(threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(args.out)
     ckpt = None if args.no_checkpoint else out
     result = run_experiment(proto, show_progress=not args.no_progress, checkpoint=ckpt)
     table, rows = summarise(result)

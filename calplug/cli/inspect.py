@@ -303,6 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from . import prepare_output_dir
     from .synthetic import require_extras
 
     require_extras()
@@ -310,13 +311,13 @@ def run(args) -> int:
     if not path.is_dir():
         raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a `calplug demo` checkpoint "
                              "(OUT/cal-model-noise-0) or a folder written by save_pretrained")
+    out = prepare_output_dir(args.out)
     if (path / "calplug_vocab.json").is_file():
         if args.samples < 1 or not 0.0 <= args.noise <= 1.0:
             raise CALConfigError("--samples must be >= 1 and --noise in [0, 1]")
         model, batches, samples = demo_samples(path, args.samples, args.noise, args.seed)
     else:
         model, batches, samples = processor_samples(path, args.image, args.caption, args.prompt)
-    out = Path(args.out)
     report = write_report(model, batches, samples, out, args.config, title=f"calplug inspect: {path.name}")
     gaps = report["gaps"]
     cfg = report["config"]
