@@ -15,3 +15,7 @@ class UnsupportedModelError(CALError, TypeError):
 
 class CALInputError(CALError, ValueError):
     """A training batch cannot be weighted as given (shapes, image placeholders, ...)."""
+
+
+class CALWarning(UserWarning):
+    """CAL runs but may not do what was meant (e.g. steps that never find an image)."""

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import distributed, gap, plugins
+from . import distributed, gap, guards, plugins
 from .config import CALConfig
 from .contrast import placeholder_plan
 from .errors import CALConfigError, CALInputError, UnsupportedModelError
@@ -40,6 +40,7 @@ class CALState:
     integration: Integration
     original_forward: Any          # the instance attribute `forward` had before, or None
     signature: inspect.Signature   # of the forward the model had: CALForward keeps it
+    no_images: guards.NoImageWatch = dataclasses.field(default_factory=guards.NoImageWatch)
 
 
 class CALForward:
@@ -76,6 +77,7 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
                            if p.kind is p.VAR_KEYWORD), "\0"), {})
     call.update(extra)
     if not model.training or call.get("labels") is None:
+        kwargs.pop(compat.VISUAL_MASK_ARGUMENT, None)  # an adapter's key, never the model's
         return original(*args, **kwargs)
     if torch.compiler.is_compiling():
         raise UnsupportedModelError(COMPILE_REFUSAL)
@@ -91,6 +93,8 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     pm = plugins.get_plugin_manager()
     if config.loss_chunk:
         _check_loss_plugins_take_hidden_states(pm)
+    guards.refuse_packed_call(call)
+    carried_images = guards.carries_images(call)
     # step 1: the main pass, with grad (with loss_chunk, the head sees the last position only)
     with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input:
         main: MainPass = state.integration.main_pass(model, original, call)
@@ -102,6 +106,8 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
             "aligned with the model's inputs"
         )
+    guards.refuse_restarting_positions(main.position_ids, main.attention_mask)
+    state.no_images.observe(carried_images, main.visual_mask, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():

@@ -137,6 +137,44 @@ def placeholder_positions(config, input_ids: torch.Tensor) -> torch.Tensor:
     return visual
 
 
+# The forward argument an adapter adds when it hands the model pre-merged ``inputs_embeds``
+# (the images already spliced in, no ``input_ids``): bool ``[B, L]``, True at image and video
+# positions. calplug's forward takes it out of the call; the model never sees it.
+VISUAL_MASK_ARGUMENT = "calplug_visual_mask"
+
+
+def visual_positions(config, call: dict) -> torch.Tensor:
+    """bool ``[B, L]``: the image and video positions of one forward call, wherever it says them.
+
+    * ``input_ids`` given: its placeholder tokens (`placeholder_positions`).
+    * only ``inputs_embeds`` (images merged before the forward, as ms-swift's Qwen-VL templates
+      do): the mask an adapter passed as `VISUAL_MASK_ARGUMENT`, else ``mm_token_type_ids != 0``
+      (Qwen-VL on transformers >= 5.3: 0 text, 1 image, 2 video).
+
+    `VISUAL_MASK_ARGUMENT` is removed from ``call`` in every case, so the model never receives
+    it. Raises `CALInputError` when nothing says where the images are.
+    """
+    explicit = call.pop(VISUAL_MASK_ARGUMENT, None)
+    input_ids = call.get("input_ids")
+    if input_ids is not None:
+        return placeholder_positions(config, input_ids)
+    embeds = call.get("inputs_embeds")
+    types = call.get("mm_token_type_ids")
+    mask = explicit if explicit is not None else (types != 0 if types is not None else None)
+    if embeds is None or mask is None:
+        raise CALInputError(
+            "calplug needs input_ids to locate image positions; pass input_ids instead of "
+            "inputs_embeds, or, with pre-merged inputs_embeds, the visual positions as "
+            f"mm_token_type_ids (0 text, 1 image, 2 video) or {VISUAL_MASK_ARGUMENT} (bool [B, L])"
+        )
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise CALInputError(
+            f"the visual-position mask has shape {tuple(mask.shape)} but inputs_embeds is "
+            f"{tuple(embeds.shape[:2])} [batch, seq_len]: give one entry per position"
+        )
+    return mask.to(device=embeds.device, dtype=torch.bool)
+
+
 def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
     inner = getattr(model, "model", None)

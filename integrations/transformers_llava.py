@@ -18,15 +18,12 @@ from . import compat
 from .capture import arange_positions, capture_decoder_call, explicit_attention_mask, pixel_rerun
 
 
-def check_labels(input_ids: torch.Tensor | None, labels: torch.Tensor) -> None:
-    if input_ids is None:
-        raise CALInputError(
-            "calplug needs input_ids to locate image positions; pass input_ids instead of inputs_embeds"
-        )
-    if labels.shape != input_ids.shape:
+def check_labels(visual: torch.Tensor, labels: torch.Tensor) -> None:
+    """``visual``: the ``[B, L]`` visual positions of the input sequence (`compat.visual_positions`)."""
+    if labels.shape != visual.shape:
         raise CALInputError(
             f"labels of shape {tuple(labels.shape)} do not match input_ids of shape "
-            f"{tuple(input_ids.shape)}: pass labels as [batch, seq_len] aligned with input_ids "
+            f"{tuple(visual.shape)}: pass labels as [batch, seq_len] aligned with input_ids "
             "(-100 where no loss is wanted)"
         )
 
@@ -45,11 +42,11 @@ PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 
 def llava_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     labels = call.pop("labels")
-    input_ids = call.get("input_ids")
-    check_labels(input_ids, labels)
+    visual = compat.visual_positions(model.config, call)
+    check_labels(visual, labels)
     compat.check_full_logits(call)
-    visual = compat.placeholder_positions(model.config, input_ids)
-    check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+    if call.get("input_ids") is not None:  # pre-merged inputs_embeds carry their images
+        check_pixels(visual, call, ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
     decoder, lm_head = compat.llava_type_decoder_and_head(model)
     with capture_decoder_call(decoder) as decoder_kwargs:
         output = original_forward(**call)

@@ -2,7 +2,10 @@
 M-RoPE positions.
 
 Visual positions are the ``image_token_id`` and ``video_token_id`` placeholders in ``input_ids``
-(``vision_start`` / ``vision_end`` are text). The original forward runs without labels; a pre-hook
+(``vision_start`` / ``vision_end`` are text). A call with pre-merged ``inputs_embeds`` and no
+``input_ids`` (ms-swift's Qwen-VL templates merge the images in a forward pre-hook) gives them as
+``mm_token_type_ids`` (transformers >= 5.3) or as an adapter's explicit mask
+(`compat.visual_positions`). The original forward runs without labels; a pre-hook
 on the decoder records what the model handed it, in particular the 3-D rotary positions
 (``[3, B, L]``, or ``[4, B, L]`` with text positions first) the model computed for the whole
 multimodal sequence. The contrast pass reuses them: in ``drop`` mode every kept text token keeps
@@ -63,12 +66,11 @@ def router_aux_loss(model: nn.Module, call: dict, output) -> torch.Tensor | None
 
 def qwen_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     labels = call.pop("labels")
-    input_ids = call.get("input_ids")
-    check_labels(input_ids, labels)
+    visual = compat.visual_positions(model.config, call)
+    check_labels(visual, labels)
     compat.check_full_logits(call)
-    config = model.config
-    visual = compat.placeholder_positions(config, input_ids)
-    check_pixels(visual, call, PIXEL_KEYS)
+    if call.get("input_ids") is not None:  # pre-merged inputs_embeds carry their images
+        check_pixels(visual, call, PIXEL_KEYS)
     compat.warn_if_mrope_disabled(model, call)
     decoder, lm_head = compat.qwen_type_decoder_and_head(model)
     with capture_decoder_call(decoder) as decoder_kwargs:

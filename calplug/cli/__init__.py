@@ -21,6 +21,8 @@ COMMANDS = {
     "inspect": ("calplug.cli.inspect", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "llamafactory": ("calplug.cli.llamafactory", "LLaMA-Factory training with CAL: calplug llamafactory train cfg.yaml"),
+    "swift-plugin": ("calplug.cli.swift_plugin", "print the path of the ms-swift plugin file (--external_plugins)"),
 }
 
 

@@ -1,0 +1,151 @@
+"""ms-swift: CAL as a callback, loaded from a plugin file.
+
+    CALPLUG_CONFIG=cal.yaml swift sft ... --external_plugins "$(calplug swift-plugin)" --callbacks cal
+
+``--external_plugins FILE`` makes ms-swift import the file (its folder goes on ``sys.path``, so the
+file lies in a folder holding nothing else: `plugin_path`); the file registers `SwiftCALCallback`
+as ``cal`` in ``swift.callbacks.mapping.callbacks_map``, which ``--callbacks cal`` selects. ms-swift
+rejects arguments it does not know, so settings come from the YAML file named by
+``$CALPLUG_CONFIG`` (which ``--model_kwargs '{"calplug_config": "cal.yaml"}'`` also sets: ms-swift
+exports each model_kwargs key, upper-cased, as an environment variable).
+
+When training begins the callback refuses the options CAL cannot run with (`REFUSED`), turns
+``use_logits_to_keep`` off when it was left to ms-swift (CAL weights every position), enables CAL
+on the model and logs the ``cal/`` keys ahead of ms-swift's own logging (``logging.jsonl``).
+
+Pre-merged embeddings: for Qwen2-VL, Qwen2.5-VL and other templates with a ``_post_encode`` step,
+ms-swift merges the images into ``inputs_embeds`` in a forward pre-hook and drops ``input_ids``,
+so calplug cannot read the placeholders. With transformers >= 5.3 the hook keeps
+``mm_token_type_ids``, which calplug reads; otherwise the callback wraps the template's
+``_post_encode`` so that it also returns the placeholder positions as
+`calplug.integrations.compat.VISUAL_MASK_ARGUMENT`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse
+from ..errors import CALConfigError
+from ..integrations import compat
+from ..trainer import CALLoggingCallback
+
+FRAMEWORK = "ms-swift"
+CALLBACK_NAME = "cal"
+PLUGIN_FILE = Path(__file__).resolve().parent / "swift_plugin" / "calplug_swift.py"
+
+REFUSED = (
+    Refusal("swift rlhf", NOT_SFT + " (run swift sft)", applies=lambda mode: mode != "train",
+            off="swift sft"),
+    Refusal("--task_type", "CAL weights a causal language-model loss",
+            applies=lambda t: t not in (None, "causal_lm"), off="causal_lm"),
+    Refusal("--loss_type", "a custom loss " + OWN_LOSS, off="unset"),
+    Refusal("--loss_scale", "a non-binary loss scale " + OWN_LOSS, off="default"),
+    Refusal("--enable_dft_loss", "DFT " + OWN_LOSS),
+    Refusal("--enable_channel_loss", "channel loss " + OWN_LOSS),
+    Refusal("--label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
+    Refusal("--sequence_parallel_size", "sequence parallelism splits each sequence across ranks "
+                                        "(and " + OWN_LOSS + ")", applies=lambda n: n > 1, off="1"),
+    Refusal("--packing", PACKING),
+    Refusal("--padding_free", PACKING),
+    Refusal("--use_liger_kernel", "Liger's kernels replace the model's forward with a fused "
+                                  "cross-entropy that calplug is not tested with"),
+    Refusal("--tuner_backend", "Unsloth replaces the model's forward and loss with its own kernels",
+            applies=lambda b: b == "unsloth", off="peft"),
+    Refusal("--use_logits_to_keep", "calplug needs the logits of every position to weight the "
+                                    "loss", applies=lambda v: v is True, off="false (or leave it unset)"),
+)
+
+
+def plugin_path() -> str:
+    """The plugin file for ``--external_plugins``."""
+    if not PLUGIN_FILE.is_file():
+        raise CALConfigError(f"calplug's ms-swift plugin file is missing ({PLUGIN_FILE}): reinstall calplug")
+    return str(PLUGIN_FILE)
+
+
+def register() -> None:
+    """Make ``--callbacks cal`` select `SwiftCALCallback` (what the plugin file runs)."""
+    from swift.callbacks.mapping import callbacks_map
+
+    callbacks_map[CALLBACK_NAME] = SwiftCALCallback
+
+
+def options(args, template) -> dict:
+    """The ms-swift options `REFUSED` names, read from the trainer's arguments and template."""
+    binary = getattr(template, "is_binary_loss_scale", None)
+    if binary is None and getattr(template, "_loss_scale", None) is not None:
+        binary = template.loss_scale.is_binary_loss_scale
+    return {
+        "swift rlhf": getattr(template, "mode", "train"),
+        "--task_type": getattr(template, "task_type", None),
+        "--loss_type": getattr(args, "loss_type", None),
+        "--loss_scale": None if binary in (None, True) else template._loss_scale,
+        "--enable_dft_loss": getattr(args, "enable_dft_loss", None),
+        "--enable_channel_loss": getattr(args, "enable_channel_loss", None),
+        "--label_smoothing_factor": getattr(args, "label_smoothing_factor", None),
+        "--sequence_parallel_size": getattr(template, "sequence_parallel_size", None),
+        "--packing": getattr(template, "packing", None),
+        "--padding_free": getattr(template, "padding_free", None),
+        "--use_liger_kernel": getattr(args, "use_liger_kernel", None),
+        "--tuner_backend": getattr(args, "tuner_backend", None),
+        "--use_logits_to_keep": getattr(args, "use_logits_to_keep", None),
+    }
+
+
+class SwiftCALCallback(CALLoggingCallback):
+    """``--callbacks cal``: ms-swift builds it as ``callbacks_map["cal"](args, trainer)`` before
+    the Trainer exists. Enables CAL when training begins and logs calplug's ``cal/`` keys."""
+
+    def __init__(self, args, trainer):
+        super().__init__()
+        self.args = args
+        self.trainer = trainer
+        self._post_encode = None  # the template's own, while wrapped
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from ..enabling import enable
+
+        trainer = self.trainer
+        template = trainer.template
+        refuse(FRAMEWORK, REFUSED, options(trainer.args, template))
+        if trainer.args.use_logits_to_keep is None:  # decided at the first batch, after this
+            trainer.args.use_logits_to_keep = False
+        enable(model if model is not None else trainer.model)
+        self._carry_visual_positions(template)
+        # Log ahead of the printer, logging.jsonl and the reporters. Safe while the handler
+        # iterates: this callback moves from index i to 0, and the ones after it keep their index.
+        handler = trainer.callback_handler
+        handler.callbacks.remove(self)
+        handler.callbacks.insert(0, self)
+        self.handler = handler
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._post_encode is not None:
+            self.trainer.template.__dict__.pop("_post_encode", None)
+            self._post_encode = None
+        super().on_train_end(args, state, control, **kwargs)
+
+    def _carry_visual_positions(self, template) -> None:
+        """Make a template that merges images before the forward also say where they went, when
+        ``mm_token_type_ids`` will not (transformers < 5.3, or templates that do not send it)."""
+        from swift.template import Template
+
+        if type(template)._post_encode is Template._post_encode or "_post_encode" in template.__dict__:
+            return
+        own = template._post_encode
+
+        def post_encode(model, inputs):
+            result = own(model, inputs)
+            input_ids = inputs.get("input_ids")
+            if ("inputs_embeds" in result and input_ids is not None
+                    and inputs.get("mm_token_type_ids") is None
+                    and result.get("mm_token_type_ids") is None):
+                from ..enabling import unwrap_model
+
+                config = unwrap_model(model).config
+                result[compat.VISUAL_MASK_ARGUMENT] = compat.placeholder_positions(config, input_ids)
+            return result
+
+        template._post_encode = post_encode
+        self._post_encode = own

@@ -1,0 +1,122 @@
+"""Two ways CAL can go wrong without an error, caught at the step: packed batches, and steps that
+never find an image.
+
+* **Packed / padding-free batches** (axolotl ``sample_packing``, LLaMA-Factory ``packing`` /
+  ``neat_packing``, TRL ``padding_free``, ms-swift ``--packing`` / ``--padding_free``) put several
+  samples into one row. calplug's contrasts take the row as one sequence with a 2-D padding mask:
+  ``drop`` removes every image of the row for every text token in it, and the flat pooling runs
+  across the samples' boundaries, so the gaps would mix samples. Such batches are refused at the
+  first step, naming the options to turn off. They are recognised by what the decoder is given:
+  a 4-D (block-diagonal) attention mask, flash-attention sequence boundaries (``cu_seq_lens_q``,
+  ``cu_seqlens``), or positions that restart inside a row.
+* **Steps that never find an image.** A model whose placeholder ids do not match its tokenizer,
+  or a pipeline that merges the images before the forward without saying where they went,
+  gives calplug batches that carry pixels but no image positions: every gap is 0, every weight
+  ``alpha``, and training is plain cross-entropy (reweighted by ``alpha``). `NoImageWatch` warns
+  once when that lasts `NO_IMAGE_STEPS` CAL steps in a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from .errors import CALInputError, CALWarning
+
+PACKING_FIX = (
+    "calplug's contrasts need one sample per row: turn packing off (axolotl: sample_packing: false "
+    "and batch_flattening: false; LLaMA-Factory: packing: false, neat_packing: false; TRL: "
+    "padding_free=False, packing=False; ms-swift: --packing false --padding_free false)"
+)
+# Keyword arguments with which packed rows tell flash attention where each sample starts.
+SEQUENCE_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q")
+
+
+def refuse_packed_call(call: dict) -> None:
+    """Refuse a forward call that packs samples by its mask or flash-attention boundaries."""
+    mask = call.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        raise CALInputError(
+            f"attention_mask of shape {tuple(mask.shape)} is a 4-D (block-diagonal) mask, the "
+            f"form packed batches take (LLaMA-Factory neat_packing). {PACKING_FIX}"
+        )
+    given = [k for k in SEQUENCE_BOUNDARY_KEYS if call.get(k) is not None]
+    if given:
+        raise CALInputError(
+            f"this batch gives {', '.join(given)}: several samples packed into one row "
+            f"(padding-free training). {PACKING_FIX}"
+        )
+
+
+def refuse_restarting_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Refuse rows whose positions fall back inside the row: a second sample starts there.
+
+    ``position_ids``: what the decoder used, ``[B, L]`` or ``[k, B, L]`` (M-RoPE; the first row,
+    temporal or text positions, never decreases within one sample). Only attended positions count,
+    so padding on either side is fine.
+    """
+    positions = position_ids[0] if position_ids.dim() == 3 else position_ids
+    if positions.shape != attention_mask.shape or positions.shape[-1] < 2:
+        return
+    attended = attention_mask.bool()
+    floor = torch.where(attended, positions, torch.full_like(positions, torch.iinfo(torch.long).min
+                                                             if not positions.is_floating_point()
+                                                             else float("-inf")))
+    highest_before = floor.cummax(dim=-1).values[:, :-1]
+    restart = attended[:, 1:] & (positions[:, 1:] < highest_before)
+    if bool(restart.any()):
+        b, i = (int(x) for x in restart.nonzero()[0])
+        raise CALInputError(
+            f"positions restart inside row {b} (at index {i + 1}, position "
+            f"{int(positions[b, i + 1])} after {int(highest_before[b, i])}): this batch packs "
+            f"several samples into one row. {PACKING_FIX}"
+        )
+
+
+# -- steps without image positions -----------------------------------------------------------
+NO_IMAGE_STEPS = 8  # CAL steps in a row that carry images but find no image position
+IMAGE_KEYS = ("images", "image_embeds", "mm_encoder_outputs")
+
+
+def carries_images(call: dict) -> bool:
+    """Whether a forward call holds pixels (``pixel_values*``, LLaVA codebases' ``images``), or
+    embeddings without ``input_ids`` (images possibly merged before the forward)."""
+    if call.get("input_ids") is None and call.get("inputs_embeds") is not None:
+        return True
+    for key, value in call.items():
+        if not (key.startswith("pixel_values") or key in IMAGE_KEYS):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            return True
+        if isinstance(value, (list, tuple)) and any(
+                isinstance(v, torch.Tensor) and v.numel() > 0 for v in value):
+            return True
+    return False
+
+
+@dataclasses.dataclass
+class NoImageWatch:
+    """Counts CAL steps in a row whose batch carried images but whose image positions were none."""
+
+    steps: int = 0
+    warned: bool = False
+
+    def observe(self, carried_images: bool, visual_mask: torch.Tensor, model_name: str) -> None:
+        if not carried_images or bool(visual_mask.any()):
+            self.steps = 0
+            return
+        self.steps += 1
+        if self.steps >= NO_IMAGE_STEPS and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"calplug: {self.steps} CAL training steps in a row on {model_name} carried images "
+                "(pixel values, or inputs_embeds without input_ids) but calplug found no image "
+                "position in them, so CAL changed nothing: every gap is 0 and every weight is "
+                "alpha, i.e. plain cross-entropy. Check that the model config's image token id "
+                "(image_token_id / image_token_index) is the id the tokenizer gives the image "
+                "placeholder, and that a pipeline merging images before the forward passes "
+                "mm_token_type_ids or calplug_visual_mask. (If these batches are text-only with "
+                "dummy images, ignore this.) The logging callback's cal/share_contrasted shows "
+                "the share of supervised tokens that got a contrast.",
+                CALWarning, stacklevel=2)
