@@ -8,7 +8,7 @@ never find an image.
   across the samples' boundaries, so the gaps would mix samples. Such batches are refused at the
   first step, naming the options to turn off. They are recognised by what the decoder is given:
   a 4-D (block-diagonal) attention mask, flash-attention sequence boundaries (``cu_seq_lens_q``,
-  ``cu_seqlens``), or positions that restart inside a row.
+  ``cu_seqlens``), or positions that fall back on every axis at once inside a row.
 * **Steps that never find an image.** A model whose placeholder ids do not match its tokenizer,
   or a pipeline that merges the images before the forward without saying where they went,
   gives calplug batches that carry pixels but no image positions: every gap is 0, every weight
@@ -52,24 +52,30 @@ def refuse_packed_call(call: dict) -> None:
 def refuse_restarting_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
     """Refuse rows whose positions fall back inside the row: a second sample starts there.
 
-    ``position_ids``: what the decoder used, ``[B, L]`` or ``[k, B, L]`` (M-RoPE; the first row,
-    temporal or text positions, never decreases within one sample). Only attended positions count,
-    so padding on either side is fine.
+    ``position_ids``: what the decoder used, ``[B, L]`` or ``[k, B, L]`` (M-RoPE). Within one
+    sample no axis needs to be monotone (an image's height and width positions wrap row by row,
+    Qwen2.5-VL's temporal positions run ahead of the text after a video), but every axis never
+    falls back at once: text continues after the largest position so far. A packed row's next
+    sample starts again at 0 on every axis. Only attended positions count (padding on either
+    side, or held out in the middle, is fine).
     """
-    positions = position_ids[0] if position_ids.dim() == 3 else position_ids
-    if positions.shape != attention_mask.shape or positions.shape[-1] < 2:
+    positions = position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0)
+    if tuple(positions.shape[1:]) != tuple(attention_mask.shape) or positions.shape[-1] < 2:
         return
     attended = attention_mask.bool()
-    floor = torch.where(attended, positions, torch.full_like(positions, torch.iinfo(torch.long).min
-                                                             if not positions.is_floating_point()
-                                                             else float("-inf")))
-    highest_before = floor.cummax(dim=-1).values[:, :-1]
-    restart = attended[:, 1:] & (positions[:, 1:] < highest_before)
+    B, L = attended.shape
+    index = torch.arange(L, device=attended.device).expand(B, L)
+    last = torch.where(attended, index, torch.full_like(index, -1)).cummax(dim=-1).values
+    before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)  # previous attended
+    gathered = positions.expand(positions.shape[0], B, L).gather(
+        -1, before.clamp(min=0).expand(positions.shape[0], B, L))
+    restart = attended & (before >= 0) & (positions < gathered).all(dim=0)
     if bool(restart.any()):
         b, i = (int(x) for x in restart.nonzero()[0])
+        j = int(before[b, i])
         raise CALInputError(
-            f"positions restart inside row {b} (at index {i + 1}, position "
-            f"{int(positions[b, i + 1])} after {int(highest_before[b, i])}): this batch packs "
+            f"positions restart inside row {b} (at index {i}, position "
+            f"{positions[:, b, i].tolist()} after {positions[:, b, j].tolist()}): this batch packs "
             f"several samples into one row. {PACKING_FIX}"
         )
 

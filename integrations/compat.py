@@ -14,7 +14,8 @@ is written here once.
   forward rejects it (Llava 4.45, Qwen2-VL up to 4.52) never receive it.
 * **TRL.** Trainers that compute their own loss and ignore the model's (`OWN_LOSS_TRAINERS`).
 * **Tested versions.** `TESTED_VERSIONS` (transformers), `TESTED_CODEBASES` (llava-torch, the
-  LLaVA-NeXT and MGM commits, TRL); ``tests/test_layout.py`` fails when tox.ini pins others.
+  LLaVA-NeXT and MGM commits, TRL), `TESTED_FRAMEWORKS` (axolotl, LLaMA-Factory, ms-swift);
+  ``tests/test_layout.py`` fails when tox.ini pins others.
 """
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ TESTED_CODEBASES = {
     "LLaVA-NeXT": "df17966",
     "MGM": "769820c",
     "trl": "1.16.0",
+}
+
+# Training frameworks with an adapter (calplug/frameworks/, docs/frameworks.md): the release each
+# tox env runs (tox -e llamafactory / axolotl / swift) and the transformers release it runs on.
+TESTED_FRAMEWORKS = {
+    "llamafactory": ("0.9.5", "5.6.0"),
+    "axolotl": ("0.19.0", "5.16.1"),
+    "ms-swift": ("4.6.0", "5.19.0"),
 }
 
 # family -> (transformers class name, oldest supported (major, minor))

@@ -39,10 +39,24 @@ def test_tox_runs_exactly_the_tested_transformers_versions():
             assert version.startswith(section.removeprefix("testenv:hf-") + "."), (section, version)
 
 
+FRAMEWORK_ENVS = {"llamafactory": "testenv:llamafactory", "axolotl": "testenv:axolotl",
+                  "ms-swift": "testenv:swift"}
+
+
 @pytest.mark.parametrize("package", ["llava-torch", "trl"])
 def test_tox_pins_the_tested_codebases(package):
-    found = set(pins(package).values())
+    """(The framework envs pin the TRL their framework requires; calplug's TRL support is tested
+    in the distributed env.)"""
+    found = {v for s, v in pins(package).items() if not s.startswith(tuple(FRAMEWORK_ENVS.values()))}
     assert found == {compat.TESTED_CODEBASES[package]}, found
+
+
+@pytest.mark.parametrize("framework", sorted(compat.TESTED_FRAMEWORKS))
+def test_tox_runs_the_tested_framework_releases(framework):
+    release, transformers = compat.TESTED_FRAMEWORKS[framework]
+    section = FRAMEWORK_ENVS[framework]
+    assert pins(framework)[section] == release
+    assert pins("transformers")[section] == transformers
 
 
 @pytest.mark.parametrize("codebase, patch", [("LLaVA-NeXT", "llava-next"), ("MGM", "mgm")])

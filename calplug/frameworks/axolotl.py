@@ -74,8 +74,8 @@ class _CALSwitch(BaseModel):
     @model_validator(mode="after")
     def _refuse_incompatible(self):
         if self.cal:
-            values = {name: getattr(self, name, None) for name in type(self).model_fields}
-            settings = {k: v for k, v in values.items() if k.startswith("cal_")}
+            settings = {name: getattr(self, name) for name in type(self).model_fields
+                        if name.startswith("cal_")}
             from ..config import resolve_config
 
             resolve_config(None, **settings_from(settings, FRAMEWORK))  # bad values fail here, early

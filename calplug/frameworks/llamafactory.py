@@ -8,19 +8,19 @@ model when training begins and calplug's logging callback.
 
 Several processes: ``llamafactory-cli`` relaunches itself with torchrun when it sees several
 GPUs, and the relaunched processes lose the callbacks. Launch torchrun yourself instead:
-``torchrun --nproc_per_node N -m calplug.frameworks.llamafactory train cfg.yaml``; this module is
-that entry. Without torchrun and with several GPUs visible, `train` refuses to start (the Trainer
+``torchrun --nproc_per_node N -m calplug.cli.llamafactory train cfg.yaml`` (the command as a
+module). Without torchrun and with several GPUs visible, `train` refuses to start (the Trainer
 would fall back to ``nn.DataParallel``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, refuse, settings_from
+from ..config import resolve_config
 from ..errors import CALConfigError
 from ..trainer import CALLoggingCallback
 
@@ -107,7 +107,7 @@ def _refuse_data_parallel() -> None:
         raise CALConfigError(
             f"{gpus} GPUs are visible and this is one process: the Trainer would use nn.DataParallel, "
             "which calplug cannot run under. Launch one process per GPU: torchrun --nproc_per_node "
-            f"{gpus} -m calplug.frameworks.llamafactory train CONFIG.yaml (or make one GPU visible "
+            f"{gpus} -m calplug.cli.llamafactory train CONFIG.yaml (or make one GPU visible "
             "with CUDA_VISIBLE_DEVICES)"
         )
 
@@ -133,35 +133,15 @@ def read_config(config: str, overrides=()) -> dict[str, Any]:
 
 def train(config: str, overrides=()) -> None:
     """Run LLaMA-Factory's training on ``config`` (YAML or JSON) with ``key=value`` overrides,
-    CAL enabled when the config says ``cal: true``."""
-    from llamafactory.train.tuner import run_exp
-
+    CAL enabled when the config says ``cal: true``. Refusals come before LLaMA-Factory loads."""
     values = read_config(config, overrides)
     settings, rest = split_config(values)
     callbacks = []
     if settings is not None:
         refuse(FRAMEWORK, REFUSED, rest)
         _refuse_data_parallel()
+        resolve_config(None, **settings)  # a bad value fails now, not when training begins
         callbacks = [LlamaFactoryCALCallback(settings)]
+    from llamafactory.train.tuner import run_exp
+
     run_exp(rest, callbacks=callbacks)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["train"], help="what to run (LLaMA-Factory's train)")
-    parser.add_argument("config", help="LLaMA-Factory YAML or JSON config, with cal: true and cal_* settings")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="overrides, as llamafactory-cli takes them (cal_alpha=0.5 too)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m calplug.frameworks.llamafactory train cfg.yaml`` (what torchrun runs)."""
-    parser = argparse.ArgumentParser(prog="python -m calplug.frameworks.llamafactory",
-                                     description="LLaMA-Factory training with CAL")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    train(args.config, args.overrides)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -117,8 +117,8 @@ def build_model_folder(out: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def write_images(out: str | os.PathLike, n: int = 8) -> list[tuple[str, str]]:
-    """``n`` IMAGE x IMAGE PNGs of a coloured square on another colour; ``[(path, colour)]``."""
+def write_images(out: str | os.PathLike, n: int = 8, size: int = IMAGE) -> list[tuple[str, str]]:
+    """``n`` size x size PNGs of a coloured square on another colour; ``[(path, colour)]``."""
     from PIL import Image, ImageDraw
 
     folder = Path(out) / "images"
@@ -127,8 +127,9 @@ def write_images(out: str | os.PathLike, n: int = 8) -> list[tuple[str, str]]:
     found = []
     for i in range(n):
         colour = names[i % len(names)]
-        img = Image.new("RGB", (IMAGE, IMAGE), COLORS[names[(i + 3) % len(names)]])
-        ImageDraw.Draw(img).rectangle([8, 8, 24, 24], fill=COLORS[colour])
+        img = Image.new("RGB", (size, size), COLORS[names[(i + 3) % len(names)]])
+        ImageDraw.Draw(img).rectangle([size // 4, size // 4, 3 * size // 4, 3 * size // 4],
+                                      fill=COLORS[colour])
         path = folder / f"{i}.png"
         img.save(path)
         found.append((str(path.resolve()), colour))
@@ -156,12 +157,12 @@ def write_llamafactory_data(out: str | os.PathLike, n: int = 8) -> Path:
     return out
 
 
-def write_swift_data(out: str | os.PathLike, n: int = 8) -> Path:
-    """``out/train.jsonl`` in ms-swift's messages format; returns the file."""
+def write_swift_data(out: str | os.PathLike, n: int = 8, image: int = IMAGE) -> Path:
+    """``out/train.jsonl`` in ms-swift's messages format (``image`` pixels a side); returns the file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tag_records(write_images(out, n))))
+    path.write_text("".join(json.dumps(r) + "\n" for r in tag_records(write_images(out, n, image))))
     return path
 
 
@@ -178,3 +179,77 @@ def write_axolotl_data(out: str | os.PathLike, n: int = 8) -> Path:
     path = out / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# -- Qwen2-VL (needs torchvision: its processor always has a video processor) ---------------------
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+QWEN_FIRST_SPECIAL_ID = 151643  # <|endoftext|>; <|image_pad|> = 151655, as in the released models
+QWEN_PIXELS = 56 * 56           # one 56 x 56 image: 4 x 4 patches of 14, merged 2 x 2: 4 tokens
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl_folder(out: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Qwen2-VL whose special tokens have Qwen's real ids: ms-swift's Qwen2-VL template
+    writes ``image_token_id = 151655`` into its code, and with other ids it expands no
+    placeholder. The vocabulary is padded with entries no merge produces (151,680 rows)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab), QWEN_FIRST_SPECIAL_ID):
+        vocab[f"<filler_{i}>"] = i
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens(QWEN_SPECIAL)
+    fast = Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    assert ids["<|image_pad|>"] == 151655, ids
+    size = {"shortest_edge": QWEN_PIXELS, "longest_edge": QWEN_PIXELS}
+    common = dict(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=fast,
+                                 video_processor=Qwen2VLVideoProcessor(**common),
+                                 chat_template=QWEN_CHAT_TEMPLATE)
+    vocab_size = (len(fast) + 63) // 64 * 64
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=10000.0,
+                tie_word_embeddings=False, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"],
+                           vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+                           eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
