@@ -1,10 +1,10 @@
 """tox's inline plugin for calplug's test matrix (tox 4 loads ``toxfile.py`` from the project root).
 
 Why it exists: every env of the matrix installs its own torch (~750 MB) and transformers, so the
-full ``tox`` run holds about 8 GB of virtual environments at its end. A CI machine with less free
+full ``tox`` run holds about 14 GB of virtual environments at its end. A CI machine with less free
 disk than that failed half way (``No space left on device`` while installing the seventh env).
 With ``CALPLUG_TOX_DISCARD_ENVS=1`` (``.ci/run`` sets it) each run env's folder is deleted as soon
-as tox has torn it down, so the run needs the disk of its largest env (~1.6 GB), not of all of
+as tox has torn it down, so the run needs the disk of its largest env (~2.5 GB, axolotl), not of all of
 them. The junit results live in ``.tox/results``, outside the env folders, so the
 ``support-matrix`` env still finds them. Local runs leave the variable unset and keep their envs
 for fast reruns.
