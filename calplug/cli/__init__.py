@@ -88,5 +88,18 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
     return folder
 
 
+def prepare_output_file(path: str | os.PathLike, option: str) -> Path:
+    """The output file ``path``, checked before any work: its folder is created if missing and
+    must be writable, and the path must not be a folder. The file itself is written later."""
+    target = Path(path)
+    if target.is_dir():
+        raise CALConfigError(f"{option} {str(target)!r} is a folder: give a file path")
+    prepare_output_dir(target.parent if str(target.parent) else ".", option=f"{option} folder")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise CALConfigError(f"{option} {str(target)!r} cannot be written (permission denied): "
+                             "choose a file you can write to")
+    return target
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

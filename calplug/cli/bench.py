@@ -473,6 +473,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise CALConfigError("--repeats must be at least 1")
+    if args.json:  # checked before minutes of benchmarking, written after the table is printed
+        from . import prepare_output_file
+
+        prepare_output_file(args.json, "--json")
     cfg = BenchConfig(
         device=args.device, dtype=args.dtype, batch=args.batch, image_tokens=args.image_tokens,
         text_tokens=args.text_tokens, text_before_image=args.text_before_image, vocab=args.vocab,
@@ -484,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.resolved_device().type == "cuda" and not torch.cuda.is_available():
         raise CALConfigError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
     result = benchmark(cfg)
-    print(format_report(result))
+    print(format_report(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

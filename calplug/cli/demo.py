@@ -19,6 +19,7 @@ Protocol (fixed before any result was seen; docs/demo.md has every number and wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -551,11 +552,10 @@ def summarise(result: dict) -> tuple[str, list[dict]]:
                              plain_se=_se(plain), cal_se=_se(cal), attributes=attrs, **v))
     n = len(seeds)
     lines = [f"calplug demo: plain vs CAL fine-tuning from the same stage-1 model, {n} seed{'s' * (n > 1)}",
-             f"(stage 1: {proto['stage1_steps']} plain steps on clean captions; stage 2: "
-             f"{proto['stage2_steps']} steps of batch {proto['batch_size']} on fresh captions, the "
-             "given share contradicting the image;",
-             f" evaluated on {proto['eval_size']} clean held-out images per seed; CAL-plain paired "
-             "by seed, SE over seeds)"]
+             f"stage 1: {proto['stage1_steps']} plain steps on clean captions; stage 2: "
+             f"{proto['stage2_steps']} steps of batch {proto['batch_size']} on fresh captions,",
+             f"the given share contradicting the image; {proto['eval_size']} clean held-out images "
+             "per seed; CAL-plain paired by seed"]
     for metric in METRICS:
         lines += ["", METRIC_TITLES[metric],
                   f"{'condition':<16}{'plain':>8}{'CAL':>8}{'CAL-plain':>11}{'SE':>7}  verdict"]
@@ -646,18 +646,25 @@ def checkpoint_path(folder: Path, condition_key: str) -> Path:
 
 def save_checkpoint(model, vocab: synthetic.Vocab, path: Path) -> None:
     """``save_pretrained`` plus the word vocabulary (``calplug inspect --model PATH`` reads it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers_bars():
+        model.save_pretrained(path)
+    vocab.save(path / "calplug_vocab.json")
+
+
+@contextlib.contextmanager
+def quiet_transformers_bars():
+    """No transformers progress bar (saving, loading) in the middle of calplug's own output."""
     from transformers.utils import logging as hf_logging
 
-    path.mkdir(parents=True, exist_ok=True)
     bars = getattr(hf_logging, "is_progress_bar_enabled", lambda: False)()
     if bars:
         hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path)
+        yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    vocab.save(path / "calplug_vocab.json")
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ weight (the clamped weights averaged over ``pool_window`` neighbours: the weight
 and then writes
 
 * ``tokens.html``: each caption's tokens coloured by gap, clamped and pooled weight (the CAL
-  paper's Figure 2a), hover for the numbers;
+  paper's Figure 2a), hover for the numbers; ``tokens.png``: the first six captions as a picture;
 * ``gaps.png``: a histogram of the gaps of all supervised tokens with the clamp bounds alpha and
   beta marked (the paper's Figure 4);
 * ``tokens.json``: the numbers behind both.
@@ -79,9 +79,11 @@ def demo_samples(path: Path, n: int, noise: float, seed: int):
     from transformers import LlavaForConditionalGeneration
 
     from . import synthetic
+    from .demo import quiet_transformers_bars
 
     vocab = synthetic.Vocab.load(path / "calplug_vocab.json")
-    model = LlavaForConditionalGeneration.from_pretrained(path)
+    with quiet_transformers_bars():
+        model = LlavaForConditionalGeneration.from_pretrained(path)
     data = synthetic.make_set(n, seed=2_000_000 + seed, noise=noise)
     batch = synthetic.batch(data, list(range(n)), vocab)
     samples = []
@@ -345,6 +347,52 @@ def plot_histogram(gaps: list[float], config, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_tokens(rows: list[dict], config, path: Path, title: str, limit: int = 6) -> None:
+    """A picture of the first ``limit`` captions: per token three cells -- gap (red = the image
+    raised the token, blue = lowered it), clamped weight and pooled weight (white = alpha, green =
+    beta) -- with the numbers written in (the printout and tokens.html as one image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = rows[:limit]
+    width = max(sum(t["supervised"] for t in r["tokens"]) for r in shown)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.78 * width, 0.35 + 1.15 * len(shown)), dpi=110)
+    ax.set_xlim(-1.4, width)
+    ax.set_ylim(len(shown) * 4.6, -0.6)
+    ax.axis("off")
+    scale = max([abs(t["gap"]) for r in shown for t in r["tokens"] if t["supervised"]] + [config.beta])
+
+    def rgb(css: str):
+        return tuple(int(v) / 255 for v in css[4:-1].split(","))
+
+    for i, row in enumerate(shown):
+        y0 = i * 4.6
+        toks = [t for t in row["tokens"] if t["supervised"]]
+        note = row["note"] or f"sample {i}"
+        ax.text(-1.4, y0 - 0.1, note, fontsize=7.5, va="bottom",
+                color="#d62728" if row["corrupted"] else "#333333")
+        for k, t in enumerate(toks):
+            ax.text(k + 0.5, y0 + 0.45, t["text"], ha="center", va="center", fontsize=7.5,
+                    fontweight="bold" if t.get("kind", "").endswith("visual") else "normal",
+                    color="#d62728" if t.get("kind") == "contradicted visual" else "#111111")
+            cells = ((_gap_colour(t["gap"], scale), f"{t['gap']:+.1f}"),
+                     (_weight_colour(t["clamped"], config.alpha, config.beta), f"{t['clamped']:.2f}"),
+                     (_weight_colour(t["weight"], config.alpha, config.beta), f"{t['weight']:.2f}"))
+            for line, (colour, text) in enumerate(cells):
+                y = y0 + 1 + line
+                ax.add_patch(plt.Rectangle((k + 0.04, y + 0.05), 0.92, 0.9, color=rgb(colour), ec="#dddddd", lw=0.5))
+                ax.text(k + 0.5, y + 0.5, text, ha="center", va="center", fontsize=7)
+        for line, label in enumerate(("gap", "clamped", "pooled")):
+            ax.text(-0.1, y0 + 1.5 + line, label, ha="right", va="center", fontsize=7.5, color="#555555")
+    ax.set_title(f"{title}: gap, clamped weight [{config.alpha:g}, {config.beta:g}], pooled weight "
+                 f"(window {config.pool_window})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def compute_report(model, batches, samples: list[dict], config=None) -> dict:
     """Gaps, clamped and pooled weights for ``samples`` (``batches``: one batch dict for all, or a
     list of single-sample batches): ``rows`` (per sample and token), ``gaps``, ``config``."""
@@ -362,13 +410,14 @@ def compute_report(model, batches, samples: list[dict], config=None) -> dict:
 
 
 def save_report(report: dict, out: Path, title: str = "calplug inspect") -> list[Path]:
-    """``report`` (from ``compute_report``) written to ``out`` as tokens.html, gaps.png and tokens.json."""
+    """``report`` (from ``compute_report``) written to ``out``: tokens.html, tokens.png, gaps.png, tokens.json."""
     cfg, rows, gaps = report["config"], report["rows"], report["gaps"]
     out.mkdir(parents=True, exist_ok=True)
     plot_histogram(gaps, cfg, out / "gaps.png", f"{title}: {len(gaps)} supervised tokens")
+    plot_tokens(rows, cfg, out / "tokens.png", title)
     (out / "tokens.html").write_text(render_html(rows, report["images"], cfg, title))
     (out / "tokens.json").write_text(json.dumps(dict(config=cfg.to_dict(), samples=rows), indent=1))
-    return [out / "tokens.html", out / "gaps.png", out / "tokens.json"]
+    return [out / "tokens.html", out / "tokens.png", out / "gaps.png", out / "tokens.json"]
 
 
 def write_report(model, batches, samples: list[dict], out: Path, config=None,

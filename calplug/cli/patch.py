@@ -456,6 +456,17 @@ def _cmd_list(path: str | None) -> int:
     return 0
 
 
+def _check_writable(patch: PatchFile, root: Path) -> None:
+    """The files the patch edits (and their folders: git apply writes by rename) must be
+    writable before anything is checked or written."""
+    blocked = [fd.path for fd in patch.files
+               if (root / fd.path).exists() and not (os.access(root / fd.path, os.W_OK)
+                                                     and os.access((root / fd.path).parent, os.W_OK))]
+    if blocked:
+        raise PatchError(f"cannot write {', '.join(blocked)} under {str(root)!r} (permission denied): "
+                         "make them writable, or apply the patch as a user who can. Nothing was changed.")
+
+
 def _cmd_apply(args) -> int:
     patch = resolve(args.name)
     root = Path(args.path)
@@ -468,6 +479,7 @@ def _cmd_apply(args) -> int:
             raise PatchConflictError(_refusal(patch, root, result, args.reverse))
         print(f"{patch.name} would {verb} cleanly to {root} ({', '.join(f.path for f in patch.files)}).")
         return 0
+    _check_writable(patch, root)
     apply(patch, root, reverse=args.reverse)
     files = ", ".join(f.path for f in patch.files)
     if args.reverse:
