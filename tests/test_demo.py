@@ -385,6 +385,14 @@ def test_shortened_demo_end_to_end(tmp_path, capsys, monkeypatch):
                 assert all(found[method]["logprob"][a] < 0 for a in synthetic.ATTRIBUTES)
             assert found["cal"]["cal_weights"]["groups"]["true"]["n"] > 0
             assert (found["cal"]["cal_weights"]["groups"]["wrong"]["n"] > 0) == (key != "0")
+        # A 3-step stage 1 grounds nothing: every gap stays below alpha, every weight is alpha,
+        # and CAL is plain cross-entropy (the reason the demo has a stage 1 at all).
+        for seed in ("0", "1"):
+            w = r["stage2"][key][seed]["cal"]["cal_weights"]
+            assert w["mean_weight"] == pytest.approx(1.0) and w["groups"]["true"]["gap"] < 1.0
+            for metric in ("logprob", "accuracy"):
+                assert r["stage2"][key][seed]["cal"][metric]["all"] == pytest.approx(
+                    r["stage2"][key][seed]["plain"][metric]["all"], abs=1e-5)
     for row in r["summary"]:
         diffs = [r["stage2"][row["condition"]][s]["cal"][row["metric"]]["all"]
                  - r["stage2"][row["condition"]][s]["plain"][row["metric"]]["all"] for s in ("0", "1")]
