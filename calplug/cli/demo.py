@@ -674,7 +674,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first seed; the run uses this and the following ones (default 0)")
     parser.add_argument("--full", action="store_true",
                         help="8 seeds; 0, 20, 40, 60 %% noise plus 40 %% systematic and memorised noise "
-                             "(about 6x longer)")
+                             "(about half an hour of one CPU core)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: the model is tiny, more threads rarely help)")
     parser.add_argument("--cache-dir", default=None,
