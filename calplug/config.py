@@ -319,7 +319,3 @@ def _validate(cfg: CALConfig) -> None:
             f"contrast {cfg.contrast!r} is not a registered contrast condition.{hint} "
             f"Registered: {', '.join(sorted(names))}."
         )
-    if cfg.contrast == "patch_mask" and ratio == 0.0:
-        raise CALConfigError("mask_ratio=0 with contrast='patch_mask' hides no image position, so "
-                             "every gap would be 0 and every weight alpha (plain training): "
-                             "e.g. mask_ratio=0.5, or contrast='drop'")

@@ -77,11 +77,6 @@ def test_a_zero_clamp_range_is_refused():
     assert CALConfig(alpha=2.0, beta=2.0).alpha == 2.0    # alpha = beta: constant weights, plain CE
 
 
-def test_patch_mask_that_hides_nothing_is_refused():
-    with pytest.raises(CALConfigError, match=r"mask_ratio=0 with contrast='patch_mask' hides no image position"):
-        CALConfig(contrast="patch_mask", mask_ratio=0.0)
-
-
 @pytest.mark.parametrize("kwargs, words", [
     ({"alpha": -1.0}, r"alpha must be >= 0.*e\.g\. alpha=1\.0"),
     ({"pool_window": 2}, r"pool_window must be a positive odd integer.*e\.g\. pool_window=3"),
@@ -612,6 +607,22 @@ def test_inspect_on_a_folder_that_is_not_a_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a model folder" in err and "config.json" in err and "calplug demo" in err
     assert "--caption" not in err and err.count("\n") == 1
+
+
+def test_inspect_out_that_is_a_file_fails_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from calplug import cli
+    from calplug.cli import inspect
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    target = tmp_path / "report"
+    target.write_text("not a folder")
+    monkeypatch.setattr(inspect, "processor_samples", lambda *a: pytest.fail("loaded the model"))
+    assert cli.main(["inspect", "--model", str(folder), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calplug inspect: error: --out") and "is a file, not a folder" in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, words", [

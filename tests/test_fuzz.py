@@ -56,7 +56,7 @@ def valid_configs(draw) -> dict:
     contrast = draw(st.sampled_from(["drop", "mask", "patch_mask", "blur"]))
     return dict(alpha=alpha, beta=beta, pool_window=draw(st.sampled_from([1, 3, 5, 7])),
                 pool_scope=draw(st.sampled_from(POOL_SCOPES)), contrast=contrast,
-                mask_ratio=draw(st.floats(0.05, 1.0)), blur_sigma=draw(st.floats(0.1, 3.0)),
+                mask_ratio=draw(st.floats(0.0, 1.0)), blur_sigma=draw(st.floats(0.1, 3.0)),
                 seed=draw(st.integers(0, 2 ** 63 - 1)), stages=draw(st.sampled_from(STAGES)),
                 loss_chunk=draw(st.sampled_from([0, 0, 1, 7, 64])))
 
