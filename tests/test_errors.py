@@ -369,6 +369,11 @@ def test_a_batch_without_supervised_tokens_gives_zero_loss_and_warns_once(model,
     assert torch.isnan(model(**ignored).loss)            # the model's own loss, documented
     scalars = stats.scalars()
     assert scalars["cal/ignored_batches"] == 2 and scalars["cal/nonfinite_gaps"] == 0
+    stats.reset()
+    with calplug.enabled(model):
+        model(**ignored)
+    # a log interval of ignored batches only still reports them (the callback logs these keys)
+    assert stats.scalars() == {"cal/ignored_batches": 1.0, "cal/nonfinite_gaps": 0.0}
     model.zero_grad()
 
 

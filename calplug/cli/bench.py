@@ -84,7 +84,8 @@ class BenchConfig:
 # option -> (smallest valid value, what it counts): each must be an integer at least that large.
 MINIMUMS = {
     "batch": (1, "samples per micro-batch"), "image_tokens": (1, "image tokens per sample"),
-    "text_tokens": (2, "text tokens of the first sample"), "text_before_image": (0, "text tokens before the image"),
+    "text_tokens": (2, "text tokens of the first sample"),
+    "text_before_image": (0, "text tokens before the image"),
     "vocab": (8, "vocabulary size"), "hidden": (2, "decoder width"), "intermediate": (1, "decoder MLP size"),
     "layers": (1, "decoder layers"), "heads": (1, "attention heads"), "kv_heads": (1, "key/value heads"),
     "vision_hidden": (2, "CLIP tower width"), "vision_layers": (1, "CLIP tower layers"),
@@ -525,7 +526,8 @@ def _check_json_path(path: str) -> None:
     if not folder.is_dir():
         raise CALConfigError(f"--json {path!r}: the folder {str(folder)!r} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CALConfigError(f"--json {path!r} cannot be written (permission denied): choose a path you can write to")
+        raise CALConfigError(f"--json {path!r} cannot be written (permission denied): choose a path "
+                             "you can write to")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -443,13 +443,13 @@ def _write_all(new_texts: dict[Path, bytes], root: Path) -> None:
             _replace(path, data)
     except OSError as error:
         failed = _restore(written)
-        raise PatchError(_write_failure(error, path, root, written, failed)) from None
+        raise PatchError(_write_failure(error, path, root, failed)) from None
     except BaseException:
         _restore(written)
         raise
 
 
-def _write_failure(error: OSError, path: Path, root: Path, written: dict, failed: list[Path]) -> str:
+def _write_failure(error: OSError, path: Path, root: Path, failed: list[Path]) -> str:
     rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
     what = f"could not write {rel} in {str(root)!r} ({error.strerror or error})"
     if failed:
