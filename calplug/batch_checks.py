@@ -105,7 +105,7 @@ def finite_gaps(gaps: torch.Tensor, main_logits: torch.Tensor, supervised: torch
                                      (~torch.isfinite(main_logits) & supervised).sum()]).tolist()
         if bad:
             cause = (f"{bad_main} of them in the model's own forward (the main pass), so the loss is "
-                     "not finite, as the model's own loss would not be" if bad_main else
+                     "not finite, as the model's own loss is not either" if bad_main else
                      "all in the contrast pass; the main pass is finite, so the loss stays finite")
             warn_once("nonfinite_gap", (
                 f"calplug: {bad} supervised rows of a training batch have a non-finite gap (NaN or "
