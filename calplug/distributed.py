@@ -45,10 +45,13 @@ def is_fsdp2_unit(module: nn.Module) -> bool:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    """True when ``model`` or a submodule is an FSDP2 or FSDP1 unit, or ``model`` holds an FSDP1
-    flat parameter itself (``model`` is what an FSDP1 wrapper wraps, and a wrap without
-    auto-wrap policy leaves no unit inside it)."""
+    """True when ``model`` or a submodule is an FSDP2 or FSDP1 unit, or FSDP manages ``model``
+    without a unit inside it (``model`` is what an FSDP1 wrapper without auto-wrap policy wraps:
+    torch marks every module FSDP manages with ``_is_fsdp_managed_module``, and without
+    ``use_orig_params`` ``model`` holds the flat parameter)."""
     if any(is_fsdp2_unit(m) or is_fsdp1_unit(m) for m in model.modules()):
+        return True
+    if getattr(model, "_is_fsdp_managed_module", False) is True:
         return True
     return any(getattr(p, "_is_flat_param", False) for p in model.parameters(recurse=False))
 

@@ -175,7 +175,8 @@ def reference_steps(case: str, contrast: str = "drop", freeze: bool = False,
 # a unit plus the root, as transformers / accelerate auto-wrap a decoder; "layers+head": lm_head
 # a unit of its own too, resharded after its forward; "accelerate": accelerate 1.15's
 # fsdp2_prepare_model layout for Llava, _no_split_modules units incl. the CLIP layers, the input
-# embedding, lm_head kept unsharded after forward, the root); case; contrast; freeze (vision tower
+# embedding, lm_head kept unsharded after forward, the root; "root": FSDP1 without auto-wrap
+# policy, one unit); case; contrast; freeze (vision tower
 # and projector frozen); dummy (text-only micro-batches run a dummy image); unused_grads
 # (FSDP2 set_reduce_scatter_unused_params); use_orig_params (FSDP1); bf16 (MixedPrecisionPolicy
 # bf16 parameters, fp32 reduce); enable_after (calplug.enable on the wrapped model);
@@ -196,6 +197,6 @@ FSDP_SCENARIOS = {
                                  contrast="blur", refused="CALInputError"),
     "fsdp2-loss-chunk": dict(fsdp=2, layout="layers", case="mixed", freeze=True, loss_chunk=4,
                              refused="CALConfigError"),
-    "fsdp1-loss-chunk": dict(fsdp=1, layout="layers", case="mixed", use_orig_params=True,
-                             loss_chunk=4, refused="CALConfigError"),
+    "fsdp1-root-only-loss-chunk": dict(fsdp=1, layout="root", case="mixed", use_orig_params=True,
+                                       loss_chunk=4, refused="CALConfigError"),
 }

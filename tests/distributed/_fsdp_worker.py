@@ -78,8 +78,9 @@ def wrap_fsdp1(model, spec):
 
     head = model.get_output_embeddings()
     with_head = spec["layout"] == "layers+head"
-    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(
-        m, LlamaDecoderLayer) or (with_head and m is head))
+    policy = None if spec["layout"] == "root" else functools.partial(
+        lambda_auto_wrap_policy,
+        lambda_fn=lambda m: isinstance(m, LlamaDecoderLayer) or (with_head and m is head))
     return FullyShardedDataParallel(model, auto_wrap_policy=policy,
                                     use_orig_params=spec["use_orig_params"],
                                     device_id=torch.device("cpu"))

@@ -106,8 +106,10 @@ def test_fsdp_cal_loss_and_every_gradient_match_single_process(fsdp_run, name, r
     for step in range(_common.STEPS):
         worst = max(worst, _assert_same_tensors(full["grads"][step], ref["grads"][step],
                                                 f"{name} gradient at step {step}"))
-    trained = [g for g in full["grads"][0].values() if g is not None]
-    assert sum(bool(g.abs().max() > 0) for g in trained) > 0.8 * len(trained)
+    # Every trained parameter got a gradient, except the vision tower's last layer and final
+    # norm, which vision_feature_layer=-2 leaves unused.
+    zero = {n for n, g in full["grads"][0].items() if g is not None and not bool(g.abs().max() > 0)}
+    assert all("vision_tower.encoder.layers.1." in n or "post_layernorm" in n for n in zero), zero
     worst = max(worst, _assert_same_tensors(
         full["params"], {n: p for n, p in ref["params"].items()}, f"{name} parameters"))
     record_property("max_diff_vs_single_process", worst)
