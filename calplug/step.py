@@ -3,7 +3,9 @@
 `cal_forward` is the forward `calplug.enable` installs; `training_step` runs the algorithm's
 steps as numbered in docs/cal.md, using only what the integration's `MainPass` and the plugin
 hooks (`calplug.hookspecs`) hand it: it knows no model family. Sharded training (ZeRO-3, FSDP)
-only adds the agreement of `_contrast_plan`, so every rank runs the same modules.
+only adds the agreement of `_contrast_plan`, so every rank runs the same modules, the gathered
+read of the head in `contrast_gaps`, and `distributed.contrast_region` (FSDP2's backward prefetch
+order forgets the contrast pass).
 """
 from __future__ import annotations
 
@@ -137,8 +139,9 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
         else:
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         # steps 2 and 4: the contrast pass and the target-token gaps
-        plan = _contrast_plan(model, main, config, contrast)
-        gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
+        with distributed.contrast_region(model):
+            plan = _contrast_plan(model, main, config, contrast)
+            gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
         weighed = batch_checks.finite_gaps(gaps, main_logits, supervised)  # NaN / inf -> 0
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
     weights = pm.hook.calplug_weights(gaps=weighed, labels=shifted, supervised=supervised, config=config)
@@ -243,17 +246,19 @@ def _head_on_last_position(model: nn.Module, integration: Integration, chunk: in
             f"integration {integration.name!r} does not say where it is "
             "(Integration.decoder_and_head): set loss_chunk=0"
         )
+    if distributed.is_sharded(model):
+        raise CALConfigError(
+            f"loss_chunk={chunk} keeps the lm_head weight from the main pass for the backward of "
+            "its chunked loss, and a sharded model (DeepSpeed ZeRO-3, FSDP fully_shard or "
+            "FullyShardedDataParallel) partitions that weight again after the forward: set "
+            "loss_chunk=0 under sharded training"
+        )
     _, head = integration.decoder_and_head(model)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise CALConfigError(
             f"loss_chunk={chunk} needs a plain torch.nn.Linear output projection, found "
             f"{type(head).__name__}: adapters or quantisation on lm_head change its output; "
             "set loss_chunk=0"
-        )
-    if distributed.is_sharded(model):
-        raise CALConfigError(
-            f"loss_chunk={chunk} reads the lm_head weight directly, which a sharded model "
-            "(DeepSpeed ZeRO-3, FSDP) partitions: set loss_chunk=0"
         )
 
     def pre_hook(module, args):
