@@ -430,7 +430,9 @@ def lfm2_vl_visual(model, kind, g):
 
 
 def build_aria(seed=0):
-    text = _text("aria_text", moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)
+    # experts of width 96: their fused gate and up projection (2 x width) stays off the vocabulary
+    text = _text("aria_text", intermediate_size=96, moe_num_experts=4, moe_topk=2,
+                 moe_num_shared_experts=1)
     return _model("AriaForConditionalGeneration", seed, vision_config=_vision("idefics3_vision"),
                   text_config=text, image_token_index=IMAGE, projector_patch_to_query_dict={16: 4})
 
@@ -465,8 +467,8 @@ def build_glm4v(seed=0, moe=False, router_logits=False):
                      moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                      n_group=1, topk_group=1, output_router_logits=router_logits,
                      router_aux_loss_coef=0.5, **_rope(rope))
-    else:
-        text = _text("glm4v_text", **_rope(rope))
+    else:  # width 96: the fused gate and up projection (2 x width) stays off the vocabulary size
+        text = _text("glm4v_text", intermediate_size=96, **_rope(rope))
     return _model("Glm4vMoeForConditionalGeneration" if moe else "Glm4vForConditionalGeneration",
                   seed, vision_config=vision, text_config=text, image_token_id=IMAGE,
                   video_token_id=VIDEO, image_start_token_id=VSTART, image_end_token_id=VEND,
