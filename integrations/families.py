@@ -95,9 +95,9 @@ class FamilyFacts:
 
 DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 TIMM = ("its tiny test model needs a TimmWrapper vision tower, i.e. the timm package, which imports "
-        "torchvision; PyPI's torchvision does not load beside the CPU torch the tests pin. Install "
-        "a torch + torchvision pair that load together (e.g. torch 2.14.1 + torchvision 0.29.1) "
-        "and timm to run its cases")
+        "torchvision; PyPI's torchvision does not load beside the CPU torch the default test envs "
+        "pin, so CI does not run its cases. `tox -e timm` (torch 2.14.1 + torchvision 0.29.1 + "
+        "timm, ~5.5 GB) runs them")
 LLAMA4_5_24 = ("transformers 5.24.0's Llama4ForConditionalGeneration.forward always raises "
                "AttributeError ('MoeCausalLMOutputWithPast' object has no attribute "
                "'image_outputs'): training and generate() fail before calplug runs. Use 4.57.6 "
