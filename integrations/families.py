@@ -139,7 +139,7 @@ _ROWS = [
     FamilyFacts("FastVlm", "fast_vlm", "FastVlmForConditionalGeneration", (5, 0),
                 pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("PerceptionLM", "perception_lm", "PerceptionLMForConditionalGeneration", (4, 54),
-                proven=False, unproven_reason=TIMM),
+                pixel_keys=IMAGE_PIXELS, proven=False, unproven_reason=TIMM),
     # -- bidirectional image (or prefix) attention: 4-D / per-layer-type mask dicts --------------
     FamilyFacts("PaliGemma", "paligemma", "PaliGemmaForConditionalGeneration", (4, 45),
                 placeholders=IMAGE_ONLY,
@@ -150,7 +150,7 @@ _ROWS = [
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3n", "gemma3n", "Gemma3nForConditionalGeneration", (4, 53),
                 placeholders=IMAGE_ONLY, logit_softcap="final_logit_softcapping",
-                proven=False, unproven_reason=TIMM),
+                pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("Gemma4", "gemma4", "Gemma4ForConditionalGeneration", (5, 5),
                 logit_softcap="final_logit_softcapping"),
     FamilyFacts("Molmo2", "molmo2", "Molmo2ForConditionalGeneration", (5, 20),

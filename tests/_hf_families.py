@@ -639,7 +639,7 @@ def build_gemma3n(seed=0):
                  hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
                  num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0],
                  sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=0)
+                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=125)
     vision = dict(model_type="gemma3n_vision", architecture="test_convnext", do_pooling=False,
                   model_args={}, hidden_size=64, vocab_size=64, vocab_offset=128)
     audio = dict(model_type="gemma3n_audio", vocab_size=64, vocab_offset=192, input_feat_size=16,

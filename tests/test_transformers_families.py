@@ -207,7 +207,7 @@ OLDEST = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57", "ide
           "aria": "4.48", "mistral3": "4.50", "aya_vision": "4.50", "gemma3": "4.50",
           "smolvlm": "4.50", "llama4": "4.51", "internvl": "4.52", "qwen2_5_omni_thinker": "4.52",
           "glm4v": "4.53", "cohere2_vision": "4.55", "glm4v_moe": "4.56", "ovis2": "4.56",
-          "lfm2_vl": "4.57", "fast_vlm": "5.0", "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
+          "lfm2_vl": "4.57", "fast_vlm": "5.0", "perception_lm": "4.54", "gemma3n": "4.53", "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
           "gemma4": "5.5", "molmo2": "5.20"}
 
 
