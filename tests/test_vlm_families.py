@@ -364,3 +364,20 @@ def test_support_status_of_every_image_text_to_text_class():
     assert "LlavaForConditionalGeneration" in proven
     if tf_version() >= (5, 0):
         assert len(proven) >= 20, proven
+
+
+def test_per_layer_masks_that_are_not_4d_are_refused_naming_the_kernel():
+    """Flash-attention kernels take 2-D masks per layer type; the contrast edits 4-D ones."""
+    from calplug.contrast import drop_contrast, mask_contrast
+    from calplug.hookspecs import MainPass
+
+    B, L = 1, 4
+    visual = torch.tensor([[False, True, True, False]])
+    main = MainPass(output=None, logits=torch.zeros(B, L, 8), labels=torch.zeros(B, L, dtype=torch.long),
+                    decoder=None, lm_head=None, visual_mask=visual, attention_mask=torch.ones(B, L),
+                    position_ids=torch.arange(L)[None],
+                    decoder_kwargs={"inputs_embeds": torch.zeros(B, L, 2),
+                                    "attention_mask": {"full_attention": torch.ones(B, L)}})
+    for build in (mask_contrast, drop_contrast):
+        with pytest.raises(CALInputError, match="attn_implementation='sdpa' or 'eager'"):
+            build(main, None)
