@@ -280,6 +280,8 @@ def _generic_rule(class_name: str, config) -> str | None:
     if not class_name.endswith("ForConditionalGeneration"):
         return (f"{class_name} is not a *ForConditionalGeneration class: the generic integration "
                 "handles decoder-only VLMs that splice image features at placeholder ids")
+    if config is None:
+        return f"{class_name} has no transformers config: the generic integration reads ids from it"
     if getattr(config, "is_encoder_decoder", False):
         return f"{class_name}: " + ENCODER_DECODER
     if placeholder_attribute(config) is None:
@@ -295,7 +297,7 @@ def generic_refusal(model) -> str | None:
         return REFUSED[name]
     if name in FAMILIES:
         return None
-    return _generic_rule(name, model.config)
+    return _generic_rule(name, getattr(model, "config", None))
 
 
 def support_status(class_name: str) -> tuple[str, str]:
@@ -318,14 +320,15 @@ def support_status(class_name: str) -> tuple[str, str]:
                            f"{transformers.__version__}: calplug cannot inspect it")
     try:
         config = config_class()
-    except Exception as error:  # a config whose defaults do not build: judged by name only
-        config = None
-        reason = f"its default config does not build ({type(error).__name__})"
-    why = _generic_rule(class_name, config) if config is not None else (
-        None if class_name.endswith("ForConditionalGeneration") else f"{class_name}: {reason}")
+    except Exception as error:  # defaults that do not build: only the class name can be judged
+        if not class_name.endswith("ForConditionalGeneration"):
+            return "refused", _generic_rule(class_name, None)
+        return "matched", (f"its default config does not build here ({type(error).__name__}), so "
+                           "only its name was judged; calplug.enable checks the real config for an "
+                           "image placeholder id. No family case proves it: run `calplug verify`")
+    why = _generic_rule(class_name, config)
     if why is not None:
         return "refused", why
-    attr = placeholder_attribute(config) if config is not None else "image_token_id"
     return "matched", (f"accepted by the generic placeholder-token integration (image positions = "
-                       f"config.{attr}); no family case in calplug's tests proves it: run "
-                       "`calplug verify`")
+                       f"config.{placeholder_attribute(config)}); no family case in calplug's tests "
+                       "proves it: run `calplug verify`")
