@@ -6,13 +6,13 @@
     calplug.disable(model)                 # the original forward, exactly
 """
 from .config import CALConfig, resolve_config
-from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
+from .errors import CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
 from .hookspecs import hookimpl
 from .enabling import config_of, disable, enable, enable_for_stage, enabled, is_enabled
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CALConfig", "CALConfigError", "CALError", "CALInputError", "UnsupportedModelError",
+    "CALConfig", "CALConfigError", "CALError", "CALInputError", "CALWarning", "UnsupportedModelError",
     "config_of", "disable", "enable", "enable_for_stage", "enabled", "hookimpl", "is_enabled", "resolve_config",
 ]

@@ -229,6 +229,8 @@ def calplug_observe_step(model: "nn.Module", gaps: "torch.Tensor", weights: "tor
 
     contrasted: bool ``[B, L-1]``, the rows that got a contrast value (False where the sample had
                 no image, or the row no kept state before it): their gap is 0 by definition.
+    gaps:       as computed; a NaN or infinite gap stays here (the weights were computed with 0
+                in its place: docs/errors.md).
     For logging, histograms and pictures. Tensors are detached; do not modify them. Return
     values are ignored.
     """

@@ -8,17 +8,19 @@ only adds the agreement of `_contrast_plan`, so every rank runs the same modules
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
+import pickle
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import distributed, gap, plugins
+from . import batch_checks, distributed, gap, plugins
 from .config import CALConfig
 from .contrast import placeholder_plan
-from .errors import CALConfigError, CALInputError, UnsupportedModelError
+from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
 from .hookspecs import Contrast, ContrastPlan, Integration, MainPass
 from .integrations import compat
 
@@ -39,7 +41,30 @@ class CALState:
     config: CALConfig
     integration: Integration
     original_forward: Any          # the instance attribute `forward` had before, or None
-    signature: inspect.Signature   # of the forward the model had: the patched one keeps it
+    signature: inspect.Signature   # of the forward the model had: CALForward keeps it
+
+    # Pickling (torch.save of a whole model): every field pickles, the integration by reference to
+    # module-level functions, so a loaded model comes back enabled. A plugin's integration built
+    # from local functions cannot; the error then says what to do instead of pickle's "Can't
+    # pickle local object". copy.deepcopy copies functions by reference and needs no such check.
+    def __getstate__(self) -> dict:
+        try:
+            pickle.dumps(self.integration)
+        except Exception as error:
+            raise CALError(
+                f"this model's calplug state cannot be pickled: its integration "
+                f"{self.integration.name!r} (from a plugin) holds something pickle cannot save "
+                f"({' '.join(str(error).split())}). Call calplug.disable(model) before saving and "
+                "calplug.enable(model) after loading, or save model.state_dict() / save_pretrained(), "
+                "which hold no calplug state. Plugin authors: build Integration records from "
+                "module-level functions (docs/plugins.md)") from None
+        return dict(self.__dict__)
+
+    def __deepcopy__(self, memo: dict) -> "CALState":
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return copied
 
 
 class CALForward:
@@ -86,6 +111,7 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
 def training_step(model: nn.Module, original, state: CALState, call: dict):
     """Steps 1-7 for one micro-batch; returns the model's output type with the CAL loss."""
     config = state.config
+    batch_checks.check_labels(call["labels"])   # dtype and shape (calplug/batch_checks.py)
     num_items_in_batch = call.pop("num_items_in_batch", None)
     contrast = plugins.contrasts()[config.contrast]
     pm = plugins.get_plugin_manager()
@@ -108,6 +134,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
             "aligned with the model's inputs"
         )
+    batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1])
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():
@@ -118,8 +145,9 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
         # steps 2 and 4: the contrast pass and the target-token gaps
         plan = _contrast_plan(model, main, config, contrast)
         gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
+        weighed = batch_checks.finite_gaps(gaps, main_logits, supervised)  # NaN / inf -> 0
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
-    weights = pm.hook.calplug_weights(gaps=gaps, labels=shifted, supervised=supervised, config=config)
+    weights = pm.hook.calplug_weights(gaps=weighed, labels=shifted, supervised=supervised, config=config)
     # step 7: the weighted, normalised cross-entropy (chunked when hidden states were recorded)
     loss = pm.hook.calplug_loss(logits=None if hidden is not None else main.logits,
                                 labels=main.labels, weights=weights, config=config,

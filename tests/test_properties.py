@@ -11,16 +11,15 @@ naming what would enable it).
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import calplug
 from calplug import step
 from _faithful import faithful_step_after_reference
+from _recording import ShapeRecorder, record_calls
 from cases import CASES, SETTING, params
 from reference import assert_grads_rel_close
 
@@ -31,24 +30,6 @@ def _record_versions(record_testsuite_property):
 
     record_testsuite_property("transformers", transformers.__version__)
     record_testsuite_property("torch", torch.__version__)
-
-
-@contextlib.contextmanager
-def record_calls(module):
-    """Record the shape of ``inputs_embeds`` (or the first argument) of every call of ``module``."""
-    shapes = []
-
-    def pre_hook(mod, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = kwargs.get("hidden_states", args[0] if args else None)
-        shapes.append(tuple(x.shape))
-
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        yield shapes
-    finally:
-        handle.remove()
 
 
 def skip_where_mask_is_refused(case, contrast):
@@ -156,20 +137,6 @@ def test_drop_pass_covers_only_text_of_samples_with_images(case, env):
     # only the samples with images, only their text tokens (no image positions, no padding
     # beyond the longest of them)
     assert calls[1][:2] == (int(with_image.sum()), int(kept[with_image].sum(1).max()))
-
-
-# -- no vocabulary-sized contrast tensors ----------------------------------------------------------
-class ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
 
 
 @pytest.mark.parametrize("contrast", ["drop", "mask"])

@@ -311,6 +311,11 @@ def run(args) -> int:
     if not path.is_dir():
         raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a `calplug demo` checkpoint "
                              "(OUT/cal-model-noise-0) or a folder written by save_pretrained")
+    if not (path / "calplug_vocab.json").is_file() and not (path / "config.json").is_file():
+        raise CALConfigError(f"--model {str(path)!r} is not a model folder: it holds neither "
+                             "calplug_vocab.json (a `calplug demo` checkpoint) nor config.json (a "
+                             "folder written by save_pretrained). Pass OUT/cal-model-noise-0 of a "
+                             "`calplug demo` run, or a save_pretrained folder with its processor")
     out = prepare_output_dir(args.out)
     if (path / "calplug_vocab.json").is_file():
         if args.samples < 1 or not 0.0 <= args.noise <= 1.0:
