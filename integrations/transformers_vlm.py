@@ -57,6 +57,11 @@ from .families import FamilyFacts
 _OWN_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
                        "past_key_values", "cache", "cache_position", "use_cache")
 MASK_CONTRASTS = ("mask", "patch_mask")
+# For a matched class (no FamilyFacts row): decoder inputs known to carry only visual information
+# (deepstack features of Qwen3-VL-like models), and text layer types that are attention layers;
+# any other layer type (convolutions, linear attention, state-space layers) ignores mask holes.
+KNOWN_VISUAL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds", "deepstack_features", "vision_mask")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 
 
 def check_labels(input_ids: torch.Tensor | None, labels: torch.Tensor) -> None:
@@ -129,11 +134,11 @@ def decoder_mask_is_ready(decoder_kwargs: dict) -> bool:
     return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
 
-def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, facts: FamilyFacts) -> tuple[str, ...]:
+def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[str, ...]) -> tuple[str, ...]:
     """Decoder inputs laid out ``[B, L, ...]`` besides the embeddings (Gemma's per-layer inputs)."""
     B, L = embeds.shape[:2]
     return tuple(k for k, v in decoder_kwargs.items()
-                 if k not in _OWN_DECODER_KWARGS and k not in facts.visual_extras
+                 if k not in _OWN_DECODER_KWARGS and k not in extras
                  and isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, L))
 
 
@@ -165,16 +170,20 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         positions = compat.qwen_positions(None, embeds) if facts.mrope else arange_positions(embeds)
     ready = decoder_mask_is_ready(decoder_kwargs)
     cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
+    extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
+    # a matched class keeps a router term its output carries (calplug verify checks the loss)
+    routed = facts.router_aux or (not facts.key and getattr(output, "aux_loss", None) is not None
+                                  and hasattr(compat.text_config(config), "router_aux_loss_coef"))
     return MainPass(
         output=output, logits=logits, labels=labels, decoder=decoder, lm_head=lm_head,
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=padding_mask(decoder_kwargs, call, embeds), position_ids=positions,
-        visual_extras=tuple(k for k in facts.visual_extras if decoder_kwargs.get(k) is not None),
+        visual_extras=tuple(k for k in extras if decoder_kwargs.get(k) is not None),
         contrast_embeds=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
         if facts.pixel_keys else None,
-        extra_loss=router_aux_loss(model, call, output) if facts.router_aux else None,
+        extra_loss=router_aux_loss(model, call, output) if routed else None,
         logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
-        sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, facts),
+        sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
         attention_span=None if ready else compat.attention_span(config),
     )
 
@@ -239,9 +248,19 @@ def _refusal(model: nn.Module) -> str | None:
 
 def refuses_contrast(model: nn.Module, contrast: str) -> str | None:
     """`Integration.contrast_refusal`: decoders that ignore mask holes cannot run masking
-    contrasts."""
-    reason = facts_of(model).holes_ignored
-    return reason if reason and contrast in MASK_CONTRASTS else None
+    contrasts. A matched class is judged by its text ``layer_types``."""
+    if contrast not in MASK_CONTRASTS:
+        return None
+    facts = facts_of(model)
+    if facts.key:
+        return facts.holes_ignored or None
+    config = getattr(model, "config", None)
+    types = getattr(compat.text_config(config), "layer_types", None) if config is not None else None
+    other = sorted({str(t) for t in types or () if str(t) not in ATTENTION_LAYER_TYPES})
+    if other:
+        return families.HOLES_IGNORED.format(what=f"layers of type {', '.join(other)}",
+                                             state="layer's state")
+    return None
 
 
 def accepts(model: nn.Module) -> bool:

@@ -381,3 +381,18 @@ def test_per_layer_masks_that_are_not_4d_are_refused_naming_the_kernel():
     for build in (mask_contrast, drop_contrast):
         with pytest.raises(CALInputError, match="attn_implementation='sdpa' or 'eager'"):
             build(main, None)
+
+
+def test_a_matched_class_with_non_attention_layers_runs_drop_only(monkeypatch):
+    """Without a FamilyFacts row (here: Lfm2-VL's row removed), the generic rule still reads the
+    text layer types: layers that are not attention (short convolutions) refuse mask contrasts,
+    and drop runs, after the one-time warning naming `calplug verify`."""
+    family, model = family_model("lfm2_vl")
+    monkeypatch.delitem(families.FAMILIES, family.class_name)
+    transformers_vlm._warned.discard(family.class_name)
+    with pytest.warns(UserWarning, match="calplug verify"):
+        with pytest.raises(UnsupportedModelError, match="layers of type conv"):
+            calplug.enable(model, contrast="mask")
+    calplug.enable(model, contrast="drop")
+    out = model(**make_batch(family, model, kinds=IMAGE_BATCH))
+    assert calplug.is_enabled(model) and out.cal_gaps[0].abs().max() > 0
