@@ -87,9 +87,14 @@ def find_integration(model: nn.Module) -> Integration:
     )
 
 
-def check_contrast_supported(config: CALConfig, integration: Integration) -> None:
+def check_contrast_supported(config: CALConfig, integration: Integration, model: nn.Module) -> None:
     """Contrasts that transform pixels (``Contrast.needs_pixels``) need an integration that
-    re-runs its vision path (``Integration.pixel_contrasts``)."""
+    re-runs its vision path (``Integration.pixel_contrasts``); an integration can refuse a
+    contrast for a model, with the reason (``Integration.contrast_refusal``)."""
+    if integration.contrast_refusal is not None:
+        reason = integration.contrast_refusal(model, config.contrast)
+        if reason:
+            raise UnsupportedModelError(f"contrast={config.contrast!r} on {type(model).__name__}: {reason}")
     contrast = plugins.contrasts()[config.contrast]
     if contrast.needs_pixels and not integration.pixel_contrasts:
         able = sorted({c for i in plugins.integrations() if i.pixel_contrasts for c in i.model_classes})
@@ -114,14 +119,14 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     if state is not None:
         base = state.config if config is None else config
         new_config = resolve_config(base, **overrides)
-        check_contrast_supported(new_config, state.integration)
+        check_contrast_supported(new_config, state.integration, target)
         state.config = new_config
         return model
     cfg = resolve_config(config, **overrides)
     integration = find_integration(target)
     if integration.check is not None:
         integration.check(target)
-    check_contrast_supported(cfg, integration)
+    check_contrast_supported(cfg, integration, target)
     signature = inspect.signature(target.forward)
     original = target.__dict__.get("forward")
     target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)

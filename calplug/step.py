@@ -95,6 +95,12 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input:
         main: MainPass = state.integration.main_pass(model, original, call)
     hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
+    if hidden is not None and main.logit_transform is not None:
+        raise CALConfigError(
+            f"loss_chunk={config.loss_chunk} computes logits as lm_head(hidden), but "
+            f"{type(model).__name__} transforms its logits after lm_head (final logit "
+            "soft-capping): set loss_chunk=0"
+        )
     seq_shape = main.logits.shape[:2] if hidden is None else hidden.shape[:2]
     if seq_shape != main.labels.shape:
         raise CALInputError(
@@ -182,6 +188,8 @@ def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.
         contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
                                             getattr(main.lm_head, "bias", None), targets[has],
                                             rows=rows[has])
+    if main.logit_transform is not None:  # the model's own logits are transformed: so are these
+        contrast = main.logit_transform(contrast)
     return gap.target_gap(main_logits, targets, contrast, has), has
 
 
