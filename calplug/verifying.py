@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 from typing import Iterator
 
@@ -36,7 +37,7 @@ from .errors import CALInputError
 IGNORE_INDEX = -100
 PIXEL_PREFIX = "pixel_values"        # pixel_values, pixel_values_videos, ...: what "the image" is
 PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3, loss_chunk=0)
+FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3)
 MIN_WEIGHT_STD = 1e-3                # faithful weights must vary, or the loss check proves little
 # Tolerances are fp32 round-off; models in half precision get them multiplied by this factor.
 PRECISION_FACTOR = {torch.float16: 100.0, torch.bfloat16: 1000.0}
@@ -63,6 +64,7 @@ class Report:
     setting: str
     checks: list[Check]
     support: tuple[str, str] | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -77,6 +79,7 @@ class Report:
         if self.support is not None:
             status, reason = self.support
             lines.append(f"support matrix: {status}" + (f" ({reason})" if reason else ""))
+        lines += [f"note: {note}" for note in self.notes]
         width = max(len(c.name) for c in self.checks)
         lines += ["", f"{'check':<{width}}  result  {'measured':>9}  tolerance",
                   f"{'-' * width}  ------  {'-' * 9}  ---------"]
@@ -129,7 +132,7 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
         for p in target.parameters():
             p.grad = None
         with _dropout_off(target):
-            checks = _run_checks(target, batch, layout, gradients, seed)
+            checks = _run_checks(target, batch, layout, integration, gradients, seed)
     finally:
         enabling.disable(target)
         if previous is not None:
@@ -141,7 +144,17 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
     setting = (f"transformers {_transformers_version()}, {str(dtype).removeprefix('torch.')}, "
                f"batch of {layout.visual.shape[0]} samples, {int(layout.with_image.sum())} with images, "
                f"integration {integration.name}")
-    return Report(type(target).__name__, setting, checks, _support(type(target).__name__))
+    refusal = _mask_refusal(target, integration)
+    notes = (f"contrast='mask' is refused for this model ({refusal}); the default drop is checked "
+             "against a reference that removes the image positions",) if refusal else ()
+    return Report(type(target).__name__, setting, checks, _support(target), notes)
+
+
+def _mask_refusal(model: nn.Module, integration) -> str | None:
+    """Why the integration refuses the published mask contrast for this model (None: it does not)."""
+    if integration.contrast_refusal is None:
+        return None
+    return integration.contrast_refusal(model, "mask")
 
 
 # -- layout of the batch --------------------------------------------------------------------------
@@ -220,14 +233,15 @@ def _replace_pixels(value, g: torch.Generator):
 
 
 # -- the checks -----------------------------------------------------------------------------------
-def _run_checks(model, batch, layout: _Layout, gradients: bool, seed: int) -> list[Check]:
+def _run_checks(model, batch, layout: _Layout, integration, gradients: bool, seed: int) -> list[Check]:
     from . import enabling
 
     factor = PRECISION_FACTOR.get(_dtype(model), 1.0)
     checks: list[Check] = []
-    labels = layout.labels
-    targets = labels[:, 1:].clamp(min=0)
+    targets = layout.labels[:, 1:].clamp(min=0)
     rows = layout.text_rows
+    refusal = _mask_refusal(model, integration)
+    contrasts = ("drop",) if refusal else ("drop", "mask")
 
     # (d) disable restores; the model's own loss for (c)
     had_forward = "forward" in model.__dict__
@@ -244,18 +258,17 @@ def _run_checks(model, batch, layout: _Layout, gradients: bool, seed: int) -> li
                         "outputs after enable + disable differ from before" if diff
                         else "the instance's forward attribute was not restored"))
 
-    # (a) contrast blind to the image, main side not; drop = mask on text rows
+    # (a) the contrast side blind to the image, the main side not; drop = mask on text rows
     g = torch.Generator().manual_seed(seed)
     replaced = dict(batch, **{k: _replace_pixels(batch[k], g) for k in layout.pixel_keys})
-    gaps = {}
-    main_moved = 0.0
-    for contrast in ("drop", "mask"):
+    gaps, main_moved, blind_tol = {}, 0.0, 0.0
+    for contrast in contrasts:
         with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast)):
             out, out_replaced = model(**batch), model(**replaced)
         main, main_replaced = _target_logits(out, targets), _target_logits(out_replaced, targets)
         side, side_replaced = main - out.cal_gaps.float(), main_replaced - out_replaced.cal_gaps.float()
-        scale = max(1.0, float(main[rows].abs().max()))
-        tol = 1e-5 * scale * factor
+        tol = 1e-5 * max(1.0, float(main[rows].abs().max())) * factor
+        blind_tol = max(blind_tol, tol)
         moved = float((side - side_replaced)[rows].abs().max())
         checks.append(Check(f"contrast pass blind to the image ({contrast})", moved <= tol, moved,
                             f"<= {tol:.1e}",
@@ -263,22 +276,22 @@ def _run_checks(model, batch, layout: _Layout, gradients: bool, seed: int) -> li
                             "the image leaks into the contrast pass"))
         main_moved = max(main_moved, float((main - main_replaced)[rows].abs().max()))
         gaps[contrast] = out.cal_gaps.float()
-    need = 10 * tol
+    need = 10 * blind_tol
     checks.append(Check("main pass sees the image", main_moved > need, main_moved, f"> {need:.1e}",
                         "replacing the pixels did not change the main side's target logits of text rows, "
                         "so the blindness checks above show nothing: check that the batch's pixels reach the model"))
-    mask_scale = max(1.0, float(gaps["mask"][rows].abs().max()))
-    tol = 1e-4 * mask_scale * factor
-    d = float((gaps["drop"] - gaps["mask"])[rows].abs().max())
-    checks.append(Check("drop = mask on text rows (gaps)", d <= tol, d, f"<= {tol:.1e}",
-                        "the fast default contrast (drop) computes other gaps than the published mask "
-                        "contrast on text rows (sliding-window or recurrent layers count removed positions)"))
+    if "mask" in gaps:
+        tol = 1e-4 * max(1.0, float(gaps["mask"][rows].abs().max())) * factor
+        d = float((gaps["drop"] - gaps["mask"])[rows].abs().max())
+        checks.append(Check("drop = mask on text rows (gaps)", d <= tol, d, f"<= {tol:.1e}",
+                            "the default contrast (drop) computes other gaps than the published mask "
+                            "contrast on text rows"))
 
-    # (b) faithful mode = the two-forward reference
-    checks += _faithful_checks(model, batch, layout, targets, gradients, factor)
+    # (b) faithful mode (or, where masking is refused, the default drop) = the two-forward reference
+    checks += _reference_checks(model, batch, layout, "drop" if refusal else "mask", gradients, factor)
 
     # (c) unit weights = the model's own loss
-    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0, loss_chunk=0)):
+    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0)):
         unit = model(**batch)
     rel = _rel(unit.loss, own_loss)
     ones = bool(torch.all(unit.cal_weights == 1.0))
@@ -290,14 +303,16 @@ def _run_checks(model, batch, layout: _Layout, gradients: bool, seed: int) -> li
     return checks
 
 
-def _faithful_checks(model, batch, layout, targets, gradients, factor) -> list[Check]:
+def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list[Check]:
     from . import enabling
 
-    cfg = CALConfig(**FAITHFUL)
+    cfg = CALConfig(**dict(FAITHFUL, contrast=contrast))
+    what = ("faithful = two-forward reference" if contrast == "mask"
+            else "drop = two-forward reference")
     grad_ctx = contextlib.nullcontext() if gradients else torch.no_grad()
     with grad_ctx:
-        ref_loss, ref_gaps, ref_weights = reference_step(model, batch, layout.visual, cfg.alpha, cfg.beta,
-                                                         cfg.pool_window)
+        ref_loss, ref_gaps, ref_weights = reference_step(
+            model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast)
     ref_grads = {}
     if gradients:
         ref_loss.backward()
@@ -312,24 +327,24 @@ def _faithful_checks(model, batch, layout, targets, gradients, factor) -> list[C
 
     checks = []
     rel, tol = _rel(out.loss, ref_loss), 1e-5 * factor
-    checks.append(Check("faithful = two-forward reference: loss", rel <= tol, rel, f"<= {tol:.0e} rel",
-                        "calplug's faithful loss differs from the reference (model forward + forward "
-                        "with image positions masked)"))
+    checks.append(Check(f"{what}: loss", rel <= tol, rel, f"<= {tol:.0e} rel",
+                        f"calplug's {contrast} loss differs from the reference (the model's forward, and "
+                        f"a forward with the image positions {'masked' if contrast == 'mask' else 'removed'})"))
     for name, mine, ref in (("gaps", out.cal_gaps, ref_gaps), ("weights", out.cal_weights, ref_weights)):
         d = float((mine.float().reshape(-1) - ref).abs().max())
         tol = 1e-5 * max(1.0, float(ref.abs().max())) * factor
-        checks.append(Check(f"faithful = two-forward reference: {name}", d <= tol, d, f"<= {tol:.1e}",
-                            f"calplug's faithful {name} differ from the reference's"))
+        checks.append(Check(f"{what}: {name}", d <= tol, d, f"<= {tol:.1e}",
+                            f"calplug's {contrast} {name} differ from the reference's"))
     std = float(ref_weights.std())
-    checks.append(Check("faithful weights vary (alpha 0, beta 5)", std > MIN_WEIGHT_STD, std,
-                        f"> {MIN_WEIGHT_STD:.0e} (std)",
-                        "every reference weight is (nearly) the same: the loss comparison above shows "
-                        "little; use a batch where the image matters to the captions"))
+    checks.append(Check(f"reference weights vary (alpha {cfg.alpha:g}, beta {cfg.beta:g})",
+                        std > MIN_WEIGHT_STD, std, f"> {MIN_WEIGHT_STD:.0e} (std)",
+                        "every reference weight is (nearly) the same: the loss comparison shows little; "
+                        "use a batch whose captions depend on the image"))
     if gradients:
         worst, missing = _grad_error(cal_grads, ref_grads)
         tol = 1e-5 * factor
-        checks.append(Check("faithful = two-forward reference: gradients", worst <= tol and not missing,
-                            worst, f"<= {tol:.0e} rel (each parameter)",
+        checks.append(Check(f"{what}: gradients", worst <= tol and not missing, worst,
+                            f"<= {tol:.0e} rel (each parameter)",
                             f"parameters with a gradient on one side only: {', '.join(missing[:3])}"
                             if missing else "a parameter's gradient differs from the reference's"))
     return checks
@@ -337,22 +352,38 @@ def _faithful_checks(model, batch, layout, targets, gradients, factor) -> list[C
 
 # -- the independent reference ---------------------------------------------------------------------
 def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: float, beta: float,
-                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   window: int, contrast: str = "mask") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CAL loss by the two-forward definition, without calplug's step: the model's own
     forward (with grad), and a second forward (no grad) in which a pre-hook on the text decoder
-    hides the image positions ``visual [B, L]`` from every query in the attention mask the model
-    built; full float32 logits, flat pooling (the published code). Whatever the model adds to its
-    cross-entropy (a router's load-balancing loss) is kept: its own loss minus the plain
-    cross-entropy of its logits. Returns ``(loss, gaps [N], weights [N])``, N = B * (L - 1)."""
+    removes the image positions ``visual [B, L]``: ``contrast="mask"`` (the published one) hides
+    them from every query in whatever attention mask the model built; ``"drop"`` takes them out
+    of the decoder's sequence (text keeps its positions; a removed row takes the state of the
+    last text position before it, as docs/cal.md defines). Full float32 logits, flat pooling.
+    Whatever the model adds to its cross-entropy (a router's load-balancing loss) is kept: its own
+    loss minus the plain cross-entropy of its logits. Returns ``(loss, gaps [N], weights [N])``,
+    N = B * (L - 1)."""
     out = model(**batch)
     logits = _logits(out)
     decoder = text_decoder(model)
-    handle = decoder.register_forward_pre_hook(_hide_positions(visual), with_kwargs=True)
+    attention = batch.get("attention_mask")
+    attention = torch.ones_like(visual, dtype=torch.long) if attention is None else attention
+    if contrast == "mask":
+        handle = decoder.register_forward_pre_hook(_hide_positions(visual), with_kwargs=True)
+        second = batch
+    else:
+        keep = attention.bool() & ~visual
+        handle = decoder.register_forward_pre_hook(_remove_positions(keep), with_kwargs=True)
+        # the sequence is shorter: no labels, and no router statistics over the outer padding mask
+        second = {k: v for k, v in batch.items() if k != "labels"}
+        if "output_router_logits" in inspect.signature(model.forward).parameters:
+            second["output_router_logits"] = False
     try:
         with torch.no_grad():
-            logits_wo = _logits(model(**batch))
+            logits_wo = _logits(model(**second))
     finally:
         handle.remove()
+    if contrast == "drop":
+        logits_wo = _spread(logits_wo, keep, visual.any(1), logits.detach())
     if logits_wo.shape != logits.shape:
         raise CALInputError("the model's logits changed shape when image positions were hidden")
     labels = batch["labels"]
@@ -392,6 +423,17 @@ def text_decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
+def _check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None or embeds.shape[:2] != shape:
+        raise CALInputError(
+            "the text decoder did not receive inputs_embeds of the batch's [batch, seq_len] "
+            f"{tuple(shape)}: verify handles models that splice image features into the input_ids "
+            "sequence at placeholder tokens (transformers' VLM classes); LLaVA-codebase models are "
+            "proven by calplug's own tests (tox -e llava)")
+    return embeds
+
+
 def _hide_positions(visual: torch.Tensor):
     """A decoder pre-hook: no query may attend to a ``visual`` key, in a 2-D padding mask (or none),
     a 4-D mask (boolean: True = attend; float: 0 = attend), or a dict of 4-D masks per layer type."""
@@ -413,16 +455,62 @@ def _hide_positions(visual: torch.Tensor):
                             "which verify's reference cannot edit")
 
     def pre_hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None or embeds.shape[:2] != visual.shape:
-            raise CALInputError(
-                "the text decoder did not receive inputs_embeds of the batch's [batch, seq_len] "
-                f"{tuple(visual.shape)}: verify handles models that splice image features into the "
-                "input_ids sequence at placeholder tokens (transformers' VLM classes); LLaVA-codebase "
-                "models are proven by calplug's own tests (tox -e llava)")
+        embeds = _check_sequence(kwargs, visual.shape)
         return args, dict(kwargs, attention_mask=hide(kwargs.get("attention_mask"), embeds))
 
     return pre_hook
+
+
+def _remove_positions(keep: torch.Tensor):
+    """A decoder pre-hook: the decoder runs on the ``keep [B, L]`` positions of each sample only,
+    packed to the left in order (right padding), each with its original position id. Every
+    ``[B, L, ...]`` input is gathered alike; a 2-D padding mask (or none) only."""
+    B, L = keep.shape
+    counts = keep.sum(1)
+    length = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :length]
+
+    def pre_hook(module, args, kwargs):
+        embeds = _check_sequence(kwargs, keep.shape)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise CALInputError("the decoder received a ready-made (4-D or per-layer) attention mask, "
+                                "which verify's drop reference does not rebuild")
+        new = {}
+        idx = order.to(embeds.device)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (B, L) \
+                    and name != "attention_mask":
+                index = idx.view(B, length, *([1] * (value.dim() - 2))).expand(B, length, *value.shape[2:])
+                new[name] = value.gather(1, index)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(L, device=embeds.device).expand(B, L)
+        lead = positions.shape[:-2]
+        positions = positions.expand(*lead, B, L)
+        new["position_ids"] = positions.gather(-1, idx.expand(*lead, B, length))
+        packed = torch.arange(length, device=embeds.device).unsqueeze(0) < counts.to(embeds.device).unsqueeze(1)
+        new["attention_mask"] = packed.long() if mask is None else packed.to(mask.dtype)
+        for name in ("past_key_values", "cache_position"):
+            if name in kwargs:
+                new[name] = None
+        if "use_cache" in kwargs:
+            new["use_cache"] = False
+        return args, dict(kwargs, **new)
+
+    return pre_hook
+
+
+def _spread(short: torch.Tensor, keep: torch.Tensor, with_image: torch.Tensor,
+            logits: torch.Tensor) -> torch.Tensor:
+    """``[B, L, V]`` contrast logits from the ``[B, L', V]`` logits of the kept positions: each row
+    takes the last kept position at or before it; rows with none, and samples without an image,
+    take the main logits (gap 0)."""
+    rank = keep.long().cumsum(1) - 1
+    index = rank.clamp(min=0).unsqueeze(-1).expand(-1, -1, short.shape[-1])
+    spread = short.gather(1, index.to(short.device))
+    use_main = (rank < 0) | ~with_image.unsqueeze(1)
+    return torch.where(use_main.unsqueeze(-1), logits, spread)
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -503,10 +591,12 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _support(class_name: str) -> tuple[str, str] | None:
-    """The support matrix's status of the class (proven / refused / matched), where the installed
-    calplug records one."""
-    from .integrations import compat
+def _support(model: nn.Module) -> tuple[str, str] | None:
+    """The support matrix's status (proven / refused / matched) of the model's transformers class
+    (the first in its MRO: a user's subclass counts as the class it extends)."""
+    from .integrations.families import support_status
 
-    status = getattr(compat, "support_status", None)
-    return None if status is None else status(class_name)
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return support_status(cls.__name__)
+    return None
