@@ -28,11 +28,9 @@ def _record_versions(record_testsuite_property):
 
 def family_or_skip(name):
     family = FAMILIES[name]
-    if not family.available():
-        import transformers
-
-        pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]} "
-                    f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+    reason = family.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     return family
 
 
@@ -193,7 +191,7 @@ def test_original_forward_never_gets_num_items_in_batch(name):
         return type(model).forward(model, *args, **kwargs)
 
     model.forward = recording_forward
-    calplug.enable(model, contrast="mask", alpha=0.0)
+    calplug.enable(model, contrast="drop" if family.drop_only else "mask", alpha=0.0)
     plain = model(**batch).loss
     n = int((batch["labels"][:, 1:] != -100).sum())
     scaled = model(**batch, num_items_in_batch=2 * n).loss
@@ -201,12 +199,20 @@ def test_original_forward_never_gets_num_items_in_batch(name):
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-6, atol=0)
 
 
+OLDEST = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57", "idefics3": "4.46",
+          "aria": "4.48", "mistral3": "4.50", "aya_vision": "4.50", "gemma3": "4.50",
+          "smolvlm": "4.50", "llama4": "4.51", "internvl": "4.52", "qwen2_5_omni_thinker": "4.52",
+          "glm4v": "4.53", "cohere2_vision": "4.55", "glm4v_moe": "4.56", "ovis2": "4.56",
+          "lfm2_vl": "4.57", "fast_vlm": "5.0", "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
+          "gemma4": "5.5", "molmo2": "5.20"}
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_unsupported_version_names_supported_ones(name, monkeypatch):
     from calplug.integrations import compat
 
     _, model = model_for(name)
-    oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57"}.get(name, "4.45")  # docs/transformers.md
+    oldest = OLDEST.get(name, "4.45")  # the first release of each class (integrations/families.py)
     monkeypatch.setattr(compat, "transformers_version", lambda: (4, 40))
     expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*5\.24\.0\); installed: 4\.40"
     with pytest.raises(UnsupportedModelError, match=expected):
@@ -284,7 +290,7 @@ def test_blur_contrast_where_pixels_are_images(name):
     """Llava types take images as [..., 3, H, W]: blur re-runs their vision path. Qwen-VL pixels are
     pre-cut patches: blur is refused at enable, naming the alternatives."""
     family, model = model_for(name)
-    if family.qwen:
+    if not family.images:
         with pytest.raises(UnsupportedModelError, match="contrast='blur' transforms the input pixels"):
             calplug.enable(model, contrast="blur")
         return
@@ -303,6 +309,9 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
     """Tables 8/9 on every family: hiding no image position contrasts nothing (all gaps 0);
     hiding all of them is the published mask contrast."""
     family, model = model_for(name)
+    if family.drop_only:
+        pytest.skip("mask contrasts are refused for this decoder (layers that ignore mask holes; "
+                    "tests/test_vlm_families.py checks the refusal)")
     kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
