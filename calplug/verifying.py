@@ -408,19 +408,30 @@ def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: f
 
 
 def text_decoder(model: nn.Module) -> nn.Module:
-    """The module the model hands its merged embeddings to, found through the model's own
-    ``get_decoder()``: when that returns a causal-LM wrapper (Llama 4), its inner model; when that
-    holds a ``decoder`` with layers (OPT), that."""
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    if not isinstance(decoder, nn.Module):
-        raise CALInputError(f"{type(model).__name__} has no get_decoder(): verify cannot find its text decoder")
-    if hasattr(decoder, "lm_head") and isinstance(getattr(decoder, "model", None), nn.Module):
-        decoder = decoder.model
-    inner = getattr(decoder, "decoder", None)
-    if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
-        decoder = inner
-    return decoder
+    """The module the model hands its merged embeddings to: what the model's own ``get_decoder()``
+    returns, looked through when that is a causal-LM wrapper (Llama 4) or holds a ``decoder``
+    (OPT); where a release's class has no usable ``get_decoder()`` (one returning a module without
+    decoder layers), the integration's attribute paths for that release."""
+    decoder = None
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
+    if isinstance(decoder, nn.Module):
+        if hasattr(decoder, "lm_head") and isinstance(getattr(decoder, "model", None), nn.Module):
+            decoder = decoder.model
+        inner = getattr(decoder, "decoder", None)
+        if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
+            decoder = inner
+        if hasattr(decoder, "layers"):
+            return decoder
+    from . import enabling
+
+    integration = enabling.find_integration(model)
+    if integration.decoder_and_head is None:
+        raise CALInputError(f"verify cannot find the text decoder of {type(model).__name__}: its "
+                            "get_decoder() returns no module with decoder layers")
+    return integration.decoder_and_head(model)[0]
 
 
 def _check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
