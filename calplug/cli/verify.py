@@ -59,17 +59,17 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     """A model saved with its processor, and one right-padded batch of image/caption pairs: the
     prompt (image placeholder included) and the padding are labelled -100, the captions are
     supervised."""
-    from PIL import Image
-    from transformers import AutoConfig, AutoProcessor
-
-    from .inspect import _model_class
-
     if not path.is_dir():
         raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a folder written by "
                              "save_pretrained (the model and its processor)")
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
+    from PIL import Image
+    from transformers import AutoConfig, AutoProcessor
+
+    from .inspect import _model_class
+
     processor = AutoProcessor.from_pretrained(path)
     model = _model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
     tokenizer = getattr(processor, "tokenizer", processor)
