@@ -219,12 +219,16 @@ def qwen_visual(patch):
 
 # -- placeholder-token families of the generic integration (integrations/families.py) -----------
 EXTRA1, EXTRA2, EXTRA3 = 254, 255, 249
+# The embedding row of pad_token_id is zero-initialised (padding_idx); with tied embeddings its
+# logit is then 0 everywhere. Ignored labels take token 0 as their target (the spec), so the pad
+# id is kept off 0 for those rows to have gaps at all.
+PAD = 248
 
 
 def _text(model_type: str, **extra) -> dict:
-    return dict(model_type=model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                **extra)
+    return {**dict(model_type=model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   pad_token_id=PAD), **extra}
 
 
 def _vision(model_type: str, **extra) -> dict:
@@ -265,7 +269,8 @@ def image_visual(n: int, key: str = "pixel_values", shape=(1, 3, 32, 32), block=
 
 def build_vipllava(seed=0):
     return _model("VipLlavaForConditionalGeneration", seed, vision_config=_clip(),
-                  text_config=_llama(), image_token_index=IMAGE, vision_feature_layers=[-2, -1])
+                  text_config=_llama(), image_token_index=IMAGE, vision_feature_layers=[-2, -1],
+                  image_seq_length=16)
 
 
 def build_video_llava(seed=0):
@@ -350,14 +355,25 @@ def build_paligemma(seed=0, softcap=None):
     text = _text("gemma2" if softcap else "gemma", head_dim=16)
     if softcap:
         text.update(final_logit_softcapping=softcap, sliding_window=64)
-    return _model("PaliGemmaForConditionalGeneration", seed,
-                  vision_config=_vision("siglip_vision_model", projection_dim=64), text_config=text,
-                  image_token_index=IMAGE, projection_dim=64, hidden_size=64, vocab_size=VOCAB)
+    model = _model("PaliGemmaForConditionalGeneration", seed,
+                   vision_config=_vision("siglip_vision_model", projection_dim=64), text_config=text,
+                   image_token_index=IMAGE, projection_dim=64, hidden_size=64, vocab_size=VOCAB)
+    # PaliGemma scales image features by 1 / sqrt(hidden): at random init they barely move the
+    # text (gaps ~1e-2, where fp32 round-off of the weights is 1e-5 of the loss gradient); a
+    # larger projector makes the image matter as in a trained model
+    with torch.no_grad():
+        model.get_parameter(_projector_weight(model)).mul_(8.0)
+    return model
+
+
+def _projector_weight(model) -> str:
+    return next(n for n, _ in model.named_parameters() if "multi_modal_projector" in n and n.endswith("weight"))
 
 
 def paligemma_finish(model, batch):
-    """token_type_ids: 0 = prefix (image and prompt, attended bidirectionally), 1 = suffix."""
-    suffix = (batch["labels"] != -100) & (batch["attention_mask"] == 1)
+    """token_type_ids: 0 = prefix (image and prompt, attended bidirectionally), 1 = suffix. Padding
+    is marked 1: transformers 4.45 unmasks every key whose token type is 0, padding included."""
+    suffix = (batch["labels"] != -100) | (batch["attention_mask"] == 0)
     return dict(batch, token_type_ids=suffix.long())
 
 
@@ -471,16 +487,6 @@ def glm4v_visual(model, kind, g):
         "pixel_values_videos": _patches(14, (2, 4, 4))(g), "video_grid_thw": torch.tensor([[2, 4, 4]])}
 
 
-def glm4v_finish(model, batch):
-    """Video frames carry the image token: type 2 wherever the video sample has it."""
-    types = batch["mm_token_type_ids"]
-    if "video_grid_thw" in batch:
-        video_rows = [b for b in range(types.shape[0]) if bool((types[b] == 2).any())]
-        for b in video_rows:
-            types[b][batch["input_ids"][b] == IMAGE] = 2
-    return batch
-
-
 def build_qwen3_5(seed=0, moe=False, router_logits=False):
     vision = dict(model_type="qwen3_5_moe_vision" if moe else "qwen3_5_vision", depth=2,
                   hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
@@ -488,7 +494,9 @@ def build_qwen3_5(seed=0, moe=False, router_logits=False):
                   num_position_embeddings=64)
     rope = {"rope_type": "default", "rope_theta": 10000, "mrope_section": [2, 1, 1],
             "mrope_interleaved": True}
-    text = _text("qwen3_5_moe_text" if moe else "qwen3_5_text", head_dim=32,
+    # 2 heads: the gated query projection (heads * head_dim * 2) stays off the vocabulary size,
+    # which the "no vocabulary-sized contrast tensors" property looks for
+    text = _text("qwen3_5_moe_text" if moe else "qwen3_5_text", head_dim=32, num_attention_heads=2,
                  layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=2,
                  linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                  linear_num_value_heads=4, **_rope(rope))
@@ -528,7 +536,7 @@ def omni_finish(model, batch):
 
 
 def build_gemma4(seed=0, window=4):
-    text = _text("gemma4_text", head_dim=16, hidden_size_per_layer_input=8,
+    text = _text("gemma4_text", head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8,
                  vocab_size_per_layer_input=VOCAB, sliding_window=window,
                  layer_types=["sliding_attention", "full_attention"],
                  use_bidirectional_attention="vision", final_logit_softcapping=30.0)
@@ -658,10 +666,9 @@ FAMILIES = {
     "ovis2": Family("ovis2", "Ovis2ForConditionalGeneration", (4, 56), build_ovis2,
                     image_visual(4, block=(VSTART, VEND)), video=False, qwen=False),
     "glm4v": Family("glm4v", "Glm4vForConditionalGeneration", (4, 53), build_glm4v, glm4v_visual,
-                    video=True, qwen=False, images=False, video_kinds=("video", None, None),
-                    finish=glm4v_finish),
+                    video=True, qwen=False, images=False, video_kinds=("video", None, None)),
     "glm4v_moe": Family("glm4v_moe", "Glm4vMoeForConditionalGeneration", (4, 56), build_glm4v_moe,
-                        glm4v_visual, video=False, qwen=False, images=False, finish=glm4v_finish),
+                        glm4v_visual, video=False, qwen=False, images=False),
     "qwen3_5": Family("qwen3_5", "Qwen3_5ForConditionalGeneration", (5, 2), build_qwen3_5,
                       qwen_visual(16), video=True, qwen=False, images=False, drop_only=True),
     "qwen3_5_moe": Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", (5, 2),
@@ -754,7 +761,8 @@ def build_deepseek_vl(seed=0):
 
 
 def build_fuyu(seed=0):
-    return _model("FuyuForCausalLM", seed, text_config=_text("persimmon", num_key_value_heads=4),
+    text = dict(_text("persimmon"), num_key_value_heads=4)
+    return _model("FuyuForCausalLM", seed, text_config=text,
                   image_token_id=IMAGE, image_size=32, patch_size=8)
 
 

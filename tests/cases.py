@@ -142,11 +142,18 @@ def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
 
 def hide_image_keys(mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """A built ``[B, 1, L, L]`` mask (boolean, or additive with the dtype's minimum) in which no
-    query can attend to an image position."""
-    columns = visual[:, None, None, :]
+    query can attend to an image position. An image row that could only see image positions (a
+    sliding window inside the image) is left attending to itself: every row attends to
+    something (docs/transformers.md)."""
+    B, L = visual.shape
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.expand(B, -1, -1, -1)
+    hidden = allowed & ~visual[:, None, None, :]
+    for b, h, i in (~hidden.any(-1) & allowed.any(-1)).nonzero().tolist():
+        hidden[b, h, i, i] = True
     if mask.dtype == torch.bool:
-        return mask & ~columns
-    return mask.masked_fill(columns, torch.finfo(mask.dtype).min)
+        return hidden
+    return torch.zeros_like(mask.expand(B, -1, -1, -1)).masked_fill(~hidden, torch.finfo(mask.dtype).min)
 
 
 def hf_drop_logits(decoder, kw, logits, layout, logits_of):
