@@ -447,7 +447,8 @@ def _check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
 
 def _hide_positions(visual: torch.Tensor):
     """A decoder pre-hook: no query may attend to a ``visual`` key, in a 2-D padding mask (or none),
-    a 4-D mask (boolean: True = attend; float: 0 = attend), or a dict of 4-D masks per layer type."""
+    a 4-D mask (boolean: True = attend; float: 0 = attend), or a dict of 4-D masks per layer type.
+    A 4-D mask's row left with no key at all keeps its own position."""
 
     def hide(mask, embeds):
         if isinstance(mask, dict):
@@ -458,10 +459,18 @@ def _hide_positions(visual: torch.Tensor):
         if mask.dim() == 2:
             return mask * (~keys).to(mask.dtype)
         if mask.dim() == 4:
-            cols = keys[:, None, None, :]
+            B, L = keys.shape
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed = allowed.expand(B, *allowed.shape[1:])
+            kept = allowed & ~keys[:, None, None, :]
+            # a row left with no key (an image row that saw only image keys) keeps itself, as
+            # calplug's contrast does (docs/transformers.md): no all-blocked row
+            emptied = ~kept.any(-1, keepdim=True) & allowed.any(-1, keepdim=True)
+            kept = kept | (emptied & torch.eye(L, dtype=torch.bool, device=kept.device))
             if mask.dtype == torch.bool:
-                return mask & ~cols
-            return mask.masked_fill(cols, torch.finfo(mask.dtype).min)
+                return kept
+            return torch.zeros(kept.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+                ~kept, torch.finfo(mask.dtype).min)
         raise CALInputError(f"the decoder received an attention mask of shape {tuple(mask.shape)}, "
                             "which verify's reference cannot edit")
 
