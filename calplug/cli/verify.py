@@ -70,8 +70,14 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
 
     from .inspect import _model_class
 
-    processor = AutoProcessor.from_pretrained(path)
-    model = _model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = _model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    except (ValueError, OSError, ImportError) as error:
+        raise CALConfigError(
+            f"cannot load the model and its processor from {str(path)!r} ({' '.join(str(error).split())[:300]}): "
+            "pass a folder written by save_pretrained for both, or build the batch yourself and call "
+            "calplug.verify(model, batch) (docs/verify.md)") from error
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
     pil = [Image.open(p).convert("RGB") for p in images]
