@@ -40,6 +40,7 @@ class Family:
     logit_cap: Callable | None = None  # model -> the final logit soft-capping its forward applies
     drop_only: bool = False            # mask holes are not honoured (conv / linear attention)
     unavailable: Callable | None = None  # () -> why this environment cannot run it, or None
+    text_ids: tuple = (3, 240)         # range of the batch's random text token ids
 
     def __post_init__(self):
         if self.images is None:
@@ -429,7 +430,9 @@ def lfm2_vl_visual(model, kind, g):
 
 
 def build_aria(seed=0):
-    text = _text("aria_text", moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)
+    # experts of width 96: their fused gate and up projection (2 x width) stays off the vocabulary
+    text = _text("aria_text", intermediate_size=96, moe_num_experts=4, moe_topk=2,
+                 moe_num_shared_experts=1)
     return _model("AriaForConditionalGeneration", seed, vision_config=_vision("idefics3_vision"),
                   text_config=text, image_token_index=IMAGE, projector_patch_to_query_dict={16: 4})
 
@@ -464,8 +467,8 @@ def build_glm4v(seed=0, moe=False, router_logits=False):
                      moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
                      n_group=1, topk_group=1, output_router_logits=router_logits,
                      router_aux_loss_coef=0.5, **_rope(rope))
-    else:
-        text = _text("glm4v_text", **_rope(rope))
+    else:  # width 96: the fused gate and up projection (2 x width) stays off the vocabulary size
+        text = _text("glm4v_text", intermediate_size=96, **_rope(rope))
     return _model("Glm4vMoeForConditionalGeneration" if moe else "Glm4vForConditionalGeneration",
                   seed, vision_config=vision, text_config=text, image_token_id=IMAGE,
                   video_token_id=VIDEO, image_start_token_id=VSTART, image_end_token_id=VEND,
@@ -601,6 +604,50 @@ def timm_unavailable():
     return None
 
 
+def build_perception_lm(seed=0):
+    """timm's test ViT (16 x 16 patches of a 64 x 64 image, CLS dropped): 16 tokens per image or
+    frame; pixel_values [B, tiles, 3, H, W]."""
+    vision = dict(model_type="timm_wrapper", architecture="test_vit", do_pooling=False,
+                  model_args={"embed_dim": 64, "img_size": 64})
+    return _model("PerceptionLMForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("llama"), image_token_id=IMAGE, video_token_id=VIDEO,
+                  vision_use_cls_token=True, projector_pooling_ratio=1)
+
+
+def perception_lm_visual(model, kind, g):
+    if kind == "image":
+        return torch.full((16,), IMAGE), {"pixel_values": torch.randn(1, 1, 3, 64, 64, generator=g)}
+    return torch.full((32,), VIDEO), {"pixel_values_videos": torch.randn(1, 2, 3, 64, 64, generator=g)}
+
+
+GEMMA3N_IDS = dict(boi_token_id=127, eoi_token_id=128, image_token_id=129, boa_token_id=126,
+                   eoa_token_id=192, audio_token_id=193)
+
+
+def build_gemma3n(seed=0):
+    """Vocabulary split in three: text [0, 128), vision [128, 192), audio [192, 256) (text ids of
+    the batch stay below 120: Family.text_ids); per-layer inputs;
+    soft-capped logits; timm's test ConvNeXt (64 x 64 -> 4 soft tokens) as the vision tower."""
+    text = _text("gemma3n_text", head_dim=16, vocab_size_per_layer_input=128,
+                 hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                 num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0],
+                 sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=0)
+    vision = dict(model_type="gemma3n_vision", architecture="test_convnext", do_pooling=False,
+                  model_args={}, hidden_size=64, vocab_size=64, vocab_offset=128)
+    audio = dict(model_type="gemma3n_audio", vocab_size=64, vocab_offset=192, input_feat_size=16,
+                 hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                 sscp_conv_channel_size=[8, 8])
+    return _model("Gemma3nForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  audio_config=audio, vision_soft_tokens_per_image=4, audio_soft_tokens_per_image=4,
+                  **GEMMA3N_IDS)
+
+
+def gemma3n_visual(model, kind, g):
+    ids = [GEMMA3N_IDS["boi_token_id"]] + [GEMMA3N_IDS["image_token_id"]] * 4 + [GEMMA3N_IDS["eoi_token_id"]]
+    return torch.tensor(ids), {"pixel_values": torch.randn(1, 3, 64, 64, generator=g)}
+
+
 def build_fast_vlm(seed=0):
     vision = dict(model_type="timm_wrapper", architecture="test_convnext", do_pooling=False,
                   model_args={}, hidden_size=64, num_features=64)
@@ -682,6 +729,13 @@ FAMILIES = {
                      logit_cap=lambda model: model.config.get_text_config().final_logit_softcapping),
     "molmo2": Family("molmo2", "Molmo2ForConditionalGeneration", (5, 20), build_molmo2,
                      molmo2_visual, video=False, qwen=False, images=False, finish=molmo2_finish),
+    "perception_lm": Family("perception_lm", "PerceptionLMForConditionalGeneration", (4, 54),
+                            build_perception_lm, perception_lm_visual, video=True, qwen=False,
+                            unavailable=timm_unavailable),
+    "gemma3n": Family("gemma3n", "Gemma3nForConditionalGeneration", (4, 53), build_gemma3n,
+                      gemma3n_visual, video=False, qwen=False, text_ids=(3, 120),
+                      unavailable=timm_unavailable,
+                      logit_cap=lambda model: model.config.get_text_config().final_logit_softcapping),
     "fast_vlm": Family("fast_vlm", "FastVlmForConditionalGeneration", (5, 0), build_fast_vlm,
                        image_visual(4, shape=(1, 3, 64, 64)), video=False, qwen=False,
                        unavailable=timm_unavailable),
@@ -696,7 +750,7 @@ def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(1
     seqs, labs, types = [], [], []
     pixels: dict[str, list] = {}
     for n_text, kind in zip(lengths, kinds):
-        text = torch.randint(3, 240, (n_text,), generator=g)
+        text = torch.randint(*family.text_ids, (n_text,), generator=g)
         lab = text.clone()
         lab[:prompt] = -100
         ids, lab_, tt = text, lab, torch.zeros(n_text, dtype=torch.long)

@@ -83,7 +83,7 @@ def _family(name):
         enabling.find_integration(model)
     except calplug.UnsupportedModelError:
         pytest.skip(f"no calplug integration for {family.class_name} is registered yet "
-                    "(integrations/transformers_qwen_vl.py for the Qwen-VL families)")
+                    "(integrations/transformers_vlm.py and its family table)")
     return _hf_families, family, model
 
 
