@@ -292,6 +292,10 @@ def test_command_usage_errors_exit_2(capsys, tmp_path):
     assert err.startswith("calplug verify: error: --image / --caption go with --model") and err.count("\n") == 1
     assert cli.main(["verify", "--model", str(tmp_path / "nope"), "--image", "a.png", "--caption", "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["verify", "--model", str(tmp_path / "empty"), "--image", "a.png", "--caption", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("cannot load the model and its processor" in err or "pillow" in err)
 
 
 def _saved_llava_with_processor(folder):

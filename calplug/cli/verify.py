@@ -65,7 +65,10 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
     from transformers import AutoConfig, AutoProcessor
 
     from .inspect import _model_class
