@@ -12,7 +12,10 @@ here, on the model itself and one of its training batches:
     second forward of the whole model with attention to the image positions removed (a pre-hook on
     the text decoder hides them in whatever mask the model built), turned into the CAL loss by the
     formula of docs/cal.md written out here with full logits; loss, gaps, weights and gradients.
-    The reference never goes through calplug's step. Also: ``drop`` equals ``mask`` on text rows;
+    The reference never goes through calplug's step. Also: ``drop`` equals ``mask`` on text rows.
+    Where the integration refuses ``mask`` (decoders whose conv / linear-attention layers ignore
+    mask holes), the default ``drop`` is compared with a reference whose second forward runs the
+    decoder on the text positions only (each at its original position);
 (c) **unit weights give the model's own loss** (alpha = beta = 1);
 (d) **disable restores** the forward: outputs bit-identical to before ``enable``.
 

@@ -22,10 +22,11 @@ import xml.etree.ElementTree as ET
 
 MODULES = ("tests.test_transformers_families", "tests.test_vlm_families", "tests.test_properties",
            "tests.test_verify")
+CASES_MODULE = "tests.test_properties"  # a family is proven on a release where its cases pass there
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
 LABEL = {"proven": "proven", "refused": "refused", "matched": "matched, unproven"}
 TALLY = {"proven": "proven", "refused": "refused", "matched": "matched but unproven",
-         "FAIL": "failing their family's tests", "unproven": "proven by the table but not run"}
+         "FAIL": "failing their family's tests", "unproven": "with family cases that did not run"}
 
 
 def family_of(test_name: str, module: str, keys) -> str | None:
@@ -47,7 +48,7 @@ def family_of(test_name: str, module: str, keys) -> str | None:
 def read(path: pathlib.Path) -> dict:
     """One env's results: ``env``, ``version``, ``seconds`` (pytest, whole env), ``support``
     (the recorded ``calplug_support``, or None) and ``counts`` ({family key: {"passed": n,
-    "failed": n, "skipped": [message, ...]}})."""
+    "failed": n, "skipped": [message, ...], "cases": passed tests of `CASES_MODULE`}})."""
     root = ET.parse(path).getroot()
     version, support = "?", None
     seconds = sum(float(suite.get("time", 0)) for suite in root.iter("testsuite"))
@@ -64,13 +65,14 @@ def read(path: pathlib.Path) -> dict:
         family = family_of(case.get("name", ""), case.get("classname"), keys)
         if family is None:
             continue
-        c = counts.setdefault(family, {"passed": 0, "failed": 0, "skipped": []})
+        c = counts.setdefault(family, {"passed": 0, "failed": 0, "skipped": [], "cases": 0})
         if case.find("failure") is not None or case.find("error") is not None:
             c["failed"] += 1
         elif case.find("skipped") is not None:
             c["skipped"].append(case.find("skipped").get("message", ""))
         else:
             c["passed"] += 1
+            c["cases"] += case.get("classname") == CASES_MODULE
     return dict(env=path.stem, version=version, seconds=seconds, support=support, counts=counts)
 
 
@@ -81,6 +83,12 @@ def version_key(version: str):
 def ran(count: dict | None) -> bool:
     """Whether a family's tests ran in an env (not absent, not all skipped)."""
     return count is not None and count["passed"] + count["failed"] > 0
+
+
+def proven_in(count: dict | None) -> bool:
+    """Whether an env proves a family: none of its tests failed and its property cases ran and
+    passed (a refusal test passing alone proves nothing)."""
+    return count is not None and not count["failed"] and count.get("cases", 0) > 0
 
 
 def render(results: list[dict]) -> str:
@@ -113,12 +121,12 @@ def render(results: list[dict]) -> str:
             return entry["status"], LABEL[entry["status"]], entry["reason"], []
         key = key_of.get(name)
         counts = [(r["version"], r["counts"].get(key)) for r in results]
-        passed = [v for v, c in counts if ran(c) and not c["failed"]]
+        passed = [v for v, c in counts if proven_in(c)]
         failing = [f"{v} ({c['failed']} of {c['passed'] + c['failed']} failed)" for v, c in counts
                    if ran(c) and c["failed"]]
-        skipped = sorted({m for v, c in counts if c is not None and not ran(c)
+        skipped = sorted({m for v, c in counts if c is not None and not proven_in(c) and not c["failed"]
                           for m in c["skipped"] if not NOT_IN_VERSION.search(m)})
-        text = f"family `{key}`: tests pass on {', '.join(passed)}" if passed else f"family `{key}`"
+        text = f"family `{key}`: its cases pass on {', '.join(passed)}" if passed else f"family `{key}`"
         if failing:
             text += "; FAIL on " + ", ".join(failing)
         if skipped:
@@ -126,7 +134,7 @@ def render(results: list[dict]) -> str:
         if failing:
             return "FAIL", "FAIL", text, passed
         if not passed:
-            return "unproven", "unproven: its tests did not run", text, passed
+            return "unproven", "unproven: its cases did not run", text, passed
         return "proven", f"proven ({', '.join(passed)})", text, passed
 
     rows = [(name, *evidence(name)) for name in sorted(classes, key=str.lower)]
