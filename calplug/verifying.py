@@ -145,7 +145,7 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
             p.grad = g
     dtype = _dtype(target)
     setting = (f"transformers {_transformers_version()}, {str(dtype).removeprefix('torch.')}, "
-               f"batch of {layout.visual.shape[0]} samples, {int(layout.with_image.sum())} with images, "
+               f"batch of {layout.visual.shape[0]} samples, {int(layout.with_image.sum())} with images or videos, "
                f"integration {integration.name}")
     refusal = _mask_refusal(target, integration)
     notes = (f"contrast='mask' is refused for this model ({refusal}); the default drop is checked "

@@ -337,6 +337,6 @@ def test_command_on_a_saved_model_with_its_processor(tmp_path, capsys):
             "--image", str(b), "--caption", "a large blue square <eos>"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "batch of 2 samples, 2 with images" in out and out.rstrip().endswith("all passed")
+    assert "batch of 2 samples, 2 with images or videos" in out and out.rstrip().endswith("all passed")
     with pytest.raises(calplug.CALConfigError, match="as many --caption as --image"):
         cli.main(args[:-2] + ["--debug"])
