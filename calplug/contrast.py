@@ -61,6 +61,13 @@ def _allowed(mask: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
         B, L = padding.shape
         causal = torch.ones(L, L, dtype=torch.bool, device=padding.device).tril()
         return causal.view(1, 1, L, L) & padding.bool().view(B, 1, 1, L)
+    if mask.dim() != 4:
+        raise CALInputError(
+            f"the decoder received per-layer-type masks of shape {tuple(mask.shape)} (not 4-D "
+            "[B, 1, L, L]), as some attention kernels (flash attention) take them; calplug's "
+            "contrast for this model edits 4-D masks: load it with attn_implementation='sdpa' "
+            "or 'eager'"
+        )
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2

@@ -95,9 +95,9 @@ class FamilyFacts:
 
 DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
 TIMM = ("its tiny test model needs a TimmWrapper vision tower, i.e. the timm package, which imports "
-        "torchvision; PyPI's torchvision does not load beside the CPU torch the tests pin. Install "
-        "a torch + torchvision pair that load together (e.g. torch 2.14.1 + torchvision 0.29.1) "
-        "and timm to run its cases")
+        "torchvision; PyPI's torchvision does not load beside the CPU torch the default test envs "
+        "pin, so CI does not run its cases. `tox -e timm` (torch 2.14.1 + torchvision 0.29.1 + "
+        "timm, ~5.5 GB) runs them")
 LLAMA4_5_24 = ("transformers 5.24.0's Llama4ForConditionalGeneration.forward always raises "
                "AttributeError ('MoeCausalLMOutputWithPast' object has no attribute "
                "'image_outputs'): training and generate() fail before calplug runs. Use 4.57.6 "
@@ -139,7 +139,7 @@ _ROWS = [
     FamilyFacts("FastVlm", "fast_vlm", "FastVlmForConditionalGeneration", (5, 0),
                 pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("PerceptionLM", "perception_lm", "PerceptionLMForConditionalGeneration", (4, 54),
-                proven=False, unproven_reason=TIMM),
+                pixel_keys=IMAGE_PIXELS, proven=False, unproven_reason=TIMM),
     # -- bidirectional image (or prefix) attention: 4-D / per-layer-type mask dicts --------------
     FamilyFacts("PaliGemma", "paligemma", "PaliGemmaForConditionalGeneration", (4, 45),
                 placeholders=IMAGE_ONLY,
@@ -150,7 +150,7 @@ _ROWS = [
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3n", "gemma3n", "Gemma3nForConditionalGeneration", (4, 53),
                 placeholders=IMAGE_ONLY, logit_softcap="final_logit_softcapping",
-                proven=False, unproven_reason=TIMM),
+                pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("Gemma4", "gemma4", "Gemma4ForConditionalGeneration", (5, 5),
                 logit_softcap="final_logit_softcapping"),
     FamilyFacts("Molmo2", "molmo2", "Molmo2ForConditionalGeneration", (5, 20),

@@ -216,6 +216,7 @@ class FamilyCheck:
                 f"calplug does not support {type(model).__name__}: {refusal}")
         facts = facts_of(model)
         compat.require_release(facts.family, facts.since, facts.broken)
+        compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none
         if facts.proven:
             return
         name = type(model).__name__

@@ -381,10 +381,15 @@ def paligemma_finish(model, batch):
 def build_gemma3(seed=0, window=4):
     text = _text("gemma3_text", head_dim=16, sliding_window=window,
                  layer_types=["sliding_attention", "full_attention"])
-    return _model("Gemma3ForConditionalGeneration", seed,
-                  vision_config=_vision("siglip_vision_model"), text_config=text,
-                  image_token_index=IMAGE, boi_token_index=VSTART, eoi_token_index=VEND,
-                  mm_tokens_per_image=4)
+    model = _model("Gemma3ForConditionalGeneration", seed,
+                   vision_config=_vision("siglip_vision_model"), text_config=text,
+                   image_token_index=IMAGE, boi_token_index=VSTART, eoi_token_index=VEND,
+                   mm_tokens_per_image=4)
+    # the projector weight starts at zero (a checkpoint fills it): every image would embed as 0
+    with torch.no_grad():
+        model.get_parameter(next(n for n, _ in model.named_parameters()
+                                 if n.endswith("mm_input_projection_weight"))).normal_(0, 0.1)
+    return model
 
 
 def gemma3_finish(model, batch):
@@ -397,7 +402,9 @@ def build_llama4(seed=0, chunk=64):
                   num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
                   vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
                   pixel_shuffle_ratio=0.5)
-    text = _text("llama4_text", head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+    # experts of width 96: their fused gate and up projection (2 x width) stays off the vocabulary
+    text = _text("llama4_text", head_dim=16, intermediate_size=96, intermediate_size_mlp=128,
+                 num_local_experts=4,
                  num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=2,
                  attention_chunk_size=chunk)
     return _model("Llama4ForConditionalGeneration", seed, vision_config=vision, text_config=text,
@@ -632,7 +639,7 @@ def build_gemma3n(seed=0):
                  hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
                  num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0],
                  sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=0)
+                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=125)
     vision = dict(model_type="gemma3n_vision", architecture="test_convnext", do_pooling=False,
                   model_args={}, hidden_size=64, vocab_size=64, vocab_offset=128)
     audio = dict(model_type="gemma3n_audio", vocab_size=64, vocab_offset=192, input_feat_size=16,
