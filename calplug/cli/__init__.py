@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": ("calplug.cli.inspect", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
 }
 
 
