@@ -15,3 +15,8 @@ class UnsupportedModelError(CALError, TypeError):
 
 class CALInputError(CALError, ValueError):
     """A training batch cannot be weighted as given (shapes, image placeholders, ...)."""
+
+
+class CALWarning(UserWarning):
+    """A training batch CAL can weigh, but probably not as meant (no supervised token, non-finite
+    gaps): shown once per process; ``warnings.simplefilter("error", CALWarning)`` stops instead."""

@@ -21,6 +21,7 @@ COMMANDS = {
     "inspect": ("calplug.cli.inspect", "per token the gap, clamped and pooled CAL weight (printed, HTML, PNG)"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
 }
 
 
@@ -86,19 +87,6 @@ def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
         raise CALConfigError(f"{option} {str(folder)!r} cannot be written ({error.strerror}): "
                              "choose a folder you can write to") from error
     return folder
-
-
-def prepare_output_file(path: str | os.PathLike, option: str) -> Path:
-    """The output file ``path``, checked before any work: its folder is created if missing and
-    must be writable, and the path must not be a folder. The file itself is written later."""
-    target = Path(path)
-    if target.is_dir():
-        raise CALConfigError(f"{option} {str(target)!r} is a folder: give a file path")
-    prepare_output_dir(target.parent if str(target.parent) else ".", option=f"{option} folder")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise CALConfigError(f"{option} {str(target)!r} cannot be written (permission denied): "
-                             "choose a file you can write to")
-    return target
 
 
 if __name__ == "__main__":

@@ -454,6 +454,11 @@ def run(args) -> int:
     if not path.is_dir():
         raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a `calplug demo` checkpoint "
                              "(OUT/cal-model-noise-0.4) or a folder written by save_pretrained")
+    if not (path / "calplug_vocab.json").is_file() and not (path / "config.json").is_file():
+        raise CALConfigError(f"--model {str(path)!r} is not a model folder: it holds neither "
+                             "calplug_vocab.json (a `calplug demo` checkpoint) nor config.json (a "
+                             "folder written by save_pretrained). Pass OUT/cal-model-noise-0.4 of a "
+                             "`calplug demo` run, or a save_pretrained folder with its processor")
     demo_checkpoint = (path / "calplug_vocab.json").is_file()
     if demo_checkpoint and (args.samples < 1 or not 0.0 <= args.noise <= 1.0):
         raise CALConfigError("--samples must be >= 1 and --noise in [0, 1]")
