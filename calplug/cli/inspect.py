@@ -192,9 +192,10 @@ def token_rows(samples: list[dict], found: list[dict]) -> list[dict]:
 def format_tokens(rows: list[dict], config, limit: int | None = None) -> str:
     """The printed report: per sample, each supervised token with its gap, clamped and pooled
     weight; then the means per kind of word (demo samples) and the gap counts."""
-    lines = [f"per token: gap (target logit with the image - without it), clamped to "
-             f"[alpha, beta] = [{config.alpha:g}, {config.beta:g}], pooled over a window of "
-             f"{config.pool_window} ({config.pool_scope}): the weight the loss uses"]
+    lines = ["per token: gap (target logit with the image - without it); clamped: the gap clamped to "
+             f"[{config.alpha:g}, {config.beta:g}];",
+             f"pooled: the clamped weights averaged over a window of {config.pool_window} "
+             f"({config.pool_scope}), the weight the loss uses"]
     for i, row in enumerate(rows[:limit]):
         toks = [t for t in row["tokens"] if t["supervised"]]
         lines.append("")
