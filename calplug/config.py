@@ -1,13 +1,19 @@
 """`CALConfig`: the settings of CAL, loaded from keywords, a dict, a YAML file or `$CALPLUG_CONFIG`.
 
 Validation happens once, here, so the training hot path never meets a bad value: every error
-names the offending key and says what would be valid (unknown keys get a did-you-mean).
+names the offending key and gives a valid example (unknown keys get a did-you-mean). Numbers must
+be finite (a NaN ``alpha`` would make every loss weight NaN) and ranges must leave CAL something
+to do (``beta = 0`` makes every weight 0, so nothing would train). A YAML file's syntax errors
+name the file, line and column; docs/errors.md lists every error.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,23 +71,40 @@ class CALConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> "CALConfig":
         if not isinstance(values, Mapping):
-            raise CALConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+            raise CALConfigError(f"{source}: expected a mapping of settings (e.g. {{'alpha': 1.0, "
+                                 f"'beta': 5.0}}), got {type(values).__name__}")
         _reject_unknown_keys(values, source)
-        return cls(**dict(values))
+        if source == "config":
+            return cls(**dict(values))
+        try:
+            return cls(**dict(values))
+        except CALConfigError as error:
+            raise CALConfigError(f"{source}: {error}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "CALConfig":
-        import yaml
-
+    def from_yaml(cls, path: str | os.PathLike, *, named_by: str | None = None) -> "CALConfig":
+        """Settings from a YAML file: at its top level, or in its ``cal:`` (or ``calplug:``)
+        section, which is then the only part read (the file may hold other tools' sections).
+        ``named_by``: where the path came from (``$CALPLUG_CONFIG``), for the error messages."""
         path = Path(path)
-        if not path.is_file():
-            raise CALConfigError(f"calplug config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        # Allow the settings either at top level or under a `cal:` / `calplug:` section.
-        for section in ("calplug", "cal"):
-            if isinstance(data, Mapping) and set(data) == {section}:
-                data = data[section] or {}
-        return cls.from_dict(data, source=str(path))
+        where = f"calplug config file {str(path)!r}" + (f" (named by {named_by})" if named_by else "")
+        fix = f": fix or unset {named_by}" if named_by else ""
+        if path.is_dir():
+            found = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+            hint = f" (it holds {', '.join(found)})" if found else ""
+            raise CALConfigError(f"{where} is a folder, not a file{hint}: give the path of a YAML "
+                                 f"file, e.g. {str(path / 'calplug.yaml')!r}{fix}")
+        if not path.exists():
+            raise CALConfigError(f"{where} does not exist{fix or ': check the path'}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise CALConfigError(f"{where} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                                 "save it as a UTF-8 YAML file") from None
+        except OSError as error:
+            raise CALConfigError(f"{where} cannot be read ({error.strerror}){fix}") from None
+        data = _load_yaml(text, str(path))
+        return cls.from_dict(_settings_section(data, str(path)), source=str(path))
 
     @classmethod
     def faithful(cls, **overrides: Any) -> "CALConfig":
@@ -109,7 +132,7 @@ def resolve_config(config: CALConfig | Mapping[str, Any] | str | os.PathLike | N
     """
     if config is None:
         env_path = os.environ.get(ENV_VAR)
-        base = CALConfig.from_yaml(env_path) if env_path else CALConfig()
+        base = CALConfig.from_yaml(env_path, named_by=f"${ENV_VAR}") if env_path else CALConfig()
     elif isinstance(config, CALConfig):
         base = config
     elif isinstance(config, Mapping):
@@ -118,7 +141,8 @@ def resolve_config(config: CALConfig | Mapping[str, Any] | str | os.PathLike | N
         base = CALConfig.from_yaml(config)
     else:
         raise CALConfigError(
-            f"config must be a CALConfig, a dict, a YAML path or None, got {type(config).__name__}"
+            f"config must be a CALConfig, a dict, a YAML path or None, got {type(config).__name__}: "
+            "e.g. calplug.enable(model, {'alpha': 1.0, 'beta': 5.0}) or calplug.enable(model, 'cal.yaml')"
         )
     return base.replace(**overrides) if overrides else base
 
@@ -134,49 +158,164 @@ def _reject_unknown_keys(values: Mapping[str, Any], source: str) -> None:
     for key in values:
         if key not in known:
             hint = did_you_mean(key, known)
+            if isinstance(values[key], Mapping):
+                hint += (f" {key!r} holds a mapping, like a section of a YAML file: calplug reads its "
+                         "settings from the top level, or from a YAML file's `cal:` section.")
             raise CALConfigError(
                 f"{source}: unknown calplug setting {key!r}.{hint} Valid settings: {', '.join(known)}."
             )
 
 
+# -- YAML -----------------------------------------------------------------------------------------
+SECTIONS = ("cal", "calplug")
+
+
+def _load_yaml(text: str, path: str) -> Any:
+    """``yaml.safe_load(text)``; a syntax error or a refused tag names the file, line and column
+    (PyYAML's own message says ``<unicode string>`` and counts from 0)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        problem = " ".join(str(error.problem or error.context or "invalid YAML").split())
+        if isinstance(error, yaml.constructor.ConstructorError) and "tag" in problem:
+            tag = re.search(r"'(tag:yaml\.org,2002:)?([^']*)'", problem)
+            name = f"!!{tag.group(2)}" if tag and tag.group(1) else (tag.group(2) if tag else "that tag")
+            raise CALConfigError(
+                f"{where}: the tag {name} is not allowed: calplug reads its config with "
+                "yaml.safe_load, which builds plain numbers, strings, lists and mappings only. "
+                "Remove the tag and write the value itself, e.g. `alpha: 1.0`") from None
+        context = ""
+        if error.context and error.problem:
+            context = " ".join(str(error.context).split())
+            start = error.context_mark
+            if start is not None and mark is not None and start.line != mark.line:
+                context += f" that starts at line {start.line + 1}, column {start.column + 1}"
+            context = f" ({context})"
+        raise CALConfigError(
+            f"{where}: invalid YAML: {problem}{context}. Fix the file there: one `key: value` per "
+            "line, e.g. `alpha: 1.0`, nested settings indented with spaces under `cal:`") from None
+    except yaml.YAMLError as error:
+        raise CALConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+
+
+def _settings_section(data: Any, path: str) -> Any:
+    """The part of a loaded YAML file that holds calplug's settings: the whole file, or its
+    ``cal:`` / ``calplug:`` section when it has one (then everything else belongs to other tools,
+    and a calplug setting left at the top level is an error rather than silently unread)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise CALConfigError(f"{path}: expected a mapping of settings, e.g. `alpha: 1.0` on one line "
+                             f"and `beta: 5.0` on the next; the file holds a {type(data).__name__}")
+    present = [name for name in SECTIONS if name in data]
+    if len(present) > 1:
+        raise CALConfigError(f"{path} has both a `cal:` and a `calplug:` section: keep one of them")
+    if not present:
+        sections = [key for key, value in data.items() if isinstance(value, Mapping) and key not in field_names()]
+        if sections:
+            raise CALConfigError(
+                f"{path}: {', '.join(repr(k) for k in sections)} is a section, not a calplug setting: "
+                "calplug reads its settings from the top level of the file, or from a `cal:` "
+                f"(or `calplug:`) section, e.g. `cal:` then `  alpha: 1.0` on the next line. "
+                f"Valid settings: {', '.join(field_names())}.")
+        return data
+    name = present[0]
+    section = data[name]
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise CALConfigError(f"{path}: the `{name}:` section must hold calplug's settings as a "
+                             f"mapping, e.g. `{name}:` then `  alpha: 1.0` on the next line; it holds "
+                             f"{section!r}")
+    stray = [key for key in data if key != name and key in field_names()]
+    if stray:
+        raise CALConfigError(
+            f"{path}: {', '.join(repr(k) for k in stray)} is at the top level, but the file has a "
+            f"`{name}:` section, which is all calplug reads: move it under `{name}:`")
+    return section
+
+
+# -- validation -----------------------------------------------------------------------------------
+# A valid example per numeric setting, quoted in the error messages.
+EXAMPLES = {"alpha": "alpha=1.0", "beta": "beta=5.0", "mask_ratio": "mask_ratio=0.5",
+            "blur_sigma": "blur_sigma=1.0", "pool_window": "pool_window=3", "seed": "seed=0",
+            "loss_chunk": "loss_chunk=1024"}
+
+
 def _number(cfg: CALConfig, key: str) -> float:
+    """The finite real number ``cfg.key``, stored back as a float (so configs compare, hash and
+    print alike whether a value came as 1, 1.0 or numpy.float32(1))."""
     value = getattr(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CALConfigError(f"{key} must be a number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = (" (text, not a number: in YAML drop the quotes, and write an exponent with "
+                        "a dot, 1.0e-3, since YAML reads 1e-3 as text)")
+            except ValueError:
+                pass
+        raise CALConfigError(f"{key} must be a number, got {value!r}{hint}: e.g. {EXAMPLES[key]}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise CALConfigError(f"{key} must be a finite number, got {number}: NaN or inf would make the "
+                             f"loss weights NaN or unbounded. e.g. {EXAMPLES[key]}")
+    object.__setattr__(cfg, key, number)
+    return number
+
+
+def _integer(cfg: CALConfig, key: str, low: int, high: int | None, what: str) -> int:
+    value = getattr(cfg, key)
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Integral) \
+        and low <= value and (high is None or value < high)
+    if not ok:
+        raise CALConfigError(f"{key} must be {what}, got {value!r}: e.g. {EXAMPLES[key]}")
+    object.__setattr__(cfg, key, int(value))
+    return int(value)
+
+
+def _choice(cfg: CALConfig, key: str, choices) -> str:
+    value = getattr(cfg, key)
+    if not isinstance(value, str) or value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise CALConfigError(f"{key} must be one of {tuple(choices)}, got {value!r}.{hint}")
+    return value
 
 
 def _validate(cfg: CALConfig) -> None:
     alpha, beta = _number(cfg, "alpha"), _number(cfg, "beta")
-    if alpha > beta:
-        raise CALConfigError(f"alpha ({alpha}) must be <= beta ({beta}): they are the clamp bounds [alpha, beta]")
     if alpha < 0:
-        raise CALConfigError(f"alpha must be >= 0 (a negative weight would reward errors), got {alpha}")
-    w = cfg.pool_window
-    if isinstance(w, bool) or not isinstance(w, int) or w <= 0 or w % 2 == 0:
-        raise CALConfigError(f"pool_window must be a positive odd integer (1 = no pooling), got {w!r}")
-    if cfg.pool_scope not in POOL_SCOPES:
-        raise CALConfigError(f"pool_scope must be one of {POOL_SCOPES}, got {cfg.pool_scope!r}."
-                             + did_you_mean(cfg.pool_scope, POOL_SCOPES))
+        raise CALConfigError(f"alpha must be >= 0 (a negative weight would reward errors), got {alpha}: "
+                             "e.g. alpha=1.0 (the paper's clamp range is [1, 5])")
+    if alpha > beta:
+        raise CALConfigError(f"alpha ({alpha}) must be <= beta ({beta}): they are the clamp bounds "
+                             "[alpha, beta], e.g. alpha=1.0, beta=5.0")
+    if beta <= 0:
+        raise CALConfigError(f"beta must be > 0, got {beta}: with alpha = beta = 0 every loss weight is 0, "
+                             "so the loss is 0 and nothing trains. e.g. alpha=1.0, beta=5.0 (the paper's range)")
+    window = _integer(cfg, "pool_window", 1, None, "a positive odd integer (1 = no pooling)")
+    if window % 2 == 0:
+        raise CALConfigError(f"pool_window must be a positive odd integer (1 = no pooling), got "
+                             f"{window}: e.g. pool_window={window + 1} or pool_window={window - 1}")
+    _choice(cfg, "pool_scope", POOL_SCOPES)
     ratio = _number(cfg, "mask_ratio")
     if not 0.0 <= ratio <= 1.0:
-        raise CALConfigError(f"mask_ratio must be in [0, 1], got {ratio}")
+        raise CALConfigError(f"mask_ratio must be in [0, 1], got {ratio}: e.g. mask_ratio=0.5")
     if _number(cfg, "blur_sigma") <= 0:
-        raise CALConfigError(f"blur_sigma must be > 0, got {cfg.blur_sigma}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise CALConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    if cfg.stages not in STAGES:
-        raise CALConfigError(f"stages must be one of {STAGES}, got {cfg.stages!r}."
-                             + did_you_mean(cfg.stages, STAGES))
-    chunk = cfg.loss_chunk
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise CALConfigError(f"loss_chunk must be an integer >= 0 (rows per chunk; 0 = off), got {chunk!r}")
+        raise CALConfigError(f"blur_sigma must be > 0 (pixels), got {cfg.blur_sigma}: e.g. blur_sigma=1.0")
+    _integer(cfg, "seed", 0, 2 ** 63, "an integer in [0, 2**63)")
+    _choice(cfg, "stages", STAGES)
+    _integer(cfg, "loss_chunk", 0, None, "an integer >= 0 (rows per chunk; 0 = off)")
     from .plugins import contrast_names  # late import: plugins may register more contrasts
 
     names = contrast_names()
-    if cfg.contrast not in names:
+    if not isinstance(cfg.contrast, str) or cfg.contrast not in names:
+        hint = did_you_mean(cfg.contrast, names) if isinstance(cfg.contrast, str) else ""
         raise CALConfigError(
-            f"contrast {cfg.contrast!r} is not a registered contrast condition."
-            f"{did_you_mean(cfg.contrast, names)} "
+            f"contrast {cfg.contrast!r} is not a registered contrast condition.{hint} "
             f"Registered: {', '.join(sorted(names))}."
         )

@@ -5,8 +5,17 @@ arguments of the contrast pass, and for every main position which contrast hidde
 for it. The built-in conditions (``mask`` as published, ``drop`` the fast default, ``patch_mask``,
 ``blur``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
 ``mask``, row by row, is in docs/cal.md.
+
+Decoders of some models receive ready masks instead of a 2-D padding mask: a 4-D
+``[B, 1, L, L]`` mask (PaliGemma's prefix-LM, Molmo2's bidirectional image blocks) or a dict of
+them per layer type (Gemma 3 / 4: full and sliding attention). The contrast pass then gets the
+same masks back: ``mask`` blocks the hidden key columns in each, ``drop`` slices rows and
+columns at the kept positions, so every text row sees what it saw in the main pass minus the
+image, bidirectional blocks and sliding windows included.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -33,11 +42,85 @@ def identity_rows(B: int, L: int, device) -> torch.Tensor:
     return torch.arange(B * L, device=device).view(B, L)
 
 
+# -- ready (4-D / per-layer-type) masks -----------------------------------------------------------
+def is_ready_mask(mask) -> bool:
+    """A 4-D mask, or a dict of them per layer type, as some decoders receive instead of 2-D."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def map_ready_mask(mask, fn):
+    return {k: fn(v) for k, v in mask.items()} if isinstance(mask, dict) else fn(mask)
+
+
+def _allowed(mask: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, h, L, L]``: which key each query may attend to. Boolean masks are that already;
+    additive float masks allow where they are not (close to) the dtype's minimum. A ``None`` entry
+    (a layer type whose mask the model left to the kernel: plain causal) becomes causal over the
+    non-padding keys."""
+    if mask is None:
+        B, L = padding.shape
+        causal = torch.ones(L, L, dtype=torch.bool, device=padding.device).tril()
+        return causal.view(1, 1, L, L) & padding.bool().view(B, 1, 1, L)
+    if mask.dim() != 4:
+        raise CALInputError(
+            f"the decoder received per-layer-type masks of shape {tuple(mask.shape)} (not 4-D "
+            "[B, 1, L, L]), as some attention kernels (flash attention) take them; calplug's "
+            "contrast for this model edits 4-D masks: load it with attn_implementation='sdpa' "
+            "or 'eager'"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _like(allowed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``allowed`` in the representation of ``mask`` (bool, or additive 0 / dtype minimum)."""
+    if mask is None or mask.dtype == torch.bool:
+        return allowed
+    blocked = torch.full_like(mask[:1, :1, :1, :1], torch.finfo(mask.dtype).min)
+    return torch.where(allowed, torch.zeros_like(blocked), blocked)
+
+
+def hide_keys(mask: torch.Tensor | None, hidden: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """``mask`` with the key columns at ``hidden [B, L]`` blocked. A query row left with no key at
+    all (an image at the very start) keeps its own position, so that no row is all-blocked (a
+    kernel would return NaN there); rows that were all-blocked already stay as they were."""
+    allowed = _allowed(mask, padding)
+    B, L = hidden.shape
+    allowed = allowed.expand(B, *allowed.shape[1:])
+    kept = allowed & ~hidden.view(B, 1, 1, L)
+    emptied = ~kept.any(-1, keepdim=True) & allowed.any(-1, keepdim=True)
+    eye = torch.eye(L, dtype=torch.bool, device=hidden.device).view(1, 1, L, L)
+    return _like(kept | (emptied & eye), mask)
+
+
+def slice_ready_mask(mask: torch.Tensor | None, samples: torch.Tensor, order: torch.Tensor,
+                     valid: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """Rows and columns of ``mask`` at the kept positions ``order [S, L']`` of ``samples``; slots
+    beyond a sample's length (``valid`` False) are padding: blocked as keys, and as queries they
+    see only themselves (no all-blocked row)."""
+    allowed = _allowed(mask, padding)
+    B = padding.shape[0]
+    allowed = allowed.expand(B, *allowed.shape[1:])[samples]               # [S, h, L, L]
+    S, h, L, _ = allowed.shape
+    n = order.shape[1]
+    rows = allowed.gather(2, order.view(S, 1, n, 1).expand(S, h, n, L))
+    sub = rows.gather(3, order.view(S, 1, 1, n).expand(S, h, n, n))       # [S, h, L', L']
+    sub = sub & valid.view(S, 1, 1, n) & valid.view(S, 1, n, 1)
+    eye = torch.eye(n, dtype=torch.bool, device=order.device).view(1, 1, n, n)
+    sub = sub | (eye & ~valid.view(S, 1, n, 1))
+    return _like(sub, mask)
+
+
 def masked_attention_plan(main: MainPass, hidden: torch.Tensor) -> ContrastPlan:
     """Same sequence and positions; attention to the positions in ``hidden [B, L]`` is removed."""
     kwargs = base_decoder_kwargs(main)
-    mask = main.attention_mask
-    kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
+    ready = kwargs.get("attention_mask")
+    if is_ready_mask(ready):
+        kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask))
+    else:
+        mask = main.attention_mask
+        kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
     B, L = hidden.shape
     rows = identity_rows(B, L, hidden.device)
     rows[~hidden.any(1)] = -1  # nothing hidden in this sample: its gap is 0 by definition
@@ -97,10 +180,17 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
     for name in main.visual_extras:
         if name in kwargs:
             kwargs[name] = None
-    embeds = main.inputs_embeds[samples]
-    kwargs["inputs_embeds"] = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    for name in ("inputs_embeds",) + tuple(main.sequence_kwargs):
+        seq = kwargs[name][samples]
+        index = order.view(*order.shape, *([1] * (seq.dim() - 2)))
+        kwargs[name] = seq.gather(1, index.expand(*order.shape, *seq.shape[2:]))
     packed_mask = torch.arange(length, device=device).unsqueeze(0) < counts.unsqueeze(1)
-    kwargs["attention_mask"] = packed_mask.to(main.attention_mask.dtype)
+    ready = kwargs.get("attention_mask")
+    if is_ready_mask(ready):
+        kwargs["attention_mask"] = map_ready_mask(
+            ready, lambda m: slice_ready_mask(m, samples, order, packed_mask, main.attention_mask))
+    else:
+        kwargs["attention_mask"] = packed_mask.to(main.attention_mask.dtype)
     pos = main.position_ids
     lead = pos.shape[:-2]
     pos = pos.expand(*lead, B, L)[..., samples, :]
@@ -113,11 +203,25 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
     return ContrastPlan(kwargs, rows)
 
 
+DROP_SPAN_WARNING = (
+    "contrast='drop': this micro-batch's sequences ({length} positions) are longer than the "
+    "decoder's sliding window / attention chunk ({span}), which its layers count in sequence "
+    "indices; removing the image positions would bring earlier text into a window, so drop would "
+    "not equal mask. This micro-batch (and any other that long) uses the mask contrast instead "
+    "(the published one; slower). Use contrast='mask' to silence this."
+)
+
+
 def drop_contrast(main: MainPass, config) -> ContrastPlan | None:
     visual = main.visual_mask
     with_image = visual.any(1)
     if not bool(with_image.any()):
         return None
+    span = main.attention_span
+    if span is not None and visual.shape[1] > span:
+        warnings.warn(DROP_SPAN_WARNING.format(length=visual.shape[1], span=span), UserWarning,
+                      stacklevel=2)
+        return mask_contrast(main, config)
     keep = main.attention_mask.bool() & ~visual
     return select_positions(main, keep, with_image.nonzero().squeeze(1))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 from typing import Callable, Iterator
 
 from torch import nn
@@ -41,17 +42,23 @@ def _module(wrapper: nn.Module) -> nn.Module:
 def _data_parallel_module(wrapper: nn.Module) -> nn.Module:
     """nn.DataParallel replicates its module on every forward; a replica would call the CAL
     forward installed on the original, so it is looked through only when it runs one device."""
-    if len(getattr(wrapper, "device_ids", None) or ()) > 1:
+    devices = len(getattr(wrapper, "device_ids", None) or ())
+    if devices > 1:
         raise UnsupportedModelError(
-            "nn.DataParallel over several GPUs copies the model on every forward, and the copies "
-            "would run the CAL step of the original's parameters: use DistributedDataParallel "
-            "(torchrun, the HF Trainer, accelerate), or train on one device"
+            f"nn.DataParallel over {devices} GPUs copies the model on every forward, and the copies "
+            "would run the CAL step of the original's parameters. Use DistributedDataParallel "
+            "(torchrun, the HF Trainer, accelerate: one process per GPU, each with "
+            "calplug.enable(model)), or train the inner module on one device: "
+            "calplug.enable(dp.module) and call dp.module(...) instead of dp(...)"
         )
     return wrapper.module
 
 
 def _refuse_compiled(wrapper: nn.Module) -> nn.Module:
-    raise UnsupportedModelError(COMPILE_REFUSAL)
+    raise UnsupportedModelError(
+        "calplug.enable got a torch.compile'd model (torch._dynamo OptimizedModule). "
+        + COMPILE_REFUSAL + ". The module you compiled is compiled._orig_mod: "
+        "calplug.enable(compiled._orig_mod) and train that module, not the compiled one")
 
 
 WRAPPERS: tuple[Wrapper, ...] = (
@@ -66,12 +73,45 @@ WRAPPERS: tuple[Wrapper, ...] = (
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model whose forward computes logits, looked for through every `WRAPPERS` layer."""
+    require_module(model)
     while True:
         names = {cls.__name__ for cls in type(model).__mro__}
         wrapper = next((w for w in WRAPPERS if names.intersection(w.class_names)), None)
         if wrapper is None:
             return model
         model = wrapper.inner(model)
+
+
+def require_module(model) -> None:
+    """`UnsupportedModelError` saying what to pass when ``model`` is not a torch module (None, a
+    hub name, a model class, a trainer or pipeline that holds the model)."""
+    if isinstance(model, nn.Module):
+        return
+    if model is None:
+        raise UnsupportedModelError(
+            "calplug got None instead of a model: pass the model object itself, e.g. "
+            "model = LlavaForConditionalGeneration.from_pretrained(...); calplug.enable(model) "
+            "(a function that builds the model may have returned None)")
+    if isinstance(model, (str, os.PathLike)):
+        raise UnsupportedModelError(
+            f"calplug got the name {str(model)!r} instead of a model: calplug does not load models. "
+            f"Load it first, e.g. model = AutoModelForImageTextToText.from_pretrained({str(model)!r}), "
+            "then calplug.enable(model)")
+    if isinstance(model, type):
+        raise UnsupportedModelError(
+            f"calplug got the class {model.__name__}, not a model instance: build or load the model "
+            f"first, e.g. model = {model.__name__}.from_pretrained(...), then calplug.enable(model)")
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        what = type(model).__name__
+        trainer = any(cls.__name__.endswith("Trainer") for cls in type(model).__mro__)
+        extra = " (or calplug.trainer.enable_for_trainer(trainer), which also sets up logging)" if trainer else ""
+        raise UnsupportedModelError(
+            f"calplug got a {what}, not a model: pass the model it holds, "
+            f"calplug.enable({what.lower()}.model){extra}")
+    raise UnsupportedModelError(
+        f"calplug needs a torch.nn.Module (a vision-language model), got {type(model).__name__}: "
+        "pass the model object, e.g. calplug.enable(model)")
 
 
 def find_integration(model: nn.Module) -> Integration:
@@ -87,9 +127,14 @@ def find_integration(model: nn.Module) -> Integration:
     )
 
 
-def check_contrast_supported(config: CALConfig, integration: Integration) -> None:
+def check_contrast_supported(config: CALConfig, integration: Integration, model: nn.Module) -> None:
     """Contrasts that transform pixels (``Contrast.needs_pixels``) need an integration that
-    re-runs its vision path (``Integration.pixel_contrasts``)."""
+    re-runs its vision path (``Integration.pixel_contrasts``); an integration can refuse a
+    contrast for a model, with the reason (``Integration.contrast_refusal``)."""
+    if integration.contrast_refusal is not None:
+        reason = integration.contrast_refusal(model, config.contrast)
+        if reason:
+            raise UnsupportedModelError(f"contrast={config.contrast!r} on {type(model).__name__}: {reason}")
     contrast = plugins.contrasts()[config.contrast]
     if contrast.needs_pixels and not integration.pixel_contrasts:
         able = sorted({c for i in plugins.integrations() if i.pixel_contrasts for c in i.model_classes})
@@ -114,14 +159,14 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     if state is not None:
         base = state.config if config is None else config
         new_config = resolve_config(base, **overrides)
-        check_contrast_supported(new_config, state.integration)
+        check_contrast_supported(new_config, state.integration, target)
         state.config = new_config
         return model
     cfg = resolve_config(config, **overrides)
     integration = find_integration(target)
     if integration.check is not None:
         integration.check(target)
-    check_contrast_supported(cfg, integration)
+    check_contrast_supported(cfg, integration, target)
     signature = inspect.signature(target.forward)
     original = target.__dict__.get("forward")
     target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)

@@ -18,4 +18,6 @@ class CALInputError(CALError, ValueError):
 
 
 class CALWarning(UserWarning):
-    """CAL runs but may not do what was meant (e.g. steps that never find an image)."""
+    """CAL runs but probably not as meant: a training batch it can weigh but not as meant (no
+    supervised token, non-finite gaps), or steps that carry images but never find an image
+    position. Shown once; ``warnings.simplefilter("error", CALWarning)`` stops instead."""

@@ -51,6 +51,12 @@ def hidden_target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return out
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Final logit soft-capping, ``tanh(logits / cap) * cap`` (Gemma-type forwards apply it to
+    ``lm_head``'s output; the contrast side's target logits get the same, elementwise)."""
+    return torch.tanh(logits / cap) * cap
+
+
 def target_gap(main_logits: torch.Tensor, targets: torch.Tensor, contrast_logits: torch.Tensor,
                has_contrast: torch.Tensor) -> torch.Tensor:
     """Step 4: ``gap = main - contrast`` on rows with a contrast value, 0 elsewhere (float32 ``[B, L-1]``)."""

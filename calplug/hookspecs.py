@@ -57,6 +57,17 @@ class MainPass:
     extra_loss:      a scalar the model adds to its language-model loss and that training must
                      keep, coefficient applied (a mixture-of-experts router's load-balancing
                      loss); the engine adds it to the CAL loss. None when there is none.
+    logit_transform: an elementwise function the model applies to ``lm_head``'s output to make its
+                     logits (final logit soft-capping); the engine applies it to the contrast
+                     side's target logits too, so both sides of a gap are the same kind of
+                     logit. None when the logits are ``lm_head``'s output.
+    sequence_kwargs: decoder keyword arguments laid out ``[B, L, ...]`` along the sequence besides
+                     ``inputs_embeds`` (Gemma's per-layer inputs): a contrast that shortens the
+                     sequence (``drop``) gathers them like the embeddings.
+    attention_span:  the shortest sliding window / attention chunk of the decoder when its layers
+                     build local masks by sequence index from a 2-D mask; None when there is none
+                     (or the decoder receives ready 4-D masks, which ``drop`` slices). ``drop``
+                     equals ``mask`` only on sequences no longer than it.
     """
 
     output: Any
@@ -71,6 +82,9 @@ class MainPass:
     visual_extras: tuple[str, ...] = ()
     contrast_embeds: Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], "torch.Tensor"] | None = None
     extra_loss: "torch.Tensor | None" = None
+    logit_transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
+    sequence_kwargs: tuple[str, ...] = ()
+    attention_span: int | None = None
 
     @property
     def inputs_embeds(self) -> "torch.Tensor":
@@ -95,6 +109,10 @@ class Integration:
                       `UnsupportedModelError` for versions or configurations it cannot handle.
     pixel_contrasts:  whether `main_pass` fills `MainPass.contrast_embeds` when the micro-batch
                       has pixels, so that contrasts with ``needs_pixels`` (blur) can run.
+    accepts:          optional ``fn(model) -> bool``: matches models beyond ``model_classes`` (a
+                      generic integration); ``check`` then decides, or refuses with the reason.
+    contrast_refusal: optional ``fn(model, contrast_name) -> str | None``: why this model cannot
+                      run that contrast (None: it can); `calplug.enable` raises with the reason.
     """
 
     name: str
@@ -103,10 +121,14 @@ class Integration:
     decoder_and_head: Callable[["nn.Module"], "tuple[nn.Module, nn.Module]"] | None = None
     check: Callable[["nn.Module"], None] | None = None
     pixel_contrasts: bool = False
+    accepts: Callable[["nn.Module"], bool] | None = None
+    contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
         names = {cls.__name__ for cls in type(model).__mro__}
-        return any(name in names for name in self.model_classes)
+        if any(name in names for name in self.model_classes):
+            return True
+        return self.accepts is not None and bool(self.accepts(model))
 
 
 @dataclasses.dataclass
@@ -207,6 +229,8 @@ def calplug_observe_step(model: "nn.Module", gaps: "torch.Tensor", weights: "tor
 
     contrasted: bool ``[B, L-1]``, the rows that got a contrast value (False where the sample had
                 no image, or the row no kept state before it): their gap is 0 by definition.
+    gaps:       as computed; a NaN or infinite gap stays here (the weights were computed with 0
+                in its place: docs/errors.md).
     For logging, histograms and pictures. Tensors are detached; do not modify them. Return
     values are ignored.
     """

@@ -14,10 +14,11 @@ from . import hookspecs
 from .errors import CALConfigError
 from .hookspecs import Contrast, Integration
 
+# Later-registered plugins are asked first: the generic transformers integration, which also
+# matches classes no other integration names, comes first so that it is asked last.
 BUILTIN_PLUGINS = (
+    "calplug.integrations.transformers_vlm",
     "calplug.builtin",
-    "calplug.integrations.transformers_llava",
-    "calplug.integrations.transformers_qwen_vl",
     "calplug.integrations.llava_style",
 )
 

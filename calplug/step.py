@@ -3,22 +3,26 @@
 `cal_forward` is the forward `calplug.enable` installs; `training_step` runs the algorithm's
 steps as numbered in docs/cal.md, using only what the integration's `MainPass` and the plugin
 hooks (`calplug.hookspecs`) hand it: it knows no model family. Sharded training (ZeRO-3, FSDP)
-only adds the agreement of `_contrast_plan`, so every rank runs the same modules.
+only adds the agreement of `_contrast_plan`, so every rank runs the same modules, the gathered
+read of the head in `contrast_gaps`, and `distributed.contrast_region` (FSDP2's backward prefetch
+order forgets the contrast pass).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
+import pickle
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import distributed, gap, guards, plugins
+from . import batch_checks, distributed, gap, guards, plugins
 from .config import CALConfig
 from .contrast import placeholder_plan
-from .errors import CALConfigError, CALInputError, UnsupportedModelError
+from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
 from .hookspecs import Contrast, ContrastPlan, Integration, MainPass
 from .integrations import compat
 
@@ -41,6 +45,29 @@ class CALState:
     original_forward: Any          # the instance attribute `forward` had before, or None
     signature: inspect.Signature   # of the forward the model had: CALForward keeps it
     no_images: guards.NoImageWatch = dataclasses.field(default_factory=guards.NoImageWatch)
+
+    # Pickling (torch.save of a whole model): every field pickles, the integration by reference to
+    # module-level functions, so a loaded model comes back enabled. A plugin's integration built
+    # from local functions cannot; the error then says what to do instead of pickle's "Can't
+    # pickle local object". copy.deepcopy copies functions by reference and needs no such check.
+    def __getstate__(self) -> dict:
+        try:
+            pickle.dumps(self.integration)
+        except Exception as error:
+            raise CALError(
+                f"this model's calplug state cannot be pickled: its integration "
+                f"{self.integration.name!r} (from a plugin) holds something pickle cannot save "
+                f"({' '.join(str(error).split())}). Call calplug.disable(model) before saving and "
+                "calplug.enable(model) after loading, or save model.state_dict() / save_pretrained(), "
+                "which hold no calplug state. Plugin authors: build Integration records from "
+                "module-level functions (docs/plugins.md)") from None
+        return dict(self.__dict__)
+
+    def __deepcopy__(self, memo: dict) -> "CALState":
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return copied
 
 
 class CALForward:
@@ -88,6 +115,7 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
 def training_step(model: nn.Module, original, state: CALState, call: dict):
     """Steps 1-7 for one micro-batch; returns the model's output type with the CAL loss."""
     config = state.config
+    batch_checks.check_labels(call["labels"])   # dtype and shape (calplug/batch_checks.py)
     num_items_in_batch = call.pop("num_items_in_batch", None)
     contrast = plugins.contrasts()[config.contrast]
     pm = plugins.get_plugin_manager()
@@ -99,6 +127,12 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input:
         main: MainPass = state.integration.main_pass(model, original, call)
     hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
+    if hidden is not None and main.logit_transform is not None:
+        raise CALConfigError(
+            f"loss_chunk={config.loss_chunk} computes logits as lm_head(hidden), but "
+            f"{type(model).__name__} transforms its logits after lm_head (final logit "
+            "soft-capping): set loss_chunk=0"
+        )
     seq_shape = main.logits.shape[:2] if hidden is None else hidden.shape[:2]
     if seq_shape != main.labels.shape:
         raise CALInputError(
@@ -106,6 +140,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
             "aligned with the model's inputs"
         )
+    batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1])
     guards.refuse_restarting_positions(main.position_ids, main.attention_mask)
     state.no_images.observe(carried_images, main.visual_mask, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
@@ -116,10 +151,12 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
         else:
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         # steps 2 and 4: the contrast pass and the target-token gaps
-        plan = _contrast_plan(model, main, config, contrast)
-        gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
+        with distributed.contrast_region(model):
+            plan = _contrast_plan(model, main, config, contrast)
+            gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
+        weighed = batch_checks.finite_gaps(gaps, main_logits, supervised)  # NaN / inf -> 0
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
-    weights = pm.hook.calplug_weights(gaps=gaps, labels=shifted, supervised=supervised, config=config)
+    weights = pm.hook.calplug_weights(gaps=weighed, labels=shifted, supervised=supervised, config=config)
     # step 7: the weighted, normalised cross-entropy (chunked when hidden states were recorded)
     loss = pm.hook.calplug_loss(logits=None if hidden is not None else main.logits,
                                 labels=main.labels, weights=weights, config=config,
@@ -188,6 +225,8 @@ def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.
         contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
                                             getattr(main.lm_head, "bias", None), targets[has],
                                             rows=rows[has])
+    if main.logit_transform is not None:  # the model's own logits are transformed: so are these
+        contrast = main.logit_transform(contrast)
     return gap.target_gap(main_logits, targets, contrast, has), has
 
 
@@ -221,17 +260,19 @@ def _head_on_last_position(model: nn.Module, integration: Integration, chunk: in
             f"integration {integration.name!r} does not say where it is "
             "(Integration.decoder_and_head): set loss_chunk=0"
         )
+    if distributed.is_sharded(model):
+        raise CALConfigError(
+            f"loss_chunk={chunk} keeps the lm_head weight from the main pass for the backward of "
+            "its chunked loss, and a sharded model (DeepSpeed ZeRO-3, FSDP fully_shard or "
+            "FullyShardedDataParallel) partitions that weight again after the forward: set "
+            "loss_chunk=0 under sharded training"
+        )
     _, head = integration.decoder_and_head(model)
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise CALConfigError(
             f"loss_chunk={chunk} needs a plain torch.nn.Linear output projection, found "
             f"{type(head).__name__}: adapters or quantisation on lm_head change its output; "
             "set loss_chunk=0"
-        )
-    if distributed.is_sharded(model):
-        raise CALConfigError(
-            f"loss_chunk={chunk} reads the lm_head weight directly, which a sharded model "
-            "(DeepSpeed ZeRO-3, FSDP) partitions: set loss_chunk=0"
         )
 
     def pre_hook(module, args):

@@ -15,7 +15,11 @@ supervised rows of every CAL step since the last report:
 * ``cal/share_contrasted`` the share of rows that got a contrast value (rows of samples without
   an image have none: their gap is 0 and their weight ``alpha``);
 * a histogram of the gaps (fixed bins over ``[alpha - (beta - alpha), beta + (beta - alpha)]``,
-  values outside counted in the edge bins).
+  values outside counted in the edge bins);
+* ``cal/ignored_batches`` how many micro-batches had no supervised row (loss 0; see
+  docs/errors.md), and ``cal/nonfinite_gaps`` how many supervised rows had a NaN or infinite gap
+  (weighted as gap 0; left out of the gap mean, extremes and histogram). Both are reported with
+  every log once a CAL step was seen, 0 included, so a dashboard can alert on them.
 
 The callback adds the scalars to every Trainer log (so every installed reporter, TensorBoard,
 wandb, ..., receives them, and ``trainer.state.log_history`` holds them) and writes the histogram
@@ -75,11 +79,16 @@ class CALStats:
             span = max(config.beta - config.alpha, 1e-6)
             self.edges = torch.linspace(config.alpha - span, config.beta + span, self.bins + 1)
         self.steps += 1
+        self.ignored_batches += int(gaps.numel() == 0)
         self.tokens += int(gaps.numel())
         self.contrasted += int(contrasted[sup].sum())
         self.weight_sum += float(w.sum())
-        self.at_alpha += int((gaps <= config.alpha).sum())
-        self.at_beta += int((gaps >= config.beta).sum())
+        finite = torch.isfinite(gaps)
+        self.nonfinite_gaps += int((~finite).sum())
+        weighed = torch.where(finite, gaps, torch.zeros_like(gaps))  # as the weighting saw them
+        gaps = gaps[finite]
+        self.at_alpha += int((weighed <= config.alpha).sum())
+        self.at_beta += int((weighed >= config.beta).sum())
         self.gap_sum += float(gaps.sum())
         self.gap_sq_sum += float((gaps * gaps).sum())
         if gaps.numel():
@@ -91,7 +100,7 @@ class CALStats:
 
     # -- reading -----------------------------------------------------------------------------
     # Counters summed over steps (and over ranks by `reduce_over_ranks`); floats are sums of values.
-    COUNTS = ("steps", "tokens", "at_alpha", "at_beta", "contrasted")
+    COUNTS = ("steps", "tokens", "at_alpha", "at_beta", "contrasted", "ignored_batches", "nonfinite_gaps")
     SUMS = ("weight_sum", "gap_sum", "gap_sq_sum")
 
     def reset(self) -> None:
@@ -119,22 +128,29 @@ class CALStats:
         self.gap_min, self.gap_max = -float(extremes[0]), float(extremes[1])
 
     def scalars(self) -> dict[str, float]:
-        """The scalar statistics since the last reset ({} when no supervised row was seen)."""
-        if not self.tokens:
+        """The scalar statistics since the last reset ({} when no CAL step was seen; the problem
+        counts only when no supervised row was)."""
+        if not self.steps:
             return {}
+        problems = {PREFIX + "ignored_batches": float(self.ignored_batches),
+                    PREFIX + "nonfinite_gaps": float(self.nonfinite_gaps)}
+        if not self.tokens:
+            return problems
         n = self.tokens
+        finite = n - self.nonfinite_gaps
         return {
             PREFIX + "mean_weight": self.weight_sum / n,
             PREFIX + "share_alpha": self.at_alpha / n,
             PREFIX + "share_beta": self.at_beta / n,
-            PREFIX + "mean_gap": self.gap_sum / n,
+            PREFIX + "mean_gap": self.gap_sum / finite if finite else math.nan,
             PREFIX + "share_contrasted": self.contrasted / n,
             PREFIX + "tokens": float(n),
+            **problems,
         }
 
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(counts [bins], edges [bins + 1])`` of the gaps since the last reset, or None."""
-        if not self.tokens or self.edges is None:  # edges: set by this rank's first CAL step
+        if self.tokens <= self.nonfinite_gaps or self.edges is None:  # edges: set by the first CAL step
             return None
         return self.counts.clone(), self.edges.clone()
 
@@ -190,8 +206,8 @@ class CALLoggingCallback(_CallbackBase):
             if name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
                 s = self.stats
                 cb.tb_writer.add_histogram_raw(
-                    PREFIX + "gap", min=s.gap_min, max=s.gap_max, num=s.tokens, sum=s.gap_sum,
-                    sum_squares=s.gap_sq_sum, bucket_limits=edges[1:].tolist(),
+                    PREFIX + "gap", min=s.gap_min, max=s.gap_max, num=s.tokens - s.nonfinite_gaps,
+                    sum=s.gap_sum, sum_squares=s.gap_sq_sum, bucket_limits=edges[1:].tolist(),
                     bucket_counts=counts.tolist(), global_step=step)
                 cb.tb_writer.flush()
             elif name == "WandbCallback" and getattr(cb, "_wandb", None) is not None \

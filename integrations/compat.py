@@ -9,7 +9,11 @@ is written here once.
   when the decoder was handed ``None`` (4.45-4.46 training forwards), the name of the "only the
   last k logits" argument (``num_logits_to_keep`` in 4.45, ``logits_to_keep`` later), Qwen's
   ``mm_token_type_ids`` (5.3+), rotary tables cut to the sequence length (< 4.38, which the
-  LLaVA codebases pin), and the supported range of every family. The engine pops
+  LLaVA codebases pin), the decoder of any VLM (`vlm_decoder_and_head`: its accessors, else
+  each release's paths), sliding-window / chunked attention spans (`attention_span`), and the
+  final logit soft-capping (`logit_softcap`). Each transformers class's own release facts (first
+  release, broken releases, from when it soft-caps) are columns of the family table,
+  `integrations/families.py`, checked through `require_release`. The engine pops
   ``num_items_in_batch`` from the call before the original forward runs, so versions whose
   forward rejects it (Llava 4.45, Qwen2-VL up to 4.52) never receive it.
 * **TRL.** Trainers that compute their own loss and ignore the model's (`OWN_LOSS_TRAINERS`).
@@ -28,7 +32,6 @@ import torch
 from torch import nn
 
 from calplug.errors import CALConfigError, CALInputError, UnsupportedModelError
-from calplug.hookspecs import Integration
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,37 +77,16 @@ TESTED_FRAMEWORKS = {
     "ms-swift": ("4.6.0", "5.19.0"),
 }
 
-# family -> (transformers class name, oldest supported (major, minor))
-SUPPORTED = {
-    "Llava": ("LlavaForConditionalGeneration", (4, 45)),
-    "LlavaNext": ("LlavaNextForConditionalGeneration", (4, 45)),
-    "LlavaNextVideo": ("LlavaNextVideoForConditionalGeneration", (4, 45)),
-    "LlavaOnevision": ("LlavaOnevisionForConditionalGeneration", (4, 45)),
-    "Qwen2-VL": ("Qwen2VLForConditionalGeneration", (4, 45)),
-    "Qwen2.5-VL": ("Qwen2_5_VLForConditionalGeneration", (4, 49)),
-    "Qwen3-VL": ("Qwen3VLForConditionalGeneration", (4, 57)),
-    "Qwen3-VL-MoE": ("Qwen3VLMoeForConditionalGeneration", (4, 57)),
-}
+def require_release(family: str, minimum: tuple[int, int], broken: tuple = ()) -> None:
+    """`require_version` from ``minimum`` up to 6.0, naming the tested releases in that range; and
+    a ``broken`` release ``((version, reason), ...)`` of the family is refused with its reason."""
+    import transformers
 
-
-def family_integration(family: str, name: str, main_pass, decoder_and_head, **extra) -> Integration:
-    """The `Integration` of a transformers family of `SUPPORTED`: its class name and version gate
-    come from that table, so each is written once. ``extra``: further `Integration` fields."""
-    return Integration(name=name, model_classes=(SUPPORTED[family][0],), main_pass=main_pass,
-                       decoder_and_head=decoder_and_head, check=VersionCheck(family), **extra)
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionCheck:
-    """An `Integration.check` for a family of `SUPPORTED`: the installed transformers must be in
-    its range. A plain record rather than a closure, so that an enabled model pickles."""
-
-    family: str
-
-    def __call__(self, model: nn.Module) -> None:
-        minimum = SUPPORTED[self.family][1]
-        tested = ", ".join(v for v in TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= minimum)
-        require_version(self.family, minimum, tested)
+    tested = ", ".join(v for v in TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= minimum)
+    require_version(family, minimum, tested)
+    for version, reason in broken:
+        if transformers.__version__ == version:
+            raise UnsupportedModelError(f"{family}: {reason}")
 
 
 # Names of the "compute logits for the last k positions only" argument across versions.
@@ -134,14 +116,17 @@ def config_token_id(config, *names: str) -> int | None:
     return None
 
 
-def placeholder_positions(config, input_ids: torch.Tensor) -> torch.Tensor:
+def placeholder_positions(config, input_ids: torch.Tensor,
+                          names: tuple[str, ...] = ("image_token_id", "image_token_index",
+                                                    "video_token_id", "video_token_index")
+                          ) -> torch.Tensor:
     """bool ``[B, L]``: the image and video placeholder positions of ``input_ids``, by the
     config's token ids (``image_token_id`` / ``image_token_index``, ``video_token_id`` /
-    ``video_token_index``, whichever names this version uses)."""
+    ``video_token_index``, whichever names this version uses; a family can name others)."""
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
-    for names in (("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")):
-        token = config_token_id(config, *names)
-        if token is not None:
+    for name in names:
+        token = getattr(config, name, None)
+        if isinstance(token, int):
             visual |= input_ids == token
     return visual
 
@@ -152,10 +137,11 @@ def placeholder_positions(config, input_ids: torch.Tensor) -> torch.Tensor:
 VISUAL_MASK_ARGUMENT = "calplug_visual_mask"
 
 
-def visual_positions(config, call: dict) -> torch.Tensor:
+def visual_positions(config, call: dict, names: tuple[str, ...] | None = None) -> torch.Tensor:
     """bool ``[B, L]``: the image and video positions of one forward call, wherever it says them.
 
-    * ``input_ids`` given: its placeholder tokens (`placeholder_positions`).
+    * ``input_ids`` given: its placeholder tokens (`placeholder_positions`, by the config
+      attributes ``names``, or the default image / video ones).
     * only ``inputs_embeds`` (images merged before the forward, as ms-swift's Qwen-VL templates
       do): the mask an adapter passed as `VISUAL_MASK_ARGUMENT`, else ``mm_token_type_ids != 0``
       (Qwen-VL on transformers >= 5.3: 0 text, 1 image, 2 video).
@@ -166,7 +152,7 @@ def visual_positions(config, call: dict) -> torch.Tensor:
     explicit = call.pop(VISUAL_MASK_ARGUMENT, None)
     input_ids = call.get("input_ids")
     if input_ids is not None:
-        return placeholder_positions(config, input_ids)
+        return placeholder_positions(config, input_ids, *(() if names is None else (names,)))
     embeds = call.get("inputs_embeds")
     types = call.get("mm_token_type_ids")
     mask = explicit if explicit is not None else (types != 0 if types is not None else None)
@@ -184,6 +170,69 @@ def visual_positions(config, call: dict) -> torch.Tensor:
     return mask.to(device=embeds.device, dtype=torch.bool)
 
 
+def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The text decoder and output projection of a transformers VLM, for this version.
+
+    The head is ``get_output_embeddings()``. The decoder is what ``get_decoder()`` returns, looked
+    through when that is a causal-LM wrapper (Llama4, Llava types and PaliGemma before 4.52: a
+    ``*ForCausalLM`` with ``.model`` and ``.lm_head``); where a release has no ``get_decoder`` on
+    the class, the attribute paths releases used: ``model.model.language_model`` (>= 4.52),
+    ``model.model.text_model`` (Idefics2/3, SmolVLM), ``model.language_model.model`` (< 4.52),
+    ``model.model`` (Qwen-VL < 4.52). The decoder is the module with the decoder ``layers``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    candidates = []
+    try:
+        candidates.append(model.get_decoder())
+    except (AttributeError, NotImplementedError, TypeError):
+        pass
+    inner = getattr(model, "model", None)
+    language_model = getattr(model, "language_model", None)
+    candidates += [getattr(inner, "language_model", None), getattr(inner, "text_model", None),
+                   getattr(language_model, "model", None), language_model, inner]
+    for decoder in candidates:
+        if isinstance(getattr(decoder, "lm_head", None), nn.Module) and hasattr(decoder, "model"):
+            decoder = decoder.model  # a ForCausalLM wrapper: its decoder
+        if isinstance(decoder, nn.Module) and decoder is not model and hasattr(decoder, "layers") \
+                and isinstance(head, nn.Module):
+            return decoder, head
+    raise UnsupportedModelError(
+        f"cannot find the text decoder (a module with decoder layers) and the output projection "
+        f"of {type(model).__name__} in this transformers version "
+        f"({'.'.join(map(str, transformers_version()))})"
+    )
+
+
+def attention_span(config) -> int | None:
+    """The shortest sliding window or attention chunk the text decoder applies, counted in
+    sequence indices (None: every layer attends to the whole causal prefix). A window is in use
+    when ``layer_types`` lists a sliding or chunked layer, or, for configs without
+    ``layer_types``, when ``sliding_window`` is set and ``use_sliding_window`` is not False."""
+    cfg = text_config(config)
+    types = getattr(cfg, "layer_types", None)
+    spans = []
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0:
+        if types is not None:
+            used = any("sliding" in str(t) for t in types)
+        else:
+            used = getattr(cfg, "use_sliding_window", True) is not False
+        if used:
+            spans.append(window)
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if isinstance(chunk, int) and chunk > 0 and (types is None or any("chunk" in str(t) for t in types)):
+        spans.append(chunk)
+    return min(spans) if spans else None
+
+
+def logit_softcap(config, attribute: str | None, since: tuple[int, int]) -> float | None:
+    """The final-logit soft-capping constant the forward applies in this release, or None."""
+    if attribute is None or transformers_version() < since:
+        return None
+    value = getattr(text_config(config), attribute, None)
+    return float(value) if value else None
+
+
 def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
     inner = getattr(model, "model", None)
@@ -193,22 +242,6 @@ def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]
     lm = getattr(model, "language_model", None)
     if lm is not None and hasattr(lm, "model") and hasattr(lm, "lm_head"):
         return lm.model, lm.lm_head  # < 4.52
-    raise UnsupportedModelError(
-        f"cannot find the decoder and lm_head of {type(model).__name__} in this transformers "
-        f"version ({'.'.join(map(str, transformers_version()))})"
-    )
-
-
-def qwen_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Decoder and lm_head of Qwen2-VL / Qwen2.5-VL / Qwen3-VL (MoE) for this transformers version."""
-    inner = getattr(model, "model", None)
-    head = getattr(model, "lm_head", None)
-    if isinstance(inner, nn.Module) and isinstance(head, nn.Module):
-        language_model = getattr(inner, "language_model", None)
-        if isinstance(language_model, nn.Module):
-            return language_model, head  # >= 4.52
-        if hasattr(inner, "layers"):
-            return inner, head  # < 4.52: model.model is the text decoder
     raise UnsupportedModelError(
         f"cannot find the decoder and lm_head of {type(model).__name__} in this transformers "
         f"version ({'.'.join(map(str, transformers_version()))})"

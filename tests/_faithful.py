@@ -6,14 +6,15 @@ import calplug
 from reference import grads
 
 
-def faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window):
+def faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window, contrast="mask"):
     """Backpropagate the reference loss and keep its gradients, then enable calplug in faithful
     mode (masked contrast pass, flat pooling) on the same model and run one training step on
-    ``batch``. Returns ``(output, cal_grads, ref_grads)``; calplug stays enabled."""
+    ``batch``. Returns ``(output, cal_grads, ref_grads)``; calplug stays enabled. ``contrast``:
+    "drop" for decoders whose layers do not honour mask holes (mask is refused there)."""
     ref_loss.backward()
     ref_grads = grads(model)
     model.zero_grad()
-    calplug.enable(model, contrast="mask", pool_scope="flat", alpha=alpha, beta=beta,
+    calplug.enable(model, contrast=contrast, pool_scope="flat", alpha=alpha, beta=beta,
                    pool_window=window)
     out = model(**batch)
     out.loss.backward()

@@ -33,12 +33,32 @@ class Family:
     build: Callable
     visual: Callable          # (model, kind, generator) -> (placeholder ids [n], pixel kwargs)
     video: bool
-    qwen: bool                # M-RoPE positions
+    qwen: bool                # Qwen-VL type: M-RoPE positions, pixels as pre-cut patches
+    images: bool | None = None  # pixels are images [..., 3, H, W] (blur); default: not qwen
+    video_kinds: tuple = ("video", "image", None)   # the video batch's samples
+    finish: Callable | None = None     # (model, batch) -> batch: family-specific inputs
+    logit_cap: Callable | None = None  # model -> the final logit soft-capping its forward applies
+    drop_only: bool = False            # mask holes are not honoured (conv / linear attention)
+    unavailable: Callable | None = None  # () -> why this environment cannot run it, or None
+    text_ids: tuple = (3, 240)         # range of the batch's random text token ids
+
+    def __post_init__(self):
+        if self.images is None:
+            self.images = not self.qwen
 
     def available(self) -> bool:
         import transformers
 
         return tf_version() >= self.since and hasattr(transformers, self.class_name)
+
+    def skip_reason(self) -> str | None:
+        """Why this family's cases cannot run here (None: they can)."""
+        import transformers
+
+        if not self.available():
+            return (f"{self.class_name} needs transformers >= {self.since[0]}.{self.since[1]} "
+                    f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+        return self.unavailable() if self.unavailable is not None else None
 
 
 def _llama(**extra):
@@ -190,12 +210,448 @@ def qwen_visual(patch):
             ids = torch.tensor([VSTART] + [IMAGE] * 4 + [VEND])
             return ids, {"pixel_values": torch.randn(16, dim, generator=g), "image_grid_thw": grid}
         grid = torch.tensor([[2, 4, 4]])  # 4 frames, 2 temporal patches, 4 tokens each
-        if model.config.model_type.startswith("qwen3_vl"):  # one <start>tokens<end> per temporal patch
+        if model.config.model_type.startswith(("qwen3_vl", "qwen3_5")):  # one <start>tokens<end> per temporal patch
             ids = torch.tensor(([VSTART] + [VIDEO] * 4 + [VEND]) * 2)
         else:
             ids = torch.tensor([VSTART] + [VIDEO] * 8 + [VEND])
         return ids, {"pixel_values_videos": torch.randn(32, dim, generator=g), "video_grid_thw": grid}
     return visual
+
+
+# -- placeholder-token families of the generic integration (integrations/families.py) -----------
+EXTRA1, EXTRA2, EXTRA3 = 254, 255, 249
+# The embedding row of pad_token_id is zero-initialised (padding_idx); with tied embeddings its
+# logit is then 0 everywhere. Ignored labels take token 0 as their target (the spec), so the pad
+# id is kept off 0 for those rows to have gaps at all.
+PAD = 248
+
+
+def _text(model_type: str, **extra) -> dict:
+    return {**dict(model_type=model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   pad_token_id=PAD), **extra}
+
+
+def _vision(model_type: str, **extra) -> dict:
+    return {**dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=32, patch_size=8), **extra}
+
+
+def _rope(params: dict) -> dict:
+    """Rotary settings under the name this transformers version reads."""
+    return {"rope_parameters": params} if tf_version() >= (5, 0) else {"rope_scaling": params}
+
+
+def _eager(config, seed, cls):
+    for name in ("text_config", "vision_config", "perceiver_config", "adapter_config",
+                 "audio_config", "qformer_config"):
+        sub = getattr(config, name, None)
+        if sub is not None and not isinstance(sub, dict):
+            sub._attn_implementation = "eager"
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def _model(class_name: str, seed: int, **config):
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    return _eager(cls.config_class(**config), seed, cls)
+
+
+def image_visual(n: int, key: str = "pixel_values", shape=(1, 3, 32, 32), block=None):
+    """``n`` image placeholders (inside ``block``'s start/end ids when given), pixels under ``key``."""
+    def visual(model, kind, g):
+        ids = [IMAGE] * n if block is None else [block[0]] + [IMAGE] * n + [block[1]]
+        return torch.tensor(ids), {key: torch.randn(*shape, generator=g)}
+    return visual
+
+
+def build_vipllava(seed=0):
+    return _model("VipLlavaForConditionalGeneration", seed, vision_config=_clip(),
+                  text_config=_llama(), image_token_index=IMAGE, vision_feature_layers=[-2, -1],
+                  image_seq_length=16)
+
+
+def build_video_llava(seed=0):
+    return _model("VideoLlavaForConditionalGeneration", seed, vision_config=_clip(),
+                  text_config=_llama(), image_token_index=IMAGE, video_token_index=VIDEO,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=16, video_seq_length=34)
+
+
+def video_llava_visual(model, kind, g):
+    """Images drop the CLS feature (16 tokens), video frames keep it (2 frames x 17)."""
+    if kind == "image":
+        return torch.full((16,), IMAGE), {"pixel_values_images": torch.randn(1, 3, 32, 32, generator=g)}
+    return torch.full((34,), VIDEO), {"pixel_values_videos": torch.randn(1, 2, 3, 32, 32, generator=g)}
+
+
+def build_idefics2(seed=0):
+    perceiver = dict(model_type="idefics2_perceiver", hidden_size=64, resampler_n_latents=4,
+                     resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                     num_key_value_heads=1)
+    return _model("Idefics2ForConditionalGeneration", seed, vision_config=_vision("idefics2_vision"),
+                  perceiver_config=perceiver, text_config=_text("mistral"), image_token_id=IMAGE)
+
+
+def build_idefics3(seed=0, class_name="Idefics3ForConditionalGeneration", vision="idefics3_vision"):
+    return _model(class_name, seed, vision_config=_vision(vision), text_config=_text("llama"),
+                  image_token_id=IMAGE, scale_factor=2)
+
+
+def build_smolvlm(seed=0):
+    return build_idefics3(seed, "SmolVLMForConditionalGeneration", "smolvlm_vision")
+
+
+def idefics_finish(model, batch):
+    """pixel_values [B, images, 3, H, W]: the text-only sample gets an all-zero (padding) image."""
+    px = batch["pixel_values"]
+    with_image = [b for b in range(batch["input_ids"].shape[0]) if bool((batch["input_ids"][b] == IMAGE).any())]
+    full = torch.zeros(batch["input_ids"].shape[0], *px.shape[1:])
+    full[with_image] = px
+    return dict(batch, pixel_values=full)
+
+
+def build_internvl(seed=0):
+    vision = _vision("internvl_vision", image_size=[32, 32], patch_size=[8, 8])
+    return _model("InternVLForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("qwen2"), image_token_id=IMAGE, downsample_ratio=0.5,
+                  vision_feature_layer=-1)
+
+
+def build_mistral3(seed=0):
+    vision = _vision("pixtral", head_dim=8)
+    return _model("Mistral3ForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("mistral", head_dim=16), image_token_index=IMAGE,
+                  spatial_merge_size=2, vision_feature_layer=-1)
+
+
+def mistral3_visual(model, kind, g):
+    """Rows of [IMG] x 2 closed by [IMG_BREAK] / [IMG_END] (text tokens), as the processor writes."""
+    ids = torch.tensor([IMAGE, IMAGE, EXTRA1, IMAGE, IMAGE, EXTRA2])
+    return ids, {"pixel_values": torch.randn(1, 3, 32, 32, generator=g),
+                 "image_sizes": torch.tensor([[32, 32]])}
+
+
+def _cohere2(window):
+    return _text("cohere2", sliding_window=window, layer_types=["sliding_attention", "full_attention"])
+
+
+def build_aya_vision(seed=0, window=64):
+    return _model("AyaVisionForConditionalGeneration", seed,
+                  vision_config=_vision("siglip_vision_model"), text_config=_cohere2(window),
+                  image_token_index=IMAGE, downsample_factor=2,
+                  vision_feature_select_strategy="full", vision_feature_layer=-1)
+
+
+def build_cohere2_vision(seed=0, window=64):
+    return _model("Cohere2VisionForConditionalGeneration", seed,
+                  vision_config=_vision("siglip_vision_model"), text_config=_cohere2(window),
+                  image_token_id=IMAGE, downsample_factor=2, alignment_intermediate_size=64)
+
+
+def build_paligemma(seed=0, softcap=None):
+    text = _text("gemma2" if softcap else "gemma", head_dim=16)
+    if softcap:
+        text.update(final_logit_softcapping=softcap, sliding_window=64)
+    # seed + 1: at seed 0 every supervised row of the tiny model's batch has a gap <= 0, so with
+    # alpha = 0 the weights would not vary (the faithful test asks them to)
+    return _model("PaliGemmaForConditionalGeneration", seed + 1,
+                  vision_config=_vision("siglip_vision_model", projection_dim=64), text_config=text,
+                  image_token_index=IMAGE, projection_dim=64, hidden_size=64, vocab_size=VOCAB)
+
+
+def paligemma_finish(model, batch):
+    """token_type_ids: 0 = prefix (image and prompt, attended bidirectionally), 1 = suffix. Padding
+    is marked 1: transformers 4.45 unmasks every key whose token type is 0, padding included."""
+    suffix = (batch["labels"] != -100) | (batch["attention_mask"] == 0)
+    return dict(batch, token_type_ids=suffix.long())
+
+
+def build_gemma3(seed=0, window=4):
+    text = _text("gemma3_text", head_dim=16, sliding_window=window,
+                 layer_types=["sliding_attention", "full_attention"])
+    model = _model("Gemma3ForConditionalGeneration", seed,
+                   vision_config=_vision("siglip_vision_model"), text_config=text,
+                   image_token_index=IMAGE, boi_token_index=VSTART, eoi_token_index=VEND,
+                   mm_tokens_per_image=4)
+    # the projector weight starts at zero (a checkpoint fills it): every image would embed as 0
+    with torch.no_grad():
+        model.get_parameter(next(n for n, _ in model.named_parameters()
+                                 if n.endswith("mm_input_projection_weight"))).normal_(0, 0.1)
+    return model
+
+
+def gemma3_finish(model, batch):
+    """token_type_ids 1 at image placeholders: attention is bidirectional inside each image."""
+    return dict(batch, token_type_ids=(batch["input_ids"] == IMAGE).long())
+
+
+def build_llama4(seed=0, chunk=64):
+    vision = dict(model_type="llama4_vision_model", hidden_size=32, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                  vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    # experts of width 96: their fused gate and up projection (2 x width) stays off the vocabulary
+    text = _text("llama4_text", head_dim=16, intermediate_size=96, intermediate_size_mlp=128,
+                 num_local_experts=4,
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layer_interval=2,
+                 attention_chunk_size=chunk)
+    return _model("Llama4ForConditionalGeneration", seed, vision_config=vision, text_config=text,
+                  image_token_index=IMAGE, boi_token_index=VSTART, eoi_token_index=VEND)
+
+
+def llama4_unavailable():
+    if tf_version() == (5, 24):
+        return ("transformers 5.24.0's Llama4ForConditionalGeneration.forward always raises "
+                "AttributeError ('MoeCausalLMOutputWithPast' object has no attribute "
+                "'image_outputs'), and calplug.enable refuses that release; the hf-4.57 env "
+                "(transformers 4.57.6) runs these cases")
+    return None
+
+
+def build_lfm2_vl(seed=0):
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, patch_size=8, num_patches=16)
+    text = _text("lfm2", layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False)
+    return _model("Lfm2VlForConditionalGeneration", seed, vision_config=vision, text_config=text,
+                  image_token_id=IMAGE, downsample_factor=2, projector_hidden_size=64)
+
+
+def lfm2_vl_visual(model, kind, g):
+    """Siglip2 NaFlex input: [images, patches, 3 * p * p] with each image's patch grid."""
+    return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+        "pixel_values": torch.randn(1, 16, 3 * 8 * 8, generator=g),
+        "spatial_shapes": torch.tensor([[4, 4]]),
+        "pixel_attention_mask": torch.ones(1, 16, dtype=torch.bool)}
+
+
+def build_aria(seed=0):
+    # experts of width 96: their fused gate and up projection (2 x width) stays off the vocabulary
+    text = _text("aria_text", intermediate_size=96, moe_num_experts=4, moe_topk=2,
+                 moe_num_shared_experts=1)
+    return _model("AriaForConditionalGeneration", seed, vision_config=_vision("idefics3_vision"),
+                  text_config=text, image_token_index=IMAGE, projector_patch_to_query_dict={16: 4})
+
+
+def aria_visual(model, kind, g):
+    return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+        "pixel_values": torch.randn(1, 3, 32, 32, generator=g),
+        "pixel_mask": torch.ones(1, 32, 32, dtype=torch.bool)}
+
+
+def build_ovis2(seed=0):
+    vision = _vision("ovis2_vision", vocab_size=64, hidden_stride=2, num_visual_indicator_tokens=5)
+    return _model("Ovis2ForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("qwen2"), image_token_id=IMAGE,
+                  visual_indicator_token_ids=[EXTRA1, EXTRA2, VSTART, VEND, EXTRA3],
+                  vocab_size=VOCAB, hidden_size=64)
+
+
+def _patches(patch, grid, temporal=2):
+    t, h, w = grid
+    return lambda g: torch.randn(t * h * w, 3 * temporal * patch * patch, generator=g)
+
+
+def build_glm4v(seed=0, moe=False, router_logits=False):
+    vision = dict(model_type="glm4v_moe_vision" if moe else "glm4v_vision", depth=2, hidden_size=32,
+                  intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, image_size=56)
+    rope = {"rope_type": "default", "type": "default",
+            "mrope_section": [2, 1, 1] if moe else [4, 2, 2]}
+    if moe:
+        text = _text("glm4v_moe_text", n_routed_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                     n_group=1, topk_group=1, output_router_logits=router_logits,
+                     router_aux_loss_coef=0.5, **_rope(rope))
+    else:  # width 96: the fused gate and up projection (2 x width) stays off the vocabulary size
+        text = _text("glm4v_text", intermediate_size=96, **_rope(rope))
+    return _model("Glm4vMoeForConditionalGeneration" if moe else "Glm4vForConditionalGeneration",
+                  seed, vision_config=vision, text_config=text, image_token_id=IMAGE,
+                  video_token_id=VIDEO, image_start_token_id=VSTART, image_end_token_id=VEND,
+                  video_start_token_id=EXTRA1, video_end_token_id=EXTRA2)
+
+
+def build_glm4v_moe(seed=0, router_logits=False):
+    return build_glm4v(seed, moe=True, router_logits=router_logits)
+
+
+def glm4v_visual(model, kind, g):
+    """GLM writes every video frame as <image_start> <image> x n <image_end>: the *image* token;
+    mm_token_type_ids (2 for video) tells them apart."""
+    if kind == "image":
+        return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+            "pixel_values": _patches(14, (1, 4, 4))(g), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    frame = [VSTART] + [IMAGE] * 4 + [VEND]
+    return torch.tensor([EXTRA1] + frame + frame + [EXTRA2]), {
+        "pixel_values_videos": _patches(14, (2, 4, 4))(g), "video_grid_thw": torch.tensor([[2, 4, 4]])}
+
+
+def build_qwen3_5(seed=0, moe=False, router_logits=False):
+    vision = dict(model_type="qwen3_5_moe_vision" if moe else "qwen3_5_vision", depth=2,
+                  hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=64)
+    rope = {"rope_type": "default", "rope_theta": 10000, "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True}
+    # 2 heads: the gated query projection (heads * head_dim * 2) stays off the vocabulary size,
+    # which the "no vocabulary-sized contrast tensors" property looks for
+    text = _text("qwen3_5_moe_text" if moe else "qwen3_5_text", head_dim=32, num_attention_heads=2,
+                 layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=2,
+                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                 linear_num_value_heads=4, **_rope(rope))
+    if moe:
+        text.pop("intermediate_size")
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32, output_router_logits=router_logits,
+                    router_aux_loss_coef=0.5)
+    return _model("Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration",
+                  seed, vision_config=vision, text_config=text, image_token_id=IMAGE,
+                  video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def build_qwen3_5_moe(seed=0, router_logits=False):
+    return build_qwen3_5(seed, moe=True, router_logits=router_logits)
+
+
+def build_qwen2_5_omni_thinker(seed=0):
+    vision = dict(model_type="qwen2_5_omni_vision_encoder", depth=2, hidden_size=32,
+                  intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1])
+    audio = dict(model_type="qwen2_5_omni_audio_encoder", num_mel_bins=16, encoder_layers=1,
+                 encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16, output_dim=64,
+                 max_source_positions=100, n_window=10)
+    text = _text("qwen2_5_omni_text", **_rope({"rope_type": "default", "type": "default",
+                                                "mrope_section": [2, 3, 3]}))
+    return _model("Qwen2_5OmniThinkerForConditionalGeneration", seed, vision_config=vision,
+                  audio_config=audio, text_config=text, image_token_index=IMAGE,
+                  video_token_index=VIDEO, audio_token_index=EXTRA3, audio_start_token_id=EXTRA1,
+                  audio_end_token_id=EXTRA2, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+
+def omni_finish(model, batch):
+    if "video_grid_thw" in batch:
+        batch["video_second_per_grid"] = torch.ones(batch["video_grid_thw"].shape[0])
+    return batch
+
+
+def build_gemma4(seed=0, window=4):
+    text = _text("gemma4_text", head_dim=16, global_head_dim=16, hidden_size_per_layer_input=8,
+                 vocab_size_per_layer_input=VOCAB, sliding_window=window,
+                 layer_types=["sliding_attention", "full_attention"],
+                 use_bidirectional_attention="vision", final_logit_softcapping=30.0)
+    vision = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                  patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    return _model("Gemma4ForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  image_token_id=IMAGE, video_token_id=VIDEO, boi_token_id=VSTART,
+                  eoi_token_id=VEND, audio_token_id=EXTRA3, boa_token_id=EXTRA1,
+                  eoa_token_index=EXTRA2)
+
+
+def gemma4_visual(model, kind, g):
+    """Patchified pixels [images, 16 patches, 3 * 4 * 4] and their (x, y) patch positions; 2 x 2
+    pooling gives 4 tokens."""
+    yy, xx = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos = torch.stack([xx.flatten(), yy.flatten()], -1).unsqueeze(0)
+    return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+        "pixel_values": torch.rand(1, 16, 3 * 4 * 4, generator=g), "image_position_ids": pos}
+
+
+def build_molmo2(seed=0):
+    vision = dict(model_type="molmo2_vision", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                  patch_size=4, num_position_embeddings=16, image_size=[16, 16])
+    adapter = dict(model_type="molmo2_adapter", vision_feature_layer=[-1], hidden_size=32,
+                   num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=64,
+                   text_hidden_size=64)
+    return _model("Molmo2ForConditionalGeneration", seed, vision_config=vision,
+                  adapter_config=adapter, text_config=_text("molmo2_text", head_dim=16,
+                                                            additional_vocab_size=8),
+                  image_patch_id=IMAGE, image_start_token_id=VSTART, image_end_token_id=VEND,
+                  low_res_image_start_token_id=EXTRA1, frame_start_token_id=EXTRA2,
+                  frame_end_token_id=EXTRA3)
+
+
+def molmo2_visual(model, kind, g):
+    """One crop of 4 x 4 patches; 2 x 2 pooling windows (indices fixed up in `molmo2_finish`)."""
+    return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+        "pixel_values": torch.randn(1, 16, 3 * 4 * 4, generator=g),
+        "image_grids": torch.tensor([[2, 2, 0, 0]])}
+
+
+def molmo2_finish(model, batch):
+    """image_token_pooling indexes the patches of all crops of the batch, flattened."""
+    windows = []
+    for crop in range(batch["pixel_values"].shape[0]):
+        for r in range(2):
+            for c in range(2):
+                windows.append([crop * 16 + (2 * r + dr) * 4 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)])
+    return dict(batch, image_token_pooling=torch.tensor(windows))
+
+
+def timm_unavailable():
+    try:
+        import timm  # noqa: F401
+    except Exception as error:  # ImportError, or torchvision failing beside this torch
+        return (f"needs the timm package (TimmWrapper vision tower), which imports torchvision "
+                f"({type(error).__name__}: {str(error)[:80]}); PyPI's torchvision does not load "
+                "beside the CPU torch the tests pin. Install a matching torch + torchvision pair "
+                "(e.g. torch 2.14.1 + torchvision 0.29.1) and timm to run these cases")
+    return None
+
+
+def build_perception_lm(seed=0):
+    """timm's test ViT (16 x 16 patches of a 64 x 64 image, CLS dropped): 16 tokens per image or
+    frame; pixel_values [B, tiles, 3, H, W]."""
+    vision = dict(model_type="timm_wrapper", architecture="test_vit", do_pooling=False,
+                  model_args={"embed_dim": 64, "img_size": 64})
+    return _model("PerceptionLMForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("llama"), image_token_id=IMAGE, video_token_id=VIDEO,
+                  vision_use_cls_token=True, projector_pooling_ratio=1)
+
+
+def perception_lm_visual(model, kind, g):
+    if kind == "image":
+        return torch.full((16,), IMAGE), {"pixel_values": torch.randn(1, 1, 3, 64, 64, generator=g)}
+    return torch.full((32,), VIDEO), {"pixel_values_videos": torch.randn(1, 2, 3, 64, 64, generator=g)}
+
+
+GEMMA3N_IDS = dict(boi_token_id=127, eoi_token_id=128, image_token_id=129, boa_token_id=126,
+                   eoa_token_id=192, audio_token_id=193)
+
+
+def build_gemma3n(seed=0):
+    """Vocabulary split in three: text [0, 128), vision [128, 192), audio [192, 256) (text ids of
+    the batch stay below 120: Family.text_ids); per-layer inputs;
+    soft-capped logits; timm's test ConvNeXt (64 x 64 -> 4 soft tokens) as the vision tower."""
+    text = _text("gemma3n_text", head_dim=16, vocab_size_per_layer_input=128,
+                 hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+                 num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.0],
+                 sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                 final_logit_softcapping=30.0, intermediate_size=[128, 128], pad_token_id=125)
+    vision = dict(model_type="gemma3n_vision", architecture="test_convnext", do_pooling=False,
+                  model_args={}, hidden_size=64, vocab_size=64, vocab_offset=128)
+    audio = dict(model_type="gemma3n_audio", vocab_size=64, vocab_offset=192, input_feat_size=16,
+                 hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                 sscp_conv_channel_size=[8, 8])
+    return _model("Gemma3nForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  audio_config=audio, vision_soft_tokens_per_image=4, audio_soft_tokens_per_image=4,
+                  **GEMMA3N_IDS)
+
+
+def gemma3n_visual(model, kind, g):
+    ids = [GEMMA3N_IDS["boi_token_id"]] + [GEMMA3N_IDS["image_token_id"]] * 4 + [GEMMA3N_IDS["eoi_token_id"]]
+    return torch.tensor(ids), {"pixel_values": torch.randn(1, 3, 64, 64, generator=g)}
+
+
+def build_fast_vlm(seed=0):
+    vision = dict(model_type="timm_wrapper", architecture="test_convnext", do_pooling=False,
+                  model_args={}, hidden_size=64, num_features=64)
+    return _model("FastVlmForConditionalGeneration", seed, vision_config=vision,
+                  text_config=_text("qwen2"), image_token_index=IMAGE)
 
 
 FAMILIES = {
@@ -217,6 +673,71 @@ FAMILIES = {
                        qwen_visual(16), video=True, qwen=True),
     "qwen3_vl_moe": Family("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", (4, 57),
                            build_qwen3_vl_moe, qwen_visual(16), video=True, qwen=True),
+    # -- the generic integration's families -------------------------------------------------------
+    "vipllava": Family("vipllava", "VipLlavaForConditionalGeneration", (4, 45), build_vipllava,
+                       image_visual(16), video=False, qwen=False),
+    "video_llava": Family("video_llava", "VideoLlavaForConditionalGeneration", (4, 45),
+                          build_video_llava, video_llava_visual, video=True, qwen=False),
+    "idefics2": Family("idefics2", "Idefics2ForConditionalGeneration", (4, 45), build_idefics2,
+                       image_visual(4, shape=(1, 1, 3, 32, 32), block=(VSTART, VEND)), video=False,
+                       qwen=False, finish=idefics_finish),
+    "idefics3": Family("idefics3", "Idefics3ForConditionalGeneration", (4, 46), build_idefics3,
+                       image_visual(4, shape=(1, 1, 3, 32, 32), block=(VSTART, VEND)), video=False,
+                       qwen=False, finish=idefics_finish),
+    "smolvlm": Family("smolvlm", "SmolVLMForConditionalGeneration", (4, 50), build_smolvlm,
+                      image_visual(4, shape=(1, 1, 3, 32, 32), block=(VSTART, VEND)), video=False,
+                      qwen=False, finish=idefics_finish),
+    "internvl": Family("internvl", "InternVLForConditionalGeneration", (4, 52), build_internvl,
+                       image_visual(4, block=(VSTART, VEND)), video=False, qwen=False),
+    "mistral3": Family("mistral3", "Mistral3ForConditionalGeneration", (4, 50), build_mistral3,
+                       mistral3_visual, video=False, qwen=False),
+    "aya_vision": Family("aya_vision", "AyaVisionForConditionalGeneration", (4, 50),
+                         build_aya_vision, image_visual(4, block=(VSTART, VEND)), video=False,
+                         qwen=False),
+    "cohere2_vision": Family("cohere2_vision", "Cohere2VisionForConditionalGeneration", (4, 55),
+                             build_cohere2_vision, image_visual(4, block=(VSTART, VEND)),
+                             video=False, qwen=False),
+    "paligemma": Family("paligemma", "PaliGemmaForConditionalGeneration", (4, 45), build_paligemma,
+                        image_visual(16), video=False, qwen=False, finish=paligemma_finish),
+    "gemma3": Family("gemma3", "Gemma3ForConditionalGeneration", (4, 50), build_gemma3,
+                     image_visual(4, block=(VSTART, VEND)), video=False, qwen=False,
+                     finish=gemma3_finish),
+    "llama4": Family("llama4", "Llama4ForConditionalGeneration", (4, 51), build_llama4,
+                     image_visual(4, block=(VSTART, VEND)), video=False, qwen=False,
+                     unavailable=llama4_unavailable),
+    "lfm2_vl": Family("lfm2_vl", "Lfm2VlForConditionalGeneration", (4, 57), build_lfm2_vl,
+                      lfm2_vl_visual, video=False, qwen=False, images=False, drop_only=True),
+    "aria": Family("aria", "AriaForConditionalGeneration", (4, 48), build_aria, aria_visual,
+                   video=False, qwen=False),
+    "ovis2": Family("ovis2", "Ovis2ForConditionalGeneration", (4, 56), build_ovis2,
+                    image_visual(4, block=(VSTART, VEND)), video=False, qwen=False),
+    "glm4v": Family("glm4v", "Glm4vForConditionalGeneration", (4, 53), build_glm4v, glm4v_visual,
+                    video=True, qwen=False, images=False, video_kinds=("video", None, None)),
+    "glm4v_moe": Family("glm4v_moe", "Glm4vMoeForConditionalGeneration", (4, 56), build_glm4v_moe,
+                        glm4v_visual, video=False, qwen=False, images=False),
+    "qwen3_5": Family("qwen3_5", "Qwen3_5ForConditionalGeneration", (5, 2), build_qwen3_5,
+                      qwen_visual(16), video=True, qwen=False, images=False, drop_only=True),
+    "qwen3_5_moe": Family("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", (5, 2),
+                          build_qwen3_5_moe, qwen_visual(16), video=False, qwen=False,
+                          images=False, drop_only=True),
+    "qwen2_5_omni_thinker": Family("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration",
+                                   (4, 52), build_qwen2_5_omni_thinker, qwen_visual(14), video=True,
+                                   qwen=False, images=False, finish=omni_finish),
+    "gemma4": Family("gemma4", "Gemma4ForConditionalGeneration", (5, 5), build_gemma4,
+                     gemma4_visual, video=False, qwen=False, images=False,
+                     logit_cap=lambda model: model.config.get_text_config().final_logit_softcapping),
+    "molmo2": Family("molmo2", "Molmo2ForConditionalGeneration", (5, 20), build_molmo2,
+                     molmo2_visual, video=False, qwen=False, images=False, finish=molmo2_finish),
+    "perception_lm": Family("perception_lm", "PerceptionLMForConditionalGeneration", (4, 54),
+                            build_perception_lm, perception_lm_visual, video=True, qwen=False,
+                            unavailable=timm_unavailable),
+    "gemma3n": Family("gemma3n", "Gemma3nForConditionalGeneration", (4, 53), build_gemma3n,
+                      gemma3n_visual, video=False, qwen=False, text_ids=(3, 120),
+                      unavailable=timm_unavailable,
+                      logit_cap=lambda model: model.config.get_text_config().final_logit_softcapping),
+    "fast_vlm": Family("fast_vlm", "FastVlmForConditionalGeneration", (5, 0), build_fast_vlm,
+                       image_visual(4, shape=(1, 3, 64, 64)), video=False, qwen=False,
+                       unavailable=timm_unavailable),
 }
 
 
@@ -228,7 +749,7 @@ def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(1
     seqs, labs, types = [], [], []
     pixels: dict[str, list] = {}
     for n_text, kind in zip(lengths, kinds):
-        text = torch.randint(3, 240, (n_text,), generator=g)
+        text = torch.randint(*family.text_ids, (n_text,), generator=g)
         lab = text.clone()
         lab[:prompt] = -100
         ids, lab_, tt = text, lab, torch.zeros(n_text, dtype=torch.long)
@@ -256,14 +777,14 @@ def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(1
     batch.update({k: torch.cat(v) for k, v in pixels.items()})
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         batch["mm_token_type_ids"] = token_types
-    return batch
+    return batch if family.finish is None else family.finish(model, batch)
 
 
 def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Image and video placeholder positions, read from the config by the test itself."""
     cfg = model.config
     ids = [getattr(cfg, n, None) for n in ("image_token_id", "image_token_index",
-                                            "video_token_id", "video_token_index")]
+                                            "video_token_id", "video_token_index", "image_patch_id")]
     ids = {int(i) for i in ids if i is not None}
     out = torch.zeros_like(input_ids, dtype=torch.bool)
     for i in ids:
@@ -275,9 +796,37 @@ def decoder_and_head(model):
     """The text decoder and lm_head, by the paths each transformers version uses (tests' own copy,
     independent of integrations/compat.py)."""
     inner = model.model if hasattr(model, "model") else None
-    language_model = getattr(inner, "language_model", None)
-    if language_model is not None and not hasattr(language_model, "lm_head"):
-        return inner.language_model, model.lm_head          # >= 4.52
+    for text in (getattr(inner, "language_model", None), getattr(inner, "text_model", None)):
+        if text is not None and not hasattr(text, "lm_head") and hasattr(model, "lm_head"):
+            return text, model.lm_head                      # >= 4.52; Idefics / SmolVLM: text_model
     if hasattr(model, "language_model") and hasattr(model.language_model, "lm_head"):
-        return model.language_model.model, model.language_model.lm_head  # Llava types < 4.52
+        return model.language_model.model, model.language_model.lm_head  # Llava types < 4.52, Llama4
     return model.model, model.lm_head                       # Qwen-VL < 4.52
+
+
+# -- classes outside the family table: one the generic rule matches, two it refuses -------------
+def build_deepseek_vl(seed=0):
+    """DeepseekVL (4.54+): Llama text, SigLIP features at image_token_id; no FamilyFacts row, so
+    the generic integration accepts it as matched-but-unproven."""
+    return _model("DeepseekVLForConditionalGeneration", seed,
+                  vision_config=_vision("siglip_vision_model"), text_config=_text("llama"),
+                  image_token_id=IMAGE)
+
+
+def build_fuyu(seed=0):
+    text = dict(_text("persimmon"), num_key_value_heads=4)
+    return _model("FuyuForCausalLM", seed, text_config=text,
+                  image_token_id=IMAGE, image_size=32, patch_size=8)
+
+
+def build_blip_2(seed=0):
+    vision = dict(model_type="blip_2_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    qformer = dict(model_type="blip_2_qformer", vocab_size=VOCAB, hidden_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   encoder_hidden_size=32)
+    text = dict(model_type="opt", vocab_size=VOCAB, hidden_size=64, ffn_dim=128,
+                num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
+    return _model("Blip2ForConditionalGeneration", seed, vision_config=vision,
+                  qformer_config=qformer, text_config=text, num_query_tokens=4,
+                  image_token_index=IMAGE)

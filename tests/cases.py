@@ -12,6 +12,7 @@ Each batch holds padding, a text-only sample at index 2 and image (or video) sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import pytest
@@ -71,6 +72,8 @@ class Case:
     grad_names: tuple = ()                               # parameters that must get a gradient
     generate_inputs: Callable | None = None              # model -> inputs of generate(), or None
     check: Callable | None = None                        # (model, batch, Reference) extra faithful checks
+    contrast: str = "mask"                               # the faithful contrast: the published mask, or
+                                                         # drop where mask holes are not honoured
 
     def own_loss(self, model, batch) -> torch.Tensor:
         out = model(**batch)
@@ -94,25 +97,90 @@ class Env:
 CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
 
 
-def hf_reference(model, batch, alpha, beta, window) -> Reference:
-    """Spec steps 1-8 by hand: the usual forward, and a second full decoder pass with the same
-    decoder inputs (merged embeddings, positions, extra visual inputs) and attention to the
-    visual positions removed; full logits, flattened pooling."""
+def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
+    """Spec steps 1-8 by hand: the usual training forward, and a second full decoder pass with
+    the same decoder inputs (merged embeddings, positions, extra visual inputs) and attention to
+    the visual positions removed; full logits as the model makes them (soft-capped where its
+    forward soft-caps), flattened pooling.
+
+    Attention is removed where the decoder takes it: a 2-D padding mask with holes, or, for
+    decoders handed built 4-D masks (a dict of them per layer type) with bidirectional image or
+    prefix blocks, those masks with the image key columns blocked. For a decoder whose layers do
+    not honour mask holes (``family.drop_only``), "without the image" is the sequence with the
+    image positions removed (`hf_drop_logits`)."""
     decoder, head = hf.decoder_and_head(model)
     captured = {}
     handle = decoder.register_forward_pre_hook(
         lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = model(**batch).logits
     handle.remove()
     layout = hf_layout(model, batch)
-    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS}
-    kw["attention_mask"] = batch["attention_mask"] * (~layout.visual).long()
+    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS + ("labels",)}
+    cap = None if family is None or family.logit_cap is None else family.logit_cap(model)
+
+    def logits_of(hidden):
+        out = head(hidden)
+        return out if cap is None else torch.tanh(out / cap) * cap
+
     with torch.no_grad():
-        logits_wo = head(decoder(**kw)[0])
+        if family is not None and family.drop_only:
+            logits_wo = hf_drop_logits(decoder, kw, logits.detach(), layout, logits_of)
+        else:
+            mask = kw.get("attention_mask")
+            if isinstance(mask, dict):
+                kw["attention_mask"] = {k: hide_image_keys(m, layout.visual) for k, m in mask.items()}
+            elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                kw["attention_mask"] = hide_image_keys(mask, layout.visual)
+            else:
+                kw["attention_mask"] = batch["attention_mask"] * (~layout.visual).long()
+            logits_wo = logits_of(decoder(**kw)[0])
     labels = batch["labels"]
     loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
     weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
     return Reference(loss, weights, gaps, labels, layout.visual, layout.attention)
+
+
+def hide_image_keys(mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """A built ``[B, 1, L, L]`` mask (boolean, or additive with the dtype's minimum) in which no
+    query can attend to an image position. An image row that could only see image positions (a
+    sliding window inside the image) is left attending to itself: every row attends to
+    something (docs/transformers.md)."""
+    B, L = visual.shape
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.expand(B, -1, -1, -1)
+    hidden = allowed & ~visual[:, None, None, :]
+    for b, h, i in (~hidden.any(-1) & allowed.any(-1)).nonzero().tolist():
+        hidden[b, h, i, i] = True
+    if mask.dtype == torch.bool:
+        return hidden
+    return torch.zeros_like(mask.expand(B, -1, -1, -1)).masked_fill(~hidden, torch.finfo(mask.dtype).min)
+
+
+def hf_drop_logits(decoder, kw, logits, layout, logits_of):
+    """Logits without the image for decoders whose conv / recurrent layers ignore mask holes: each
+    image sample runs alone with its image positions (and padding) removed, every kept token at
+    its original position; a removed position takes the state of the last kept position before
+    it, and a position with none keeps the main logits (gap 0), as docs/cal.md defines drop."""
+    out = logits.clone()
+    B, L = layout.visual.shape
+    positions = kw.get("position_ids")
+    if positions is None:
+        positions = torch.arange(L).expand(B, L)
+    for b in range(B):
+        keep = layout.attention[b].bool() & ~layout.visual[b]
+        if not layout.visual[b].any():
+            continue
+        one = {k: v for k, v in kw.items() if k not in ("inputs_embeds", "attention_mask", "position_ids")}
+        one["inputs_embeds"] = kw["inputs_embeds"][b:b + 1, keep]
+        one["attention_mask"] = torch.ones(1, int(keep.sum()), dtype=torch.long)
+        one["position_ids"] = positions.expand(*positions.shape[:-2], B, L)[..., b:b + 1, keep]
+        one["use_cache"] = False
+        kept_logits = logits_of(decoder(**one)[0])[0]
+        last_kept = keep.long().cumsum(0) - 1
+        for i in range(L):
+            if last_kept[i] >= 0:
+                out[b, i] = kept_logits[last_kept[i]]
+    return out
 
 
 def hf_layout(model, batch) -> Layout:
@@ -130,14 +198,12 @@ def _video_works(name) -> bool:
 
 def family_case(name: str, kind: str, padding_side: str) -> Case:
     family = hf.FAMILIES[name]
-    kinds = ("image", "image", None) if kind == "image" else ("video", "image", None)
+    kinds = ("image", "image", None) if kind == "image" else family.video_kinds
 
     def build(env):
-        if not family.available():
-            import transformers
-
-            pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]} "
-                        f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+        reason = family.skip_reason()
+        if reason is not None:
+            pytest.skip(reason)
         if kind == "video" and not _video_works(name):
             pytest.skip("transformers 4.49's LlavaOnevision cannot take videos (its video check reads "
                         "the image mask: UnboundLocalError / false size mismatch); use 4.45 or >= 4.50")
@@ -148,8 +214,9 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
         one = hf.make_batch(family, model, kinds=("image",), lengths=(6,))
         return {k: v for k, v in one.items() if k != "labels"}
 
-    return Case(f"hf-{name}-{kind}-{padding_side}", build, hf_reference, hf_layout, hf_decoder,
-                drop_atol=1e-5,
+    return Case(f"hf-{name}-{kind}-{padding_side}", build,
+                functools.partial(hf_reference, family=family), hf_layout, hf_decoder,
+                drop_atol=1e-5, contrast="drop" if family.drop_only else "mask",
                 generate_inputs=generate_inputs if (kind, padding_side) == ("image", "right") else None)
 
 

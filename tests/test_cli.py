@@ -2,6 +2,8 @@
 fix, a traceback only with --debug, and the output folder checked before any work."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import calplug
@@ -47,3 +49,39 @@ def test_errors_become_one_line(tmp_path, capsys):
     assert cli.main(["inspect", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("calplug inspect: error: --model") and err.count("\n") == 1
+
+
+def test_bench_prints_its_table_before_writing_the_json(tmp_path, capsys, monkeypatch):
+    # (that --json is checked before any work: tests/test_errors.py)
+    from calplug.cli import bench
+
+    order = []
+    monkeypatch.setattr(bench, "benchmark", lambda cfg: {"targets": {}})
+    monkeypatch.setattr(bench, "format_report", lambda r: "THE TABLE")
+    real_dump = bench.json.dump
+    monkeypatch.setattr(bench.json, "dump", lambda *a, **k: (order.append(capsys.readouterr().out),
+                                                             real_dump(*a, **k)))
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--device", "cpu", "--json", str(out)]) == 0
+    assert order == ["THE TABLE\n"] and out.is_file()
+
+
+def test_patch_refuses_files_it_cannot_write_before_changing_anything(tmp_path, capsys, monkeypatch):
+    import os
+
+    from calplug.cli import patch as patching
+
+    p = patching.resolve("llava-v1.2.2")
+    root = tmp_path / "checkout"
+    for fd in p.files:
+        (root / fd.path).parent.mkdir(parents=True, exist_ok=True)
+        (root / fd.path).write_text("whatever\n")
+    locked = root / p.files[0].path
+    real_access = os.access
+    # a read-only file (simulated: root may write anything, so chmod alone shows nothing here)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(patching, "apply", lambda *a, **k: pytest.fail("applied despite a read-only file"))
+    assert cli.main(["patch", "apply", p.name, str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and p.files[0].path in err and "Nothing was changed" in err
+    assert locked.read_text() == "whatever\n"

@@ -13,7 +13,6 @@ ZeRO-3-safe agreement on skipping.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import inspect
 import os
@@ -26,6 +25,7 @@ import calplug
 from calplug import distributed, enabling, plugins, step
 from calplug.hookspecs import hookimpl
 from calplug.testing import llava_batch, tiny_llava
+from _recording import ShapeRecorder, record_calls
 
 VOCAB = 1000  # distinctive: no other dimension of the tiny model is 1000
 
@@ -42,24 +42,6 @@ def _decoder_and_head(model):
     from calplug.integrations import compat
 
     return compat.llava_type_decoder_and_head(model)
-
-
-@contextlib.contextmanager
-def record_calls(module):
-    """Record the shape of ``inputs_embeds`` (or the first argument) of every call of ``module``."""
-    shapes = []
-
-    def pre_hook(mod, args, kwargs):
-        x = kwargs.get("inputs_embeds")
-        if x is None:
-            x = kwargs.get("hidden_states", args[0] if args else None)
-        shapes.append(tuple(x.shape))
-
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        yield shapes
-    finally:
-        handle.remove()
 
 
 def cal_gaps(model, batch, contrast):
@@ -83,7 +65,7 @@ def _family(name):
         enabling.find_integration(model)
     except calplug.UnsupportedModelError:
         pytest.skip(f"no calplug integration for {family.class_name} is registered yet "
-                    "(integrations/transformers_qwen_vl.py for the Qwen-VL families)")
+                    "(integrations/transformers_vlm.py and its family table)")
     return _hf_families, family, model
 
 
@@ -151,20 +133,6 @@ def test_batch_without_images_runs_exactly_one_forward(llava, contrast):
     with torch.no_grad():
         plain = llava(**batch).loss
     torch.testing.assert_close(out.loss.detach(), plain, rtol=1e-5, atol=1e-6)
-
-
-# -- no extra full logits ---------------------------------------------------------------------------
-class ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
 
 
 class _CaptureLoss:

@@ -1,6 +1,7 @@
 """`calplug inspect`: gaps and weights come from a CAL training forward and match a hand
-computation; each caption token carries its own numbers; the HTML renders its tokens in a real
-headless browser; the histogram and JSON are written."""
+computation; each caption token carries its gap, clamped weight and pooled weight, printed before
+any file is written; pooling lends a token its neighbours' weight; the HTML renders its tokens in
+a real headless browser; the histogram and JSON are written."""
 from __future__ import annotations
 
 import json
@@ -24,9 +25,9 @@ CHROMIUM = "/usr/bin/chromium"
 def checkpoint(tmp_path_factory) -> Path:
     """A demo checkpoint: the demo's tiny model, a few training steps on synthetic captions."""
     vocab = synthetic.Vocab()
-    proto = demo.Protocol(steps=4, train_size=32)
-    model = demo.build_model(0, vocab, proto)
-    demo.train(model, synthetic.make_set(32, seed=0), vocab, proto, 0, cal=False)
+    model = demo.build_model(0, vocab, demo.Protocol())
+    data = synthetic.make_set(64, seed=0)
+    demo.train(model, data, demo.schedule(64, 12, 32, 0), vocab, lr=3e-3, warmup=1, grad_clip=1.0, cal=False)
     path = tmp_path_factory.mktemp("ckpt") / "model"
     demo.save_checkpoint(model, vocab, path)
     return path
@@ -67,6 +68,11 @@ def test_gaps_match_hand_computation_and_model_state_is_restored(checkpoint):
     torch.testing.assert_close(found["gaps"][sup], expected[sup], atol=2e-4, rtol=1e-4)
     w = found["weights"][sup]
     assert w.min() >= 1.0 - 1e-6 and w.max() <= 5.0 + 1e-6
+    torch.testing.assert_close(found["clamped"], found["gaps"].clamp(1.0, 5.0))
+    # the pooled weight of a caption word inside the caption is the mean of its row and the two
+    # neighbouring rows' clamped weights (window 3, flat scope)
+    b, j = 0, synthetic.PROMPT_LENGTH + 1
+    torch.testing.assert_close(found["weights"][b, j], found["clamped"][b, j - 1:j + 2].mean())
     # The model leaves as it came: not enabled, still in eval mode.
     assert not calplug.is_enabled(model) and not model.training
 
@@ -82,36 +88,53 @@ def test_previous_cal_config_survives(checkpoint):
     assert calplug.is_enabled(model) and calplug.config_of(model).beta == 3.0
 
 
-def test_each_token_carries_the_gap_of_the_row_that_predicts_it():
-    samples = [dict(tokens=["<bos>", "<image>", "<image>", "a", "red", "<eos>"], note="")]
-    delta = torch.tensor([0.0, 0.0, 0.5, 3.0, -1.0])      # row i predicts token i + 1
-    weights = torch.tensor([1.0, 1.0, 1.0, 3.0, 1.5])
+def test_each_token_carries_the_numbers_of_the_row_that_predicts_it():
+    samples = [dict(tokens=["<bos>", "<image>", "<image>", "a", "red", "<eos>"], note="",
+                    kinds=[None, None, None, "template", "contradicted visual", "template"])]
+    delta = torch.tensor([0.0, 0.0, 0.5, -3.0, 6.0])      # row i predicts token i + 1
+    clamped = delta.clamp(1.0, 5.0)
+    weights = torch.tensor([1.0, 1.0, 1.0, 2.33, 3.0])
     supervised = torch.tensor([False, False, True, True, True])
-    rows = inspection.token_rows(samples, [dict(gaps=delta, weights=weights, supervised=supervised)])
+    rows = inspection.token_rows(samples, [dict(gaps=delta, clamped=clamped, weights=weights, supervised=supervised)])
     toks = rows[0]["tokens"]
     assert [t["supervised"] for t in toks] == [False, False, False, True, True, True]
-    assert [(t["text"], t["gap"], t["weight"]) for t in toks if t["supervised"]] == [
-        ("a", 0.5, 1.0), ("red", 3.0, 3.0), ("<eos>", -1.0, 1.5)]
+    assert [(t["text"], t["gap"], t["clamped"], t["weight"]) for t in toks if t["supervised"]] == [
+        ("a", 0.5, 1.0, 1.0), ("red", -3.0, 1.0, pytest.approx(2.33)), ("<eos>", 6.0, 5.0, 3.0)]
+    assert toks[4]["kind"] == "contradicted visual"
+    text = inspection.format_tokens(rows, calplug.CALConfig())
+    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("  ")
+             and line.split()[0] in ("token", "gap", "clamped", "pooled")}
+    assert lines == dict(token=["a", "red", "<eos>"], gap=["+0.5", "-3.0", "+6.0"],
+                         clamped=["1.00", "1.00", "5.00"], pooled=["1.00", "2.33", "3.00"])
+    assert "visual words that contradict the image" in text and "-3.00 -> 1.00 -> 2.33  (1 tokens)" in text
     collapsed = inspection._collapse_image_tokens(toks)
     assert [t["text"] for t in collapsed] == ["<bos>", "<image>", "a", "red", "<eos>"]
     assert collapsed[1]["repeat"] == 2
 
 
-def test_inspect_command_writes_html_histogram_and_json(checkpoint, tmp_path, capsys):
+def test_inspect_command_prints_gap_clamped_and_pooled_then_writes_files(checkpoint, tmp_path, capsys, monkeypatch):
     out = tmp_path / "inspect"
+    printed_first = []
+    real_save = inspection.save_report
+    monkeypatch.setattr(inspection, "save_report", lambda *a, **k: (
+        printed_first.append("pooled" in capsys.readouterr().out), real_save(*a, **k))[1])
     assert cli.main(["inspect", "--model", str(checkpoint), "--out", str(out), "--samples", "4",
                      "--noise", "0.5"]) == 0
-    text = capsys.readouterr().out
+    assert printed_first == [True]  # the token table was on stdout before any file was written
     data = json.loads((out / "tokens.json").read_text())
     assert len(data["samples"]) == 4
     assert sum(s["corrupted"] for s in data["samples"]) == 2
     sup = [t for s in data["samples"] for t in s["tokens"] if t["supervised"]]
     assert len(sup) == 4 * 14
-    assert all(data["config"]["alpha"] - 1e-6 <= t["weight"] <= data["config"]["beta"] + 1e-6 for t in sup)
-    below = sum(t["gap"] <= data["config"]["alpha"] for t in sup)
-    assert f"56 supervised tokens in 4 samples: gap <= alpha (1): {below}" in text
+    alpha, beta = data["config"]["alpha"], data["config"]["beta"]
+    for t in sup:
+        assert t["clamped"] == pytest.approx(min(max(t["gap"], alpha), beta))
+        assert alpha - 1e-6 <= t["weight"] <= beta + 1e-6
+    kinds = {t["kind"] for t in sup}
+    assert kinds == {"true visual", "contradicted visual", "filler", "template"}
     html = (out / "tokens.html").read_text()
-    assert html.count("class='tok'") == 2 * 56  # one gap line and one weight line per caption
+    assert html.count("class='tok'") == 3 * 56  # gap, clamped and pooled lines per caption
+    assert "data-clamped=" in html
     from PIL import Image
 
     with Image.open(out / "gaps.png") as im:
@@ -139,10 +162,10 @@ def test_html_renders_tokens_in_a_headless_browser(checkpoint, tmp_path):
     # The page's own script counted the coloured tokens the browser laid out with a visible box.
     rendered = re.search(r'data-rendered-tokens="(\d+)"', dom)
     assert rendered, f"the browser did not run the page (DOM starts: {dom[:300]!r})"
-    assert int(rendered.group(1)) == 2 * len(words)
+    assert int(rendered.group(1)) == 3 * len(words)
     shown = re.findall(r'<span class="tok"[^>]*>([^<]*)</span>', dom)
     assert shown == [w.replace("<", "&lt;").replace(">", "&gt;") for s in data["samples"]
-                     for line in range(2) for w in [t["text"] for t in s["tokens"] if t["supervised"]]]
+                     for line in range(3) for w in [t["text"] for t in s["tokens"] if t["supervised"]]]
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1000,800", url],
                    capture_output=True, timeout=120)

@@ -14,7 +14,7 @@ from calplug.testing import llava_batch, tiny_llava
 def test_builtins_are_plugins_on_the_same_manager():
     pm = plugins.get_plugin_manager()
     names = {pm.get_name(p) for p in pm.get_plugins()}
-    assert {"calplug.builtin", "calplug.integrations.transformers_llava"} <= names
+    assert {"calplug.builtin", "calplug.integrations.transformers_vlm"} <= names
     assert {"mask", "drop", "patch_mask"} <= set(plugins.contrast_names())
     assert any(i.name == "transformers-llava" for i in plugins.integrations())
 

@@ -28,11 +28,9 @@ def _record_versions(record_testsuite_property):
 
 def family_or_skip(name):
     family = FAMILIES[name]
-    if not family.available():
-        import transformers
-
-        pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]} "
-                    f"(installed {transformers.__version__}); run e.g. `tox -e py`")
+    reason = family.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     return family
 
 
@@ -193,12 +191,24 @@ def test_original_forward_never_gets_num_items_in_batch(name):
         return type(model).forward(model, *args, **kwargs)
 
     model.forward = recording_forward
-    calplug.enable(model, contrast="mask", alpha=0.0)
+    calplug.enable(model, contrast="drop" if family.drop_only else "mask", alpha=0.0)
     plain = model(**batch).loss
     n = int((batch["labels"][:, 1:] != -100).sum())
     scaled = model(**batch, num_items_in_batch=2 * n).loss
+    if name == "paligemma" and tf_version() < (5, 0):
+        # PaliGemma before 5.0 builds its training mask from labels: calplug hands them on
+        # (tests/test_vlm_families.py::test_paligemma_before_5_gets_labels_for_its_training_mask)
+        seen = [keys - {"labels"} for keys in seen]
     assert all("num_items_in_batch" not in keys and "labels" not in keys for keys in seen)
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-6, atol=0)
+
+
+OLDEST = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57", "idefics3": "4.46",
+          "aria": "4.48", "mistral3": "4.50", "aya_vision": "4.50", "gemma3": "4.50",
+          "smolvlm": "4.50", "llama4": "4.51", "internvl": "4.52", "qwen2_5_omni_thinker": "4.52",
+          "glm4v": "4.53", "cohere2_vision": "4.55", "glm4v_moe": "4.56", "ovis2": "4.56",
+          "lfm2_vl": "4.57", "fast_vlm": "5.0", "perception_lm": "4.54", "gemma3n": "4.53", "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
+          "gemma4": "5.5", "molmo2": "5.20"}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -206,7 +216,7 @@ def test_unsupported_version_names_supported_ones(name, monkeypatch):
     from calplug.integrations import compat
 
     _, model = model_for(name)
-    oldest = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57"}.get(name, "4.45")  # docs/transformers.md
+    oldest = OLDEST.get(name, "4.45")  # the first release of each class (integrations/families.py)
     monkeypatch.setattr(compat, "transformers_version", lambda: (4, 40))
     expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*5\.24\.0\); installed: 4\.40"
     with pytest.raises(UnsupportedModelError, match=expected):
@@ -243,40 +253,82 @@ def test_partial_logits_refused(name):
 
 
 def test_support_matrix_generator_reads_junit(tmp_path):
-    """tests/support_matrix.py: a failure shows as FAIL, a family missing from a release as '-',
-    other skips as numbered notes; columns sorted by transformers version."""
+    """tests/support_matrix.py: every recorded class gets a row with its status (proven with the
+    releases where its family's property cases passed and nothing failed, FAIL where a test
+    failed, unproven where no case ran, refused / matched with the reason); families x releases
+    count tests (a failure shows as FAIL, a family missing from a release as '-', other skips as
+    numbered notes); columns sorted by transformers version; envs without a class list are
+    ignored."""
+    import json
+    from xml.sax.saxutils import quoteattr
+
     import support_matrix
 
-    def suite(version, cases):
-        body = "".join(
-            f'<testcase classname="tests.test_transformers_families" name="{name}">{inner}</testcase>'
-            for name, inner in cases)
-        return (f'<testsuites><testsuite><properties><property name="transformers" value="{version}"/>'
-                f'</properties>{body}</testsuite></testsuites>')
+    families = {"llava": ["Llava", "LlavaForConditionalGeneration"],
+                "qwen3_vl": ["Qwen3-VL", "Qwen3VLForConditionalGeneration"],
+                "qwen2_vl": ["Qwen2-VL", "Qwen2VLForConditionalGeneration"],
+                "llama4": ["Llama4", "Llama4ForConditionalGeneration"]}
+    props, families_mod = "tests.test_properties", "tests.test_transformers_families"
 
-    (tmp_path / "py.xml").write_text(suite("5.24.0", [
-        ("test_faithful_mode_equals_reference[qwen3_vl-image]", ""),
-        ("test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
-        ("test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
-        ("test_eval_and_generate_unchanged[llava]", ""),
-        ("test_faithful_mode_equals_reference[qwen3_vl_moe-image]", ""),
-        ("test_qwen3_vl_moe_keeps_the_router_load_balancing_loss", ""),
+    def suite(version, classes, cases):
+        support = json.dumps({"mapping": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                              "classes": classes, "families": families})
+        body = "".join(f'<testcase classname="{module}" name="{name}">{inner}</testcase>'
+                       for module, name, inner in cases)
+        return (f'<testsuites><testsuite time="2.5"><properties><property name="transformers" value="{version}"/>'
+                f'<property name="calplug_support" value={quoteattr(support)}/></properties>{body}'
+                f'</testsuite></testsuites>')
+
+    proven = ["proven", "family cases", True]
+    (tmp_path / "py.xml").write_text(suite("5.24.0", {
+        "LlavaForConditionalGeneration": proven, "Qwen3VLForConditionalGeneration": proven,
+        "Qwen2VLForConditionalGeneration": proven, "Llama4ForConditionalGeneration": proven,
+        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", True],
+        "DeepseekVLForConditionalGeneration": ["matched", "run `calplug verify`", True],
+    }, [
+        (props, "test_faithful_mode_equals_reference[hf-qwen3_vl-image-right-a0-b5-w3]", ""),
+        (families_mod, "test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
+        (families_mod, "test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
+        (props, "test_eval_and_calls_without_labels_return_what_the_original_returns[hf-llava-image-right]", ""),
+        (props, "test_faithful_mode_equals_reference[hf-qwen2_vl-image-right-a0-b5-w3]",
+         '<skipped message="needs timm"/>'),
+        (families_mod, "test_partial_logits_refused[qwen2_vl]", ""),  # no case ran: not proven
+        (families_mod, "test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug", ""),
     ]))
-    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", [
-        ("test_faithful_mode_equals_reference[qwen3_vl-image]",
+    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", {
+        "LlavaForConditionalGeneration": proven,
+        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", False],
+    }, [
+        (families_mod, "test_faithful_mode_equals_reference[qwen3_vl-image]",
          '<skipped message="Qwen3VLForConditionalGeneration needs transformers &gt;= 4.57"/>'),
-        ("test_eval_and_generate_unchanged[llava]", ""),
+        (props, "test_generate_is_unchanged[hf-llava-image-right]", ""),
     ]))
+    (tmp_path / "distributed.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.distributed.x" name="t"/></testsuite></testsuites>')
     out = tmp_path / "matrix.md"
     assert support_matrix.main([str(tmp_path), str(out)]) == 0
     text = out.read_text()
+    # every class, with its status
+    assert "| `LlavaForConditionalGeneration` | proven (4.45.2, 5.24.0) | all | family `llava`: its cases pass on 4.45.2, 5.24.0 |" in text
+    assert "| `Qwen3VLForConditionalGeneration` | FAIL | 5.24.0 | family `qwen3_vl`; FAIL on 5.24.0 (1 of 2 failed) |" in text
+    assert "| `Qwen2VLForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `qwen2_vl`; its tests skip where [1] |" in text
+    assert "| `Llama4ForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `llama4` |" in text
+    assert "| `MllamaForConditionalGeneration` | refused | all | Mllama: cross-attention |" in text
+    assert "| `DeepseekVLForConditionalGeneration` | matched, unproven | 5.24.0 | run `calplug verify` |" in text
+    assert ("transformers 5.24.0: 6 classes: 1 proven, 1 refused, 1 matched but unproven, 1 failing "
+            "their family's tests, 2 with family cases that did not run; 1 families proven on 5.24.0.") in text
+    # family x release test counts
     header = next(line for line in text.splitlines() if line.startswith("| family"))
-    assert header.index("4.45.2") < header.index("5.24.0")
+    assert header.index("4.45.2") < header.index("5.24.0") and "distributed" not in header
     assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
-    assert "| Qwen3-VL-MoE | `Qwen3VLMoeForConditionalGeneration` | - | pass 2/2 |" in text
-    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [1] |" in text
-    assert "1. takes no logits_to_keep" in text
-    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | - |" in text
+    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [2] |" in text
+    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | pass 1/2, 1 skipped [1] |" in text
+    assert "1. needs timm" in text and "2. takes no logits_to_keep" in text
+    assert "| pytest seconds (whole env) | | 2.5 | 2.5 |" in text
+    for xml in tmp_path.glob("*.xml"):
+        if xml.stem != "distributed":
+            xml.unlink()
+    assert support_matrix.main([str(tmp_path), str(out)]) == 1
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -284,11 +336,11 @@ def test_blur_contrast_where_pixels_are_images(name):
     """Llava types take images as [..., 3, H, W]: blur re-runs their vision path. Qwen-VL pixels are
     pre-cut patches: blur is refused at enable, naming the alternatives."""
     family, model = model_for(name)
-    if family.qwen:
+    if not family.images:
         with pytest.raises(UnsupportedModelError, match="contrast='blur' transforms the input pixels"):
             calplug.enable(model, contrast="blur")
         return
-    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
+    kinds = family.video_kinds if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
     masked = model(**batch).cal_gaps
@@ -303,7 +355,10 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
     """Tables 8/9 on every family: hiding no image position contrasts nothing (all gaps 0);
     hiding all of them is the published mask contrast."""
     family, model = model_for(name)
-    kinds = VIDEO_BATCH if family.video and video_works(name) else IMAGE_BATCH
+    if family.drop_only:
+        pytest.skip("mask contrasts are refused for this decoder (layers that ignore mask holes; "
+                    "tests/test_vlm_families.py checks the refusal)")
+    kinds = family.video_kinds if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
     masked = model(**batch).cal_gaps

@@ -18,9 +18,10 @@ from ..errors import CALConfigError, CALError
 COMMANDS = {
     # name: (module, one-line help)
     "demo": ("calplug.cli.demo", "miniature of the paper's noise-robustness result (the main job)"),
-    "inspect": ("calplug.cli.inspect", "token heat map (HTML) and gap histogram (PNG) for a model and samples"),
+    "inspect": ("calplug.cli.inspect", "per token the gap, clamped and pooled CAL weight (printed, HTML, PNG)"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
     "llamafactory": ("calplug.cli.llamafactory", "LLaMA-Factory training with CAL: calplug llamafactory train cfg.yaml"),
     "swift-plugin": ("calplug.cli.swift_plugin", "print the path of the ms-swift plugin file (--external_plugins)"),
 }

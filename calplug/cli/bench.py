@@ -80,20 +80,63 @@ class BenchConfig:
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[self.dtype]
 
 
-# -- model and batch ------------------------------------------------------------------------------
-def build_model(cfg: BenchConfig):
-    """A random-init LLaVA-shaped `LlavaForConditionalGeneration` (CLIP tower -> Llama decoder)."""
-    from ..errors import CALConfigError
-    from ..testing import tiny_llava
+# -- checking the options --------------------------------------------------------------------------
+# option -> (smallest valid value, what it counts): each must be an integer at least that large.
+MINIMUMS = {
+    "batch": (1, "samples per micro-batch"), "image_tokens": (1, "image tokens per sample"),
+    "text_tokens": (2, "text tokens of the first sample"),
+    "text_before_image": (0, "text tokens before the image"),
+    "vocab": (8, "vocabulary size"), "hidden": (2, "decoder width"), "intermediate": (1, "decoder MLP size"),
+    "layers": (1, "decoder layers"), "heads": (1, "attention heads"), "kv_heads": (1, "key/value heads"),
+    "vision_hidden": (2, "CLIP tower width"), "vision_layers": (1, "CLIP tower layers"),
+    "loss_chunk": (0, "rows per loss chunk (0 = skip)"), "repeats": (1, "timed rounds"),
+    "warmup": (0, "warm-up rounds"),
+}
 
+
+def validate(cfg: BenchConfig) -> None:
+    """Every option in range before any model is built, each error naming the flag and a valid
+    value (a zero batch would otherwise end in "max() arg is an empty sequence")."""
+    from ..errors import CALConfigError
+
+    for name, (low, what) in MINIMUMS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            default = getattr(BenchConfig, name)
+            raise CALConfigError(f"--{name.replace('_', '-')} must be an integer >= {low} ({what}), "
+                                 f"got {value!r}: e.g. --{name.replace('_', '-')} {max(default, low)}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise CALConfigError(f"--threads must be >= 1, got {cfg.threads}: e.g. --threads 4, or leave it out")
+    if not 0.0 < cfg.answer_share <= 1.0:
+        raise CALConfigError(f"answer_share must be in (0, 1], got {cfg.answer_share}")
     side = math.isqrt(cfg.image_tokens)
     if side * side != cfg.image_tokens:
         raise CALConfigError(f"--image-tokens must be a square number (576 = 24 x 24), got {cfg.image_tokens}")
-    if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads:
-        raise CALConfigError(f"--hidden ({cfg.hidden}) must be a multiple of --heads ({cfg.heads}), "
-                             f"and --heads a multiple of --kv-heads ({cfg.kv_heads})")
+    if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads or (cfg.hidden // cfg.heads) % 2:
+        raise CALConfigError(f"--hidden ({cfg.hidden}) must be a multiple of --heads ({cfg.heads}) "
+                             "with an even quotient (the rotary head size), and --heads a multiple of "
+                             f"--kv-heads ({cfg.kv_heads}): e.g. --hidden 384 --heads 6 --kv-heads 6")
+    if cfg.vision_hidden % 2:
+        raise CALConfigError(f"--vision-hidden must be even (the tower has 2 heads), got {cfg.vision_hidden}")
     if cfg.text_before_image >= cfg.text_tokens - cfg.batch:
-        raise CALConfigError("--text-before-image must be smaller than --text-tokens")
+        raise CALConfigError(f"--text-before-image ({cfg.text_before_image}) must be smaller than "
+                             f"--text-tokens ({cfg.text_tokens}) minus --batch ({cfg.batch}): the rest "
+                             "holds the question and the supervised answer")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise CALConfigError(f"--device {cfg.device!r} is not a device torch knows: use cpu, cuda, "
+                                 "cuda:N or auto") from None
+
+
+# -- model and batch ------------------------------------------------------------------------------
+def build_model(cfg: BenchConfig):
+    """A random-init LLaVA-shaped `LlavaForConditionalGeneration` (CLIP tower -> Llama decoder)."""
+    from ..testing import tiny_llava
+
+    validate(cfg)
+    side = math.isqrt(cfg.image_tokens)
     patch = 14
     model = tiny_llava(cfg.seed, vocab_size=cfg.vocab, hidden_size=cfg.hidden, layers=cfg.layers,
                        intermediate_size=cfg.intermediate, heads=cfg.heads, kv_heads=cfg.kv_heads,
@@ -308,6 +351,7 @@ def _quiet_stderr():
 
 # -- the report -----------------------------------------------------------------------------------
 def benchmark(cfg: BenchConfig) -> dict:
+    validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = cfg.resolved_device()
@@ -468,11 +512,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--check", action="store_true", help="exit 1 when a target is not met")
 
 
+def _check_json_path(path: str) -> None:
+    """``--json PATH`` can be written, checked before the minutes of timing."""
+    import os
+    from pathlib import Path
+
+    from ..errors import CALConfigError
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise CALConfigError(f"--json {path!r} is a folder: give a file path, e.g. {str(target / 'bench.json')!r}")
+    if not folder.is_dir():
+        raise CALConfigError(f"--json {path!r}: the folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CALConfigError(f"--json {path!r} cannot be written (permission denied): choose a path "
+                             "you can write to")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import CALConfigError
 
-    if args.repeats < 1:
-        raise CALConfigError("--repeats must be at least 1")
     cfg = BenchConfig(
         device=args.device, dtype=args.dtype, batch=args.batch, image_tokens=args.image_tokens,
         text_tokens=args.text_tokens, text_before_image=args.text_before_image, vocab=args.vocab,
@@ -481,10 +541,13 @@ def run(args: argparse.Namespace) -> int:
         attn=args.attn, loss_chunk=args.loss_chunk, repeats=args.repeats, warmup=args.warmup,
         memory=not args.no_memory, threads=args.threads, seed=args.seed,
     )
+    validate(cfg)
     if cfg.resolved_device().type == "cuda" and not torch.cuda.is_available():
         raise CALConfigError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
+    if args.json:
+        _check_json_path(args.json)
     result = benchmark(cfg)
-    print(format_report(result))
+    print(format_report(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

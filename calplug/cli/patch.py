@@ -12,6 +12,11 @@ was made against (``git apply`` skips the header). Applying is all or nothing: `
 hunk that no longer fits and the lines that differ; nothing is written. Without git on PATH the
 same checks and edits run in Python (exact context, any offset: what ``git apply`` accepts).
 
+Safety, before anything is read or written: every file a patch names must lie inside PATH (no
+absolute path, no ``..`` component, no symbolic link on the way, as ``git apply`` requires), and
+every file to be edited must be writable. A write that still fails (a full disk) puts back the
+files already written and leaves the others untouched; the error is one line.
+
 The files ship inside the package as ``calplug.patches`` (pyproject maps the repository's
 ``patches/`` folder there); in a source checkout or editable install they are read from
 ``patches/`` next to ``calplug/``.
@@ -27,7 +32,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..config import did_you_mean
 from ..errors import CALError
@@ -263,10 +268,91 @@ def _explain(lines: list[str], block: list[str], near: int) -> list[str]:
     return out or [f"the expected lines are near line {s + 1} but not in one block"]
 
 
+# -- where a patch may write ----------------------------------------------------------------------
+def targets(patch: PatchFile, root: str | os.PathLike) -> list[Path]:
+    """The file of each `FileDiff` of ``patch``, inside ``root``. Raises `PatchError`, before
+    anything is read or written, for a path that could reach outside the tree: absolute, with a
+    ``..`` component, or through a symbolic link (``git apply`` refuses all three; a link inside
+    the tree is refused too, as git does, since writing through it edits another file)."""
+    root = Path(root)
+    top = root.resolve()
+    found = []
+    for fd in patch.files:
+        rel = fd.path
+        posix = PurePosixPath(rel)
+        reason = None
+        if not rel or posix.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+            reason = "is an absolute path"
+        elif ".." in posix.parts or ".." in PureWindowsPath(rel).parts:
+            reason = "climbs out of the folder with a '..' component"
+        path = root
+        if reason is None:
+            for part in posix.parts:
+                path = path / part
+                if path.is_symlink():
+                    reason = (f"goes through the symbolic link {str(path)!r} (-> "
+                              f"{os.readlink(path)!r}); calplug patch, like git apply, does not "
+                              "write through symbolic links")
+                    break
+        if reason is None and not path.resolve().is_relative_to(top):
+            reason = f"resolves to {str(path.resolve())!r}, outside it"
+        if reason is not None:
+            raise PatchError(
+                f"refusing {patch.name}: it names the file {rel!r}, which {reason}; a patch may only "
+                f"edit files inside {str(root)!r}. Nothing was changed. Check where the patch file "
+                f"came from ({patch.path})")
+        found.append(path)
+    return found
+
+
+def _writable(path: Path) -> bool:
+    """A file can be replaced: the file and its folder are writable (a read-only file is refused
+    even where its folder would allow replacing it: the user made it read-only)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def _require_writable(paths: list[Path], root: Path) -> None:
+    locked = [p for p in dict.fromkeys(paths) if p.exists() and not _writable(p)]
+    if locked:
+        names = ", ".join(str(p.relative_to(root)) for p in locked)
+        raise PatchError(
+            f"cannot edit {names} in {str(root)!r}: read-only (the file or its folder). Make it "
+            f"writable (chmod u+w), then run the command again. Nothing was changed.")
+
+
+def _replace(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic
+    rename (as git does), keeping the permission bits (``mode``, else the file's own): an
+    interrupted write never leaves half a file."""
+    mode = stat.S_IMODE(path.stat().st_mode) if mode is None else mode
+    tmp = path.with_name(f".{path.name}.calplug-patch-tmp")
+    try:
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _restore(backups: dict[Path, tuple[bytes, int]]) -> list[Path]:
+    """Put back each file whose bytes or permission bits differ from its backup; a file that was
+    never changed is neither rewritten nor chmod-ed. Returns the files that could not be restored."""
+    failed = []
+    for path, (data, mode) in backups.items():
+        try:
+            if not path.is_file() or path.read_bytes() != data:
+                _replace(path, data, mode)
+            elif stat.S_IMODE(path.stat().st_mode) != mode:
+                os.chmod(path, mode)
+        except OSError:
+            failed.append(path)
+    return failed
+
+
 def _check_python(patch: PatchFile, root: Path, reverse: bool) -> tuple[list[Conflict], list[str]]:
     conflicts, missing = [], []
-    for fd in patch.files:
-        target = root / fd.path
+    for fd, target in zip(patch.files, targets(patch, root)):
         if not target.is_file():
             missing.append(fd.path)
             continue
@@ -302,6 +388,7 @@ def _run_git(root: Path, args: list[str]) -> subprocess.CompletedProcess:
 def check(patch: PatchFile, root: str | os.PathLike, *, reverse: bool = False) -> CheckResult:
     """Would ``patch`` (or its reverse) apply cleanly to the checkout at ``root``? Changes nothing."""
     root = Path(root)
+    targets(patch, root)   # refuses paths outside the tree before anything is read
     conflicts, missing = _check_python(patch, root, reverse)
     git_output, git_ok = "", None
     if not missing and _git():
@@ -324,11 +411,10 @@ def check(patch: PatchFile, root: str | os.PathLike, *, reverse: bool = False) -
 
 # -- applying -------------------------------------------------------------------------------------
 def _apply_python(patch: PatchFile, root: Path, reverse: bool) -> None:
-    """Compute every new file in memory first, then write them: nothing half-written on a refusal."""
+    """Compute every new file in memory first, then write them all or none (`_write_all`)."""
     new_texts: dict[Path, bytes] = {}
-    for fd in patch.files:
-        target = root / fd.path
-        raw = target.read_bytes().decode("utf-8", errors="surrogateescape")
+    for fd, target in zip(patch.files, targets(patch, root)):
+        raw = new_texts.get(target, target.read_bytes()).decode("utf-8", errors="surrogateescape")
         ends_with_newline = raw.endswith("\n")
         lines = _split(raw)
         offset = 0
@@ -341,39 +427,74 @@ def _apply_python(patch: PatchFile, root: Path, reverse: bool) -> None:
             offset = at - (hunk.start(reverse) - 1) + len(hunk.post(reverse)) - len(block)
         text = "\n".join(lines) + ("\n" if ends_with_newline else "")
         new_texts[target] = text.encode("utf-8", errors="surrogateescape")
-    for target, data in new_texts.items():
-        target.write_bytes(data)
+    _write_all(new_texts, root)
+
+
+def _write_all(new_texts: dict[Path, bytes], root: Path) -> None:
+    """Write each changed file; when one write fails, put back those already written (the rest
+    were never touched) and raise one `PatchError` line, without a chained traceback."""
+    backups = {path: (path.read_bytes(), stat.S_IMODE(path.stat().st_mode)) for path in new_texts}
+    written: dict[Path, tuple[bytes, int]] = {}
+    try:
+        for path, data in new_texts.items():
+            if data == backups[path][0]:
+                continue
+            written[path] = backups[path]
+            _replace(path, data)
+    except OSError as error:
+        failed = _restore(written)
+        raise PatchError(_write_failure(error, path, root, failed)) from None
+    except BaseException:
+        _restore(written)
+        raise
+
+
+def _write_failure(error: OSError, path: Path, root: Path, failed: list[Path]) -> str:
+    rel = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    what = f"could not write {rel} in {str(root)!r} ({error.strerror or error})"
+    if failed:
+        names = ", ".join(str(p.relative_to(root)) for p in failed)
+        return (f"{what}, and could not put back {names}, which now hold the patched text: restore "
+                "them from version control (git checkout -- FILE) or a backup")
+    return f"{what}. Nothing was changed: fix that (disk space, permissions) and run the command again."
 
 
 def apply(patch: PatchFile, root: str | os.PathLike, *, reverse: bool = False) -> CheckResult:
     """Check, then apply ``patch`` (or undo it, ``reverse=True``) to the checkout at ``root``.
 
-    Raises `PatchConflictError` (nothing written) when it does not fit: the message names each
-    conflicting hunk and line. On any failure while writing, every edited file is restored.
+    Raises `PatchError` (nothing written) for a file outside ``root`` or a read-only file, and
+    `PatchConflictError` (nothing written) when it does not fit: the message names each
+    conflicting hunk and line. On any failure while writing, every file already written is
+    restored and no other file is touched.
     """
     root = Path(root)
     if not root.is_dir():
         raise PatchError(f"{str(root)!r} is not a folder: give the root of your {_upstream(patch)} checkout")
+    paths = targets(patch, root)
     result = check(patch, root, reverse=reverse)
     if not result.ok:
         raise PatchConflictError(_refusal(patch, root, result, reverse))
-    backups = {fd.path: (root / fd.path).read_bytes() for fd in patch.files}
-    modes = {fd.path: stat.S_IMODE((root / fd.path).stat().st_mode) for fd in patch.files}
+    _require_writable(paths, root)
+    if not _git():
+        _apply_python(patch, root, reverse)
+        return result
+    backups = {path: (path.read_bytes(), stat.S_IMODE(path.stat().st_mode)) for path in paths}
     try:
-        if _git():
-            flags = ["--reverse"] if reverse else []
-            proc = _run_git(root, flags + [str(patch.path.resolve())])
-            if proc.returncode != 0:
-                raise PatchError(f"git apply failed after a clean check:\n{proc.stdout}{proc.stderr}")
-        else:
-            _apply_python(patch, root, reverse)
+        flags = ["--reverse"] if reverse else []
+        proc = _run_git(root, flags + [str(patch.path.resolve())])
+        if proc.returncode != 0:
+            output = " ".join((proc.stdout + proc.stderr).split())
+            raise PatchError(f"git apply failed after a clean check ({output}); nothing was changed")
     except BaseException:
-        for rel, data in backups.items():
-            (root / rel).write_bytes(data)
-            os.chmod(root / rel, modes[rel])
+        failed = _restore(backups)
+        if failed:
+            names = ", ".join(str(p.relative_to(root)) for p in failed)
+            raise PatchError(f"git apply failed after a clean check, and {names} could not be put "
+                             "back: restore them from version control (git checkout -- FILE)") from None
         raise
-    for rel, mode in modes.items():   # git apply recreates files with umask permissions
-        os.chmod(root / rel, mode)
+    for path, (_, mode) in backups.items():   # git apply recreates files with umask permissions
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
     return result
 
 
@@ -456,6 +577,17 @@ def _cmd_list(path: str | None) -> int:
     return 0
 
 
+def _check_writable(patch: PatchFile, root: Path) -> None:
+    """The files the patch edits (and their folders: git apply writes by rename) must be
+    writable before anything is checked or written."""
+    blocked = [fd.path for fd in patch.files
+               if (root / fd.path).exists() and not (os.access(root / fd.path, os.W_OK)
+                                                     and os.access((root / fd.path).parent, os.W_OK))]
+    if blocked:
+        raise PatchError(f"cannot write {', '.join(blocked)} under {str(root)!r} (permission denied): "
+                         "make them writable, or apply the patch as a user who can. Nothing was changed.")
+
+
 def _cmd_apply(args) -> int:
     patch = resolve(args.name)
     root = Path(args.path)
@@ -468,6 +600,7 @@ def _cmd_apply(args) -> int:
             raise PatchConflictError(_refusal(patch, root, result, args.reverse))
         print(f"{patch.name} would {verb} cleanly to {root} ({', '.join(f.path for f in patch.files)}).")
         return 0
+    _check_writable(patch, root)
     apply(patch, root, reverse=args.reverse)
     files = ", ".join(f.path for f in patch.files)
     if args.reverse:

@@ -7,7 +7,9 @@ them, then two words no image can predict::
     a large red circle on the left . it is lucky and quiet <eos>
 
 A corrupted caption has every visual word (size, colour, shape, position) replaced by a different
-value drawn uniformly at random, so it contradicts its image. The model sees
+value, so it contradicts its image: drawn uniformly at random (``corruption="random"``), or the
+next value of the attribute's list, always the same one (``"systematic"``: red -> green, circle ->
+square; the wrong word is then a function of the image). The model sees
 ``<bos> <image> x 16 describe :`` and is trained on the caption.
 """
 from __future__ import annotations
@@ -37,9 +39,15 @@ SPECIAL = ("<pad>", "<bos>", "<eos>")
 PROMPT = ("describe", ":")
 TEMPLATE = ("a", "on", "the", ".", "it", "is", "and")
 IMAGE_WORD = "<image>"
+# Where each word sits in a caption (``caption_words``): the visual words and the two fillers.
+VISUAL_SLOTS = {"size": 1, "colour": 2, "shape": 3, "position": 6}
+FILLER_SLOTS = (10, 12)
+CAPTION_LENGTH = 14
+CORRUPTIONS = ("random", "systematic")
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+PROMPT_LENGTH = 1 + N_IMAGE_TOKENS + len(PROMPT)  # <bos> <image> x 16 describe :
 
 
 def require_extras() -> None:
@@ -134,8 +142,13 @@ def caption_words(visual: dict, fillers: tuple[str, str]) -> list[str]:
 
 
 def corrupt(visual: dict, rng: random.Random) -> dict:
-    """Every visual word replaced by a different value of the same attribute."""
+    """Every visual word replaced by a different value of the same attribute, drawn at random."""
     return {a: rng.choice([v for v in ATTRIBUTES[a] if v != visual[a]]) for a in ATTRIBUTES}
+
+
+def corrupt_systematically(visual: dict) -> dict:
+    """Every visual word replaced by the next value of its attribute (the same one every time)."""
+    return {a: ATTRIBUTES[a][(ATTRIBUTES[a].index(visual[a]) + 1) % len(ATTRIBUTES[a])] for a in ATTRIBUTES}
 
 
 @dataclasses.dataclass
@@ -150,14 +163,17 @@ class CaptionSet:
         return len(self.scenes)
 
 
-def make_set(n: int, seed: int, noise: float = 0.0) -> CaptionSet:
+def make_set(n: int, seed: int, noise: float = 0.0, corruption: str = "random") -> CaptionSet:
     """``n`` images and captions from ``seed``; a share ``noise`` of the captions (exactly
-    ``round(noise * n)``, chosen at random) is corrupted. The images, fillers and clean captions
-    depend on ``seed`` only, so sets with different ``noise`` share their images."""
+    ``round(noise * n)``, chosen at random) is corrupted (``corruption``: "random" or
+    "systematic"). The images, fillers and clean captions depend on ``seed`` only, so sets with
+    different ``noise`` or ``corruption`` share their images."""
     import numpy as np
 
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be in [0, 1], got {noise}")
+    if corruption not in CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
     rng = random.Random(seed)
     scenes, images, clean = [], [], []
     for _ in range(n):
@@ -172,7 +188,8 @@ def make_set(n: int, seed: int, noise: float = 0.0) -> CaptionSet:
     captions = []
     for i, (visual, fillers) in enumerate(clean):
         if i in bad:
-            visual = corrupt(visual, random.Random(f"{seed}-{i}"))
+            visual = (corrupt(visual, random.Random(f"{seed}-{i}")) if corruption == "random"
+                      else corrupt_systematically(visual))
         captions.append(caption_words(visual, fillers))
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])  # [N, H, W, 3]
     pixels = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0

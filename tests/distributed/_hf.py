@@ -69,7 +69,13 @@ class GradsAtFirstStep:
 
 
 def grad_snapshot(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    """Every gradient, in full: an FSDP2 gradient (a DTensor shard) is gathered, which is a
+    collective every rank makes (they all snapshot at the same step)."""
+    def full(g):
+        return g.full_tensor() if type(g).__name__ == "DTensor" else g
+
+    return {n: full(p.grad).detach().clone() for n, p in model.named_parameters()
+            if p.grad is not None}
 
 
 def tiny_tokenizer(vocab_size=256):

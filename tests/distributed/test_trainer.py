@@ -281,3 +281,41 @@ def test_two_process_trainer_is_token_weighted_cal_over_the_global_batch(tmp_pat
     for rec in ranks:
         assert rec["log"]["cal/tokens"] == w.numel() == sum(counts)
         assert rec["log"]["cal/mean_weight"] == pytest.approx(float(w.mean()), abs=1e-5)
+
+
+def test_two_process_trainer_with_accelerate_fsdp2_trains_cal_and_logs_stats_over_ranks(tmp_path):
+    """The same two-process Trainer step with the Trainer's FSDP settings
+    (``fsdp="full_shard auto_wrap"``, ``fsdp_config={"fsdp_version": 2, ...}``): accelerate
+    really wraps the model in FSDP2 units (on CPU ranks only with the worker's shim, since
+    accelerate 1.15 silently keeps DDP there), calplug enabled before the Trainer survives the
+    wrapping, the gathered gradient equals the token-weighted CAL formula over all four
+    micro-batches, and `calplug.trainer.attach`'s ``cal/`` statistics are summed over ranks."""
+    from _launch import describe, launch
+
+    worker = Path(__file__).with_name("_trainer_worker.py")
+    result = launch(["--fsdp", "2"], tmp_path, timeout=300.0, worker=worker)
+    assert not result["timed_out"] and set(result["returncodes"]) == {0}, describe(result)
+    ranks = [torch.load(tmp_path / f"trainer_rank{r}.pt") for r in range(2)]
+    for rec in ranks:
+        facts = rec["fsdp"]
+        assert facts["distributed_type"] == "DistributedType.FSDP", facts
+        assert facts["wrapped"] == "FSDPLlavaForConditionalGeneration", facts  # not DDP
+        assert facts["enabled"]
+        # accelerate's FSDP2 layout: the decoder and CLIP layers, input embedding, lm_head, root.
+        assert {"<root>", "lm_head", "model.language_model.embed_tokens",
+                "model.language_model.layers.0", "model.vision_tower.encoder.layers.0"} \
+            <= set(facts["units"]), facts["units"]
+        assert facts["head_type"] == "DTensor"
+        assert facts["head_local_numel"] == facts["head_numel"] // 2  # really sharded
+    micro = ranks[0]["batches"] + ranks[1]["batches"]
+    want, counts, losses = _expected_grads(micro)
+    assert len(set(counts)) > 1
+    for rec in ranks:
+        assert rec["num_items_in_batch"] == [sum(counts)] * 2
+        _assert_grads_close(rec["grads"], want)
+    ref = make_model()
+    calplug.enable(ref)
+    w = torch.cat([ref(**mb).cal_weights[mb["labels"][:, 1:] != -100] for mb in micro])
+    for rec in ranks:
+        assert rec["log"]["cal/tokens"] == w.numel() == sum(counts)
+        assert rec["log"]["cal/mean_weight"] == pytest.approx(float(w.mean()), abs=1e-5)

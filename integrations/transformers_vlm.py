@@ -1,0 +1,292 @@
+"""One integration for every transformers VLM that splices image (and video) features into its
+decoder's input embeddings at placeholder token ids: the Llava and Qwen-VL types, Gemma 3,
+InternVL, Idefics, PaliGemma, GLM-4V, Qwen3.5, Llama 4, ... (the rows of
+`integrations/families.py`), and, with a one-time warning naming ``calplug verify``, any other
+``*ForConditionalGeneration`` class whose config sets an image placeholder id.
+
+The main pass runs the model's own forward without labels (so it computes no loss of its own)
+while a forward pre-hook on the text decoder records exactly what the model handed it: merged
+embeddings, the mask (2-D padding mask, or the 4-D / per-layer-type masks of models with
+bidirectional image or prefix attention), positions (1-D, M-RoPE, GLM's, whatever the model
+computed), and extra inputs. The contrast pass re-runs only the decoder on those records;
+nothing is recomputed and no upstream code is copied. What differs between families is data
+(`families.FamilyFacts`):
+
+* visual positions: the placeholder ids the row names (``image_patch_id`` for Molmo2; GLM-4V
+  writes video frames with the image token); a call with pre-merged ``inputs_embeds`` and no
+  ``input_ids`` (ms-swift's Qwen-VL templates merge the images in a forward pre-hook) gives them
+  as ``mm_token_type_ids`` or as an adapter's explicit mask (`compat.visual_positions`);
+* ``visual_extras`` (Qwen3-VL deepstack): cleared by ``drop``;
+* ``router_aux``: the MoE load-balancing term the model adds when given labels, kept as
+  `MainPass.extra_loss` (the main pass runs without labels, so the model leaves it out);
+* ``logit_softcap``: the forward's final soft-capping, handed to the engine as
+  `MainPass.logit_transform` so the contrast side's target logit gets it too;
+* ``holes_ignored``: decoders with convolution or linear-attention layers that do not honour
+  holes in the mask (Lfm2-VL, Qwen3.5): ``mask`` / ``patch_mask`` are refused at enable;
+* ``labels_in_main_pass_below``: PaliGemma before 5.0 builds its prefix-LM mask from ``labels``,
+  so the main pass passes them (the model's own loss is then computed and discarded);
+* ``broken``: releases whose forward is broken upstream (Llama 4 on 5.24.0), refused at enable.
+
+Found from the captured call, for every family alike: sequence-aligned decoder inputs (Gemma's
+``per_layer_inputs``) that ``drop`` gathers with the embeddings (`MainPass.sequence_kwargs`), and
+the sliding-window / chunked-attention span of decoders that build local masks from a 2-D mask
+(`MainPass.attention_span`; ``drop`` falls back to ``mask`` on longer sequences). Decoders
+handed ready 4-D masks (PaliGemma, Molmo2) or per-layer-type mask dicts (Gemma 3, Gemma 4) get
+those masks back in the contrast pass, image key columns hidden (``mask``) or sliced to the kept
+positions (``drop``): every text row sees no image position, bidirectional blocks included.
+
+Refused classes (`families.REFUSED`) and classes the generic rule does not accept are matched
+here too, so that `calplug.enable` raises the reason rather than "no integration".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from calplug import gap
+from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.hookspecs import Integration, MainPass, hookimpl
+
+from . import compat, families
+from .capture import arange_positions, capture_decoder_call, pixel_rerun
+from .families import FamilyFacts
+
+# Decoder keyword arguments the engine handles itself (never gathered as sequence inputs).
+_OWN_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
+                       "past_key_values", "cache", "cache_position", "use_cache")
+MASK_CONTRASTS = ("mask", "patch_mask")
+# For a matched class (no FamilyFacts row): decoder inputs known to carry only visual information
+# (deepstack features of Qwen3-VL-like models), and text layer types that are attention layers;
+# any other layer type (convolutions, linear attention, state-space layers) ignores mask holes.
+KNOWN_VISUAL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds", "deepstack_features", "vision_mask")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "attention")
+
+
+def check_labels(visual: torch.Tensor, labels: torch.Tensor) -> None:
+    """``visual``: the ``[B, L]`` visual positions of the input sequence (`compat.visual_positions`)."""
+    if labels.shape != visual.shape:
+        raise CALInputError(
+            f"labels of shape {tuple(labels.shape)} do not match input_ids of shape "
+            f"{tuple(visual.shape)}: pass labels as [batch, seq_len] aligned with input_ids "
+            "(-100 where no loss is wanted)"
+        )
+
+
+def check_pixels(visual: torch.Tensor, call: dict) -> None:
+    """Placeholders without any visual input would be spliced with nothing (the model raises, or
+    worse, trains on placeholder embeddings)."""
+    given = [k for k, v in call.items() if v is not None
+             and (k.startswith("pixel_values") or k in ("mm_encoder_outputs", "image_embeds"))]
+    if bool(visual.any()) and not given:
+        raise CALInputError(
+            f"input_ids hold {int(visual.sum())} image placeholder tokens but no pixel_values / "
+            "pixel_values_videos was given: pass the pixels, or remove the placeholders"
+        )
+
+
+def router_aux_loss(model: nn.Module, call: dict, output) -> torch.Tensor | None:
+    """The MoE load-balancing term a forward adds to its language-model loss when given labels,
+    with its coefficient: ``text_config.router_aux_loss_coef * output.aux_loss``. It computes
+    ``aux_loss`` when router logits are requested (the ``output_router_logits`` argument, or on
+    5.x ``text_config.output_router_logits``) and adds it only with labels, which calplug's main
+    pass does not pass: so the term is taken here. None otherwise."""
+    if isinstance(output, tuple):
+        requested = call.get("output_router_logits")
+        if requested is None:
+            requested = getattr(compat.text_config(model.config), "output_router_logits", False)
+        if requested:
+            raise CALInputError(
+                "return_dict=False with router logits requested: calplug cannot tell the router's "
+                "aux_loss from the other outputs of a tuple; call the model with return_dict=True"
+            )
+        return None
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return None
+    return compat.text_config(model.config).router_aux_loss_coef * aux
+
+
+def padding_mask(decoder_kwargs: dict, call: dict, embeds: torch.Tensor) -> torch.Tensor:
+    """The ``[B, L]`` padding mask of the decoder sequence: the 2-D mask the decoder received, or,
+    when it received 4-D / per-layer-type masks, the forward's own 2-D ``attention_mask``; ones
+    when there is none."""
+    B, L = embeds.shape[:2]
+    for mask in (decoder_kwargs.get("attention_mask"), call.get("attention_mask")):
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == (B, L):
+            return mask
+    if isinstance(call.get("attention_mask"), torch.Tensor):
+        raise CALInputError(
+            f"attention_mask of shape {tuple(call['attention_mask'].shape)} does not match the "
+            f"decoder sequence {B} x {L}: pass a [batch, seq_len] padding mask"
+        )
+    return torch.ones(B, L, dtype=torch.long, device=embeds.device)
+
+
+def decoder_mask_is_ready(decoder_kwargs: dict) -> bool:
+    """Whether the decoder was handed built masks (4-D, or a dict per layer type) instead of a
+    2-D padding mask it turns into its own (sliding / chunked) masks."""
+    mask = decoder_kwargs.get("attention_mask")
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[str, ...]) -> tuple[str, ...]:
+    """Decoder inputs laid out ``[B, L, ...]`` besides the embeddings (Gemma's per-layer inputs)."""
+    B, L = embeds.shape[:2]
+    return tuple(k for k, v in decoder_kwargs.items()
+                 if k not in _OWN_DECODER_KWARGS and k not in extras
+                 and isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, L))
+
+
+def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyFacts) -> MainPass:
+    labels = call.pop("labels")
+    config = model.config
+    visual = compat.visual_positions(config, call, facts.placeholders)  # pre-merged embeds too
+    check_labels(visual, labels)
+    compat.check_full_logits(call)
+    if call.get("input_ids") is not None:  # pre-merged inputs_embeds carry their images
+        check_pixels(visual, call)
+    if facts.mrope:
+        compat.warn_if_mrope_disabled(model, call)
+    decoder, lm_head = compat.vlm_decoder_and_head(model)
+    main_call = call
+    below = facts.labels_in_main_pass_below
+    if below is not None and compat.transformers_version() < below:
+        main_call = dict(call, labels=labels)  # the model builds its attention mask from labels
+    with capture_decoder_call(decoder) as decoder_kwargs:
+        output = original_forward(**main_call)
+    if not decoder_kwargs:
+        raise UnsupportedModelError(f"{type(model).__name__}'s forward never called its text decoder")
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    if isinstance(output, tuple) and main_call is not call:
+        logits = output[1]  # (loss, logits, ...) with labels
+    embeds = decoder_kwargs["inputs_embeds"]
+    positions = decoder_kwargs.get("position_ids")
+    if positions is None:
+        positions = compat.qwen_positions(None, embeds) if facts.mrope else arange_positions(embeds)
+    ready = decoder_mask_is_ready(decoder_kwargs)
+    cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
+    extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
+    # a matched class keeps a router term its output carries (calplug verify checks the loss)
+    routed = facts.router_aux or (not facts.key and getattr(output, "aux_loss", None) is not None
+                                  and hasattr(compat.text_config(config), "router_aux_loss_coef"))
+    return MainPass(
+        output=output, logits=logits, labels=labels, decoder=decoder, lm_head=lm_head,
+        decoder_kwargs=decoder_kwargs, visual_mask=visual,
+        attention_mask=padding_mask(decoder_kwargs, call, embeds), position_ids=positions,
+        visual_extras=tuple(k for k in extras if decoder_kwargs.get(k) is not None),
+        contrast_embeds=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
+        if facts.pixel_keys else None,
+        extra_loss=router_aux_loss(model, call, output) if routed else None,
+        logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
+        sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
+        attention_span=None if ready else compat.attention_span(config),
+    )
+
+
+def facts_of(model: nn.Module) -> FamilyFacts:
+    """The family row of ``model``'s class (or of a transformers class it subclasses); a matched
+    class without a row gets the defaults."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in families.FAMILIES:
+            return families.FAMILIES[cls.__name__]
+    name = type(model).__name__
+    return FamilyFacts(name, "", name, (4, 45), proven=False,
+                       unproven_reason="no FamilyFacts row and no family case")
+
+
+@dataclasses.dataclass(frozen=True)
+class MainPassOf:
+    """`Integration.main_pass` of the generic integration; a plain record (not a closure) so that
+    an enabled model pickles."""
+
+    def __call__(self, model: nn.Module, original_forward, call: dict) -> MainPass:
+        return vlm_main_pass(model, original_forward, call, facts_of(model))
+
+
+_warned: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyCheck:
+    """`Integration.check`: refused classes raise their reason; the installed transformers must be
+    in the family's range and not a release where its forward is broken; a class that is only
+    matched (no family case proves it) is accepted with a one-time warning naming
+    ``calplug verify``."""
+
+    def __call__(self, model: nn.Module) -> None:
+        refusal = _refusal(model)
+        if refusal is not None:
+            raise UnsupportedModelError(
+                f"calplug does not support {type(model).__name__}: {refusal}")
+        facts = facts_of(model)
+        compat.require_release(facts.family, facts.since, facts.broken)
+        compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none
+        if facts.proven:
+            return
+        name = type(model).__name__
+        if name not in _warned:
+            _warned.add(name)
+            why = f" ({facts.unproven_reason})" if facts.unproven_reason and facts.key else ""
+            attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
+            warnings.warn(families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
+                          UserWarning, stacklevel=4)
+
+
+def _refusal(model: nn.Module) -> str | None:
+    for cls in type(model).__mro__:
+        if cls.__name__ in families.REFUSED:
+            return families.REFUSED[cls.__name__]
+        if cls.__name__ in families.FAMILIES:
+            return None
+    return families.generic_refusal(model)
+
+
+def refuses_contrast(model: nn.Module, contrast: str) -> str | None:
+    """`Integration.contrast_refusal`: decoders that ignore mask holes cannot run masking
+    contrasts. A matched class is judged by its text ``layer_types``."""
+    if contrast not in MASK_CONTRASTS:
+        return None
+    facts = facts_of(model)
+    if facts.key:
+        return facts.holes_ignored or None
+    config = getattr(model, "config", None)
+    types = getattr(compat.text_config(config), "layer_types", None) if config is not None else None
+    other = sorted({str(t) for t in types or () if str(t) not in ATTENTION_LAYER_TYPES})
+    if other:
+        return families.HOLES_IGNORED.format(what=f"layers of type {', '.join(other)}",
+                                             state="layer's state")
+    return None
+
+
+def accepts(model: nn.Module) -> bool:
+    """`Integration.accepts` of the generic record: a ``*ForConditionalGeneration`` class with an
+    image placeholder id, or a refused class (whose check then raises the reason)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if names & families.REFUSED.keys():
+        return True
+    return families.generic_refusal(model) is None
+
+
+def _integration(name: str, classes: tuple[str, ...], pixel_contrasts: bool, **extra) -> Integration:
+    return Integration(name=name, model_classes=classes, main_pass=MainPassOf(),
+                       decoder_and_head=compat.vlm_decoder_and_head, check=FamilyCheck(),
+                       pixel_contrasts=pixel_contrasts, contrast_refusal=refuses_contrast, **extra)
+
+
+INTEGRATIONS = [
+    _integration(f"transformers-{facts.key.replace('_', '-')}", (facts.class_name,),
+                 bool(facts.pixel_keys))
+    for facts in families.FAMILIES.values()
+]
+# Matched and refused classes: consulted after every named integration (plugins.py registers this
+# module first, and later-registered plugins are asked first).
+GENERIC = _integration("transformers-placeholder", (), False, accepts=accepts)
+
+
+@hookimpl
+def calplug_integrations():
+    return INTEGRATIONS + [GENERIC]
