@@ -72,7 +72,7 @@ def refuse(framework: str, refusals: tuple[Refusal, ...], values: Mapping[str, A
 # Reasons shared by the adapters.
 PACKING = ("it packs several samples into one row, and CAL's contrast pass and pooling would mix "
            "them (calplug needs one sample per row)")
-OWN_LOSS = ("it computes the loss outside the model from (outputs, labels) and takes labels out of "
+OWN_LOSS = ("computes the loss outside the model from (outputs, labels) and takes labels out of "
             "the model call, so calplug's forward would never see them and CAL would silently do "
             "nothing")
 NOT_SFT = "CAL is a supervised fine-tuning loss; preference / RL / reward trainers compute their own"

@@ -44,7 +44,7 @@ REFUSED = (
     Refusal("--enable_channel_loss", "channel loss " + OWN_LOSS),
     Refusal("--label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
     Refusal("--sequence_parallel_size", "sequence parallelism splits each sequence across ranks "
-                                        "(and " + OWN_LOSS + ")", applies=lambda n: n > 1, off="1"),
+                                        "(and it " + OWN_LOSS + ")", applies=lambda n: n > 1, off="1"),
     Refusal("--packing", PACKING),
     Refusal("--padding_free", PACKING),
     Refusal("--use_liger_kernel", "Liger's kernels replace the model's forward with a fused "

@@ -79,7 +79,7 @@ def test_incompatible_option_is_refused_with_the_reason(setup):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (dict(use_eaft=True), "CAL cannot run with use_eaft=True: EAFT it computes the loss outside"),
+    (dict(use_eaft=True), "CAL cannot run with use_eaft=True: EAFT computes the loss outside"),
     (dict(chunked_cross_entropy=True), "CAL cannot run with chunked_cross_entropy=True"),
     (dict(cal_pool_window=2), "pool_window must be a positive odd integer"),
 ])

@@ -67,7 +67,7 @@ def test_incompatible_option_is_refused_with_the_reason(runs):
     result = run([str(BIN / "calplug"), "llamafactory", "train", cfg], runs["root"], timeout=300)
     assert result.returncode == 2, tail(result.stdout)
     assert result.stdout.strip() == (
-        "calplug llamafactory: error: LLaMA-Factory: CAL cannot run with use_dft_loss=True: DFT it "
+        "calplug llamafactory: error: LLaMA-Factory: CAL cannot run with use_dft_loss=True: DFT "
         "computes the loss outside the model from (outputs, labels) and takes labels out of the "
         "model call, so calplug's forward would never see them and CAL would silently do nothing. "
         "Set use_dft_loss to false, or turn CAL off (cal: false).")

@@ -67,7 +67,7 @@ def test_incompatible_option_is_refused_with_the_reason(runs):
                      *with_cal("--enable_dft_loss", "true")), runs["root"],
                  CALPLUG_CONFIG=str(runs["settings"]))
     assert result.returncode != 0
-    message = ("ms-swift: CAL cannot run with --enable_dft_loss=True: DFT it computes the loss "
+    message = ("ms-swift: CAL cannot run with --enable_dft_loss=True: DFT computes the loss "
                "outside the model from (outputs, labels) and takes labels out of the model call, "
                "so calplug's forward would never see them and CAL would silently do nothing. Set "
                "--enable_dft_loss to false, or turn CAL off (cal: false).")
