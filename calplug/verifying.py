@@ -36,8 +36,8 @@ from torch import nn
 
 from .config import CALConfig
 from .errors import CALInputError
+from .gap import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 PIXEL_PREFIX = "pixel_values"        # pixel_values, pixel_values_videos, ...: what "the image" is
 PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3)
