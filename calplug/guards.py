@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from .errors import CALInputError, CALWarning
+from .integrations.capture import has_pixels
 
 PACKING_FIX = (
     "calplug's contrasts need one sample per row: turn packing off (axolotl: sample_packing: false "
@@ -90,15 +91,7 @@ def carries_images(call: dict) -> bool:
     embeddings without ``input_ids`` (images possibly merged before the forward)."""
     if call.get("input_ids") is None and call.get("inputs_embeds") is not None:
         return True
-    for key, value in call.items():
-        if not (key.startswith("pixel_values") or key in IMAGE_KEYS):
-            continue
-        if isinstance(value, torch.Tensor) and value.numel() > 0:
-            return True
-        if isinstance(value, (list, tuple)) and any(
-                isinstance(v, torch.Tensor) and v.numel() > 0 for v in value):
-            return True
-    return False
+    return has_pixels(call, tuple(k for k in call if k.startswith("pixel_values") or k in IMAGE_KEYS))
 
 
 @dataclasses.dataclass
