@@ -135,18 +135,40 @@ def full_params(engine, model, spec) -> dict:
 def live_full_heads(shape, recorded: list) -> int:
     """Plain tensors (not DTensor shards) of the full lm_head weight's shape whose storage is
     allocated, other than the gradients this worker recorded: a full head weight alive after the
-    step (an unsharded FSDP parameter is resized to 0 bytes when FSDP reshards it)."""
+    step (an unsharded FSDP parameter is resized to 0 bytes when FSDP reshards it).
+
+    Scanned up to three times, 0.5 s apart: a buffer of a collective still completing in gloo's
+    threads when training returns is not "alive after the step" (once, in 1 of many runs, the
+    first scan found one); a full head weight that FSDP or calplug keeps stays in every scan.
+    What the last scan found, and what holds it, is in `FOUND`."""
     mine = {id(g) for step in recorded for g in step.values() if g is not None}
-    n = 0
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    for t in tensors:
-        if type(t).__name__ != "DTensor" and id(t) not in mine and tuple(t.shape) == shape \
-                and t.untyped_storage().nbytes() > 0:
-            n += 1
-    return n
+    for attempt in range(3):
+        if attempt:
+            time.sleep(0.5)
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
+            warnings.simplefilter("ignore")
+            tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        found = [t for t in tensors
+                 if type(t).__name__ != "DTensor" and id(t) not in mine and tuple(t.shape) == shape
+                 and t.untyped_storage().nbytes() > 0]
+        FOUND[:] = [describe_tensor(t) for t in found]
+        del tensors, found  # the scan itself must not keep them alive until the next one
+        if not FOUND:
+            return 0
+    return len(FOUND)
+
+
+FOUND: list[str] = []  # what the last scan found, for the test's failure message
+
+
+def describe_tensor(t) -> str:
+    """What a live tensor is and what holds it (the referrers' types), to explain a failure."""
+    holders = [type(r).__name__ + (f"{sorted(map(str, r))[:6]}" if isinstance(r, dict) else "")
+               for r in gc.get_referrers(t) if not isinstance(r, list)]
+    return (f"{type(t).__name__} {tuple(t.shape)} {t.dtype} requires_grad={t.requires_grad} "
+            f"grad_fn={type(t.grad_fn).__name__ if t.grad_fn is not None else None} "
+            f"storage={t.untyped_storage().nbytes()} held by {holders[:8]}")
 
 
 def local_tensor(p):
@@ -257,6 +279,7 @@ def run(name: str, spec: dict, rank: int, mesh, bwd_gathers: list, out_dir: str)
         torch.save(rec, os.path.join(out_dir, f"{name}.rank{rank}.pt"))
         return
     rec["live_full_heads"] = live_full_heads(shape, grads)
+    rec["live_full_heads_found"] = list(FOUND)
     lap("scan")
     if spec.get("memory_control"):
         # Negative control of that scan: it finds a full head weight gathered on purpose.
