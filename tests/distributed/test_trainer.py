@@ -269,18 +269,7 @@ def test_two_process_trainer_is_token_weighted_cal_over_the_global_batch(tmp_pat
     ranks = [torch.load(tmp_path / f"trainer_rank{r}.pt") for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     micro = ranks[0]["batches"] + ranks[1]["batches"]
-    want, counts, losses = _expected_grads(micro)
-    assert len(set(counts)) > 1
-    for rec in ranks:
-        assert rec["num_items_in_batch"] == [sum(counts)] * 2  # global count, both forwards
-        _assert_grads_close(rec["grads"], want)                  # DDP-averaged = the formula
-    # The CAL statistics of the first log: every supervised row of the four micro-batches.
-    ref = make_model()
-    calplug.enable(ref)
-    w = torch.cat([ref(**mb).cal_weights[mb["labels"][:, 1:] != -100] for mb in micro])
-    for rec in ranks:
-        assert rec["log"]["cal/tokens"] == w.numel() == sum(counts)
-        assert rec["log"]["cal/mean_weight"] == pytest.approx(float(w.mean()), abs=1e-5)
+    _assert_ranks_match_one_process(ranks, micro)
 
 
 def test_two_process_trainer_with_accelerate_fsdp2_trains_cal_and_logs_stats_over_ranks(tmp_path):
@@ -307,12 +296,18 @@ def test_two_process_trainer_with_accelerate_fsdp2_trains_cal_and_logs_stats_ove
             <= set(facts["units"]), facts["units"]
         assert facts["head_type"] == "DTensor"
         assert facts["head_local_numel"] == facts["head_numel"] // 2  # really sharded
-    micro = ranks[0]["batches"] + ranks[1]["batches"]
+    _assert_ranks_match_one_process(ranks, ranks[0]["batches"] + ranks[1]["batches"])
+
+
+def _assert_ranks_match_one_process(ranks, micro) -> None:
+    """Both ranks' forwards got the global token count, their gathered gradient equals the
+    one-process formula over all micro-batches, and the first log's ``cal/`` statistics cover
+    every supervised row of them (summed over ranks)."""
     want, counts, losses = _expected_grads(micro)
     assert len(set(counts)) > 1
     for rec in ranks:
-        assert rec["num_items_in_batch"] == [sum(counts)] * 2
-        _assert_grads_close(rec["grads"], want)
+        assert rec["num_items_in_batch"] == [sum(counts)] * 2  # global count, both forwards
+        _assert_grads_close(rec["grads"], want)                  # gathered = the formula
     ref = make_model()
     calplug.enable(ref)
     w = torch.cat([ref(**mb).cal_weights[mb["labels"][:, 1:] != -100] for mb in micro])
