@@ -234,3 +234,15 @@ def calplug_observe_step(model: "nn.Module", gaps: "torch.Tensor", weights: "tor
     For logging, histograms and pictures. Tensors are detached; do not modify them. Return
     values are ignored.
     """
+
+
+@hookspec
+def calplug_observe_contrast_pass(model: "nn.Module", phase: str) -> None:
+    """Called right before (``phase="start"``) and right after (``phase="end"``) every contrast
+    pass: the no-grad image-blind decoder call and the target logits it gives (steps 2 and 4),
+    in training and in `calplug.contrast_pass.token_gaps` alike, on every rank.
+
+    For profilers and ``calplug bench``, which time the pass from here (synchronising the device
+    themselves) instead of replacing calplug's functions. Return values are ignored; an
+    implementation must not touch the model.
+    """
