@@ -152,8 +152,10 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         # steps 2 and 4: the contrast pass and the target-token gaps
         with distributed.contrast_region(model):
+            pm.hook.calplug_observe_contrast_pass(model=model, phase="start")
             plan = _contrast_plan(model, main, config, contrast)
             gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
+            pm.hook.calplug_observe_contrast_pass(model=model, phase="end")
         weighed = batch_checks.finite_gaps(gaps, main_logits, supervised)  # NaN / inf -> 0
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
     weights = pm.hook.calplug_weights(gaps=weighed, labels=shifted, supervised=supervised, config=config)
