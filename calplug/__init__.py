@@ -5,11 +5,13 @@
     calplug.enable(model, contrast="mask") # the published algorithm (see CALConfig.faithful())
     calplug.disable(model)                 # the original forward, exactly
     print(calplug.verify(model, batch))    # the family tests' checks on your model (docs/verify.md)
+    calplug.token_gaps(model, batch)       # how much the image raised each token, no training
 """
 from .config import CALConfig, resolve_config
 from .errors import CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
 from .hookspecs import hookimpl
 from .enabling import config_of, disable, enable, enable_for_stage, enabled, is_enabled
+from .scoring import TokenGaps, token_gaps
 from .verifying import verify
 
 __version__ = "0.1.0"
@@ -17,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CALConfig", "CALConfigError", "CALError", "CALInputError", "CALWarning", "UnsupportedModelError",
     "config_of", "disable", "enable", "enable_for_stage", "enabled", "hookimpl", "is_enabled", "resolve_config",
-    "verify",
+    "TokenGaps", "token_gaps", "verify",
 ]

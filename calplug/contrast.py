@@ -6,6 +6,12 @@ for it. The built-in conditions (``mask`` as published, ``drop`` the fast defaul
 ``blur``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
 ``mask``, row by row, is in docs/cal.md.
 
+What "the image" is comes from the `MainPass`: the visual positions of the decoder sequence,
+the decoder inputs that carry only visual information (`MainPass.visual_extras`, cleared), and,
+for models whose image enters elsewhere (cross-attention states, an encoder's output), the
+integration's image-free decoder inputs (`MainPass.image_free`). Every condition contrasts the
+samples the image reaches (`MainPass.with_image`); the rows of the others get no contrast value.
+
 Decoders of some models receive ready masks instead of a 2-D padding mask: a 4-D
 ``[B, 1, L, L]`` mask (PaliGemma's prefix-LM, Molmo2's bidirectional image blocks) or a dict of
 them per layer type (Gemma 3 / 4: full and sliding attention). The contrast pass then gets the
@@ -29,6 +35,8 @@ NON_SEQUENCE_DECODER_KWARGS = (
     "cache", "past_key_values", "use_cache", "cache_position", "output_attentions",
     "output_hidden_states", "return_dict", "input_ids",
 )
+# The sequence arguments every contrast handles itself (never gathered as other sequence inputs).
+SEQUENCE_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
 def base_decoder_kwargs(main: MainPass) -> dict:
@@ -36,6 +44,28 @@ def base_decoder_kwargs(main: MainPass) -> dict:
     kwargs = {k: v for k, v in main.decoder_kwargs.items() if k not in NON_SEQUENCE_DECODER_KWARGS}
     kwargs["use_cache"] = False
     return kwargs
+
+
+def without_image(main: MainPass, kwargs: dict, samples: torch.Tensor | None,
+                  removed: bool = True) -> dict:
+    """``kwargs`` (decoder arguments of ``samples``, long ``[S]``, or of every sample when None)
+    with what carries the image besides its positions taken away: the integration's image-free
+    inputs (`MainPass.image_free`) put in and, when the image positions were ``removed`` from the
+    sequence, the inputs that only describe them (`MainPass.visual_extras`) cleared. A pass that
+    keeps the positions (masking) keeps those inputs: the image rows are computed as published."""
+    for name in main.visual_extras if removed else ():
+        if name in kwargs:
+            kwargs[name] = None
+    if main.image_free is not None:
+        if samples is None:
+            samples = torch.arange(main.visual_mask.shape[0], device=main.visual_mask.device)
+        kwargs.update(main.image_free(samples))
+    return kwargs
+
+
+def has_image(main: MainPass) -> bool:
+    """Whether the micro-batch has anything to contrast (one host synchronisation)."""
+    return bool(main.with_image.any())
 
 
 def identity_rows(B: int, L: int, device) -> torch.Tensor:
@@ -112,9 +142,12 @@ def slice_ready_mask(mask: torch.Tensor | None, samples: torch.Tensor, order: to
     return _like(sub, mask)
 
 
-def masked_attention_plan(main: MainPass, hidden: torch.Tensor) -> ContrastPlan:
-    """Same sequence and positions; attention to the positions in ``hidden [B, L]`` is removed."""
-    kwargs = base_decoder_kwargs(main)
+def masked_attention_plan(main: MainPass, hidden: torch.Tensor,
+                          contrasted: torch.Tensor | None = None) -> ContrastPlan:
+    """Same sequence and positions; attention to the positions in ``hidden [B, L]`` is removed
+    (and the image's other inputs, `without_image`). Samples where ``contrasted [B]`` is False
+    (default: those with no hidden position) get no contrast value."""
+    kwargs = without_image(main, base_decoder_kwargs(main), None, removed=False)
     ready = kwargs.get("attention_mask")
     if is_ready_mask(ready):
         kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask))
@@ -123,14 +156,15 @@ def masked_attention_plan(main: MainPass, hidden: torch.Tensor) -> ContrastPlan:
         kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
     B, L = hidden.shape
     rows = identity_rows(B, L, hidden.device)
-    rows[~hidden.any(1)] = -1  # nothing hidden in this sample: its gap is 0 by definition
+    contrasted = hidden.any(1) if contrasted is None else contrasted
+    rows[~contrasted] = -1  # nothing taken away in this sample: its gap is 0 by definition
     return ContrastPlan(kwargs, rows)
 
 
 def mask_contrast(main: MainPass, config) -> ContrastPlan | None:
-    if not bool(main.visual_mask.any()):
+    if not has_image(main):
         return None
-    return masked_attention_plan(main, main.visual_mask)
+    return masked_attention_plan(main, main.visual_mask, main.with_image)
 
 
 def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
@@ -149,16 +183,15 @@ def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
 
 
 def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
-    visual = main.visual_mask
-    if not bool(visual.any()):
+    if not has_image(main):
         return None
-    if main.contrast_embeds is None:
+    if main.rerun_with_pixels is None:
         raise CALInputError("contrast='blur' needs an integration that can re-run its vision path")
     kwargs = base_decoder_kwargs(main)
-    kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: gaussian_blur(px, config.blur_sigma))
-    B, L = visual.shape
-    rows = identity_rows(B, L, visual.device)
-    rows[~visual.any(1)] = -1
+    kwargs.update(main.rerun_with_pixels(lambda px: gaussian_blur(px, config.blur_sigma)))
+    B, L = main.visual_mask.shape
+    rows = identity_rows(B, L, main.visual_mask.device)
+    rows[~main.with_image] = -1
     return ContrastPlan(kwargs, rows)
 
 
@@ -177,9 +210,6 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
     # Stable sort puts kept positions first, in order.
     order = torch.sort((~sub_keep).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [S, L']
     kwargs = base_decoder_kwargs(main)
-    for name in main.visual_extras:
-        if name in kwargs:
-            kwargs[name] = None
     for name in ("inputs_embeds",) + tuple(main.sequence_kwargs):
         seq = kwargs[name][samples]
         index = order.view(*order.shape, *([1] * (seq.dim() - 2)))
@@ -200,7 +230,7 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
                            torch.full_like(rank, -1))
     rows = torch.full((B, L), -1, dtype=torch.long, device=device)
     rows[samples] = sub_rows
-    return ContrastPlan(kwargs, rows)
+    return ContrastPlan(without_image(main, kwargs, samples), rows)
 
 
 DROP_SPAN_WARNING = (
@@ -214,7 +244,7 @@ DROP_SPAN_WARNING = (
 
 def drop_contrast(main: MainPass, config) -> ContrastPlan | None:
     visual = main.visual_mask
-    with_image = visual.any(1)
+    with_image = main.with_image
     if not bool(with_image.any()):
         return None
     span = main.attention_span

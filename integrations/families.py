@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 
-# Config attributes whose ids mark image and video placeholders, in lookup order (aliases of one
-# id appear once per pair; a config may define both names).
-IMAGE_VIDEO = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-IMAGE_ONLY = ("image_token_id", "image_token_index")
+from .compat import IMAGE_PLACEHOLDER_NAMES as IMAGE_ONLY
+from .compat import PLACEHOLDER_NAMES as IMAGE_VIDEO
 
 # Pixel arguments that hold images as [..., 3, H, W] tensors: pixel contrasts (blur) transform them.
 IMAGE_PIXELS = ("pixel_values", "pixel_values_videos")

@@ -42,22 +42,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import torch
 from torch import nn
 
 from calplug import gap
-from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.classes import class_names, first_named, is_named
+from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS, is_ready_mask
+from calplug.errors import CALInputError, UnsupportedModelError, warn_once
 from calplug.hookspecs import Integration, MainPass, hookimpl
+from calplug.inputs import image_keys
 
 from . import compat, families
 from .capture import arange_positions, capture_decoder_call, pixel_rerun
 from .families import FamilyFacts
 
 # Decoder keyword arguments the engine handles itself (never gathered as sequence inputs).
-_OWN_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
-                       "past_key_values", "cache", "cache_position", "use_cache")
+_OWN_DECODER_KWARGS = SEQUENCE_DECODER_KWARGS + NON_SEQUENCE_DECODER_KWARGS
 MASK_CONTRASTS = ("mask", "patch_mask")
 # For a matched class (no FamilyFacts row): decoder inputs known to carry only visual information
 # (deepstack features of Qwen3-VL-like models), and text layer types that are attention layers;
@@ -79,8 +80,7 @@ def check_labels(visual: torch.Tensor, labels: torch.Tensor) -> None:
 def check_pixels(visual: torch.Tensor, call: dict) -> None:
     """Placeholders without any visual input would be spliced with nothing (the model raises, or
     worse, trains on placeholder embeddings)."""
-    given = [k for k, v in call.items() if v is not None
-             and (k.startswith("pixel_values") or k in ("mm_encoder_outputs", "image_embeds"))]
+    given = [k for k in image_keys(call) if call[k] is not None]
     if bool(visual.any()) and not given:
         raise CALInputError(
             f"input_ids hold {int(visual.sum())} image placeholder tokens but no pixel_values / "
@@ -126,13 +126,6 @@ def padding_mask(decoder_kwargs: dict, call: dict, embeds: torch.Tensor) -> torc
     return torch.ones(B, L, dtype=torch.long, device=embeds.device)
 
 
-def decoder_mask_is_ready(decoder_kwargs: dict) -> bool:
-    """Whether the decoder was handed built masks (4-D, or a dict per layer type) instead of a
-    2-D padding mask it turns into its own (sliding / chunked) masks."""
-    mask = decoder_kwargs.get("attention_mask")
-    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
-
-
 def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[str, ...]) -> tuple[str, ...]:
     """Decoder inputs laid out ``[B, L, ...]`` besides the embeddings (Gemma's per-layer inputs)."""
     B, L = embeds.shape[:2]
@@ -166,8 +159,8 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     embeds = decoder_kwargs["inputs_embeds"]
     positions = decoder_kwargs.get("position_ids")
     if positions is None:
-        positions = compat.qwen_positions(None, embeds) if facts.mrope else arange_positions(embeds)
-    ready = decoder_mask_is_ready(decoder_kwargs)
+        positions = compat.mrope_positions(embeds) if facts.mrope else arange_positions(embeds)
+    ready = is_ready_mask(decoder_kwargs.get("attention_mask"))
     cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
     extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
     # a matched class keeps a router term its output carries (calplug verify checks the loss)
@@ -178,7 +171,7 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=padding_mask(decoder_kwargs, call, embeds), position_ids=positions,
         visual_extras=tuple(k for k in extras if decoder_kwargs.get(k) is not None),
-        contrast_embeds=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
+        rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
         if facts.pixel_keys else None,
         extra_loss=router_aux_loss(model, call, output) if routed else None,
         logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
@@ -190,9 +183,9 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
 def facts_of(model: nn.Module) -> FamilyFacts:
     """The family row of ``model``'s class (or of a transformers class it subclasses); a matched
     class without a row gets the defaults."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in families.FAMILIES:
-            return families.FAMILIES[cls.__name__]
+    facts = first_named(model, families.FAMILIES)
+    if facts is not None:
+        return facts
     name = type(model).__name__
     return FamilyFacts(name, "", name, (4, 45), proven=False,
                        unproven_reason="no FamilyFacts row and no family case")
@@ -205,9 +198,6 @@ class MainPassOf:
 
     def __call__(self, model: nn.Module, original_forward, call: dict) -> MainPass:
         return vlm_main_pass(model, original_forward, call, facts_of(model))
-
-
-_warned: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,19 +218,17 @@ class FamilyCheck:
         if facts.proven:
             return
         name = type(model).__name__
-        if name not in _warned:
-            _warned.add(name)
-            why = f" ({facts.unproven_reason})" if facts.unproven_reason and facts.key else ""
-            attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
-            warnings.warn(families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
-                          UserWarning, stacklevel=4)
+        why = f" ({facts.unproven_reason})" if facts.unproven_reason and facts.key else ""
+        attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
+        warn_once(f"matched:{name}", families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
+                  UserWarning, stacklevel=5)
 
 
 def _refusal(model: nn.Module) -> str | None:
-    for cls in type(model).__mro__:
-        if cls.__name__ in families.REFUSED:
-            return families.REFUSED[cls.__name__]
-        if cls.__name__ in families.FAMILIES:
+    for name in class_names(model):
+        if name in families.REFUSED:
+            return families.REFUSED[name]
+        if name in families.FAMILIES:
             return None
     return families.generic_refusal(model)
 
@@ -265,16 +253,25 @@ def refuses_contrast(model: nn.Module, contrast: str) -> str | None:
 def accepts(model: nn.Module) -> bool:
     """`Integration.accepts` of the generic record: a ``*ForConditionalGeneration`` class with an
     image placeholder id, or a refused class (whose check then raises the reason)."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if names & families.REFUSED.keys():
+    if is_named(model, families.REFUSED):
         return True
     return families.generic_refusal(model) is None
+
+
+def support_status(model: nn.Module) -> tuple[str, str] | None:
+    """`Integration.support_status`: the support matrix's status of the model's transformers
+    class (the first in its MRO: a user's subclass counts as the class it extends)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return families.support_status(cls.__name__)
+    return None
 
 
 def _integration(name: str, classes: tuple[str, ...], pixel_contrasts: bool, **extra) -> Integration:
     return Integration(name=name, model_classes=classes, main_pass=MainPassOf(),
                        decoder_and_head=compat.vlm_decoder_and_head, check=FamilyCheck(),
-                       pixel_contrasts=pixel_contrasts, contrast_refusal=refuses_contrast, **extra)
+                       pixel_contrasts=pixel_contrasts, contrast_refusal=refuses_contrast,
+                       support_status=support_status, **extra)
 
 
 INTEGRATIONS = [

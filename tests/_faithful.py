@@ -3,7 +3,7 @@ faithful test (tests/test_llava_hf.py, test_llava_style.py, test_transformers_fa
 from __future__ import annotations
 
 import calplug
-from reference import grads
+from _close import grads
 
 
 def faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window, contrast="mask"):

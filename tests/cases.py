@@ -20,7 +20,7 @@ import torch
 
 import _hf_families as hf
 import _llava_style_models as styled
-from reference import reference_cal_loss, reference_weights
+from calplug.reference import reference_cal_loss, reference_step, reference_weights
 
 SETTING = (0.0, 5.0, 3)  # alpha, beta, window: weights that vary on a random-init model
 
@@ -94,93 +94,19 @@ class Env:
 
 
 # -- transformers classes: calplug's tiny Llava and every family of tests/_hf_families.py --------
-CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
-
-
 def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
-    """Spec steps 1-8 by hand: the usual training forward, and a second full decoder pass with
-    the same decoder inputs (merged embeddings, positions, extra visual inputs) and attention to
-    the visual positions removed; full logits as the model makes them (soft-capped where its
-    forward soft-caps), flattened pooling.
-
-    Attention is removed where the decoder takes it: a 2-D padding mask with holes, or, for
-    decoders handed built 4-D masks (a dict of them per layer type) with bidirectional image or
-    prefix blocks, those masks with the image key columns blocked. For a decoder whose layers do
-    not honour mask holes (``family.drop_only``), "without the image" is the sequence with the
-    image positions removed (`hf_drop_logits`)."""
-    decoder, head = hf.decoder_and_head(model)
-    captured = {}
-    handle = decoder.register_forward_pre_hook(
-        lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
-    logits = model(**batch).logits
-    handle.remove()
+    """Spec steps 1-8 by the independent reference (`calplug.reference.reference_step`): the
+    model's own training forward, and its own forward again with the image taken out of what the
+    text decoder receives: attention to the image positions removed in whatever mask the decoder
+    takes (2-D with holes; built 4-D masks, or a dict of them per layer type, with the image key
+    columns blocked), or, for a decoder whose layers do not honour mask holes
+    (``family.drop_only``), the image positions removed from its sequence. Full logits as the
+    model makes them (soft-capped or scaled where its forward does), flattened pooling."""
     layout = hf_layout(model, batch)
-    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS + ("labels",)}
-    cap = None if family is None or family.logit_cap is None else family.logit_cap(model)
-
-    def logits_of(hidden):
-        out = head(hidden)
-        return out if cap is None else torch.tanh(out / cap) * cap
-
-    with torch.no_grad():
-        if family is not None and family.drop_only:
-            logits_wo = hf_drop_logits(decoder, kw, logits.detach(), layout, logits_of)
-        else:
-            mask = kw.get("attention_mask")
-            if isinstance(mask, dict):
-                kw["attention_mask"] = {k: hide_image_keys(m, layout.visual) for k, m in mask.items()}
-            elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                kw["attention_mask"] = hide_image_keys(mask, layout.visual)
-            else:
-                kw["attention_mask"] = batch["attention_mask"] * (~layout.visual).long()
-            logits_wo = logits_of(decoder(**kw)[0])
-    labels = batch["labels"]
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
-    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
-    return Reference(loss, weights, gaps, labels, layout.visual, layout.attention)
-
-
-def hide_image_keys(mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """A built ``[B, 1, L, L]`` mask (boolean, or additive with the dtype's minimum) in which no
-    query can attend to an image position. An image row that could only see image positions (a
-    sliding window inside the image) is left attending to itself: every row attends to
-    something (docs/transformers.md)."""
-    B, L = visual.shape
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    allowed = allowed.expand(B, -1, -1, -1)
-    hidden = allowed & ~visual[:, None, None, :]
-    for b, h, i in (~hidden.any(-1) & allowed.any(-1)).nonzero().tolist():
-        hidden[b, h, i, i] = True
-    if mask.dtype == torch.bool:
-        return hidden
-    return torch.zeros_like(mask.expand(B, -1, -1, -1)).masked_fill(~hidden, torch.finfo(mask.dtype).min)
-
-
-def hf_drop_logits(decoder, kw, logits, layout, logits_of):
-    """Logits without the image for decoders whose conv / recurrent layers ignore mask holes: each
-    image sample runs alone with its image positions (and padding) removed, every kept token at
-    its original position; a removed position takes the state of the last kept position before
-    it, and a position with none keeps the main logits (gap 0), as docs/cal.md defines drop."""
-    out = logits.clone()
-    B, L = layout.visual.shape
-    positions = kw.get("position_ids")
-    if positions is None:
-        positions = torch.arange(L).expand(B, L)
-    for b in range(B):
-        keep = layout.attention[b].bool() & ~layout.visual[b]
-        if not layout.visual[b].any():
-            continue
-        one = {k: v for k, v in kw.items() if k not in ("inputs_embeds", "attention_mask", "position_ids")}
-        one["inputs_embeds"] = kw["inputs_embeds"][b:b + 1, keep]
-        one["attention_mask"] = torch.ones(1, int(keep.sum()), dtype=torch.long)
-        one["position_ids"] = positions.expand(*positions.shape[:-2], B, L)[..., b:b + 1, keep]
-        one["use_cache"] = False
-        kept_logits = logits_of(decoder(**one)[0])[0]
-        last_kept = keep.long().cumsum(0) - 1
-        for i in range(L):
-            if last_kept[i] >= 0:
-                out[b, i] = kept_logits[last_kept[i]]
-    return out
+    contrast = "drop" if family is not None and family.drop_only else "mask"
+    loss, gaps, weights = reference_step(model, batch, layout.visual, alpha, beta, window, contrast,
+                                         decoder=hf_decoder(model))
+    return Reference(loss, weights, gaps, batch["labels"], layout.visual, layout.attention)
 
 
 def hf_layout(model, batch) -> Layout:

@@ -128,7 +128,7 @@ def test_docs_other_image_contrast_example(model):
                 if not visual.any():
                     return None
                 kwargs = base_decoder_kwargs(main)
-                kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: px.roll(1, dims=0))
+                kwargs.update(main.rerun_with_pixels(lambda px: px.roll(1, dims=0)))
                 rows = identity_rows(*visual.shape, visual.device)
                 rows[~visual.any(1)] = -1
                 return ContrastPlan(kwargs, rows)

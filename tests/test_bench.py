@@ -90,7 +90,7 @@ def test_floor_is_exactly_the_drop_contrast_pass():
     batch = bench.build_batch(model, cfg)
     from calplug.integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     outputs = []
     handle = decoder.register_forward_hook(lambda m, a, o: outputs.append(o.last_hidden_state))
     try:

@@ -28,7 +28,7 @@ from torch import nn
 
 import calplug
 from calplug import CALConfig, CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
-from calplug import batch_checks, step
+from calplug import batch_checks, contrast_pass, step
 from calplug.cli import patch as patch_files
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
@@ -43,7 +43,7 @@ def model():
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Each test sees calplug's one-time warnings as if nothing had been shown yet."""
-    monkeypatch.setattr(batch_checks, "_WARNED", set())
+    monkeypatch.setattr(calplug.errors, "_WARNED", set())
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_a_zero_clamp_range_is_refused():
     ({"loss_chunk": -8}, r"loss_chunk must be an integer >= 0"),
     ({"stages": "finetuning"}, r"stages must be one of.*Did you mean 'finetune'"),
     ({"pool_scope": None}, r"pool_scope must be one of"),
-    ({"contrast": ["drop"]}, r"contrast \['drop'\] is not a registered contrast"),
+    ({"contrast": ["drop"]}, r"contrast must be the name of a contrast condition, got \['drop'\]"),
     ({"alpha": True}, r"alpha must be a number, got True"),
 ])
 def test_other_invalid_values_name_the_setting_and_a_valid_example(kwargs, words):
@@ -410,17 +410,17 @@ def test_non_finite_contrast_gaps_are_weighted_as_gap_zero(model, fresh_warnings
     """Main pass finite, contrast pass not: the loss stays finite and equals the one whose weights
     treat those rows as rows without a contrast value."""
     batch = llava_batch(model)
-    real = step.contrast_gaps
+    real = contrast_pass.target_gaps
     poisoned = {}
 
-    def contrast_gaps(*args):
-        gaps, has = real(*args)
+    def target_gaps(*args, **kwargs):
+        gaps, has, lse = real(*args, **kwargs)
         gaps = gaps.clone()
         gaps[0, -3:] = torch.tensor([float("nan"), float("inf"), -float("inf")])
         poisoned["gaps"] = gaps
-        return gaps, has
+        return gaps, has, lse
 
-    monkeypatch.setattr(step, "contrast_gaps", contrast_gaps)
+    monkeypatch.setattr(contrast_pass, "target_gaps", target_gaps)
     with calplug.enabled(model, alpha=1.0, beta=4.0, pool_window=1):
         with pytest.warns(CALWarning, match=r"3 supervised rows.*all in the contrast pass.*the loss stays finite"):
             out = model(**batch)

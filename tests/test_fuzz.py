@@ -29,7 +29,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypot
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 import calplug  # noqa: E402
-from calplug import CALConfig, CALConfigError  # noqa: E402
+from calplug import CALConfig, CALConfigError, plugins  # noqa: E402
 from calplug.config import POOL_SCOPES, STAGES, resolve_config  # noqa: E402
 from calplug.gap import IGNORE_INDEX  # noqa: E402
 from calplug.testing import tiny_llava  # noqa: E402
@@ -152,7 +152,7 @@ INVALID = {
     "pool_window": st.one_of(NOT_NUMBERS, st.integers(max_value=0), st.integers(1, 1000).map(lambda n: 2 * n),
                              st.floats(1.0, 9.0)),
     "pool_scope": st.one_of(NOT_NUMBERS, st.text(max_size=12).filter(lambda s: s not in POOL_SCOPES)),
-    "contrast": st.one_of(NOT_NUMBERS, st.text(max_size=12).filter(lambda s: s not in ("drop", "mask", "patch_mask", "blur"))),
+    "contrast": st.sampled_from([None, [1.0], {"x": 1}, True, False, ""]),  # names: at enable (below)
     "mask_ratio": st.one_of(NOT_NUMBERS, NON_FINITE, st.floats(-1e6, -1e-9), st.floats(1.0 + 1e-9, 1e6)),
     "blur_sigma": st.one_of(NOT_NUMBERS, NON_FINITE, st.floats(-1e6, 0.0)),
     "seed": st.one_of(NOT_NUMBERS, st.integers(max_value=-1), st.integers(min_value=2 ** 63), st.floats(0, 10)),
@@ -170,6 +170,15 @@ def test_every_invalid_config_raises_a_config_error_naming_the_setting(data, key
     assert key in str(error.value)
     with pytest.raises(CALConfigError):                 # the same through enable's route
         resolve_config({key: value})
+
+
+@FAST
+@given(name=st.text(max_size=12).filter(lambda s: s not in ("drop", "mask", "patch_mask", "blur")))
+def test_every_unregistered_contrast_name_is_refused_when_resolved(name):
+    """A config holds any contrast name (plugins may register more later); `calplug.enable`
+    resolves it once, and an unregistered one is a config error naming the registered ones."""
+    with pytest.raises(CALConfigError, match="contrast .* registered contrast.*Registered: blur, drop"):
+        plugins.resolve_contrast(name)
 
 
 @FAST

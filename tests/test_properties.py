@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import calplug
-from calplug import step
+from calplug import contrast_pass
 from _faithful import faithful_step_after_reference
 from _recording import ShapeRecorder, record_calls
 from cases import CASES, SETTING, params
-from reference import assert_grads_rel_close
+from _close import assert_grads_rel_close
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -148,7 +148,7 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, c
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
     recorders = []
-    original = step.contrast_gaps
+    original = contrast_pass.target_gaps
 
     def recorded(*args, **kwargs):
         rec = ShapeRecorder()
@@ -156,7 +156,7 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, c
         with rec:
             return original(*args, **kwargs)
 
-    monkeypatch.setattr(step, "contrast_gaps", recorded)
+    monkeypatch.setattr(contrast_pass, "target_gaps", recorded)
     with calplug.enabled(model, contrast=contrast), record_calls(head) as head_calls, \
             record_calls(case.decoder(model)) as decoder_calls:
         out = model(**batch)

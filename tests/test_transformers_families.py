@@ -11,7 +11,7 @@ import torch
 import calplug
 from calplug import CALInputError, UnsupportedModelError
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
-from reference import assert_grads_rel_close, grads
+from _close import assert_grads_rel_close, grads
 
 IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
 VIDEO_BATCH = ("video", "image", None)   # a video sample, an image sample, a text-only one

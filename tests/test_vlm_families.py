@@ -17,7 +17,7 @@ from calplug import CALConfigError, CALInputError, UnsupportedModelError
 from calplug.integrations import families, transformers_vlm
 from _hf_families import (FAMILIES, build_blip_2, build_deepseek_vl, build_fuyu, decoder_and_head,
                           make_batch, tf_version, visual_positions)
-from reference import assert_grads_rel_close, grads
+from _close import assert_grads_rel_close, grads
 
 IMAGE_BATCH = ("image", "image", None)
 
@@ -296,7 +296,7 @@ def test_matched_class_is_accepted_once_warned_and_runs():
     if tf_version() < (4, 54):
         pytest.skip("DeepseekVLForConditionalGeneration needs transformers >= 4.54")
     model = build_deepseek_vl(0).train()
-    transformers_vlm._warned.discard(type(model).__name__)
+    calplug.errors._WARNED.discard(f"matched:{type(model).__name__}")
     with pytest.warns(UserWarning, match="calplug verify"):
         calplug.enable(model)
     calplug.disable(model)
@@ -389,7 +389,7 @@ def test_a_matched_class_with_non_attention_layers_runs_drop_only(monkeypatch):
     and drop runs, after the one-time warning naming `calplug verify`."""
     family, model = family_model("lfm2_vl")
     monkeypatch.delitem(families.FAMILIES, family.class_name)
-    transformers_vlm._warned.discard(family.class_name)
+    calplug.errors._WARNED.discard(f"matched:{family.class_name}")
     with pytest.warns(UserWarning, match="calplug verify"):
         with pytest.raises(UnsupportedModelError, match="layers of type conv"):
             calplug.enable(model, contrast="mask")

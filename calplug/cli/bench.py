@@ -184,7 +184,7 @@ def floor_inputs(model, batch: dict) -> dict:
     padding), packed to the left, with the position ids they have in the full sequence."""
     from ..integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     keep = mask & (ids != model.config.image_token_index)
     counts = keep.sum(1)
@@ -207,7 +207,7 @@ def make_steps(model, batch: dict, loss_chunk: int = 0) -> dict[str, Callable[[]
     import calplug
     from ..integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     floor_kwargs = floor_inputs(model, batch)
     device = batch["input_ids"].device
 
@@ -359,7 +359,7 @@ def benchmark(cfg: BenchConfig) -> dict:
     batch = build_batch(model, cfg)
     from ..integrations import compat
 
-    decoder, lm_head = compat.llava_type_decoder_and_head(model)
+    decoder, lm_head = compat.vlm_decoder_and_head(model)
     steps = make_steps(model, batch, cfg.loss_chunk)
     times, forward, contrast = time_steps(steps, device, cfg.repeats, cfg.warmup)
     memory = {name: (peak_memory(step, device) if cfg.memory else None) for name, step in steps.items()}
