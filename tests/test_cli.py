@@ -69,7 +69,7 @@ def test_bench_prints_its_table_before_writing_the_json(tmp_path, capsys, monkey
 def test_patch_refuses_files_it_cannot_write_before_changing_anything(tmp_path, capsys, monkeypatch):
     import os
 
-    from calplug.cli import patch as patching
+    from calplug import patching
 
     p = patching.resolve("llava-v1.2.2")
     root = tmp_path / "checkout"
@@ -83,5 +83,5 @@ def test_patch_refuses_files_it_cannot_write_before_changing_anything(tmp_path, 
     monkeypatch.setattr(patching, "apply", lambda *a, **k: pytest.fail("applied despite a read-only file"))
     assert cli.main(["patch", "apply", p.name, str(root)]) == 2
     err = capsys.readouterr().err
-    assert "cannot write" in err and p.files[0].path in err and "Nothing was changed" in err
+    assert f"cannot edit {p.files[0].path}" in err and "read-only" in err and "Nothing was changed" in err
     assert locked.read_text() == "whatever\n"
