@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .config import did_you_mean

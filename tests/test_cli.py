@@ -8,12 +8,12 @@ import pytest
 
 import calplug
 from calplug import cli
-from calplug.cli import demo
+from calplug.cli import demo_training
 
 
 def test_an_output_path_that_is_a_file_fails_before_any_training(tmp_path, capsys, monkeypatch):
     trained = []
-    monkeypatch.setattr(demo, "run_experiment", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(demo_training, "run_experiment", lambda *a, **k: trained.append(1))
     target = tmp_path / "results"
     target.write_text("not a folder")
     assert cli.main(["demo", "--out", str(target)]) == 2
@@ -34,7 +34,7 @@ def test_an_unwritable_output_folder_is_named(tmp_path, capsys, monkeypatch):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = locked / "out"
-    monkeypatch.setattr(demo, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(demo_training, "run_experiment", lambda *a, **k: pytest.fail("trained"))
     assert cli.main(["demo", "--out", str(target)]) == 2
     err = capsys.readouterr().err
     assert "cannot be written" in err and str(target) in err and err.count("\n") == 1
