@@ -87,24 +87,9 @@ def llava_batch(model, *, seed: int = 0, lengths=(12, 9, 10), with_image=(True, 
                 pixel_values=pixel_values if n_images else None)
 
 
-# -- tiny VLMs by family, for `calplug verify --tiny` ------------------------------------------------
-def _tiny_llava_with_batch(seed: int):
+# -- the model `calplug verify --tiny llava` checks itself on --------------------------------------
+def tiny_llava_with_batch(seed: int = 0):
+    """`tiny_llava(seed)` in train mode and a `llava_batch` for it (two samples with an image,
+    one text-only, padded): what `calplug verify --tiny llava` checks itself on."""
     model = tiny_llava(seed).train()
     return model, llava_batch(model, seed=seed)
-
-
-# family key (the test suite's, as in case ids hf-<key>-...) -> fn(seed) -> (model in train mode,
-# batch: two image samples and a text-only one, padded)
-TINY_VLMS = {
-    "llava": _tiny_llava_with_batch,
-}
-
-
-def tiny_vlm(family: str, seed: int = 0):
-    """A tiny seeded model of a transformers VLM family and a training batch for it (two samples
-    with an image, one text-only): what `calplug verify --tiny` checks itself on."""
-    from .errors import CALConfigError
-
-    if family not in TINY_VLMS:
-        raise CALConfigError(f"no tiny model of family {family!r}; families: {', '.join(sorted(TINY_VLMS))}")
-    return TINY_VLMS[family](seed)

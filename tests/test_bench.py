@@ -110,6 +110,27 @@ def test_floor_is_exactly_the_drop_contrast_pass():
     assert int(floor_kwargs["position_ids"][0, 5]) == 5 + 16
 
 
+def test_contrast_probe_times_each_contrast_pass_through_the_observer_hook():
+    """One duration per contrast pass (one per CAL forward, none in a plain one), recorded by a
+    plugin that is gone after the block."""
+    import calplug
+    from calplug import plugins
+
+    cfg = tiny_config()
+    model = bench.build_model(cfg)
+    batch = bench.build_batch(model, cfg)
+    registered = set(plugins.get_plugin_manager().get_plugins())
+    with bench.contrast_probe(torch.device("cpu")) as seconds:
+        assert len(plugins.get_plugin_manager().get_plugins()) == len(registered) + 1
+        model(**batch)                                   # plain: no contrast pass
+        assert seconds == []
+        with calplug.enabled(model):
+            model(**batch)
+            model(**batch)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert set(plugins.get_plugin_manager().get_plugins()) == registered
+
+
 def test_batch_layout_and_labels():
     cfg = tiny_config(batch=3)
     model = bench.build_model(cfg)

@@ -28,8 +28,7 @@ from torch import nn
 
 import calplug
 from calplug import CALConfig, CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
-from calplug import batch_checks, contrast_pass, step
-from calplug.cli import patch as patch_files
+from calplug import batch_checks, contrast_pass, patching, step
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
 from calplug.trainer import CALStats
@@ -467,8 +466,8 @@ def _state(root: Path) -> dict:
 @pytest.fixture(params=["git", "python"])
 def engine(request, monkeypatch):
     if request.param == "python":
-        monkeypatch.setattr(patch_files, "_git", lambda: None)
-    elif patch_files._git() is None:
+        monkeypatch.setattr(patching, "_git", lambda: None)
+    elif patching._git() is None:
         pytest.skip("git is not installed: the Python engine is tested alone")
     return request.param
 
@@ -501,10 +500,10 @@ def test_a_patch_cannot_write_outside_its_tree(tmp_path, capsys, engine, target,
     assert "refusing test-patch: it names the file" in err and "Nothing was changed" in err
     assert re.search(reason, err), err
     assert _state(root) == before_tree and _state(victim) == before_victim
-    with pytest.raises(patch_files.PatchError, match=reason):
-        patch_files.check(patch_files.read_patch(patch), root)
-    with pytest.raises(patch_files.PatchError, match=reason):   # the engine itself refuses too
-        patch_files._apply_python(patch_files.read_patch(patch), root, reverse=False)
+    with pytest.raises(patching.PatchError, match=reason):
+        patching.check(patching.read_patch(patch), root)
+    with pytest.raises(patching.PatchError, match=reason):   # the engine itself refuses too
+        patching._apply_python(patching.read_patch(patch), root, reverse=False)
     assert _state(root) == before_tree and _state(victim) == before_victim
 
 
@@ -520,12 +519,12 @@ def test_a_symlinked_file_inside_the_tree_is_refused_as_git_does(tmp_path, capsy
 def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monkeypatch):
     """Python engine, three files: the second write fails. The first is put back, the third is
     never touched (same inode and time), and the error is one line."""
-    monkeypatch.setattr(patch_files, "_git", lambda: None)
+    monkeypatch.setattr(patching, "_git", lambda: None)
     root = _tree(tmp_path / "fork")
     (root / "pkg/b.txt").chmod(0o640)
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)
-    real, calls = patch_files._replace, []
+    real, calls = patching._replace, []
 
     def failing_replace(path, data, mode=None):
         calls.append(path.name)
@@ -533,7 +532,7 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
             raise OSError(28, "No space left on device", str(path))
         return real(path, data, mode)
 
-    monkeypatch.setattr(patch_files, "_replace", failing_replace)
+    monkeypatch.setattr(patching, "_replace", failing_replace)
     rc, err = _run(capsys, "apply", str(patch), str(root))
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and "During handling" not in err
     assert "could not write pkg/b.txt" in err and "No space left on device" in err and "Nothing was changed" in err
@@ -547,12 +546,12 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
 
 
 def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_path, capsys, monkeypatch):
-    if patch_files._git() is None:
+    if patching._git() is None:
         pytest.skip("git is not installed")
     root = _tree(tmp_path / "fork")
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)
-    real_git = patch_files._run_git
+    real_git = patching._run_git
 
     def half_applying_git(where, args):
         if "--check" in args:
@@ -560,7 +559,7 @@ def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_pa
         (where / "a.txt").write_text("first line\nnew a.txt\nlast line\n")
         return subprocess.CompletedProcess(args, 1, "", "error: pkg/b.txt: Permission denied")
 
-    monkeypatch.setattr(patch_files, "_run_git", half_applying_git)
+    monkeypatch.setattr(patching, "_run_git", half_applying_git)
     rc, err = _run(capsys, "apply", str(patch), str(root))
     assert rc == 2 and err.count("\n") == 1 and "git apply failed after a clean check" in err
     after = _state(root)
@@ -573,7 +572,7 @@ def test_a_read_only_tree_gets_one_line_and_no_file_is_rewritten(tmp_path, capsy
     patch = _patch(tmp_path, _diff("a.txt", "old a.txt", "new a.txt"), _diff("pkg/b.txt", "old pkg/b.txt", "new"))
     if os.geteuid() == 0:
         # root writes through permission bits: report the files as read-only instead
-        monkeypatch.setattr(patch_files, "_writable", lambda path: False)
+        monkeypatch.setattr(patching, "_writable", lambda path: False)
     else:
         for p in [*root.rglob("*"), root]:
             p.chmod(p.stat().st_mode & ~0o222)

@@ -203,7 +203,7 @@ PARTS = st.sampled_from(["..", ".", "a", "b", "link", "inside", "", "x.txt", "/"
 @FAST
 @given(parts=st.lists(PARTS, min_size=1, max_size=5), absolute=st.booleans())
 def test_random_patch_paths_are_refused_or_inside_the_tree(parts, absolute):
-    from calplug.cli import patch as patch_files
+    from calplug import patching
 
     with tempfile.TemporaryDirectory() as folder:
         top = Path(folder)
@@ -212,10 +212,10 @@ def test_random_patch_paths_are_refused_or_inside_the_tree(parts, absolute):
         outside.mkdir()
         (root / "link").symlink_to(outside)
         rel = ("/" if absolute else "") + "/".join(parts)
-        fake = patch_files.PatchFile("fuzz", top / "fuzz.patch", {}, [patch_files.FileDiff(rel, [])])
+        fake = patching.PatchFile("fuzz", top / "fuzz.patch", {}, [patching.FileDiff(rel, [])])
         try:
-            (target,) = patch_files.targets(fake, root)
-        except patch_files.PatchError as error:
+            (target,) = patching.targets(fake, root)
+        except patching.PatchError as error:
             assert "refusing fuzz" in str(error) and "Nothing was changed" in str(error)
         else:
             assert target.resolve().is_relative_to(root.resolve())

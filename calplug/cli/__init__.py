@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-from ..errors import CALConfigError, CALError
+from ..errors import CALError
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -72,23 +69,6 @@ def one_line(error: BaseException) -> str:
         where = f"{error.filename}: " if error.filename else ""
         return f"{where}{error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
-
-
-def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """The output folder ``path``, created if missing and checked writable, before any work is
-    done: a command that trains for minutes must not fail at the end for want of a folder."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise CALConfigError(f"{option} {str(folder)!r} is a file, not a folder: give a folder path "
-                             "(it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CALConfigError(f"{option} {str(folder)!r} cannot be written ({error.strerror}): "
-                             "choose a folder you can write to") from error
-    return folder
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``calplug bench``: time and peak memory of a plain training step, a CAL step in the default
 (``drop``) and in the faithful (``mask``) mode, and the default with the chunked loss
 (``loss_chunk``), against the floor of an exact "without the image" pass (one no-grad forward of
-the decoder over the text tokens alone). The contrast pass is also timed inside each CAL step.
+the decoder over the text tokens alone). The contrast pass is also timed inside each CAL step,
+through calplug's ``calplug_observe_contrast_pass`` hook (`ContrastPassTimer`).
 
 The model is a random-init transformers Llava built from a config (LLaVA-1.5 shaped: 576 image
 tokens from a 336 px / patch-14 CLIP tower, a few hundred text tokens, vocabulary 32,000); the
@@ -31,7 +32,9 @@ from typing import Callable
 
 import torch
 
+from .. import plugins
 from ..gap import IGNORE_INDEX
+from ..hookspecs import hookimpl
 
 VARIANTS = ("plain", "cal_default", "cal_faithful", "cal_chunked", "floor")
 LABELS = {
@@ -245,28 +248,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ContrastPassTimer:
+    """A calplug plugin that times every contrast pass (calplug's no-grad decoder call and target
+    logits) through the declared observer ``calplug_observe_contrast_pass``: the device is
+    synchronised at "start" and at "end", and the wall time between them is appended to
+    ``seconds``. Observing, not replacing calplug's functions, keeps the timed code the code
+    that trains."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    @hookimpl
+    def calplug_observe_contrast_pass(self, model, phase: str) -> None:
+        _sync(self.device)
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif phase == "end" and self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+
 @contextlib.contextmanager
 def contrast_probe(device: torch.device):
-    """Record the seconds of every contrast pass (calplug's no-grad decoder call and target
-    logits, `calplug.step.contrast_gaps`) made inside the block."""
-    from .. import step
-
-    original = step.contrast_gaps
-    seconds: list[float] = []
-
-    def timed(*args, **kwargs):
-        _sync(device)
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    step.contrast_gaps = timed
+    """Record the seconds of every contrast pass made inside the block (a `ContrastPassTimer`
+    registered with calplug's plugin manager for the block's duration); yields the list."""
+    timer = ContrastPassTimer(device)
+    plugins.register(timer, name=f"calplug-bench-contrast-timer-{id(timer)}")
     try:
-        yield seconds
+        yield timer.seconds
     finally:
-        step.contrast_gaps = original
+        plugins.unregister(timer)
 
 
 def time_steps(steps: dict, device: torch.device, repeats: int, warmup: int):

@@ -36,6 +36,7 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
+from .common import model_class, prepare_output_dir, quiet_transformers_bars, require_extras
 
 
 # -- gaps and weights from a CAL training forward -------------------------------------------------
@@ -79,7 +80,6 @@ def demo_samples(path: Path, n: int, noise: float, seed: int):
     from transformers import LlavaForConditionalGeneration
 
     from . import synthetic
-    from .demo import quiet_transformers_bars
 
     vocab = synthetic.Vocab.load(path / "calplug_vocab.json")
     with quiet_transformers_bars():
@@ -129,7 +129,7 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
                              f"{len(captions)} captions), at least one of each")
     processor = AutoProcessor.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
-    model = _model_class(config).from_pretrained(path)
+    model = model_class(config).from_pretrained(path)
     pil = [Image.open(p).convert("RGB") for p in images]
     rows = []
     for im, cap in zip(pil, captions):
@@ -149,24 +149,6 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
     samples = [dict(image=im, tokens=tok.convert_ids_to_tokens(full["input_ids"][0]), note="",
                     corrupted=False) for im, (full, _) in zip(pil, rows)]
     return model, batches, samples
-
-
-def _model_class(config):
-    import transformers
-
-    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
-        auto = getattr(transformers, name, None)
-        if auto is not None:
-            try:
-                auto._model_mapping[type(config)]
-                return auto
-            except KeyError:
-                continue
-    archs = getattr(config, "architectures", None) or []
-    if archs and hasattr(transformers, archs[0]):
-        return getattr(transformers, archs[0])
-    raise CALConfigError(f"cannot tell which transformers class loads a {type(config).__name__}; "
-                         "load the model yourself and call calplug.cli.inspect.write_report")
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -447,9 +429,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import prepare_output_dir
-    from .synthetic import require_extras
-
     require_extras()
     path = Path(args.model)
     if not path.is_dir():

@@ -1,7 +1,7 @@
 """``calplug verify``: the checks of calplug's family tests (`calplug.verify`), run on your model.
 
     calplug verify --model DIR --image a.png --caption "a red square" [--image ... --caption ...]
-    calplug verify --tiny llava          # a tiny seeded model of a supported family: a self-check
+    calplug verify --tiny llava          # a tiny seeded Llava and its batch: a self-check
 
 ``--model`` is a folder written by ``save_pretrained`` holding the model and its processor; the
 batch is built from ``--image`` / ``--caption`` pairs after one ``--prompt`` (unsupervised, with the
@@ -17,17 +17,16 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
+from .common import model_class
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..testing import TINY_VLMS
-
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="folder written by save_pretrained: the model and its processor")
-    source.add_argument("--tiny", choices=sorted(TINY_VLMS), metavar="FAMILY",
-                        help=f"check a tiny seeded model of a supported family instead ({', '.join(sorted(TINY_VLMS))})")
+    source.add_argument("--tiny", choices=["llava"],
+                        help="check a tiny seeded Llava instead: a self-check of calplug on this machine")
     parser.add_argument("--image", action="append", default=[], help="--model: an image file (repeatable)")
     parser.add_argument("--caption", action="append", default=[], help="--model: its caption (repeatable)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -39,13 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..testing import tiny_vlm
+    from ..testing import tiny_llava_with_batch
     from ..verifying import verify
 
     if args.tiny is not None:
         if args.image or args.caption:
             raise CALConfigError("--image / --caption go with --model; --tiny builds its own batch")
-        model, batch = tiny_vlm(args.tiny, seed=args.seed)
+        model, batch = tiny_llava_with_batch(seed=args.seed)
     else:
         model, batch = processor_batch(Path(args.model), args.image, args.caption, args.prompt)
     model = model.to(args.device)
@@ -71,11 +70,9 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
         raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
     from transformers import AutoConfig, AutoProcessor
 
-    from .inspect import _model_class
-
     try:
         processor = AutoProcessor.from_pretrained(path)
-        model = _model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
     except (ValueError, OSError, ImportError) as error:
         raise CALConfigError(
             f"cannot load the model and its processor from {str(path)!r} ({' '.join(str(error).split())[:300]}): "
