@@ -103,7 +103,7 @@ def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: f
                                 ignore_index=IGNORE_INDEX)
         # Most models add nothing: their loss equals plain cross-entropy up to round-off, whose
         # gradient would only add noise to the reference's. Above 1e-5 of it, the term is real.
-        if abs(float(own) - float(plain)) > 1e-5 * abs(float(plain)):
+        if abs(float(own.detach()) - float(plain.detach())) > 1e-5 * abs(float(plain.detach())):
             loss = loss + (own.float() - plain)
     return loss, gaps, weights
 

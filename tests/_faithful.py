@@ -1,5 +1,5 @@
 """One faithful-mode CAL step beside its reference: the shared middle of every integration's
-faithful test (tests/test_llava_hf.py, test_llava_style.py, test_transformers_families.py)."""
+faithful test (tests/test_llava_hf.py, test_llava_style.py, test_family_calls.py)."""
 from __future__ import annotations
 
 import calplug

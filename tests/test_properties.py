@@ -24,18 +24,10 @@ from cases import CASES, SETTING, params
 from _close import assert_grads_rel_close
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _record_versions(record_testsuite_property):
-    import transformers
-
-    record_testsuite_property("transformers", transformers.__version__)
-    record_testsuite_property("torch", torch.__version__)
-
-
 def skip_where_mask_is_refused(case, contrast):
     if contrast == "mask" and case.contrast != "mask":
         pytest.skip("this decoder's conv / linear-attention layers do not honour mask holes, so "
-                    "calplug refuses contrast='mask' for it (tests/test_vlm_families.py checks the "
+                    "calplug refuses contrast='mask' for it (tests/test_family_decoders.py checks the "
                     "refusal); its faithful case uses drop")
 
 

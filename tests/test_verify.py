@@ -16,7 +16,7 @@ from calplug.contrast import select_positions
 from calplug.hookspecs import Contrast, Integration
 from calplug.integrations import compat, families, transformers_vlm
 import _hf_families as hf
-from test_transformers_families import skip_known_upstream_bug
+from test_family_calls import skip_known_upstream_bug
 
 BLIND_DROP = "contrast pass blind to the image (drop)"
 BLIND_MASK = "contrast pass blind to the image (mask)"
