@@ -12,7 +12,9 @@ has a high gap and no gain).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -122,3 +124,24 @@ def _score(target: nn.Module, main: MainPass, cfg, contrast: Contrast, log_probs
         without = (main_logits - gaps) - lse
         result.log_prob_without = torch.where(contrasted, without, result.log_prob_with)
     return result
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Dropout probability 0 for the block (``nn.Dropout`` modules and float ``*dropout``
+    attributes that attention modules read in training), restored after: scores and checks of
+    the network itself, in training mode (some forwards build other masks in eval mode)."""
+    changed = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            changed.append((module, "p", module.p))
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float) and value > 0:
+                changed.append((module, name, value))
+                setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in changed:
+            setattr(module, name, value)

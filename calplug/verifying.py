@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -135,7 +133,7 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
         target.train()
         for p in target.parameters():
             p.grad = None
-        with _dropout_off(target):
+        with scoring.dropout_off(target):
             layout = _layout(target, batch, seed)
             checks = _run_checks(target, batch, layout, integration, gradients)
     finally:
@@ -358,26 +356,6 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _dropout_off(model: nn.Module) -> Iterator[None]:
-    """Dropout probability 0 for the block (``nn.Dropout`` modules and float ``*dropout``
-    attributes that attention modules read in training), restored after."""
-    changed = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            changed.append((module, "p", module.p))
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if name.endswith("dropout") and isinstance(value, float) and value > 0:
-                changed.append((module, name, value))
-                setattr(module, name, 0.0)
-    try:
-        yield
-    finally:
-        for module, name, value in changed:
-            setattr(module, name, value)
-
-
 def _target_logits(out, targets: torch.Tensor) -> torch.Tensor:
     return _logits(out)[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 

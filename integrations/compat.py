@@ -22,7 +22,6 @@ is written here once.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import warnings

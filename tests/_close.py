@@ -2,7 +2,6 @@
 of whole tensors, parameter by parameter."""
 from __future__ import annotations
 
-import torch
 
 
 def assert_rel_close(actual, expected, rel=1e-5, name="", atol=1e-8):

@@ -27,3 +27,24 @@ def _record_versions(record_testsuite_property):
 
     record_testsuite_property("transformers", transformers.__version__)
     record_testsuite_property("torch", torch.__version__)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """calplug.testing's tiny Llava (seed 0) in train mode, one per test module (tests that need
+    a fresh one per test override this fixture)."""
+    from calplug.testing import tiny_llava
+
+    return tiny_llava(seed=0).train()
+
+
+@pytest.fixture(params=["git", "python"])
+def engine(request, monkeypatch):
+    """Run a patch test with ``git apply`` and with the Python fallback (as if no git on PATH)."""
+    from calplug import patching
+
+    if request.param == "python":
+        monkeypatch.setattr(patching, "_git", lambda: None)
+    elif patching._git() is None:
+        pytest.skip("git is not installed: the Python patch engine is tested alone")
+    return request.param

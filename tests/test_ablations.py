@@ -4,12 +4,7 @@ import torch
 
 import calplug
 from calplug.blur import gaussian_blur
-from calplug.testing import llava_batch, tiny_llava
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(seed=0).train()
+from calplug.testing import llava_batch
 
 
 def deltas(model, batch, **cfg):

@@ -28,15 +28,10 @@ from torch import nn
 
 import calplug
 from calplug import CALConfig, CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
-from calplug import batch_checks, contrast_pass, patching, step
+from calplug import contrast_pass, patching
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
 from calplug.trainer import CALStats
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(0).train()
 
 
 @pytest.fixture
@@ -461,15 +456,6 @@ def _state(root: Path) -> dict:
         out[str(p.relative_to(root))] = (p.read_bytes() if p.is_file() and not p.is_symlink() else None,
                                          st.st_mode, st.st_ino, st.st_mtime_ns)
     return out
-
-
-@pytest.fixture(params=["git", "python"])
-def engine(request, monkeypatch):
-    if request.param == "python":
-        monkeypatch.setattr(patching, "_git", lambda: None)
-    elif patching._git() is None:
-        pytest.skip("git is not installed: the Python engine is tested alone")
-    return request.param
 
 
 def _run(capsys, *argv) -> tuple[int, str]:

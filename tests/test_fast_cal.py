@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import calplug
-from calplug import distributed, enabling, plugins, step
+from calplug import distributed, enabling, plugins
 from calplug.hookspecs import hookimpl
 from calplug.testing import llava_batch, tiny_llava
 from _recording import ShapeRecorder, record_calls

@@ -17,7 +17,6 @@ Example counts keep the file within seconds on a laptop CPU (the default tox env
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import warnings
 from pathlib import Path

@@ -14,6 +14,8 @@ from calplug.testing import llava_batch, tiny_llava
 
 @pytest.fixture
 def model():
+    """A fresh tiny Llava per test (overrides conftest's per-module one: these tests enable,
+    disable and copy it)."""
     m = tiny_llava(seed=0)
     m.train()
     return m

@@ -75,14 +75,6 @@ def run_cli(*argv: str, capsys) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.fixture(params=["git", "python"] if HAS_GIT else ["python"])
-def engine(request, monkeypatch):
-    """Run each command test with git apply and with the Python fallback (no git on PATH)."""
-    if request.param == "python":
-        monkeypatch.setattr(patching, "_git", lambda: None)
-    return request.param
-
-
 # -- the shipped files ----------------------------------------------------------------------------
 def test_every_patch_names_its_upstream_commit_and_files():
     patches = patching.available()

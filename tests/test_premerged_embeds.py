@@ -12,7 +12,6 @@ import torch
 import calplug
 from calplug.errors import CALInputError
 from calplug.hookspecs import VISUAL_MASK_ARGUMENT
-from calplug.integrations import compat
 from calplug.integrations.capture import capture_decoder_call
 
 import _hf_families as fam

@@ -12,7 +12,6 @@ import calplug
 from calplug import guards
 from calplug.errors import CALInputError, CALWarning
 from calplug.hookspecs import VISUAL_MASK_ARGUMENT
-from calplug.integrations import compat
 from calplug.testing import llava_batch, tiny_llava
 
 

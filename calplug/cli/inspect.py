@@ -39,39 +39,25 @@ from ..gap import IGNORE_INDEX
 from .common import model_class, prepare_output_dir, quiet_transformers_bars, require_extras
 
 
-# -- gaps and weights from a CAL training forward -------------------------------------------------
+# -- gaps and weights: calplug.token_gaps ---------------------------------------------------------
 def gaps_and_weights(model, batch: dict, config=None) -> dict:
-    """One CAL training forward of ``batch`` (no grad, dropout off): ``gaps``, ``clamped``
-    (the gaps clamped to [alpha, beta]) and ``weights`` (the pooled weights the loss uses), each
-    float32 ``[B, L-1]`` with row i belonging to token i+1, and the shifted ``supervised`` mask."""
+    """`calplug.token_gaps` of ``batch`` (no grad, dropout off): ``gaps``, ``clamped`` (the gaps
+    clamped to [alpha, beta]) and ``weights`` (the pooled weights the loss uses), each float32
+    ``[B, L-1]`` with row i belonging to token i+1, and the shifted ``supervised`` mask."""
     import calplug
+    from calplug.scoring import dropout_off
 
-    was_enabled = calplug.is_enabled(model)
-    previous = calplug.config_of(model)
-    calplug.enable(model, config)
-    cfg = calplug.config_of(model)
     was_training = model.training
     model.train()
-    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m in dropout:
-        m.eval()
     try:
-        with torch.no_grad():
-            out = model(**batch)
+        with dropout_off(model):  # training mode, dropout off: the network itself
+            found = calplug.token_gaps(model, batch, config)
     finally:
         model.train(was_training)
-        if was_enabled:
-            calplug.enable(model, previous)
-        else:
-            calplug.disable(model)
-    gaps, weights = getattr(out, "cal_gaps", None), getattr(out, "cal_weights", None)
-    if gaps is None or weights is None:
-        raise CALInputError("the model's training forward returned no cal_gaps / cal_weights: "
-                            "was it given labels?")
-    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
-    gaps = gaps.float().cpu()
-    return dict(gaps=gaps, clamped=gaps.clamp(cfg.alpha, cfg.beta), weights=weights.float().cpu(),
-                supervised=supervised.cpu())
+    cfg = found.config
+    gaps = found.gaps.float().cpu()
+    return dict(gaps=gaps, clamped=gaps.clamp(cfg.alpha, cfg.beta), weights=found.weights.float().cpu(),
+                supervised=found.supervised.cpu())
 
 
 # -- samples --------------------------------------------------------------------------------------
