@@ -187,6 +187,15 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     return model
 
 
+def checked_config(config=None, **overrides) -> CALConfig:
+    """`resolve_config`, and the contrast it names resolved against the registered ones: every
+    error `enable` would raise about the settings alone, raised now (for adapters and scripts
+    that read settings long before the model exists)."""
+    cfg = resolve_config(config, **overrides)
+    plugins.resolve_contrast(cfg.contrast)
+    return cfg
+
+
 def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> bool:
     """Enable CAL when the config's ``stages`` covers ``stage`` ("pretrain" or "finetune").
 
@@ -194,7 +203,7 @@ def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> 
     tuned). Returns whether CAL is now enabled; when the stage is not covered, a model enabled
     earlier is disabled, so one call per run is enough.
     """
-    cfg = resolve_config(config, **overrides)
+    cfg = checked_config(config, **overrides)  # a bad setting fails in every stage
     if cfg.covers_stage(stage):
         enable(model, cfg)
         return True

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, refuse, settings_from
-from ..config import resolve_config
+from ..enabling import checked_config
 from ..errors import CALConfigError
 from ..trainer import CALLoggingCallback, put_first
 
@@ -134,7 +134,7 @@ def train(config: str, overrides=()) -> None:
     if settings is not None:
         refuse(FRAMEWORK, REFUSED, rest)
         _refuse_data_parallel()
-        resolve_config(None, **settings)  # a bad value fails now, not when training begins
+        checked_config(None, **settings)  # a bad value fails now, not when training begins
         callbacks = [LlamaFactoryCALCallback(settings)]
     from llamafactory.train.tuner import run_exp
 
