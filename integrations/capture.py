@@ -97,7 +97,8 @@ def pixel_rerun(original_forward: Callable, decoder: nn.Module, call: dict,
     def rerun_with_pixels(transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
         changed = dict(call)
         for key in pixel_keys:
-            changed[key] = transform_pixels(changed.get(key), transform)
+            if key in changed:
+                changed[key] = transform_pixels(changed[key], transform)
         return {"inputs_embeds": embeddings_with(original_forward, decoder, changed)}
 
     return rerun_with_pixels

@@ -93,7 +93,19 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     if "attention_mask" in batch:
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     batch["labels"] = labels
-    return model.train(), batch
+    return model.train(), forward_arguments(model, batch)
+
+
+def forward_arguments(model, batch: dict) -> dict:
+    """The entries of a processor's output that the model's forward takes: some processors return
+    more than a given release's forward accepts (the Llava processor's ``token_type_ids`` on
+    transformers 4.45), and a forward without ``**kwargs`` raises on them."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return batch
+    return {k: v for k, v in batch.items() if k in parameters}
 
 
 def _process(processor, images: list, texts: list[str], **options) -> dict:
