@@ -152,7 +152,7 @@ def _versions() -> dict:
     from .. import __version__
 
     return dict(calplug=__version__, torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 # -- checkpoints for `calplug inspect` ------------------------------------------------------------

@@ -137,8 +137,10 @@ def default_cache_dir() -> Path:
 def stage1_key(proto: Protocol, threads: int) -> str:
     import transformers
 
+    # The CPU kernels torch picks (AVX2, AVX-512) round differently: a stage-1 model trained with
+    # one set is not the one another machine would train, so they do not share a cache entry.
     fields = dict(proto.stage1_fields(), torch=torch.__version__, transformers=transformers.__version__,
-                  threads=threads)
+                  threads=threads, cpu_capability=torch.backends.cpu.get_cpu_capability())
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
