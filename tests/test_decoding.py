@@ -117,6 +117,8 @@ def generate_round_off(model, inputs) -> float:
     return float((first - model(**inputs, use_cache=False).logits[:, -1].float()).abs().max())
 
 
+# Gemma 3 / 4's tiny windows (4) make every case outgrow them: the warning is checked on its own below.
+@pytest.mark.filterwarnings("ignore:contrastive decoding. the prompt:UserWarning")
 @pytest.mark.parametrize("case", params(DECODING))
 def test_greedy_equals_the_reference_that_recomputes_both_branches(case, env):
     family = case.id.split("-")[1]
