@@ -83,10 +83,11 @@ class MainPass:
     sequence_kwargs: decoder keyword arguments laid out ``[B, L, ...]`` along the sequence besides
                      ``inputs_embeds`` (Gemma's per-layer inputs): a contrast that shortens the
                      sequence (``drop``) gathers them like the embeddings.
-    attention_span:  the shortest sliding window / attention chunk of the decoder when its layers
-                     build local masks by sequence index from a 2-D mask; None when there is none
-                     (or the decoder receives ready 4-D masks, which ``drop`` slices). ``drop``
-                     equals ``mask`` only on sequences no longer than it.
+    attention_span:  the shortest sliding window / attention chunk of the decoder, which its layers
+                     count in sequence (and cache) positions; None when there is none. ``drop``
+                     equals ``mask`` only on sequences no longer than it, unless the decoder
+                     receives ready 4-D masks (``drop`` slices them); a decoding cache evicts by
+                     it either way (`calplug.decoding`).
     """
 
     output: Any
@@ -134,7 +135,7 @@ class Integration:
                       (it hooks the head); without it that setting is refused.
     check:            optional ``fn(model)`` run by `calplug.enable`; raises
                       `UnsupportedModelError` for versions or configurations it cannot handle.
-    pixel_contrasts:  whether `main_pass` fills `MainPass.contrast_embeds` when the micro-batch
+    pixel_contrasts:  whether `main_pass` fills `MainPass.rerun_with_pixels` when the micro-batch
                       has pixels, so that contrasts with ``needs_pixels`` (blur) can run.
     accepts:          optional ``fn(model) -> bool``: matches models beyond ``model_classes`` (a
                       generic integration); ``check`` then decides, or refuses with the reason.
@@ -169,10 +170,19 @@ class ContrastPlan:
     rows:           long ``[B, L]``; ``rows[b, i]`` indexes the flattened ``[B' * L']`` hidden
                     states of the contrast pass and gives the state that predicts token ``i + 1``
                     of sample ``b`` without the image; -1 means no contrast value (gap 0).
+    samples:        long ``[B']``: the sample of each row of the contrast pass, in order; None
+                    (the default) means every sample, ``B' = B``. Contrastive decoding
+                    (`calplug.decoding`) uses it to extend the pass token by token.
+    keys:           ``[B', L']`` 2-D mask (1 = a later token may attend there) of the contrast
+                    pass's positions: what its padding mask would be. None (the default) means
+                    ``decoder_kwargs["attention_mask"]`` when that is 2-D; a plan whose decoder
+                    gets ready 4-D / per-layer-type masks sets it, or decoding refuses the plan.
     """
 
     decoder_kwargs: dict
     rows: "torch.Tensor"
+    samples: "torch.Tensor | None" = None
+    keys: "torch.Tensor | None" = None
 
 
 @dataclasses.dataclass(frozen=True)

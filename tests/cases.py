@@ -74,6 +74,8 @@ class Case:
     check: Callable | None = None                        # (model, batch, Reference) extra faithful checks
     contrast: str = "mask"                               # the faithful contrast: the published mask, or
                                                          # drop where mask holes are not honoured
+    decode_inputs: Callable | None = None                # (model, lengths, seeds) -> left-padded inputs
+                                                         # of generate(), one image sample per length
 
     def own_loss(self, model, batch) -> torch.Tensor:
         out = model(**batch)
@@ -118,6 +120,28 @@ def hf_decoder(model):
     return hf.decoder_and_head(model)[0]
 
 
+def left_padded(samples: list[dict], finish=None, model=None) -> dict:
+    """One-sample batches merged into one left-padded batch, as a processor pads for generate():
+    ``[1, L]`` inputs padded on the left (ids 0, mask 0, labels -100, other ids 0), every other
+    tensor (pixels, grids, sizes) concatenated; ``finish`` (the family's) is run again on the
+    result, then labels are dropped."""
+    width = max(s["input_ids"].shape[1] for s in samples)
+    pad = {"attention_mask": 0, "labels": -100}
+    merged = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if values[0] is None:
+            merged[key] = None
+        elif all(v.dim() == 2 and v.shape == x["input_ids"].shape for v, x in zip(values, samples)):
+            merged[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pad.get(key, 0))
+                                     for v in values])
+        else:
+            merged[key] = torch.cat(values)
+    if finish is not None:
+        merged = finish(model, merged)
+    return {k: v for k, v in merged.items() if k != "labels"}
+
+
 def _video_works(name) -> bool:
     return not (name == "llava_onevision" and (4, 49) <= hf.tf_version() < (4, 50))
 
@@ -140,10 +164,16 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
         one = hf.make_batch(family, model, kinds=("image",), lengths=(6,))
         return {k: v for k, v in one.items() if k != "labels"}
 
+    def decode_inputs(model, lengths, seeds):
+        return left_padded([hf.make_batch(family, model, kinds=("image",), lengths=(n,), seed=s)
+                            for n, s in zip(lengths, seeds)], family.finish, model)
+
+    first = (kind, padding_side) == ("image", "right")
     return Case(f"hf-{name}-{kind}-{padding_side}", build,
                 functools.partial(hf_reference, family=family), hf_layout, hf_decoder,
                 drop_atol=1e-5, contrast="drop" if family.drop_only else "mask",
-                generate_inputs=generate_inputs if (kind, padding_side) == ("image", "right") else None)
+                generate_inputs=generate_inputs if first else None,
+                decode_inputs=decode_inputs if first else None)
 
 
 def tiny_llava_case(padding_side: str, attn: str) -> Case:
@@ -162,10 +192,17 @@ def tiny_llava_case(padding_side: str, attn: str) -> Case:
         one = llava_batch(model, lengths=(6,), with_image=(True,))
         return {k: v for k, v in one.items() if k != "labels"}
 
+    def decode_inputs(model, lengths, seeds):
+        from calplug.testing import llava_batch
+
+        return left_padded([llava_batch(model, lengths=(n,), with_image=(True,), seed=s)
+                            for n, s in zip(lengths, seeds)])
+
     return Case(f"testing-tiny_llava-{attn}-{padding_side}", build, hf_reference, hf_layout,
                 hf_decoder, settings=((0.0, 5.0, 3), (1.0, 5.0, 3), (0.0, 0.05, 1)),
                 min_weight_std=0.01,
-                generate_inputs=generate_inputs if padding_side == "right" else None)
+                generate_inputs=generate_inputs if padding_side == "right" else None,
+                decode_inputs=decode_inputs if padding_side == "right" else None)
 
 
 # -- LLaVA-style codebases: haotian-liu LLaVA, LLaVA-NeXT, MGM (tests/_llava_style_models.py) ----

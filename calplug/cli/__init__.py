@@ -19,6 +19,7 @@ COMMANDS = {
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
     "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
+    "generate": ("calplug.cli.generate", "a model's plain and contrastive (image-blind contrast) answers side by side"),
     "llamafactory": ("calplug.cli.llamafactory", "LLaMA-Factory training with CAL: calplug llamafactory train cfg.yaml"),
     "swift-plugin": ("calplug.cli.swift_plugin", "print the path of the ms-swift plugin file (--external_plugins)"),
 }

@@ -522,6 +522,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--seed", type=int, default=d.seed)
     a("--json", metavar="PATH", help="also write the full result (every timing) as JSON")
+    a("--decode", action="store_true",
+      help="time contrastive decoding against plain generate() per new token instead (docs/decoding.md)")
+    a("--new-tokens", type=int, default=32, help="--decode: new tokens per generate() call (default 32)")
     a("--check", action="store_true", help="exit 1 when a target is not met")
 
 
@@ -559,6 +562,19 @@ def run(args: argparse.Namespace) -> int:
         raise CALConfigError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
     if args.json:
         _check_json_path(args.json)
+    if args.decode:
+        from . import bench_decode
+
+        if args.new_tokens < 2:
+            raise CALConfigError(f"--new-tokens must be >= 2 (the prefill is T(1)), got {args.new_tokens}")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        result = bench_decode.decode_benchmark(build_model(cfg), cfg, args.new_tokens)
+        print(bench_decode.format_decode_report(result), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 1 if args.check and not all(result["goal_met"].values()) else 0
     result = benchmark(cfg)
     print(format_report(result), flush=True)
     if args.json:

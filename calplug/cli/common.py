@@ -4,7 +4,9 @@ imports these from here, never another subcommand's helpers.
 * `prepare_output_dir`: the output folder, checked writable before minutes of work;
 * `require_extras`: the optional packages the demo and `calplug inspect` draw and plot with;
 * `quiet_transformers_bars`: no transformers progress bar inside calplug's own output;
-* `model_class`: which transformers class loads a saved vision-language model.
+* `model_class`: which transformers class loads a saved vision-language model;
+* `load_saved`, `process_images`, `forward_arguments`: a model saved with its processor, and the
+  processor's tensors for images and texts as the model's forward takes them (verify, generate).
 """
 from __future__ import annotations
 
@@ -77,3 +79,42 @@ def model_class(config):
         return getattr(transformers, archs[0])
     raise CALConfigError(f"cannot tell which transformers class loads a {type(config).__name__}; "
                          "load the model yourself and call calplug.cli.inspect.write_report")
+
+
+def load_saved(path: Path, fallback: str):
+    """``(model, processor)`` from a folder written by ``save_pretrained`` for both; an error
+    naming the folder and ``fallback`` (what to do instead) when they do not load."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if not path.is_dir():
+        raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a folder written by "
+                             "save_pretrained (the model and its processor)")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    except (ValueError, OSError, ImportError) as error:
+        raise CALConfigError(
+            f"cannot load the model and its processor from {str(path)!r} ({' '.join(str(error).split())[:300]}): "
+            f"pass a folder written by save_pretrained for both, or {fallback}") from error
+    return model, processor
+
+
+def forward_arguments(model, batch: dict) -> dict:
+    """The entries of a processor's output that the model's forward takes: some processors return
+    more than a given release's forward accepts (the Llava processor's ``token_type_ids`` on
+    transformers 4.45), and a forward without ``**kwargs`` raises on them."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return batch
+    return {k: v for k, v in batch.items() if k in parameters}
+
+
+def process_images(processor, images: list, texts: list[str], **options) -> dict:
+    """The processor's tensors for ``texts`` with one image each (flat image list, or one list
+    per text for processors that want that)."""
+    try:
+        return processor(images=images, text=texts, return_tensors="pt", **options)
+    except (ValueError, TypeError):
+        return processor(images=[[im] for im in images], text=texts, return_tensors="pt", **options)
