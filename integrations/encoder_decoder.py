@@ -47,7 +47,7 @@ from .capture import capture_decoder_call, decoder_inputs_with, transform_pixels
 
 KIND = "encoder-decoder"
 ENCODER_STATES = ("encoder_hidden_states", "encoder_attention_mask")
-NO_POSITIONS = ("{cls}: the image enters the encoder, not the decoder sequence, so there is no "
+NO_POSITIONS = ("the image enters the encoder, not the decoder sequence, so there is no "
                 "share of decoder image positions for patch_mask to hide; use drop (the default), "
                 "mask (the same image-free pass here) or blur")
 IMAGE_ONLY = ("{name}: its encoder's input is only the image (the text is all on the decoder "
@@ -323,7 +323,7 @@ def check(model: nn.Module) -> None:
 
 def refuses_contrast(model: nn.Module, contrast: str) -> str | None:
     if contrast == "patch_mask":
-        return NO_POSITIONS.format(cls=type(model).__name__)
+        return NO_POSITIONS
     return None
 
 
@@ -360,6 +360,10 @@ PROVEN = {name: (f.family, f.key, KIND) for name, f in FACTS.items()}
 
 
 def support_status(model_or_class) -> tuple[str, str] | None:
+    """Proven for this kind's classes; BLIP-2's classes only for a model with a T5 language model
+    (asked with the class, the answer is the placeholder integration's: it depends on the model)."""
+    if is_named(model_or_class, T5_VARIANTS) and (isinstance(model_or_class, type) or not accepts(model_or_class)):
+        return None
     return text_decoder.status_of(model_or_class, PROVEN, REFUSED)
 
 

@@ -183,9 +183,6 @@ _ROWS = [
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}
 
-CROSS_ATTENTION = ("the image reaches the text through cross-attention layers, not through "
-                   "placeholder positions of the decoder sequence; a contrast for it would run the "
-                   "decoder without the cross-attention states, which calplug does not implement")
 ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encoder side and the text "
                    "decoder cross-attends to it, so there are no image positions in the decoded "
                    "sequence to hide; a contrast would have to run the decoder against an encoder "
@@ -203,8 +200,6 @@ LOGIT_TRANSFORM = ("its forward transforms the logits after lm_head ({what}); th
                    "family case")
 
 REFUSED: dict[str, str] = {
-    "IdeficsForVisionText2Text": "Idefics (1): gated " + CROSS_ATTENTION,
-    "BlipForConditionalGeneration": "BLIP: the text decoder " + CROSS_ATTENTION.split("the image ", 1)[1],
     "ChameleonForConditionalGeneration": "Chameleon: " + VQ_TOKENS,
     "Emu3ForConditionalGeneration": "Emu3: " + VQ_TOKENS,
     "JanusForConditionalGeneration": (

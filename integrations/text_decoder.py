@@ -39,13 +39,17 @@ CALL_SIZE_CHECKED = 4  # rows of the first sample compared when checking the dec
 @dataclasses.dataclass
 class Recorded:
     """One main pass: the forward's output, the decoder's call (keyword arguments), its first
-    output, and the output projection's input and output."""
+    output, the output projection's input and output, and the ``position_ids`` the decoder's
+    first layer received (a decoder that numbers positions from its padding mask, as Idefics
+    does, computes them inside)."""
 
     output: object
     decoder_kwargs: dict
     decoder_out: torch.Tensor | None
     head_in: torch.Tensor | None
     head_out: torch.Tensor | None
+    layer_positions: torch.Tensor | None = None
+    image_states: torch.Tensor | None = None  # set by an integration that records them (Idefics)
 
 
 def run_recorded(original_forward: Callable, call: dict, decoder: nn.Module, head: nn.Module) -> Recorded:
@@ -61,7 +65,14 @@ def run_recorded(original_forward: Callable, call: dict, decoder: nn.Module, hea
         if "head_in" not in seen:
             seen["head_in"], seen["head_out"] = args[0], output
 
+    def layer_positions(module, args, kwargs):
+        if "positions" not in seen:
+            seen["positions"] = kwargs.get("position_ids")
+
     handles = [decoder.register_forward_hook(decoder_out), head.register_forward_hook(head_io)]
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        handles.append(layers[0].register_forward_pre_hook(layer_positions, with_kwargs=True))
     try:
         with capture_decoder_call(decoder) as decoder_kwargs:
             output = original_forward(**call)
@@ -71,7 +82,8 @@ def run_recorded(original_forward: Callable, call: dict, decoder: nn.Module, hea
     if not decoder_kwargs:
         raise UnsupportedModelError(f"the model's forward never called its text decoder "
                                     f"({type(decoder).__name__})")
-    return Recorded(output, decoder_kwargs, seen.get("decoder_out"), seen.get("head_in"), seen.get("head_out"))
+    return Recorded(output, decoder_kwargs, seen.get("decoder_out"), seen.get("head_in"), seen.get("head_out"),
+                    seen.get("positions"))
 
 
 def logits_of(output) -> torch.Tensor:
@@ -116,10 +128,13 @@ def padding_mask(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
     return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
 
-def positions(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
-    """The positions the decoder used: the ones it was handed, else 0..L-1 (the default of every
-    decoder these integrations name, cache empty)."""
+def positions(kwargs: dict, embeds: torch.Tensor, layer: torch.Tensor | None = None) -> torch.Tensor:
+    """The positions the decoder used: the ones it was handed, else the ones its first layer
+    received (``layer``), else 0..L-1 (the default of every decoder these integrations name,
+    cache empty)."""
     given = kwargs.get("position_ids")
+    if given is None:
+        given = layer
     if isinstance(given, torch.Tensor):
         return given.expand(embeds.shape[0], -1) if given.dim() == 2 else given
     B, L = embeds.shape[:2]
@@ -161,6 +176,36 @@ def contrast_decoder(decoder: nn.Module, after=None) -> nn.Module:
     return ContrastDecoder(decoder, after)
 
 
+class JoinedHead(nn.Module):
+    """A decoupled output projection (Idefics: ``weight`` for the vocabulary, ``additional_fc``
+    for tokens added after pretraining, their logits concatenated) as the contrast side reads
+    one: ``weight`` (and ``bias``) with the added rows behind the vocabulary's, made when read
+    (no grad)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.head.weight, self.head.additional_fc.weight], 0)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.head.bias is None:
+            return None
+        with torch.no_grad():
+            return torch.cat([self.head.bias, self.head.additional_fc.bias], 0)
+
+
+def contrast_head(head: nn.Module) -> nn.Module:
+    """The output projection as the contrast side reads it: a decoupled one joined."""
+    if isinstance(getattr(head, "additional_fc", None), nn.Linear):
+        return JoinedHead(head)
+    return head
+
+
 # -- what lies between the decoder's output and the logits ------------------------------------------
 def _scale(value: torch.Tensor, factor: float) -> torch.Tensor:
     return value * factor
@@ -180,7 +225,14 @@ def head_map(model: nn.Module, recorded: Recorded, logits: torch.Tensor, between
         raise UnsupportedModelError(f"{name}: its forward did not call the text decoder and the "
                                     "output projection calplug found")
     after = between
-    if between is None and head_in is not dec:
+    if between is not None:
+        with torch.no_grad():
+            mapped = between(dec[0, :CALL_SIZE_CHECKED].detach())
+        if not torch.allclose(mapped.float(), head_in[0, :CALL_SIZE_CHECKED].detach().float(), rtol=1e-4, atol=1e-5):
+            raise UnsupportedModelError(
+                f"{name}: its output projection does not receive {type(between).__name__} of the "
+                "text decoder's output; calplug cannot compute the contrast side's target logits")
+    elif head_in is not dec:
         a, b = dec[0, :CALL_SIZE_CHECKED].detach().float(), head_in[0, :CALL_SIZE_CHECKED].detach().float()
         factor = float((a * b).sum() / (a * a).sum().clamp(min=1e-30))
         if a.shape != b.shape or not torch.allclose(a * factor, b, rtol=1e-4, atol=1e-5):

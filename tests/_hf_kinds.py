@@ -45,6 +45,7 @@ class KindFamily:
     vision: Callable                # model -> the vision tower (no work in the image-blind pass)
     visual: Callable | None = None  # (model, batch) -> bool [B, L] decoder image positions (positions kind)
     text_only: bool = True          # the model can batch a text-only sample with image samples
+    head: Callable = lambda model: model.get_output_embeddings()  # model -> the output projection
     blur: bool = True               # the model's pixels are images [..., H, W]
 
     @property
@@ -168,6 +169,97 @@ def mllama_vision(model):
     return model.model.vision_model if tf_version() >= (4, 52) else model.vision_model
 
 
+def build_blip(seed=0):
+    # BLIP's vision config initialises its weights with std 1e-10: the image would not matter
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, initializer_range=0.02)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, encoder_hidden_size=32, max_position_embeddings=64, pad_token_id=PAD,
+                bos_token_id=1, eos_token_id=2, sep_token_id=2, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, label_smoothing=0.0)
+    model = _model("BlipForConditionalGeneration", seed, vision_config=vision, text_config=text)
+    # the text decoder's cross-attention carries the image to the text
+    _scaled(model, ("crossattention.self.value.weight", "crossattention.output.dense.weight"), 4.0)
+    return model
+
+
+def blip_batch(model, padding_side="right", text_only=False, lengths=(10, 8, 9), seed=0):
+    """BLIP's captioner takes one image per sample: no text-only sample."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.cat([torch.tensor([1]), torch.randint(3, 240, (n - 1,), generator=g)]) for n in lengths]
+    input_ids, mask = _pad(ids, PAD, padding_side)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    labels[:, :1] = -100
+    labels = torch.where((mask.cumsum(1) <= 3) & (mask == 1), torch.full_like(labels, -100), labels)
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels,
+                pixel_values=torch.randn(len(lengths), 3, 32, 32, generator=g))
+
+
+BLIP_IMAGE_KWARGS = ("encoder_hidden_states", "encoder_attention_mask")
+
+
+def blip_reference(model, batch, alpha, beta, window):
+    """The model's own forward, and its own forward with its text decoder handed no image states
+    (its forward needs pixels; without encoder_hidden_states its layers skip cross-attention)."""
+    hooks = ((model.text_decoder.bert, drop_arguments_hook(BLIP_IMAGE_KWARGS)),)
+    with_image = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+    return reference_image_free_step(model, batch, batch, with_image, alpha, beta, window, hooks=hooks)
+
+
+def build_idefics(seed=0, added=0):
+    """``added``: tokens of the decoupled embedding and head (``additional_vocab_size``: the
+    released checkpoints add <image> and <fake_token_around_image> so); the vocabulary stays
+    VOCAB ids in all. With added tokens transformers 5.x's own Idefics loss fails (it views the
+    logits with ``vocab_size``, which leaves them out), so the family cases use none and
+    tests/test_kinds.py checks the decoupled head on its own."""
+    vision = dict(embed_dim=32, image_size=32, patch_size=8, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    perceiver = dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                     resampler_head_dim=8)
+    model = _model("IdeficsForVisionText2Text", seed, vocab_size=VOCAB - added, additional_vocab_size=added,
+                   hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   cross_layer_interval=1, use_resampler=True, vision_config=vision, perceiver_config=perceiver,
+                   pad_token_id=PAD, bos_token_id=1, eos_token_id=2, freeze_text_layers=False,
+                   freeze_vision_layers=False, freeze_lm_head=False, alpha_initializer="ones",
+                   max_position_embeddings=64)
+    return model
+
+
+def idefics_batch(model, padding_side="right", text_only=True, lengths=(10, 8, 9), seed=0):
+    """[2 text][<image>][text] with image_attention_mask 1 from the image token on (the
+    processor's layout); <image> and <fake_token_around_image> are ids VOCAB - 2, VOCAB - 1 (the
+    added tokens of a decoupled head), the latter a label. Sample 2 text-only: zero pixels, zero
+    image attention."""
+    g = torch.Generator().manual_seed(seed)
+    image_id, fake = VOCAB - 2, VOCAB - 1
+    kinds_ = (True, True, not text_only)
+    ids, labels, attend = [], [], []
+    for n, image in zip(lengths, kinds_):
+        text = torch.randint(3, 240, (n,), generator=g)
+        seq = torch.cat([text[:2], torch.tensor([fake, image_id, fake]), text[2:]]) if image else text
+        lab = seq.clone()
+        lab[:3] = -100
+        ids.append(seq)
+        labels.append(lab)
+        attend.append(((seq == image_id).long().cumsum(0) > 0).long().unsqueeze(-1))
+    input_ids, mask = _pad(ids, PAD, padding_side)
+    labels, _ = _pad(labels, -100, padding_side)
+    attend, _ = _pad(attend, 0, padding_side)
+    pixels = torch.randn(len(lengths), 1, 3, 32, 32, generator=g)
+    if not kinds_[-1]:
+        pixels[-1] = 0
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, pixel_values=pixels,
+                image_attention_mask=attend)
+
+
+def idefics_reference(model, batch, alpha, beta, window):
+    """The model's own forward, and its own forward with every text row attending to no image (an
+    all-zero image attention mask: its gate zeroes the cross-attention output, as for text)."""
+    second = dict(batch, image_attention_mask=torch.zeros_like(batch["image_attention_mask"]))
+    with_image = batch["image_attention_mask"].flatten(1).ne(0).any(1)
+    return reference_image_free_step(model, batch, second, with_image, alpha, beta, window)
+
+
 # -- encoder-decoder ---------------------------------------------------------------------------------
 def seq2seq_batch(n_image, *, pixels, text_only=True, padding_side="right", lengths=(6, 5, 7),
                   targets=(7, 5, 6), image_first=True, seed=0, extra=None):
@@ -186,6 +278,20 @@ def seq2seq_batch(n_image, *, pixels, text_only=True, padding_side="right", leng
     batch = dict(input_ids=input_ids, attention_mask=mask, labels=labels)
     batch.update(pixels(g, sum(kinds)))
     return batch if extra is None else extra(batch)
+
+
+def decoder_inputs(model, labels):
+    """The labels shifted right behind the decoder start token, -100 written as padding (how
+    these models feed their decoder from labels; the ids from their text / decoder config)."""
+    config = model.config
+    for sub in ("text_config", "decoder"):
+        config = getattr(model.config, sub, None) or config
+    start = getattr(config, "decoder_start_token_id", None)
+    start = getattr(model.config, "decoder_start_token_id", None) if start is None else start
+    start = config.bos_token_id if start is None else start
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, PAD)
 
 
 def encoder_image_positions(batch):
@@ -275,7 +381,7 @@ def build_blip_2_t5(seed=0):
                 decoder_start_token_id=PAD, dropout_rate=0.0, tie_word_embeddings=True)
     model = _model("Blip2ForConditionalGeneration", seed, vision_config=vision, qformer_config=qformer,
                    text_config=text, num_query_tokens=4, image_token_index=IMAGE)
-    _scaled(model, ("language_projection.weight",), 20.0)
+    _scaled(model, ("language_projection.weight",), 40.0)
     return model
 
 
@@ -370,6 +476,14 @@ def kosmos2_reference(model, batch, alpha, beta, window):
 KINDS: dict[str, KindFamily] = {f.name: f for f in (
     KindFamily("mllama", "MllamaForConditionalGeneration", "Mllama", CROSS, (4, 45), build_mllama,
                mllama_batch, mllama_reference, mllama_with_image, mllama_decoder, mllama_vision),
+    KindFamily("blip", "BlipForConditionalGeneration", "BLIP", CROSS, (4, 45), build_blip, blip_batch,
+               blip_reference, lambda m, b: torch.ones(b["input_ids"].shape[0], dtype=torch.bool),
+               lambda m: m.text_decoder.bert, lambda m: m.vision_model, text_only=False,
+               head=lambda m: m.text_decoder.get_output_embeddings()),
+    KindFamily("idefics", "IdeficsForVisionText2Text", "Idefics", CROSS, (4, 45), build_idefics,
+               idefics_batch, idefics_reference,
+               lambda m, b: b["image_attention_mask"].flatten(1).ne(0).any(1), lambda m: m.model,
+               lambda m: m.model.vision_model),
     KindFamily("florence2", "Florence2ForConditionalGeneration", "Florence-2", SEQ2SEQ, (4, 56),
                build_florence2, florence2_batch, seq2seq_reference(florence2_encoder, florence2_decoder),
                lambda m, b: encoder_image_positions(b).any(1), florence2_decoder, florence2_vision),
