@@ -116,15 +116,21 @@ class IdeficsWithoutImage(text_decoder.ContrastDecoder):
     def __init__(self, decoder: nn.Module, images: int, states: tuple[int, int], resampled: bool):
         super().__init__(decoder)
         self.images, self.states, self.resampled = images, states, resampled
+        # ready image states are [B, images, tokens, d] before transformers 5.24, [B * images, ...] from it
+        self.per_sample = compat.transformers_version() < IDEFICS_FLAT_STATES_SINCE
 
     def forward(self, **kwargs):
         if kwargs.get("image_attention_mask") is None:
             embeds = kwargs["inputs_embeds"]
             B, L = embeds.shape[:2]
             kwargs["image_attention_mask"] = torch.zeros(B, L, self.images, dtype=torch.long, device=embeds.device)
-            zeros = torch.zeros(B * self.images, *self.states, dtype=embeds.dtype, device=embeds.device)
+            lead = (B, self.images) if self.per_sample else (B * self.images,)
+            zeros = torch.zeros(*lead, *self.states, dtype=embeds.dtype, device=embeds.device)
             kwargs["perceiver_embeddings" if self.resampled else "image_encoder_embeddings"] = zeros
         return super().forward(**kwargs)
+
+
+IDEFICS_FLAT_STATES_SINCE = (5, 24)
 
 
 IDEFICS_IMAGE = ("pixel_values", "image_encoder_embeddings", "perceiver_embeddings", "image_attention_mask")

@@ -137,6 +137,7 @@ class Seq2SeqFacts:
     decoder_ids: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     encoder_child: str | None = None
     pixel_keys: tuple[str, ...] = ("pixel_values",)
+    broken_below: tuple = ()   # ((release, reason),): releases before ``release`` are broken upstream
 
     def encoder_positions(self, model: nn.Module, call: dict) -> torch.Tensor | None:
         """bool ``[B, Le]``: the image positions of the encoder's input ("positions" classes)."""
@@ -156,10 +157,15 @@ def _has_placeholder(config, names) -> bool:
     return any(isinstance(getattr(config, n, None), int) for n in names)
 
 
+FLORENCE2_LOSS = (
+    "transformers {version}'s Florence2ForConditionalGeneration computes its own loss as a causal "
+    "LM's (ForCausalLMLoss without shift_labels), shifting labels its decoder input is already "
+    "shifted from, so the model's own training objective skips a token (fixed in 5.13.0); calplug "
+    "cannot check CAL against it. Use transformers >= 5.13")
 _BLIP2 = dict(image="positions", decoder_ids=shift_own)
 FACTS: dict[str, Seq2SeqFacts] = {f.class_name: f for f in (
     Seq2SeqFacts("Florence-2", "florence2", "Florence2ForConditionalGeneration", (4, 56), "positions",
-                 shift_with_config),
+                 shift_with_config, broken_below=(((5, 13), FLORENCE2_LOSS),)),
     Seq2SeqFacts("T5Gemma2", "t5gemma2", "T5Gemma2ForConditionalGeneration", (5, 0), "positions",
                  shift_own, encoder_child="text_model"),
     Seq2SeqFacts("UDOP", "udop", "UdopForConditionalGeneration", (4, 39),
@@ -318,6 +324,11 @@ class MainPassOf:
 def check(model: nn.Module) -> None:
     facts = facts_of(model)
     compat.require_release(facts.family, facts.since)
+    for release, reason in facts.broken_below:
+        if compat.transformers_version() < release:
+            import transformers
+
+            raise UnsupportedModelError(f"{facts.family}: " + reason.format(version=transformers.__version__))
     decoder_and_head(model)
 
 

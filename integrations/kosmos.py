@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def merged(decoder: nn.Module, ids: torch.Tensor, image_embeds, visual: torch.Te
     """The embeddings the text transformer splices for itself, before its scale: its own token
     rows, with the image embeddings it was handed at the image positions (no grad)."""
     with torch.no_grad():
-        embeds = decoder.get_input_embeddings()(ids).clone()
+        embeds = text_decoder.input_table(decoder)(ids).clone()
         if image_embeds is not None and bool(visual.any()):
             rows = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
             if rows.shape[0] != int(visual.sum()):
@@ -76,6 +77,17 @@ def merged(decoder: nn.Module, ids: torch.Tensor, image_embeds, visual: torch.Te
                                     f"for {rows.shape[0]} image embeddings")
             embeds[visual] = rows
     return embeds
+
+
+def own_positions(decoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The padding-aware positions the text transformer's sinusoidal table computes from token ids
+    (its own ``create_position_ids_from_input_ids``: a method of the table from 5.0, a function of
+    its module before)."""
+    table = decoder.embed_positions
+    make = getattr(table, "create_position_ids_from_input_ids", None)
+    if make is None:
+        make = getattr(sys.modules[type(table).__module__], "create_position_ids_from_input_ids")
+    return make(ids, table.padding_idx, 0)
 
 
 def _rerun(transform, original_forward, decoder, call: dict, ids, visual, pixel_keys) -> dict:
@@ -105,10 +117,9 @@ def kosmos_main_pass(model: nn.Module, original_forward, call: dict) -> MainPass
     if tuple(labels.shape) != tuple(ids.shape):
         raise CALInputError(f"labels of shape {tuple(labels.shape)} do not match input_ids of shape "
                             f"{tuple(ids.shape)}")
-    embed_positions = decoder.embed_positions
     positions = got.get("position_ids")
     if positions is None:
-        positions = embed_positions.create_position_ids_from_input_ids(ids, embed_positions.padding_idx, 0)
+        positions = own_positions(decoder, ids)
     kwargs = {k: v for k, v in got.items() if k not in ("input_ids", "image_embeds", "position_ids")}
     kwargs.update(inputs_embeds=merged(decoder, ids, got.get("image_embeds"), visual), position_ids=positions)
     rerun = None

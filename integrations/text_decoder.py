@@ -112,8 +112,17 @@ def contrast_call(decoder: nn.Module, kwargs: dict) -> dict:
         raise UnsupportedModelError(f"{type(decoder).__name__} was called with neither input_ids "
                                     "nor inputs_embeds")
     with torch.no_grad():
-        embeds = decoder.get_input_embeddings()(ids)
+        embeds = input_table(decoder)(ids)
     return {**{k: v for k, v in kwargs.items() if k != "input_ids"}, "inputs_embeds": embeds}
+
+
+def input_table(decoder: nn.Module) -> nn.Module:
+    """The decoder's own token embedding (``get_input_embeddings()``, or its ``embed_tokens`` where
+    a release's module has no accessor)."""
+    table = getattr(decoder, "embed_tokens", None)
+    if isinstance(table, nn.Module):
+        return table
+    return decoder.get_input_embeddings()
 
 
 def padding_mask(kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
