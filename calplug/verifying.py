@@ -22,6 +22,11 @@ here, on the model itself and one of its training batches:
 (c) **unit weights give the model's own loss** (alpha = beta = 1);
 (d) **disable restores** the forward: outputs bit-identical to before ``enable``.
 
+For a model whose image is not at positions of its decoder sequence (cross-attention states, an
+encoder's output), the integration's `Integration.reference_pass` says how the reference takes it
+out; check (0) then asks that every sample whose logits move with the pixels is one the
+integration says has an image, and the checks read every non-padding row of those samples.
+
 The model is left as it was found: enabled state and config, train/eval mode, gradients.
 Dropout is switched off for the checks (two forwards must see the same network).
 """

@@ -144,7 +144,7 @@ class Seq2SeqFacts:
         if self.image != "positions":
             return None
         ids = call["input_ids"]
-        names = compat.IMAGE_PLACEHOLDER_NAMES
+        names = compat.PLACEHOLDER_NAMES  # InstructBLIP-Video marks its queries with video_token_id
         if _has_placeholder(model.config, names):
             return compat.placeholder_positions(model.config, ids, names)
         queries = int(model.config.num_query_tokens)  # BLIP-2 before placeholder ids: a query prefix

@@ -43,7 +43,7 @@ def class_status(name: str) -> tuple[str, str]:
 def kind_keys() -> dict:
     """The family keys of tests/_hf_kinds.py for the support matrix, {key: [family, class]}; a
     class that is the kind only with some language model (BLIP-2 with T5) is named with it."""
-    return {k.name: [k.display, k.class_name + (" (T5)" if k.name.startswith("blip_2") else "")]
+    return {k.name: [k.display, k.class_name + (" (T5)" if k.name.endswith("_t5") else "")]
             for k in kinds.KINDS.values()}
 
 
