@@ -381,7 +381,9 @@ def t5gemma2_batch(model, padding_side="right", text_only=True):
                          pixels=lambda g, n: {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)})
 
 
-def build_blip_2_t5(seed=0):
+def build_blip_2_t5(seed=0, placeholders=True):
+    """``placeholders=False``: a config without ``image_token_index``, whose releases before 4.50
+    put the queries in front of the text (the legacy layout)."""
     vision = dict(model_type="blip_2_vision_model", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
     qformer = dict(model_type="blip_2_qformer", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
@@ -390,8 +392,9 @@ def build_blip_2_t5(seed=0):
     text = dict(model_type="t5", vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                 num_decoder_layers=2, num_heads=4, pad_token_id=PAD, eos_token_id=2,
                 decoder_start_token_id=PAD, dropout_rate=0.0, tie_word_embeddings=True)
+    ids = {"image_token_index": IMAGE} if placeholders else {}
     model = _model("Blip2ForConditionalGeneration", seed, vision_config=vision, qformer_config=qformer,
-                   text_config=text, num_query_tokens=4, image_token_index=IMAGE)
+                   text_config=text, num_query_tokens=4, **ids)
     _scaled(model, ("language_projection.weight",), 40.0)
     return model
 
@@ -581,18 +584,18 @@ KINDS: dict[str, KindFamily] = {f.name: f for f in (
                seq2seq_reference(lambda m: m.model.encoder.text_model, lambda m: m.model.decoder),
                lambda m, b: encoder_image_positions(b).any(1), lambda m: m.model.decoder,
                lambda m: m.model.encoder.vision_tower),
-    KindFamily("blip_2_t5", "Blip2ForConditionalGeneration", "BLIP-2 (T5)", SEQ2SEQ, (4, 47),
+    KindFamily("blip_2_t5", "Blip2ForConditionalGeneration", "BLIP-2 (T5)", SEQ2SEQ, (4, 45),
                build_blip_2_t5, blip_2_t5_batch,
                seq2seq_reference(lambda m: m.language_model.encoder, lambda m: m.language_model.decoder),
                lambda m, b: encoder_image_positions(b).any(1), lambda m: m.language_model.decoder,
                lambda m: m.vision_model),
     KindFamily("instructblip_t5", "InstructBlipForConditionalGeneration", "InstructBLIP (T5)", SEQ2SEQ,
-               (4, 47), build_instructblip_t5, instructblip_t5_batch,
+               (4, 45), build_instructblip_t5, instructblip_t5_batch,
                seq2seq_reference(lambda m: m.language_model.encoder, lambda m: m.language_model.decoder),
                lambda m, b: encoder_image_positions(b).any(1), lambda m: m.language_model.decoder,
                lambda m: m.vision_model),
     KindFamily("instructblipvideo_t5", "InstructBlipVideoForConditionalGeneration",
-               "InstructBLIP-Video (T5)", SEQ2SEQ, (4, 47), build_instructblipvideo_t5,
+               "InstructBLIP-Video (T5)", SEQ2SEQ, (4, 45), build_instructblipvideo_t5,
                instructblipvideo_t5_batch,
                seq2seq_reference(lambda m: m.language_model.encoder, lambda m: m.language_model.decoder),
                lambda m, b: encoder_image_positions(b).any(1), lambda m: m.language_model.decoder,

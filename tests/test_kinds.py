@@ -224,6 +224,32 @@ def test_blip_2_with_a_decoder_only_language_model_is_not_this_kind():
     assert enabling.find_integration(opt).name != "transformers-encoder-decoder"
 
 
+def test_blip_2_t5_query_prefix_of_older_releases():
+    """Before placeholder ids (a config without image_token_index), transformers up to 4.49 puts
+    BLIP-2's queries in front of the text: the encoder's image positions are that prefix, hidden
+    in the image-free pass; faithful mode equals the reference that hides them."""
+    if kinds.tf_version() > (4, 49):
+        pytest.skip("transformers after 4.49 (4.57.6 and 5.x checked) splices BLIP-2's queries only "
+                    "at placeholder ids; run tox -e hf-4.45 or hf-4.49 for the prefix layout")
+    from calplug.reference import hide_positions_hook
+
+    model = kinds.build_blip_2_t5(0, placeholders=False).train()
+    batch = kinds.seq2seq_batch(0, text_only=False,
+                                pixels=lambda g, n: {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)})
+    B, L = batch["input_ids"].shape
+    hidden = torch.zeros(B, 4 + L, dtype=torch.bool)
+    hidden[:, :4] = True
+    hooks = ((model.language_model.encoder, hide_positions_hook(hidden, "attention_mask")),
+             (model.language_model.decoder, hide_positions_hook(hidden, "encoder_attention_mask")))
+    ref_loss, ref_gaps, _ = reference_image_free_step(model, batch, batch, hidden.any(1), 0.0, 5.0, 3,
+                                                      hooks=hooks, shift=0)
+    with calplug.enabled(model, contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3):
+        out = model(**batch)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref_gaps, rtol=1e-5, atol=1e-6)
+    assert out.cal_gaps.abs().max() > 1e-3
+
+
 # -- calplug verify and the support status ---------------------------------------------------------------
 @pytest.mark.parametrize("name", list(KINDS))
 def test_verify_passes_on_every_kind(name):
