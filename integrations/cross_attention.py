@@ -57,7 +57,7 @@ from calplug.reference import drop_arguments_hook, without_arguments
 from . import compat, text_decoder
 from .capture import decoder_inputs_with, transform_pixels
 
-KIND = "cross-attention"
+KIND = "the cross-attention kind"
 SMOOTHING = ("calplug: {cls}'s own loss smooths its labels (label_smoothing={value}); the CAL loss is "
              "the weighted cross-entropy of docs/cal.md, without smoothing, so with unit weights it "
              "is the unsmoothed cross-entropy, not the model's own loss")

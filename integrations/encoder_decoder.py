@@ -45,7 +45,7 @@ from calplug.reference import drop_arguments_hook, hide_positions_hook
 from . import compat, text_decoder
 from .capture import capture_decoder_call, decoder_inputs_with, transform_pixels
 
-KIND = "encoder-decoder"
+KIND = "the encoder-decoder kind"
 ENCODER_STATES = ("encoder_hidden_states", "encoder_attention_mask")
 NO_POSITIONS = ("the image enters the encoder, not the decoder sequence, so there is no "
                 "share of decoder image positions for patch_mask to hide; use drop (the default), "

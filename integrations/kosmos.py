@@ -30,7 +30,7 @@ from calplug.inputs import has_pixels
 from . import compat, text_decoder
 from .capture import decoder_inputs_with, transform_pixels
 
-KIND = "image positions spliced inside the text model"
+KIND = "image positions spliced inside the text model (Kosmos)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,7 +283,7 @@ def status_of(model_or_class, proven: dict[str, tuple[str, str, str]], refused: 
             return "refused", refused[base.__name__]
         if base.__name__ in proven:
             family, key, kind = proven[base.__name__]
-            return "proven", (f"{family}: {kind} kind; family cases hf-{key}-* in calplug's tests "
+            return "proven", (f"{family}: {kind}; family cases hf-{key}-* in calplug's tests "
                               "(tests/cases.py) run every property that applies to it")
     return None
 

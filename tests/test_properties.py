@@ -34,8 +34,8 @@ def skip_where_mask_is_refused(case, contrast):
 
 def skip_where_the_image_has_no_positions(case):
     if case.kind != POSITIONS:
-        pytest.skip(f"a {case.kind} model's image is not at positions of its decoder sequence: drop "
-                    "and mask are the same image-free pass there (tests/test_kinds.py checks that "
+        pytest.skip(f"{case.kind} models: the image is not at positions of the decoder sequence, so "
+                    "drop and mask are the same image-free pass (tests/test_kinds.py checks that "
                     "they agree on every row)")
 
 
