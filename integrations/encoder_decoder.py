@@ -70,11 +70,14 @@ def seq2seq_decoder(model: nn.Module) -> nn.Module:
     """The decoder stack: ``get_decoder()``, looked through a sequence-to-sequence model it
     returns (Florence-2's BART) or a language model that holds one (BLIP-2's T5)."""
     found = model.get_decoder() if hasattr(model, "get_decoder") else None
-    for _ in range(3):
-        if isinstance(found, nn.Module) and _stack(found):
-            return found
-        found = getattr(found, "decoder", None) if hasattr(found, "decoder") else \
-            (found.get_decoder() if hasattr(found, "get_decoder") else None)
+    for _ in range(3):  # a model, its sequence-to-sequence model, its decoder
+        if found is None or _stack(found):
+            break
+        inner = getattr(found, "decoder", None)
+        found = inner if isinstance(inner, nn.Module) else (
+            found.get_decoder() if hasattr(found, "get_decoder") else None)
+    if isinstance(found, nn.Module) and _stack(found):
+        return found
     language_model = getattr(model, "language_model", None)
     if language_model is not None and hasattr(language_model, "get_decoder"):
         return seq2seq_decoder(language_model)
