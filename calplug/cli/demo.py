@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-checkpoint", action="store_true",
                         help="do not save the first seed's CAL models (OUT/cal-model-noise-P, for `calplug inspect`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--audit", action="store_true",
+                        help="instead: the dataset audit on the demo's world (AUROC of finding the contradicting "
+                             "captions; training on the audit-filtered data), and an audit world for "
+                             "`calplug audit` (docs/audit.md)")
     # Shortened runs, for tests and quick looks; the documented results use the defaults.
     parser.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--noise", type=str, default=None, help=argparse.SUPPRESS)
@@ -114,6 +118,10 @@ def run(args) -> int:
     out = prepare_output_dir(args.out)
     cache = (None if args.no_cache else Path(args.cache_dir) if args.cache_dir
              else demo_training.default_cache_dir())
+    if args.audit:
+        from . import demo_audit
+
+        return demo_audit.run(args, proto, out, cache, threads)
     result = demo_training.run_experiment(proto, show_progress=not args.no_progress, cache=cache,
                                           threads=threads, keep_models=not args.no_checkpoint)
     models = result.pop("models", {})
