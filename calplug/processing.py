@@ -46,6 +46,15 @@ def process_one(processor, images: list, text: str) -> dict:
         return processor(images=[images], text=[text], return_tensors="pt")
 
 
+def _processed(processor, images: list, text: str) -> dict:
+    """`process_one`, its failure on this sample's images or text the sample's own error."""
+    try:
+        return process_one(processor, images, text)
+    except (ValueError, TypeError, IndexError) as error:
+        raise CALSampleError("processor", f"the processor cannot process this sample ({type(error).__name__}: "
+                                          f"{' '.join(str(error).split())[:200]})") from error
+
+
 def forward_arguments(model, batch: dict) -> dict:
     """The entries of a processor's output that the model's forward takes: some processors return
     more than a given release's forward accepts (the Llava processor's ``token_type_ids`` on
@@ -97,7 +106,7 @@ def _images_in(messages: list[dict]) -> int:
 def _prefix_length(processor, messages: list[dict], images: list, ids: torch.Tensor, *,
                    generation: bool, turn: int) -> int:
     text = render(processor, messages, generation=generation)
-    head = process_one(processor, images[:_images_in(messages)], text)["input_ids"][0]
+    head = _processed(processor, images[:_images_in(messages)], text)["input_ids"][0]
     if head.numel() > ids.numel() or not torch.equal(ids[:head.numel()], head):
         where = "before" if generation else "through"
         raise CALSampleError("template", f"the chat template's text {where} assistant turn {turn} does not "
@@ -122,7 +131,7 @@ def encode_conversation(processor, messages: list[dict], images: list, *,
         raise CALSampleError("no-answer", "the answer is empty: no assistant turn has text to score")
     if _images_in(conv) != len(images):
         raise CALSampleError("format", f"{_images_in(conv)} image placeholders but {len(images)} images")
-    whole = dict(process_one(processor, images, render(processor, conv, generation=False)))
+    whole = dict(_processed(processor, images, render(processor, conv, generation=False)))
     ids = whole["input_ids"][0]
     if max_length is not None and ids.numel() > max_length:
         raise CALSampleError("too-long", f"too long: {ids.numel()} tokens, more than the model's limit of "

@@ -279,6 +279,35 @@ def test_a_refused_sample_is_its_own_error(loaded, tmp_path, monkeypatch):
     assert [found[0]["score"], found[2]["score"]] == pytest.approx([before[0]["score"], before[2]["score"]], abs=1e-6)
 
 
+def test_a_processor_failure_is_the_sample_s_own(loaded, tmp_path):
+    """A processor that raises on one sample's image (as a real one does on an image it cannot
+    resize) fails that sample alone, reason "processor"."""
+    from PIL import Image
+
+    model, processor = loaded
+    records, _ = world(tmp_path, n=2)
+    Image.new("RGB", (7, 7), (9, 9, 9)).save(tmp_path / "images" / "tiny.png")
+
+    class Picky:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, images=None, text=None, **options):
+            flat = [im for x in (images or []) for im in (x if isinstance(x, list) else [x])]
+            if any(im.size == (7, 7) for im in flat):
+                raise ValueError("height and width must be larger than the patch size")
+            return self.inner(images=images, text=text, **options)
+
+    small = dict(records[0], id="small", image="images/tiny.png")
+    found = list(calplug.audit(model, [records[0], small, records[1]], processor=Picky(processor), image_folder=tmp_path))
+    assert [r["reason"] for r in found if r["score"] is None] == ["processor"]
+    assert "height and width must be larger than the patch size" in found[1]["error"]
+    assert found[0]["score"] is not None and found[2]["score"] is not None
+
+
 # -- bad arguments ----------------------------------------------------------------------------------
 def test_bad_arguments_exit_2_with_one_line(saved, tmp_path, capsys):
     records, _ = world(tmp_path, n=2)

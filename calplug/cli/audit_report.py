@@ -13,7 +13,7 @@ from .common import collapse_runs, diverging_colour, png_data_uri
 REASONS = {  # a record's reason -> how the summary names it
     "missing-image": "image not found", "unreadable-image": "image unreadable",
     "no-answer": "no supervised token", "too-long": "too long", "format": "not a readable sample",
-    "template": "chat template", "video": "video", "refused": "refused by calplug",
+    "template": "chat template", "processor": "processor", "video": "video", "refused": "refused by calplug",
     "non-finite": "non-finite scores", "no-image": "text-only",
 }
 SCORE_TEXT = {

@@ -39,11 +39,12 @@ from .demo_protocol import EVAL_STREAM, STAGE2_STREAM, Condition, Protocol
 AUROC_CONDITIONS = (Condition(0.2), Condition(0.4), Condition(0.6), Condition(0.4, "systematic"),
                     Condition(0.4, "one-word"))
 TRAIN_CONDITIONS = (Condition(0.4), Condition(0.4, "systematic"))
-FULL_TRAIN_CONDITIONS = (Condition(0.2), Condition(0.4), Condition(0.6), Condition(0.4, "systematic"))   # --full
 SIGNALS = {"mean_gain": "mean gain", "min_gain": "lowest gain", "mean_gap": "mean gap",
            "min_gap": "lowest gap", "weight": "CAL weight"}
 METHODS = {"plain": "plain, all", "plain_filtered": "plain, filtered", "cal": "CAL, all",
            "cal_filtered": "CAL, filtered"}
+# the paired differences reported: (method, minus this one)
+PAIRS = (("plain_filtered", "plain"), ("cal", "plain"), ("cal_filtered", "plain"), ("cal_filtered", "plain_filtered"))
 MIN_SCORE = 0.0   # the filter: keep the samples whose score (mean gain) is >= 0
 
 
@@ -119,8 +120,9 @@ def run_experiment(proto: Protocol, *, cache: Path | None, threads: int, say=pri
         built = {c.key: training_set(seed, c, proto) for c in {*auroc_conditions, *train_conditions}}
         t = time.perf_counter()
         scores = score_sets(model, {k: d for k, (d, _) in built.items()}, vocab)
+        distinct = len({(i, tuple(c)) for d, _ in built.values() for i, c in enumerate(d.captions)})
         say(f"seed {seed}: audited {sum(len(d) for d, _ in built.values())} samples of {len(built)} sets "
-            f"in {time.perf_counter() - t:.0f} s")
+            f"({distinct} distinct) in {time.perf_counter() - t:.0f} s")
         for cond in auroc_conditions:
             data, changed = built[cond.key]
             recs, bad = scores[cond.key], data.corrupted.tolist()
@@ -153,7 +155,7 @@ def run_experiment(proto: Protocol, *, cache: Path | None, threads: int, say=pri
                 trained, _ = demo_training.run_stage2(state, seed, train_set, batches, vocab, proto, cal=cal)
                 per_image[method] = true_word_logprobs(trained, evalset, vocab).mean(1)
                 found[method] = dict(logprob=float(per_image[method].mean()), steps=steps, images=len(train_set))
-            found["image_differences"] = {m: _moments(per_image[m] - per_image["plain"]) for m in METHODS if m != "plain"}
+            found["image_differences"] = {f"{m}-{base}": _moments(per_image[m] - per_image[base]) for m, base in PAIRS}
             result["training"].setdefault(cond.key, {})[str(seed)] = found
             say(f"seed {seed}, {cond.label}: kept {len(kept)} of {len(data)}; log-prob "
                 + ", ".join(f"{METHODS[m]} {found[m]['logprob']:+.3f}" for m in METHODS))
@@ -207,18 +209,20 @@ def tables(result: dict) -> str:
     for key, per_seed in result["training"].items():
         lines.append(f"{label[key]:<18}" + "".join(
             f"{statistics.fmean(per_seed[x][m]['logprob'] for x in seeds):>17.3f}" for m in METHODS))
-        for m in METHODS:
-            if m != "plain":
-                v = demo_verdicts.verdict([per_seed[x][m]["logprob"] - per_seed[x]["plain"]["logprob"] for x in seeds],
-                                          [per_seed[x]["image_differences"][m] for x in seeds])
-                rows.append((label[key], METHODS[m], v, [per_seed[x][m]["logprob"] - per_seed[x]["plain"]["logprob"]
-                                                         for x in seeds]))
-    lines += ["", "each method minus plain training on all data, paired by seed",
-              f"{'condition':<18}{'method':<17}{'difference':>11}{'SE':>7}{'margin':>8}  per seed"]
-    for cond, method, v, diffs in rows:
-        lines.append(f"{cond:<18}{method:<17}{v['difference']:>+11.3f}{v['se']:>7.3f}{v['margin']:>8.3f}  "
+        for m, base in PAIRS:
+            diffs = [per_seed[x][m]["logprob"] - per_seed[x][base]["logprob"] for x in seeds]
+            images = [per_seed[x]["image_differences"][f"{m}-{base}"] for x in seeds]
+            rows.append((label[key], f"{METHODS[m]} - {METHODS[base]}", demo_verdicts.verdict(diffs, images), diffs))
+    lines += ["", "paired by seed (margin: t(0.975, seeds - 1) x SE, at least 1.96 evaluation SEs)",
+              f"{'condition':<18}{'difference':<34}{'mean':>8}{'SE':>7}{'margin':>8}  {'verdict':<11} per seed"]
+    for cond, name, v, diffs in rows:
+        verdict = ("higher" if v["difference"] > v["margin"] else "lower" if v["difference"] < -v["margin"]
+                   else "no clear difference")
+        lines.append(f"{cond:<18}{name:<34}{v['difference']:>+8.3f}{v['se']:>7.3f}{v['margin']:>8.3f}  {verdict:<11} "
                      + " ".join(f"{d:+.3f}" for d in diffs))
     return "\n".join(lines)
+
+
 
 
 def export_world(out: Path, proto: Protocol, cache: Path | None, threads: int, cond: Condition = Condition(0.4)) -> Path:
@@ -257,8 +261,6 @@ def run(args, proto: Protocol, out: Path, cache: Path | None, threads: int) -> i
     conditions = {}
     if args.noise is not None:  # shortened runs (tests): the given conditions for both questions
         conditions = dict(auroc_conditions=proto.conditions, train_conditions=proto.conditions)
-    elif args.full:
-        conditions = dict(train_conditions=FULL_TRAIN_CONDITIONS)
     result = run_experiment(proto, cache=cache, threads=threads, say=say, **conditions)
     print(tables(result))
     print(f"\nwall time {result['seconds']:.0f} s on {threads} thread(s)", flush=True)
