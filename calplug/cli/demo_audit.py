@@ -106,7 +106,7 @@ def run_experiment(proto: Protocol, *, cache: Path | None, threads: int, say=pri
                    auroc_conditions=AUROC_CONDITIONS, train_conditions=TRAIN_CONDITIONS) -> dict:
     vocab = synthetic.Vocab()
     folder = demo_training.usable_cache(cache, proto, threads)
-    result = dict(protocol=proto.to_dict(), min_score=MIN_SCORE, auroc={}, filter={}, training={},
+    result = dict(protocol=proto.to_dict(), min_score=MIN_SCORE, stage1={}, auroc={}, filter={}, training={},
                   conditions={c.key: c.label for c in (*auroc_conditions, *train_conditions)})
     t0 = time.perf_counter()
     for seed in proto.seeds:
@@ -134,6 +134,7 @@ def run_experiment(proto: Protocol, *, cache: Path | None, threads: int, say=pri
                                 for s in ("mean_gain", "min_gain")}
             result["auroc"].setdefault(cond.key, {})[str(seed)] = found
         evalset = synthetic.make_set(proto.eval_size, seed=EVAL_STREAM + seed, noise=0.0)
+        result["stage1"][str(seed)] = float(true_word_logprobs(model, evalset, vocab).mean())
         for cond in train_conditions:
             data, _ = built[cond.key]
             kept = auditing.select(scores[cond.key], min_score=MIN_SCORE)
@@ -179,12 +180,15 @@ def tables(result: dict) -> str:
              f"({len(seeds)} seeds)",
              "score = mean over the caption's tokens of log p(token | image) - log p(token | without it)", "",
              "AUROC of ranking the contradicting captions lowest (1 = all below every clean caption, 0.5 = chance),",
-             "mean over seeds (largest SE over seeds in the last column)",
-             f"{'condition':<18}" + "".join(f"{name:>13}" for name in SIGNALS.values()) + f"{'SE':>8}"]
+             "mean +- SE over seeds",
+             f"{'condition':<18}" + "".join(f"{name:>16}" for name in SIGNALS.values())]
     for key, per_seed in result["auroc"].items():
         stats = {s: _mean_se([per_seed[x][s] for x in seeds]) for s in SIGNALS}
-        lines.append(f"{label[key]:<18}" + "".join(f"{stats[s][0]:>13.3f}" for s in SIGNALS)
-                     + f"{max(se for _, se in stats.values()):>8.3f}")
+        lines.append(f"{label[key]:<18}" + "".join(f"{stats[s][0]:>9.3f} +- {stats[s][1]:.3f}"[-16:].rjust(16)
+                                                   for s in SIGNALS))
+    lines.append("per seed, mean gain at 40 %: " + ", ".join(
+        f"seed {x} {result['auroc'][k][x]['mean_gain']:.3f} (stage-1 true-word log-prob {result['stage1'][x]:+.3f})"
+        for k in result["auroc"] if k == "0.4" for x in seeds))
     for key, per_seed in result["auroc"].items():
         attrs = [a for a in synthetic.ATTRIBUTES if a in per_seed[seeds[0]]]
         if attrs:
@@ -214,11 +218,11 @@ def tables(result: dict) -> str:
             images = [per_seed[x]["image_differences"][f"{m}-{base}"] for x in seeds]
             rows.append((label[key], f"{METHODS[m]} - {METHODS[base]}", demo_verdicts.verdict(diffs, images), diffs))
     lines += ["", "paired by seed (margin: t(0.975, seeds - 1) x SE, at least 1.96 evaluation SEs)",
-              f"{'condition':<18}{'difference':<34}{'mean':>8}{'SE':>7}{'margin':>8}  {'verdict':<11} per seed"]
+              f"{'condition':<18}{'difference':<34}{'mean':>8}{'SE':>7}{'margin':>8}  {'verdict':<21}per seed"]
     for cond, name, v, diffs in rows:
         verdict = ("higher" if v["difference"] > v["margin"] else "lower" if v["difference"] < -v["margin"]
                    else "no clear difference")
-        lines.append(f"{cond:<18}{name:<34}{v['difference']:>+8.3f}{v['se']:>7.3f}{v['margin']:>8.3f}  {verdict:<11} "
+        lines.append(f"{cond:<18}{name:<34}{v['difference']:>+8.3f}{v['se']:>7.3f}{v['margin']:>8.3f}  {verdict:<21}"
                      + " ".join(f"{d:+.3f}" for d in diffs))
     return "\n".join(lines)
 

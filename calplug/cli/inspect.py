@@ -185,6 +185,11 @@ def format_tokens(rows: list[dict], config, limit: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def _weight_colour(w: float, alpha: float, beta: float) -> str:
+    x = 0.0 if beta <= alpha else max(0.0, min(1.0, (w - alpha) / (beta - alpha)))
+    return f"rgb({round(255 - 120 * x)},{round(255 - 40 * x)},{round(255 - 180 * x)})"  # white -> green
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .sample { display: flex; gap: 1em; margin: 1em 0; padding: .6em; border: 1px solid #ddd; border-radius: 6px; }
