@@ -3,11 +3,13 @@ template formats the prompt side as training formats it, the processor expands t
 placeholders as the model expects them, and every assistant turn is supervised.
 
 The supervised span of assistant turn ``k`` is found by rendering the conversation up to that turn
-twice, before it (with the generation prompt) and through it, and running the processor on each:
-its tokens are those between the two lengths. Each rendering must tokenize to a prefix of the
-whole conversation's tokens (checked, else the sample is refused), so the span is exactly what
-the template wrote for that turn: its text and the end-of-turn tokens the template adds, as
-LLaMA-Factory and ms-swift supervise them. Rendering through the processor, not a re-implementation
+twice, before it (with the generation prompt) and through it: its tokens are those between where
+the two renderings end in the whole conversation's tokens. Where no image follows, that point is
+found from the end with the tokenizer alone (the text after it has no image to expand; the tail is
+checked token for token); else by the processor on the rendering, whose tokens must be a prefix of
+the whole (checked, else the sample is refused). So the span is exactly what the template wrote
+for that turn: its text and the end-of-turn tokens the template adds, as LLaMA-Factory and
+ms-swift supervise them. Rendering through the processor, not a re-implementation
 of each family's expansion, keeps every family's own image tokens (counts that depend on the image
 size included).
 
@@ -103,9 +105,21 @@ def _images_in(messages: list[dict]) -> int:
     return sum(c["type"] == "image" for m in messages for c in m["content"])
 
 
-def _prefix_length(processor, messages: list[dict], images: list, ids: torch.Tensor, *,
-                   generation: bool, turn: int) -> int:
+def _boundary(processor, messages: list[dict], images: list, ids: torch.Tensor, whole: dict, *,
+              generation: bool, turn: int) -> int:
+    """Where the rendering of ``messages`` (the conversation up to a turn) ends in ``ids``, the
+    whole conversation's tokens. When no image comes after that point, the tokens after it are
+    plain text: their count is found with the tokenizer alone (no second pass over the images),
+    checked against the whole sequence's tail; otherwise the processor runs on the rendering and
+    its tokens must be a prefix of ``ids``."""
     text = render(processor, messages, generation=generation)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if (tokenizer is not None and _images_in(messages) == len(images) and whole["text"].startswith(text)):
+        full, head = whole.setdefault("plain", tokenizer(whole["text"])["input_ids"]), tokenizer(text)["input_ids"]
+        tail = len(full) - len(head)
+        if (full[:len(head)] == head and 0 <= tail <= ids.numel()
+                and ids[ids.numel() - tail:].tolist() == full[len(head):]):
+            return ids.numel() - tail
     head = _processed(processor, images[:_images_in(messages)], text)["input_ids"][0]
     if head.numel() > ids.numel() or not torch.equal(ids[:head.numel()], head):
         where = "before" if generation else "through"
@@ -131,16 +145,18 @@ def encode_conversation(processor, messages: list[dict], images: list, *,
         raise CALSampleError("no-answer", "the answer is empty: no assistant turn has text to score")
     if _images_in(conv) != len(images):
         raise CALSampleError("format", f"{_images_in(conv)} image placeholders but {len(images)} images")
-    whole = dict(_processed(processor, images, render(processor, conv, generation=False)))
+    text = render(processor, conv, generation=False)
+    whole = dict(_processed(processor, images, text))
     ids = whole["input_ids"][0]
     if max_length is not None and ids.numel() > max_length:
         raise CALSampleError("too-long", f"too long: {ids.numel()} tokens, more than the model's limit of "
                                          f"{max_length} (--max-length)")
     labels = torch.full_like(ids, IGNORE_INDEX)
+    known = dict(text=text)   # what `_boundary` reuses across turns: the whole text, its plain tokens
     for n, k in enumerate(turns, start=1):
-        start = _prefix_length(processor, conv[:k], images, ids, generation=True, turn=n)
+        start = _boundary(processor, conv[:k], images, ids, known, generation=True, turn=n)
         end = (ids.numel() if k + 1 == len(conv) else
-               _prefix_length(processor, conv[:k + 1], images, ids, generation=False, turn=n))
+               _boundary(processor, conv[:k + 1], images, ids, known, generation=False, turn=n))
         labels[start:end] = ids[start:end]
     if not bool((labels != IGNORE_INDEX).any()):
         raise CALSampleError("no-answer", "no supervised token: the template wrote no token for the answer")

@@ -161,21 +161,40 @@ def test_every_format_gives_the_same_records(loaded, tmp_path):
         pytest.approx(first[0]["score"], abs=1e-6)
 
 
-def test_multi_turn_supervises_every_assistant_turn(loaded, tmp_path):
+@pytest.mark.parametrize("second_image", [False, True], ids=["images-first", "image-in-a-later-turn"])
+def test_multi_turn_supervises_every_assistant_turn(loaded, tmp_path, second_image):
+    """Both answers (and the <eos> the template writes after each) are supervised, nothing else:
+    with every image before the first answer (its boundaries found from the text alone) and with
+    an image in the second user turn (the first answer's boundaries found by the processor)."""
     model, processor = loaded
-    records, data = world(tmp_path, n=1)
+    records, data = world(tmp_path, n=2)
     first, second = " ".join(data.captions[0][:-1]), "a small red square"
+    images = ["images/0.png", "images/1.png"] if second_image else "images/0.png"
     turns = [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": first},
-             {"from": "human", "value": "describe :"}, {"from": "gpt", "value": second}]
-    conv = data_files.conversation(dict(image="images/0.png", conversations=turns))
-    encoded = processing.encode_conversation(processor, conv.messages, [data.images[0]])
+             {"from": "human", "value": (PROMPT if second_image else "describe :")}, {"from": "gpt", "value": second}]
+    conv = data_files.conversation(dict(image=images, conversations=turns))
+    calls = []
+
+    class Counting:  # the processor, counting its passes over the images
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+        def __call__(self, *args, **options):
+            calls.append(options.get("images"))
+            return processor(*args, **options)
+
+    encoded = processing.encode_conversation(Counting(), conv.messages, data_files.load_images(conv.images, tmp_path))
+    # the whole conversation once; with an image after the first answer, that answer's two boundaries
+    assert len(calls) == (3 if second_image else 1)
     ids, labels = encoded["input_ids"][0], encoded["labels"][0]
     words = VOCAB.decode(ids)
+    again = ["<image>"] * 16 if second_image else []
     assert words == (["<bos>"] + ["<image>"] * 16 + ["describe", ":"] + first.split() + ["<eos>"]
-                     + ["describe", ":"] + second.split() + ["<eos>"])
+                     + again + ["describe", ":"] + second.split() + ["<eos>"])
     supervised = [w for w, lab in zip(words, labels.tolist()) if lab != IGNORE_INDEX]
     assert supervised == first.split() + ["<eos>"] + second.split() + ["<eos>"]
-    rec = list(calplug.audit(model, [dict(image="images/0.png", conversations=turns)], processor=processor,
+    assert encoded["pixel_values"].shape[0] == (2 if second_image else 1)
+    rec = list(calplug.audit(model, [dict(image=images, conversations=turns)], processor=processor,
                              image_folder=tmp_path))[0]
     assert rec["tokens"] == len(supervised)
 

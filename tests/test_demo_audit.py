@@ -51,7 +51,7 @@ def test_demo_audit_short_run(tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in result["auroc"][key]["0"].values())
     row = next(line for line in text.splitlines() if line.startswith("40% systematic") and "." in line)
     assert f"{result['auroc']['0.4-systematic']['0']['mean_gain']:.3f}" in row
-    assert "each method minus plain training on all data, paired by seed" in text
+    assert "CAL, filtered - plain, filtered" in text and "paired by seed" in text
     # The command on the audit world gives the records the experiment scored (DataLoader path).
     world = out / "audit-world"
     truth = json.loads((world / "truth.json").read_text())
