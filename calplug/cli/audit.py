@@ -183,7 +183,7 @@ def run(args) -> int:
     summary = auditing.summarize(records)
     print(audit_report.format_summary(summary, records, args.score))
     if new:
-        print(f"\nscored {new} samples in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} samples/s)")
+        print(f"\naudited {new} samples in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} samples/s)")
     if summary["failed"]:
         print(f"{summary['failed']} samples could not be scored: their records in scores.jsonl say why")
     written = [out / "scores.jsonl"]
