@@ -1,5 +1,6 @@
 """``calplug demo --audit``: the audit (`calplug.audit`, docs/audit.md) on the demo's world. Two
-questions, fixed before any result was seen:
+questions, fixed before any training run was made (the one-word condition and the filter rule
+after a first look at one seed's scores at 40 % noise):
 
 1. **Does the score rank the contradicting captions lowest?** Each seed's stage-1 model (the
    demo's, from its cache) audits that seed's stage-2 training sets (6400 fresh images) at 20,
