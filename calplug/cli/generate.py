@@ -99,12 +99,12 @@ def _pad_id(model) -> int:
 
 def processor_inputs(path: Path, images: list[str], prompt: str):
     """A saved model and its processor's left-padded inputs: one prompt per image."""
+    model, processor = load_model_and_processor(
+        path, fix="call calplug.contrastive_generate(model, **inputs) yourself (docs/decoding.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug generate reads the images with pillow: pip install pillow") from error
-    model, processor = load_model_and_processor(
-        path, fix="call calplug.contrastive_generate(model, **inputs) yourself (docs/decoding.md)")
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     pil = [Image.open(p).convert("RGB") for p in images]

@@ -62,12 +62,12 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
+    model, processor = load_model_and_processor(
+        path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
-    model, processor = load_model_and_processor(
-        path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
     pil = [Image.open(p).convert("RGB") for p in images]
