@@ -94,7 +94,7 @@ def unmergeable(cache) -> str | None:
         return "the model kept no cache object"
     if isinstance(cache, tuple):
         return "a legacy tuple cache cannot be grown in place"
-    if is_named(cache, NOT_MERGED):
+    if is_named(cache, NOT_MERGED) or getattr(cache, "offloading", False) is True:
         return f"{type(cache).__name__} is a sink, quantized or offloaded cache"
     if _static(cache):
         return f"{type(cache).__name__} allocates its slots up front, indexed by cache position (a static cache)"
@@ -167,6 +167,13 @@ def _left_padded(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             shape[d] = missing
             return torch.cat([b.new_zeros(shape), b], d)
     return b
+
+
+def tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a cache object holds, in the order of its attributes."""
+    if isinstance(cache, tuple):
+        return [t for item in cache for t in (item if isinstance(item, tuple) else (item,))]
+    return [t for _, _, t in _walk(cache)]
 
 
 def trim_rows(cache, rows: int, total: int) -> None:
