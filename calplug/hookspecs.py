@@ -143,7 +143,12 @@ class Integration:
                       run that contrast (None: it can); `calplug.enable` raises with the reason.
     support_status:   optional ``fn(model) -> (status, reason) | None``: how calplug's own tests
                       back this model's class ("proven", "matched", "refused" and why), which
-                      ``calplug verify`` prints. None: the integration does not say.
+                      ``calplug verify`` prints (the support matrix asks with the class itself,
+                      no model built). None: the integration does not say.
+    reference_pass:   optional ``fn(model, batch) -> ReferencePass``, for a model whose image is
+                      not only at positions of its decoder sequence: how the independent
+                      reference (`calplug.reference`, which ``calplug verify`` runs) takes the image
+                      out. None: it hides the `MainPass.visual_mask` positions.
     """
 
     name: str
@@ -155,11 +160,37 @@ class Integration:
     accepts: Callable[["nn.Module"], bool] | None = None
     contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
     support_status: Callable[["nn.Module"], "tuple[str, str] | None"] | None = None
+    reference_pass: Callable[["nn.Module", dict], "ReferencePass"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
         if is_named(model, self.model_classes):
             return True
         return self.accepts is not None and bool(self.accepts(model))
+
+
+@dataclasses.dataclass
+class ReferencePass:
+    """How the independent reference (`calplug.reference.reference_image_free_step`) runs the
+    model without the image, for a model whose image is not (only) at positions of its decoder
+    sequence. Model facts only: the reference's arithmetic is its own.
+
+    batch:       keyword arguments of its second forward (the batch without the arguments that
+                 carry the image: a cross-attention model's pixels and cross-attention mask).
+    hooks:       ``((module, pre_hook), ...)``: forward pre-hooks (``with_kwargs=True``) installed
+                 during that forward (an encoder run on the text alone: its image positions
+                 hidden from it and from the decoder's cross-attention; its pixel arguments left
+                 out), built with `calplug.reference`'s helpers.
+    with_image:  bool ``[B]``: the samples the image reaches; the others have nothing to take
+                 away (gap 0), as in calplug's contrast.
+    label_shift: 1 when the model's logits at row i predict label i + 1 (a causal LM); 0 when they
+                 predict label i (a sequence-to-sequence decoder, whose labels the decoder input
+                 is shifted from).
+    """
+
+    batch: dict
+    with_image: "torch.Tensor"
+    hooks: tuple = ()
+    label_shift: int = 1
 
 
 @dataclasses.dataclass

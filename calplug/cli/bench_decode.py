@@ -198,3 +198,21 @@ def format_decode_report(r: dict) -> str:
         f"joined and join=False give the same tokens: {r['joined_equals_two_pass']}",
     ]
     return "\n".join(lines)
+
+
+def run(args, cfg, model) -> int:
+    """``calplug bench --decode``: the decode benchmark of ``model``, printed (and ``--json``)."""
+    import json
+
+    from ..errors import CALConfigError
+
+    if args.new_tokens < 2:
+        raise CALConfigError(f"--new-tokens must be >= 2 (the prefill is T(1)), got {args.new_tokens}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result = decode_benchmark(model, cfg, args.new_tokens)
+    print(format_decode_report(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 1 if args.check and not all(result["goal_met"].values()) else 0

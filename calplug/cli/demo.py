@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoding", action="store_true",
                         help="also answer the held-out images with contrastive decoding and print "
                              "its paired effect on visual-word accuracy (docs/decoding.md)")
+    parser.add_argument("--audit", action="store_true",
+                        help="instead: the dataset audit on the demo's world (AUROC of finding the contradicting "
+                             "captions; training on the audit-filtered data), and an audit world for "
+                             "`calplug audit` (docs/audit.md)")
     # Shortened runs, for tests and quick looks; the documented results use the defaults.
     parser.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--noise", type=str, default=None, help=argparse.SUPPRESS)
@@ -117,6 +121,10 @@ def run(args) -> int:
     out = prepare_output_dir(args.out)
     cache = (None if args.no_cache else Path(args.cache_dir) if args.cache_dir
              else demo_training.default_cache_dir())
+    if args.audit:
+        from . import demo_audit
+
+        return demo_audit.run(args, proto, out, cache, threads)
     extra = demo_decoding.evaluate if args.decoding else None
     result = demo_training.run_experiment(proto, show_progress=not args.no_progress, cache=cache,
                                           threads=threads, keep_models=not args.no_checkpoint,

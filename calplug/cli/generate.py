@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CALConfigError
-from .common import forward_arguments, load_saved, process_images, quiet_transformers_bars
+from ..processing import forward_arguments, process
+from .common import load_model_and_processor, quiet_transformers_bars
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 COLUMN = 44
@@ -98,17 +99,16 @@ def _pad_id(model) -> int:
 
 def processor_inputs(path: Path, images: list[str], prompt: str):
     """A saved model and its processor's left-padded inputs: one prompt per image."""
+    model, processor = load_model_and_processor(
+        path, fix="call calplug.contrastive_generate(model, **inputs) yourself (docs/decoding.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug generate reads the images with pillow: pip install pillow") from error
-    with quiet_transformers_bars():
-        model, processor = load_saved(path, "call calplug.contrastive_generate(model, **inputs) "
-                                            "yourself (docs/decoding.md)")
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     pil = [Image.open(p).convert("RGB") for p in images]
-    batch = dict(process_images(processor, pil, [prompt] * len(pil), padding=True))
+    batch = dict(process(processor, pil, [prompt] * len(pil), padding=True))
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
-from .common import forward_arguments, load_saved, process_images
+from ..processing import forward_arguments, process
+from .common import load_model_and_processor
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
@@ -58,26 +59,23 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     """A model saved with its processor, and one right-padded batch of image/caption pairs: the
     prompt (image placeholder included) and the padding are labelled -100, the captions are
     supervised."""
-    if not path.is_dir():
-        raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a folder written by "
-                             "save_pretrained (the model and its processor)")
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
+    model, processor = load_model_and_processor(
+        path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
-    model, processor = load_saved(path, "build the batch yourself and call calplug.verify(model, "
-                                        "batch) (docs/verify.md)")
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
     pil = [Image.open(p).convert("RGB") for p in images]
     texts = [prompt + caption for caption in captions]
-    batch = dict(process_images(processor, pil, texts, padding=True))
+    batch = dict(process(processor, pil, texts, padding=True))
     labels = batch["input_ids"].clone()
     for i, im in enumerate(pil):
-        head = process_images(processor, [im], [prompt])["input_ids"][0]
+        head = process(processor, [im], [prompt])["input_ids"][0]
         if not torch.equal(batch["input_ids"][i, :head.numel()], head):
             raise CALInputError("the tokens of the prompt alone are not a prefix of prompt + caption; "
                                 "end --prompt with a space or newline")
