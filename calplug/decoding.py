@@ -136,6 +136,10 @@ class DecodingSession:
         self.join = bool(join)
         (self.target, self.config, self.integration, self.contrast,
          self.original) = resolved(model, config, contrast=contrast)
+        refusal = self.integration.decoding_refusal
+        reason = refusal(self.target) if refusal is not None else None
+        if reason:
+            raise CALConfigError(not_decoded(self.target, reason))
         self.signature = inspect.signature(self.original)
         self.max_new_tokens = max_new_tokens
         self.inputs = dict(inputs or {})
@@ -161,6 +165,12 @@ class DecodingSession:
         fresh = copy.deepcopy(call[cache_key]) if cache_key and call[cache_key] is not None else None
         forward = functools.partial(self.original, **held) if held else self.original
         sequence = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        if sequence is None and call.get("decoder_input_ids") is not None:
+            raise CALConfigError(not_decoded(
+                self.target, "generate() ran its encoder first and calls the forward with encoder "
+                "outputs and decoder tokens (an encoder-decoder model), while the only image-blind "
+                "branch calplug's contrastive decoding builds leaves image positions out of one "
+                "decoder sequence"))
         if sequence is None:
             raise CALInputError("generate called the model with neither input_ids nor inputs_embeds")
         if self.contrast.needs_pixels and not has_pixels(call):
@@ -173,6 +183,11 @@ class DecodingSession:
                 "shows where the image is and calplug's contrastive decoding cannot take it away")
         labels = torch.full(sequence.shape[:2], IGNORE_INDEX, dtype=torch.long, device=sequence.device)
         main = self.integration.main_pass(self.target, forward, dict(call, labels=labels))
+        if main.image_free is not None:  # an integration that did not declare its refusal
+            raise CALConfigError(not_decoded(
+                self.target, "its integration takes the image out by other means than leaving image "
+                "positions out of the decoder's sequence (MainPass.image_free), which is the only "
+                "image-blind branch calplug's contrastive decoding builds"))
         self.seen, self.branch = int(sequence.shape[1]), None
         if not bool(main.with_image.any()):
             if self.expect_image:
@@ -269,6 +284,14 @@ class DecodingSession:
 
     # the processor ----------------------------------------------------------------------------
     def scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.seen == 0:
+            name = type(self.target).__name__
+            raise CALInputError(
+                f"the contrastive logits processor ran before {name}.forward was ever called: use "
+                "the processor with the model it was made for, inside its `with "
+                "calplug.contrastive_decoding(model) as processor:` block. If you did, "
+                f"{name}.generate() hands the prompt to an inner model's generate() without "
+                "calling the forward that contrastive decoding wraps, and calplug cannot decode it")
         if input_ids.shape[1] != self.seen:
             raise CALInputError(
                 f"the contrastive logits processor got {input_ids.shape[1]} tokens, but its model "
@@ -279,6 +302,14 @@ class DecodingSession:
             return contrastive_scores(scores, scores, none, self.cd_alpha, self.cd_beta).to(scores.dtype)
         z_contrast, has = self.branch.logits(scores)
         return contrastive_scores(scores, z_contrast, has, self.cd_alpha, self.cd_beta).to(scores.dtype)
+
+
+def not_decoded(model: nn.Module, reason: str) -> str:
+    """The refusal of a model contrastive decoding cannot run: the class, why, what works."""
+    return (f"calplug's contrastive decoding does not support {type(model).__name__}: {reason}. "
+            f"Plain {type(model).__name__}.generate() works, and so do CAL training "
+            "(calplug.enable) and calplug.token_gaps on it; contrastive decoding runs on the "
+            "families whose image sits at positions of the text decoder's sequence (docs/decoding.md)")
 
 
 def _main_cache(main: MainPass, cache_key: str):
