@@ -178,9 +178,15 @@ def tensors(cache) -> list[torch.Tensor]:
 
 def trim_rows(cache, rows: int, total: int) -> None:
     """Drop the appended rows again: every tensor of ``total`` rows keeps its first ``rows``
-    (``generate()``'s cache as it would be without the contrast branch)."""
+    (``generate()``'s cache as it would be without the contrast branch). In place, the tensor
+    objects themselves narrowed: ``generate()`` may already have handed them on (transformers
+    4.4x returns the cache converted to legacy tuples of the same tensors)."""
     if cache is None or isinstance(cache, tuple) or rows == total:
         return
     for holder, key, t in list(_walk(cache)):
         if t.dim() > 0 and t.shape[0] == total:
-            _set(holder, key, t[:rows])
+            try:
+                with torch.no_grad():
+                    t.set_(t.untyped_storage(), t.storage_offset(), (rows,) + tuple(t.shape[1:]), t.stride())
+            except RuntimeError:  # a tensor that cannot be changed in place: replace it in its holder
+                _set(holder, key, t[:rows])

@@ -43,6 +43,19 @@ def test_contrast_rows_are_appended_left_padded_and_removed_again():
     assert main.get_seq_length() == 6
 
 
+def test_trimming_narrows_the_tensors_generate_already_handed_on():
+    """transformers 4.4x's generate() returns its cache as legacy tuples of the same tensors
+    before contrastive decoding leaves it: the trim narrows those tensor objects themselves."""
+    main, main_kv = filled(2, 5, seed=0)
+    contrast, _ = filled(1, 3, seed=1)
+    assert decoding_cache.merge_rows(main, contrast, 2, 1) is None
+    handed_on = list(decoding_cache.tensors(main))  # what a to_legacy_cache() tuple holds
+    decoding_cache.trim_rows(main, 2, 3)
+    assert [t.shape for t in handed_on] == [(2, 2, 5, 4)] * 4
+    for (k, v), kept in zip(main_kv, handed_on[::2]):
+        assert torch.equal(kept, k) or torch.equal(kept, v)
+
+
 def test_a_cache_that_does_not_fit_is_left_untouched_with_the_reason():
     main, _ = filled(2, 5, seed=0)
     before = [t.clone() for t in decoding_cache.tensors(main)]
