@@ -149,6 +149,9 @@ class Integration:
                       not only at positions of its decoder sequence: how the independent
                       reference (`calplug.reference`, which ``calplug verify`` runs) takes the image
                       out. None: it hides the `MainPass.visual_mask` positions.
+    decoding_refusal: optional ``fn(model) -> str | None``: why contrastive decoding
+                      (`calplug.contrastive_generate`) cannot run this model (None: it can);
+                      raised as `CALConfigError` before ``generate`` runs, naming the class.
     """
 
     name: str
@@ -161,6 +164,7 @@ class Integration:
     contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
     support_status: Callable[["nn.Module"], "tuple[str, str] | None"] | None = None
     reference_pass: Callable[["nn.Module", dict], "ReferencePass"] | None = None
+    decoding_refusal: Callable[["nn.Module"], "str | None"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
         if is_named(model, self.model_classes):
