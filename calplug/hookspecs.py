@@ -190,12 +190,17 @@ class Framework:
     check_call:        optional ``fn(call: dict) -> None``, run before every CAL training step
                        with the forward's keyword arguments: raises a calplug error when the call
                        shows that this framework would discard the CAL loss (names the fix).
+    check_trainer:     optional ``fn(trainer) -> None``, run by `calplug.trainer.enable_for_trainer`
+                       (and the adapters) on the built trainer before it trains: raises a calplug
+                       error naming an option of this framework's trainers that replaces or
+                       discards the model's loss (TRL's ``loss_type``).
     """
 
     name: str
     packing_off: str = ""
     own_loss_trainers: tuple[str, ...] = ()
     check_call: Callable[[dict], None] | None = None
+    check_trainer: Callable[[Any], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +237,9 @@ def calplug_integrations() -> "list[Integration]":
 def calplug_frameworks() -> "list[Framework]":
     """Return the `Framework` records this plugin provides (calplug's adapters provide TRL's,
     axolotl's, LLaMA-Factory's and ms-swift's). Read when the step refuses a packed batch (to name
-    every framework's packing options), before every CAL step (`Framework.check_call`) and by
-    `calplug.trainer.use_model_loss`."""
+    every framework's packing options), before every CAL step (`Framework.check_call`), by
+    `calplug.trainer.use_model_loss` and by `calplug.trainer.refuse_bypasses`
+    (`Framework.check_trainer`)."""
 
 
 # -- step 2: the contrast condition ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from ..config import did_you_mean, field_names
 from ..errors import CALConfigError
 from ..hookspecs import Framework, hookimpl
+from .liger import LIGER_KERNEL
 from .trl import TRL
 
 SETTING_PREFIX = "cal_"
@@ -90,6 +91,7 @@ FRAMEWORKS = [
     Framework("LLaMA-Factory", packing_off="packing: false, neat_packing: false"),
     TRL,
     Framework("ms-swift", packing_off="--packing false --padding_free false"),
+    LIGER_KERNEL,
 ]
 
 
