@@ -114,7 +114,19 @@ class MainPass:
     @property
     def with_image(self) -> "torch.Tensor":
         """bool ``[B]``: the samples the image reaches (`image_samples`, else those with a visual
-        position): the samples a contrast pass has something to take away from."""
+        position the text can attend to): the samples a contrast pass has something to take away
+        from. An image whose positions are all padding (attention mask 0) reaches no token: the
+        placeholder image LLaMA-Factory appends to a text-only batch, masked out, so that every
+        rank runs the vision tower under ZeRO-3, leaves its sample text-only (gap 0, no contrast),
+        where contrasting it would only measure round-off."""
+        if self.image_samples is not None:
+            return self.image_samples
+        return (self.visual_mask & self.attention_mask.bool()).any(1)
+
+    @property
+    def found_image(self) -> "torch.Tensor":
+        """bool ``[B]``: the samples where an image was found at all (attended or not), for the
+        report of steps that carry images but never find one (`calplug.guards`)."""
         return self.visual_mask.any(1) if self.image_samples is None else self.image_samples
 
 

@@ -165,7 +165,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1],
                                     visual_mask=main.visual_mask)
     guards.refuse_restarting_positions(main.position_ids, main.attention_mask)
-    state.no_images.observe(carried_images, main.with_image, type(model).__name__)
+    state.no_images.observe(carried_images, main.found_image, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():
