@@ -79,8 +79,7 @@ OWN_LOSS = ("computes the loss outside the model from (outputs, labels) and take
             "the model call, so calplug's forward would never see them and CAL would silently do "
             "nothing")
 NOT_SFT = "CAL is a supervised fine-tuning loss; preference / RL / reward trainers compute their own"
-LIGER = ("Liger's kernels replace the model's forward with a fused cross-entropy that calplug is "
-         "not tested with")
+
 
 
 # What the CAL step needs to know about each framework that calls the model (packed batches are

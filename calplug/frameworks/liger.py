@@ -56,20 +56,22 @@ def refusal(framework: str, option: str, kernel: str, fix: str) -> CALConfigErro
     return CALConfigError(
         f"{framework}: CAL cannot run with {option}: Liger's {kernel} kernel is on, and {WHY[kernel]}. "
         f"{fix}; Liger's other kernels (RMSNorm, RoPE, SwiGLU, LayerNorm) compose with CAL, and "
-        f"{LOSS_CHUNK_HINT}. Or turn CAL off (cal: false)."
+        f"{LOSS_CHUNK_HINT}. Or turn CAL off."
     )
 
 
+TRAINER_OFF = 'liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}'
+YAML_OFF = "liger_kernel_config: {fused_linear_cross_entropy: false, cross_entropy: false}"
+
+
 def check_kernel_config(framework: str, option: str, kernels: Mapping[str, Any] | None,
-                        config_option: str) -> None:
-    """Refuse ``kernels`` (Liger's ``apply_liger_kernel_to_*`` arguments, as a trainer will pass
-    them) when a loss kernel is on; ``option`` is how the user switched Liger on and
-    ``config_option`` where the kernels are chosen."""
+                        off: str = TRAINER_OFF) -> None:
+    """Refuse ``kernels`` (Liger's ``apply_liger_kernel_to_*`` arguments, as the trainer will pass
+    them) when a loss kernel is on; ``option`` is how the user switched Liger on and ``off`` the
+    setting that keeps Liger without its loss kernels, in the framework's spelling."""
     on = loss_kernels_on(kernels)
     if on:
-        off = ", ".join(f'"{name}": False' for name in LOSS_KERNELS)
-        raise refusal(framework, option, on[0], f"Keep Liger and switch its loss kernels off with "
-                                                f"{config_option}={{{off}}}")
+        raise refusal(framework, option, on[0], f"Keep Liger and switch its loss kernels off with {off}")
 
 
 def check_trainer(trainer) -> None:
@@ -78,8 +80,7 @@ def check_trainer(trainer) -> None:
     args = getattr(trainer, "args", None)
     if not getattr(args, "use_liger_kernel", False):
         return
-    check_kernel_config("Liger Kernel", "use_liger_kernel=True", getattr(args, "liger_kernel_config", None),
-                        "liger_kernel_config")
+    check_kernel_config("Liger Kernel", "use_liger_kernel=True", getattr(args, "liger_kernel_config", None))
 
 
 LIGER_KERNEL = Framework("Liger Kernel", check_trainer=check_trainer)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse
+from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, liger, refuse
 from ..errors import CALConfigError
 from ..hookspecs import VISUAL_MASK_ARGUMENT
 from ..integrations import compat
@@ -67,7 +67,6 @@ _REFUSED_AND_READ = (
      _template("sequence_parallel_size")),
     (Refusal("--packing", PACKING), _template("packing")),
     (Refusal("--padding_free", PACKING), _template("padding_free")),
-    (Refusal("--use_liger_kernel", LIGER), _arg("use_liger_kernel")),
     (Refusal("--tuner_backend", "Unsloth replaces the model's forward and loss with its own kernels",
              applies=lambda b: b == "unsloth", off="peft"), _arg("tuner_backend")),
     (Refusal("--use_logits_to_keep", "calplug needs the logits of every position to weight the "
@@ -75,6 +74,7 @@ _REFUSED_AND_READ = (
      _arg("use_logits_to_keep")),
 )
 REFUSED = tuple(refusal for refusal, _ in _REFUSED_AND_READ)
+LIGER_OFF = """--liger_kernel_config '{"fused_linear_cross_entropy": false, "cross_entropy": false}'"""
 
 
 def plugin_path() -> str:
@@ -112,6 +112,13 @@ class SwiftCALCallback(CALLoggingCallback):
         trainer = self.trainer
         template = trainer.template
         refuse(FRAMEWORK, REFUSED, options(trainer.args, template))
+        if getattr(trainer.args, "use_liger_kernel", False):  # Liger's layer kernels compose
+            liger.check_kernel_config(FRAMEWORK, "--use_liger_kernel true",
+                                      getattr(trainer.args, "liger_kernel_config", None), LIGER_OFF)
+        from ..trainer import loss_owner, refuse_bypasses
+
+        refuse_bypasses(trainer)   # what ms-swift shares with the HF Trainer
+        self.loss_owner = loss_owner(trainer)
         if trainer.args.use_logits_to_keep is None:  # decided at the first batch, after this
             trainer.args.use_logits_to_keep = False
         enable(model if model is not None else trainer.model)

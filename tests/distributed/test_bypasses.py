@@ -55,8 +55,7 @@ LIGER_FLCE = (
     "Liger and switch its loss kernels off with liger_kernel_config={\"fused_linear_cross_entropy\": "
     "False, \"cross_entropy\": False}; Liger's other kernels (RMSNorm, RoPE, SwiGLU, LayerNorm) "
     "compose with CAL, and for the memory Liger's fused loss saves, set calplug's loss_chunk (e.g. "
-    "1024): CAL's weighted cross-entropy in chunks, without the [B, L, V] logits. Or turn CAL off "
-    "(cal: false).")
+    "1024): CAL's weighted cross-entropy in chunks, without the [B, L, V] logits. Or turn CAL off.")
 
 
 def trainer_for(tmp_path, cls=None, callbacks=(), **args):

@@ -11,6 +11,7 @@ import yaml
 
 pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed: run tox -e llamafactory")
 
+import _exact  # noqa: E402
 import _tiny  # noqa: E402
 from conftest import BIN, assert_cal_was_active, run, step_logs, tail  # noqa: E402
 
@@ -38,19 +39,33 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llamafactory")
     model = _tiny.build_model_folder(root / "tiny-llava")
     data = _tiny.write_llamafactory_data(root / "data")
-    plain_cfg = config(root, model, data, root / "plain")
+    found = dict(root=root, model=model, data=data)
+    for name in ("plain", "plain_again"):   # the second: the determinism control
+        found[name] = run([str(BIN / "llamafactory-cli"), "train", config(root, model, data, root / name)],
+                          root, **_exact.recording(root / f"rec-{name}"))
     cal_cfg = config(root, model, data, root / "cal", cal=True, cal_alpha=0.0)
-    plain = run([str(BIN / "llamafactory-cli"), "train", plain_cfg], root)
-    cal = run([str(BIN / "calplug"), "llamafactory", "train", cal_cfg], root)
-    return dict(root=root, model=model, data=data, plain=plain, cal=cal)
+    found["cal"] = run([str(BIN / "calplug"), "llamafactory", "train", cal_cfg], root,
+                       **_exact.recording(root / "rec-cal"))
+    return found
 
 
 def test_cal_trains_through_llamafactory(runs):
     plain, cal = runs["plain"], runs["cal"]
     assert plain.returncode == 0, tail(plain.stdout)
+    assert runs["plain_again"].returncode == 0, tail(runs["plain_again"].stdout)
     assert cal.returncode == 0, tail(cal.stdout)
     assert_cal_was_active(step_logs(cal.stdout), step_logs(plain.stdout), STEPS)
-    print("\n".join(line for line in cal.stdout.splitlines() if "cal/mean_weight" in line))
+    print("\n".join(_exact.log_lines(cal.stdout)))
+
+
+def test_the_logged_cal_loss_is_calplugs_loss_on_the_same_batch(runs):
+    """The first step's logged loss is the CAL loss calplug computes here for the batch the model
+    received (recorded in the run), and two plain runs log identical losses at every step."""
+    root = runs["root"]
+    figures = _exact.assert_exact_against_plain(
+        _exact.read(root / "rec-cal"), _exact.read(root / "rec-plain"),
+        _exact.read(root / "rec-plain_again"), runs["model"], {"alpha": 0.0})
+    print(figures)
 
 
 def test_llamafactory_rejects_cal_keys_without_calplug(runs):

@@ -6,7 +6,10 @@ command and every rank its launcher starts record, when ``CALPLUG_TEST_RECORD`` 
   DeepSpeed / PEFT wrapper the trainer calls) that received ``labels``: its keyword arguments
   (tensors copied to the CPU) and the loss it returned, in call order;
 * ``logs-rank{R}.jsonl``: every ``Trainer.log`` dict at full precision, after the callbacks (so
-  calplug's ``cal/`` keys are in it).
+  calplug's ``cal/`` keys are in it);
+* ``model-rank{R}.pt``: at the first call, where CAL is enabled (the modules holding calplug's
+  state) and which parameters train; at the first optimiser step, which parameters have a
+  gradient (a plain torch optimiser; DeepSpeed's flattens them).
 
 Observers only: the framework runs unchanged. Nothing happens without ``CALPLUG_TEST_RECORD``.
 """
@@ -23,7 +26,7 @@ def _install(out):
 
     rank = os.environ.get("RANK", "0")
     calls, depth = [], [0]
-    patched = []
+    patched, names, facts = [], {}, {}
 
     def pre(mod, args):
         depth[0] += 1
@@ -40,6 +43,22 @@ def _install(out):
         torch.save(calls, os.path.join(out, f"calls-rank{rank}.pt"))
         if not patched:
             _patch_trainer_log()
+            names.update({id(p): n for n, p in mod.named_parameters()})
+            facts.update(
+                outer=type(mod).__name__,
+                enabled=[n for n, m in mod.named_modules() if "_calplug_state" in m.__dict__],
+                enabled_types=[type(m).__name__ for m in mod.modules() if "_calplug_state" in m.__dict__],
+                trainable=[n for n, p in mod.named_parameters() if p.requires_grad],
+                frozen=[n for n, p in mod.named_parameters() if not p.requires_grad])
+            torch.save(facts, os.path.join(out, f"model-rank{rank}.pt"))
+
+    def optimizer_step(optimizer, args, kwargs):
+        if "grads" in facts or not names:
+            return
+        facts["grads"] = {names.get(id(p), f"<unnamed {tuple(p.shape)}>"): float(p.grad.norm())
+                          for group in optimizer.param_groups for p in group["params"]
+                          if p.grad is not None}
+        torch.save(facts, os.path.join(out, f"model-rank{rank}.pt"))
 
     def _patch_trainer_log():
         from transformers import Trainer
@@ -58,6 +77,7 @@ def _install(out):
 
     nn_module.register_module_forward_pre_hook(pre)
     nn_module.register_module_forward_hook(post, with_kwargs=True)
+    torch.optim.optimizer.register_optimizer_step_pre_hook(optimizer_step)
 
 
 if OUT:
