@@ -41,11 +41,13 @@ REFUSED = (
     Refusal("chunked_cross_entropy", "it replaces transformers' causal-LM loss, and calplug computes "
                                      "its own weighted loss in the model's forward: the option "
                                      "would do nothing for the CAL loss"),
-    Refusal("liger_fused_linear_cross_entropy", "Liger's fused linear cross-entropy "
+    Refusal("liger_fused_linear_cross_entropy", "that Liger kernel "
             + liger.WHY["fused_linear_cross_entropy"] + ". Liger's other kernels (liger_rope, "
             "liger_rms_norm, liger_glu_activation, liger_layer_norm) compose with CAL, and for the "
             "memory it saves set cal_loss_chunk: 1024"),
-    Refusal("liger_cross_entropy", "Liger's cross-entropy " + liger.WHY["cross_entropy"]),
+    Refusal("liger_cross_entropy", "that Liger kernel " + liger.WHY["cross_entropy"] + ". Liger's "
+            "other kernels (liger_rope, liger_rms_norm, liger_glu_activation, liger_layer_norm) "
+            "compose with CAL"),
     Refusal("cut_cross_entropy", "Cut Cross-Entropy computes the loss without logits inside the "
                                  "model's forward"),
     Refusal("sample_packing", PACKING),

@@ -31,13 +31,13 @@ from ..hookspecs import Framework
 # Liger's loss kernels and their defaults in ``apply_liger_kernel_to_<model>(...)`` (0.3 to 0.8.5):
 # what a trainer applies when its config leaves them unset.
 LOSS_KERNELS = {"fused_linear_cross_entropy": True, "cross_entropy": False}
-WHY = {
+WHY = {  # each completes "that kernel ..." / "and it ..."
     "fused_linear_cross_entropy": (
-        "it replaces the model's forward with one that computes its own unweighted cross-entropy "
+        "replaces the model's forward with one that computes its own unweighted cross-entropy "
         "without logits, which CAL's per-token weights cannot enter (Liger-Kernel #338): applied "
         "after calplug.enable it removes the CAL step, applied before it saves nothing"),
     "cross_entropy": (
-        "it replaces torch.nn.functional.cross_entropy for the whole process, and its "
+        "replaces torch.nn.functional.cross_entropy for the whole process, and its "
         "reduction='none' path, which a weighted loss needs, gives wrong gradients (Liger-Kernel #968)"),
 }
 LOSS_CHUNK_HINT = ("for the memory Liger's fused loss saves, set calplug's loss_chunk (e.g. 1024): "
@@ -54,12 +54,13 @@ def loss_kernels_on(kernels: Mapping[str, Any] | None) -> list[str]:
 def refusal(framework: str, option: str, kernel: str, fix: str) -> CALConfigError:
     """The error for a Liger loss kernel switched on through ``option`` (the framework's spelling)."""
     return CALConfigError(
-        f"{framework}: CAL cannot run with {option}: Liger's {kernel} kernel is on, and {WHY[kernel]}. "
+        f"{framework}: CAL cannot run with {option}: Liger's {kernel} kernel is on, and it {WHY[kernel]}. "
         f"{fix}; Liger's other kernels (RMSNorm, RoPE, SwiGLU, LayerNorm) compose with CAL, and "
         f"{LOSS_CHUNK_HINT}. Or turn CAL off."
     )
 
 
+LAYER_ONLY = {"fused_linear_cross_entropy": False, "cross_entropy": False}
 TRAINER_OFF = 'liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}'
 YAML_OFF = "liger_kernel_config: {fused_linear_cross_entropy: false, cross_entropy: false}"
 

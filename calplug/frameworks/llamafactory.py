@@ -37,7 +37,7 @@ REFUSED = (
     Refusal("label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
     Refusal("enable_liger_kernel", "LLaMA-Factory applies Liger with Liger's defaults, which include "
                                    "the fused_linear_cross_entropy kernel, and has no setting to leave "
-                                   "it out; that kernel " + liger.WHY["fused_linear_cross_entropy"]
+                                   "it out: that kernel " + liger.WHY["fused_linear_cross_entropy"]
             + ". Liger's other kernels compose with CAL through the Trainer's own switch: "
               "use_liger_kernel: true with " + liger.YAML_OFF),
     Refusal("use_unsloth", "Unsloth replaces the model's forward and loss with its own kernels, "
@@ -177,7 +177,7 @@ def train(config: str, overrides=()) -> int:
     if command is not None:
         import subprocess
 
-        print(f"calplug llamafactory: {' '.join(command[1:])}", flush=True)
+        print(f"calplug llamafactory: torchrun {' '.join(command[3:])}", flush=True)  # python -m torch.distributed.run
         return subprocess.run(command).returncode
     from llamafactory.train.tuner import run_exp
 

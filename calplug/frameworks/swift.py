@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, liger, refuse
-from ..errors import CALConfigError
+from ..errors import CALConfigError, CALWarning, warn_once
 from ..hookspecs import VISUAL_MASK_ARGUMENT
 from ..integrations import compat
 from ..trainer import CALLoggingCallback, put_first
@@ -74,7 +74,13 @@ _REFUSED_AND_READ = (
      _arg("use_logits_to_keep")),
 )
 REFUSED = tuple(refusal for refusal, _ in _REFUSED_AND_READ)
-LIGER_OFF = """--liger_kernel_config '{"fused_linear_cross_entropy": false, "cross_entropy": false}'"""
+LIGER_NOTE = ("calplug: --use_liger_kernel with CAL: Liger's layer kernels (RMSNorm, RoPE, SwiGLU) "
+              "are applied, its fused linear cross-entropy is not, because CAL weights each "
+              "token's loss and that kernel computes an unweighted one without logits (ms-swift's "
+              "command line cannot set liger_kernel_config, so calplug sets it to "
+              f"{liger.LAYER_ONLY}). For the memory the fused loss saves, set loss_chunk: 1024 in "
+              "$CALPLUG_CONFIG.")
+LIGER_OFF = "liger_kernel_config unset (calplug then applies Liger's layer kernels only)"
 
 
 def plugin_path() -> str:
@@ -105,6 +111,11 @@ class SwiftCALCallback(CALLoggingCallback):
         self.args = args
         self.trainer = trainer
         self._post_encode = None  # the template's own, while wrapped
+        if getattr(args, "use_liger_kernel", False) and not getattr(args, "liger_kernel_config", None):
+            # Built before the Trainer, which applies Liger from these arguments: its layer kernels
+            # only (ms-swift's command line cannot set liger_kernel_config, a dict).
+            args.liger_kernel_config = dict(liger.LAYER_ONLY)
+            warn_once("swift_liger", message=LIGER_NOTE, category=CALWarning)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from ..enabling import enable

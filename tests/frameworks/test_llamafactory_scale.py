@@ -119,7 +119,7 @@ def assert_two_rank_run(record, model_dir) -> None:
 def test_two_processes_equal_one_process_on_the_same_global_batch(setup, one_process, two_processes):
     root, model, _ = setup
     result, ddp = two_processes
-    assert "calplug llamafactory: torch.distributed.run --nnodes 1 --node_rank 0 --nproc_per_node 2" \
+    assert "calplug llamafactory: torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" \
         in result.stdout, tail(result.stdout)
     assert_two_rank_run(ddp, model)
     # the two ranks' micro-batches are the one process's, in order
@@ -131,7 +131,9 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(setup, one_pro
     _exact.assert_same_losses(ddp, one_process)
     pairs = _exact.assert_first_step_exact(ddp, model, SETTINGS)
     _exact.assert_first_step_exact(one_process, model, SETTINGS, micro_batches=2)
-    print("\n".join(_exact.log_lines(result.stdout)))
+    for rank in ddp.ranks:
+        print(f"rank {rank}:", [{k: v for k, v in log.items() if k == "loss" or k.startswith("cal/")}
+                                for log in ddp.logs[rank]])
     print("losses 2 ranks:", ddp.losses(0), "1 process:", one_process.losses(0))
     print("step 1 per rank (recorded, recomputed):", pairs)
 

@@ -12,6 +12,8 @@ command and every rank its launcher starts record, when ``CALPLUG_TEST_RECORD`` 
   gradient (a plain torch optimiser; DeepSpeed's flattens them).
 
 Observers only: the framework runs unchanged. Nothing happens without ``CALPLUG_TEST_RECORD``.
+With ``CALPLUG_TEST_CPU_RANKS=<framework>`` it also applies `cpu_ranks`' shim for that framework
+(multi-process launches on CPUs that the framework only supports on GPUs).
 """
 import os
 
@@ -77,9 +79,15 @@ def _install(out):
 
     nn_module.register_module_forward_pre_hook(pre)
     nn_module.register_module_forward_hook(post, with_kwargs=True)
-    torch.optim.optimizer.register_optimizer_step_pre_hook(optimizer_step)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    register_optimizer_step_pre_hook(optimizer_step)
 
 
 if OUT:
     os.makedirs(OUT, exist_ok=True)
     _install(OUT)
+if os.environ.get("CALPLUG_TEST_CPU_RANKS"):
+    from cpu_ranks import SHIMS
+
+    SHIMS[os.environ["CALPLUG_TEST_CPU_RANKS"]]()
