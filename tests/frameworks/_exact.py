@@ -103,6 +103,11 @@ def assert_same_losses(got: Record, want: Record, rel: float = 2e-6) -> None:
         assert got.losses(rank) == pytest.approx(expected, rel=rel), (rank, got.losses(rank), expected)
 
 
+def cal_keys(log: dict) -> dict:
+    """The loss and calplug's keys of a log (ranks may add keys of their own, e.g. memory)."""
+    return {k: v for k, v in log.items() if k == "loss" or k.startswith("cal/")}
+
+
 def supervised_rows(kwargs: dict) -> int:
     """The supervised rows of a recorded micro-batch (labels after the shift that are not -100)."""
     return int((kwargs["labels"][:, 1:] != -100).sum())
