@@ -34,8 +34,8 @@ def _install(out):
         depth[0] += 1
 
     def post(mod, args, kwargs, output):
-        depth[0] -= 1
-        if depth[0] != 0 or not mod.training or kwargs.get("labels") is None:
+        depth[0] -= 1   # always_call: also when a forward raised, so the depth stays balanced
+        if depth[0] != 0 or output is None or not mod.training or kwargs.get("labels") is None:
             return
         loss = output.get("loss") if hasattr(output, "get") else output[0]
         calls.append({"module": type(mod).__name__,
@@ -78,7 +78,7 @@ def _install(out):
         Trainer.log = log
 
     nn_module.register_module_forward_pre_hook(pre)
-    nn_module.register_module_forward_hook(post, with_kwargs=True)
+    nn_module.register_module_forward_hook(post, with_kwargs=True, always_call=True)
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     register_optimizer_step_pre_hook(optimizer_step)
