@@ -3,13 +3,13 @@ through its own launch (``NPROC_PER_NODE=2 swift sft ...``, which relaunches its
 full fine-tuning and LoRA (``--tuner_type lora``).
 
 Every run reads the same 12 samples in order (``--dataset_shuffle false
---train_dataloader_shuffle false``), two per micro-batch, dealt to the ranks in turn: at step 1
-rank 1's micro-batch is text-only. SGD without clipping makes updates linear in the gradient.
-ms-swift weights micro-batches by their supervised tokens (it passes the accumulated batch's token
-count, summed over ranks, to the model, and multiplies each rank's loss by the number of
-processes), so each step minimises the token-weighted mean of the micro-batch CAL losses, in one
-process accumulating two micro-batches and in two processes alike: the runs must log the same loss
-at every step.
+--train_dataloader_shuffle false``). ms-swift deals *samples* to the ranks in turn (rank r reads
+samples r, r + 2, ...), so the two-process run reads them in an order that gives rank r at step s
+the samples the one-process run reads as its micro-batch 2s + r: the same global batch, split the
+same way. At step 1 rank 1's micro-batch is text-only. SGD without clipping makes updates linear in the gradient, so
+the runs must log the same loss at every step. (Every micro-batch here has 12 supervised tokens, so
+ms-swift's token weighting of micro-batches, when the Trainer hands it a token count, and a plain
+mean coincide: the logged loss is the mean of the micro-batch CAL losses either way.)
 """
 from __future__ import annotations
 
@@ -51,9 +51,17 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("swift-scale")
     model = _tiny.build_model_folder(root / "tiny-llava")
     data = _tiny.write_swift_data(root / "data", pattern=_tiny.MIXED)
+    records = data.read_text().splitlines()
+    dealt = [records[4 * s + i] for s in range(len(records) // 4) for i in (0, 2, 1, 3)]
+    (root / "data" / "dealt.jsonl").write_text("\n".join(dealt) + "\n")
     settings = root / "cal.yaml"
     settings.write_text("alpha: 0.0\n")
     return root, model, data, settings
+
+
+def dealt(data):
+    """The dataset in the order ms-swift's two ranks read it as the one process's micro-batches."""
+    return data.parent / "dealt.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +95,21 @@ def assert_two_rank_run(record, model_dir) -> None:
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(setup, one_process):
     root, model, data, settings = setup
-    result = run(sft(model, data, root / "ddp", *GLOO), root, timeout=TIMEOUT, NPROC_PER_NODE="2",
+    result = run(sft(model, dealt(data), root / "ddp", *GLOO), root, timeout=TIMEOUT, NPROC_PER_NODE="2",
                  MASTER_PORT=str(_free_port()), CALPLUG_CONFIG=str(settings),
                  **_exact.recording(root / "rec-ddp"))
     assert result.returncode == 0, tail(result.stdout)
     assert "torch.distributed.run --nproc_per_node 2" in result.stdout
     ddp = _exact.read(root / "rec-ddp")
     assert_two_rank_run(ddp, model)
+    for step in range(STEPS):
+        for rank in (0, 1):
+            got = ddp.calls[rank][step]["kwargs"]["input_ids"]
+            want = one_process.calls[0][2 * step + rank]["kwargs"]["input_ids"]
+            assert got.shape == want.shape and bool((got == want).all()), (step, rank)
     _exact.assert_same_losses(ddp, one_process)
-    # step 1: each rank's loss as the model returned it (its CAL loss times its share of the
-    # global batch's supervised tokens) is calplug's on the recorded batch
-    pairs = []
-    for rank in ddp.ranks:
-        call = ddp.calls[rank][0]
-        recomputed = _exact.cal_loss(model, call["kwargs"], **SETTINGS)
-        assert call["loss"] == pytest.approx(recomputed, rel=2e-6)
-        pairs.append((call["loss"], recomputed))
-    # ... and the logged loss their sum (each rank's loss times 2 processes, averaged over ranks)
-    assert ddp.losses(0)[0] == pytest.approx(sum(p[0] for p in pairs), rel=2e-6)
+    pairs = _exact.assert_first_step_exact(ddp, model, SETTINGS)
+    _exact.assert_first_step_exact(one_process, model, SETTINGS, micro_batches=2)
     for rank in ddp.ranks:
         print(f"rank {rank}:", [{k: v for k, v in log.items() if k == "loss" or k.startswith("cal/")}
                                 for log in ddp.logs[rank]])
@@ -114,7 +119,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(setup, one_pro
 
 def test_lora_through_swifts_launch(setup):
     root, model, data, settings = setup
-    cmd = sft(model, data, root / "lora", *GLOO)
+    cmd = sft(model, dealt(data), root / "lora", *GLOO)
     cmd[cmd.index("--tuner_type") + 1] = "lora"
     cmd += ["--lora_rank", "4", "--lora_alpha", "8", "--target_modules", "all-linear",
             "--freeze_vit", "true"]

@@ -34,8 +34,12 @@ def _install(out):
         depth[0] += 1
 
     def post(mod, args, kwargs, output):
-        depth[0] -= 1   # always_call: also when a forward raised, so the depth stays balanced
-        if depth[0] != 0 or output is None or not mod.training or kwargs.get("labels") is None:
+        depth[0] -= 1   # always_call: also when a forward raised
+        if output is None or not mod.training or kwargs.get("labels") is None:
+            return
+        # The first training call: the outermost module (depth 0). Later ones: that module's
+        # class (the depth count can drift, e.g. under gradient checkpointing's recomputation).
+        if (depth[0] != 0) if not facts else (type(mod).__name__ != facts["outer"]):
             return
         loss = output.get("loss") if hasattr(output, "get") else output[0]
         calls.append({"module": type(mod).__name__,
