@@ -235,17 +235,34 @@ needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
 
 @needs_trl
 def test_trl_loss_type_dft_is_refused(tmp_path):
-    from trl import SFTConfig
+    """A real SFTTrainer with ``loss_type="dft"``: `enable_for_trainer` refuses it (TRL would
+    compute DFT from the logits; with CAL's loss optimised instead the option would be ignored),
+    before enabling anything; with ``"nll"`` it proceeds."""
+    from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(output_dir=str(tmp_path), loss_type="dft", use_cpu=True, report_to="none",
-                     bf16=False)
-    sft = type("SFTTrainer", (), {})()               # TRL's class name is what is checked
-    sft.args = args
+    def build(loss_type):
+        model = make_model()
+        args = SFTConfig(output_dir=str(tmp_path / loss_type), per_device_train_batch_size=2,
+                         max_steps=1, report_to="none", use_cpu=True, bf16=False, max_length=None,
+                         loss_type=loss_type, remove_unused_columns=False,
+                         dataset_kwargs={"skip_prepare_dataset": True},
+                         **{_checkpointing_field(SFTConfig): False})
+        return SFTTrainer(model=model, args=args, train_dataset=_hf.hf_dataset(_hf.samples(model)),
+                          processing_class=_hf.tiny_tokenizer(), data_collator=_hf.RecordingCollator())
+
+    trainer = build("dft")
     with pytest.raises(CALConfigError) as refused:
-        refuse_bypasses(sft)
+        enable_for_trainer(trainer)
     assert str(refused.value) == (
         "TRL: CAL cannot run with loss_type='dft': the SFTTrainer computes that loss from the logits "
         "in place of the model's, and calplug makes the trainer optimise the CAL loss, so the option "
         "would be silently ignored. Set loss_type='nll', or turn CAL off")
-    sft.args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
-    refuse_bypasses(sft)                             # nll: the CAL loss replaces it, as documented
+    assert not calplug.is_enabled(trainer.model)
+    trainer = build("nll")
+    enable_for_trainer(trainer)
+    assert calplug.is_enabled(trainer.model)
+
+
+def _checkpointing_field(config_cls):
+    fields = config_cls.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
