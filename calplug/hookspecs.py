@@ -115,7 +115,19 @@ class MainPass:
     @property
     def with_image(self) -> "torch.Tensor":
         """bool ``[B]``: the samples the image reaches (`image_samples`, else those with a visual
-        position): the samples a contrast pass has something to take away from."""
+        position the text can attend to): the samples a contrast pass has something to take away
+        from. An image whose positions are all padding (attention mask 0) reaches no token: the
+        placeholder image LLaMA-Factory appends to a text-only batch, masked out, so that every
+        rank runs the vision tower under ZeRO-3, leaves its sample text-only (gap 0, no contrast),
+        where contrasting it would only measure round-off."""
+        if self.image_samples is not None:
+            return self.image_samples
+        return (self.visual_mask & self.attention_mask.bool()).any(1)
+
+    @property
+    def found_image(self) -> "torch.Tensor":
+        """bool ``[B]``: the samples where an image was found at all (attended or not), for the
+        report of steps that carry images but never find one (`calplug.guards`)."""
         return self.visual_mask.any(1) if self.image_samples is None else self.image_samples
 
 
@@ -235,12 +247,17 @@ class Framework:
     check_call:        optional ``fn(call: dict) -> None``, run before every CAL training step
                        with the forward's keyword arguments: raises a calplug error when the call
                        shows that this framework would discard the CAL loss (names the fix).
+    check_trainer:     optional ``fn(trainer) -> None``, run by `calplug.trainer.enable_for_trainer`
+                       (and the adapters) on the built trainer before it trains: raises a calplug
+                       error naming an option of this framework's trainers that replaces or
+                       discards the model's loss (TRL's ``loss_type``).
     """
 
     name: str
     packing_off: str = ""
     own_loss_trainers: tuple[str, ...] = ()
     check_call: Callable[[dict], None] | None = None
+    check_trainer: Callable[[Any], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +294,9 @@ def calplug_integrations() -> "list[Integration]":
 def calplug_frameworks() -> "list[Framework]":
     """Return the `Framework` records this plugin provides (calplug's adapters provide TRL's,
     axolotl's, LLaMA-Factory's and ms-swift's). Read when the step refuses a packed batch (to name
-    every framework's packing options), before every CAL step (`Framework.check_call`) and by
-    `calplug.trainer.use_model_loss`."""
+    every framework's packing options), before every CAL step (`Framework.check_call`), by
+    `calplug.trainer.use_model_loss` and by `calplug.trainer.refuse_bypasses`
+    (`Framework.check_trainer`)."""
 
 
 # -- step 2: the contrast condition ---------------------------------------------------------------
