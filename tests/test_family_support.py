@@ -2,7 +2,8 @@
 matrix built from it: every class the installed transformers maps to image-text-to-text gets its
 status, recorded in this env's junit results (testsuite property ``calplug_support``) for
 tests/support_matrix.py, which the tox env ``support-matrix`` runs with the standard library
-only; refused classes raise their reason at enable; a matched class runs with a warning.
+only (its rule is tested in tests/test_support_matrix.py); refused classes raise their reason at
+enable; a matched class runs with a warning.
 
 Run by every env of the transformers matrix (tox.ini: py, hf-4.45, hf-4.49, hf-4.57).
 """
