@@ -108,7 +108,7 @@ def build(name: str, clip_folder: str, variant: str = "pad", backbone: str = "ll
           **config_overrides):
     """A tiny seeded model of codebase ``name``; ``variant`` "pad" (1.5), "anyres" (1.6) or, for
     MGM, "aux" (1.5 plus MGM's high-resolution branch: a ConvNeXt tower fed ``images_aux``)."""
-    codebase(name)
+    package = codebase(name)
     mm = dict(mm_vision_tower=clip_folder, mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
               mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_aspect_ratio="pad",
               mm_patch_merge_type="flat", tokenizer_padding_side="right", use_mm_proj=True)
