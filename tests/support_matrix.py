@@ -31,7 +31,7 @@ import sys
 import _results
 
 MODULES = ("tests.test_family_calls", "tests.test_family_decoders", "tests.test_family_support",
-           "tests.test_properties",
+           "tests.test_properties", "tests.test_kinds",
            "tests.test_verify")
 CASES_MODULE = "tests.test_properties"
 # What "proven" requires: each property test of tests/test_properties.py (what it shows) ...
@@ -49,9 +49,13 @@ FAITHFUL = "test_faithful_mode_equals_reference"
 SETTINGS = {"alpha 0 with pooling": lambda alpha, beta, window: alpha == 0 and window > 1,
             "alpha 1 with pooling": lambda alpha, beta, window: alpha == 1 and window > 1}
 # ... skipped only where the skip says the property does not apply to the family ...
-NOT_APPLICABLE = {"test_drop_equals_mask_on_text_rows": "calplug refuses contrast='mask'"}
-# ... and calplug verify passing on the family.
-VERIFY = ("tests.test_verify", "test_verify_passes_on_every_family")
+NOT_APPLICABLE = {"test_drop_equals_mask_on_text_rows": (
+    "calplug refuses contrast='mask'",                      # conv / linear-attention decoders
+    "the image is not at positions of the decoder sequence",  # cross-attention, encoder-decoder
+)}
+# ... and calplug verify passing on the family (the placeholder families' test, the kinds').
+VERIFY = {("tests.test_verify", "test_verify_passes_on_every_family"),
+          ("tests.test_kinds", "test_verify_passes_on_every_kind")}
 CASE_ID = re.compile(r"\[(hf-(\w+?)-(?:image|video)-(?:right|left))(?:-([^\]]*))?\]")
 SETTING_ID = re.compile(r"a([0-9.e+-]+)-b([0-9.e+-]+)-w(\d+)")
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
@@ -114,7 +118,7 @@ def read(path: pathlib.Path, root) -> dict:
             if test == FAITHFUL and outcome == "passed":
                 c["settings"][match.group(1)] = [
                     (float(a), float(b), int(w)) for a, b, w in SETTING_ID.findall(match.group(3) or "")]
-        elif (module, test) == VERIFY:
+        elif (module, test) in VERIFY:
             c["verify"].append(outcome)
     return dict(env=path.stem, version=version, seconds=seconds, support=support, counts=counts)
 
@@ -129,7 +133,7 @@ def ran(count: dict | None) -> bool:
 
 
 def not_applicable(test: str, outcome: str) -> bool:
-    return test in NOT_APPLICABLE and NOT_APPLICABLE[test] in outcome
+    return any(why in outcome for why in NOT_APPLICABLE.get(test, ()))
 
 
 def proof(count: dict | None) -> list[str]:
@@ -242,13 +246,14 @@ def render(results: list[dict]) -> str:
         f"matrix ran (`{mapping}`; releases before it list their",
         "vision-to-sequence mapping) and every class of calplug's family table, with its status:",
         "",
-        "* **proven (releases)**: the generic placeholder-token integration handles it and, on each",
-        "  of those releases, in one run of the current source, no test of its family failed and its",
-        "  whole property set passed: faithful mode = the two-forward reference in loss, gaps, weights",
-        "  and every gradient at alpha 0 and at alpha 1 with pooling, unit weights = the model's own",
-        "  loss, drop = mask on text rows (where calplug allows mask), disable, eval and `generate()`",
-        "  untouched (tests/test_properties.py), and `calplug verify` passes (tests/test_verify.py).",
-        "  The rule is `proof` in tests/support_matrix.py.",
+        "* **proven (releases)**: an integration of calplug handles it (the placeholder-token one, or the",
+        "  cross-attention, encoder-decoder or Kosmos one: docs/transformers.md) and, on each of those",
+        "  releases, in one run of the current source, no test of its family failed and its whole",
+        "  property set passed: faithful mode = the two-forward reference in loss, gaps, weights and",
+        "  every gradient at alpha 0 and at alpha 1 with pooling, unit weights = the model's own loss,",
+        "  drop = mask on text rows (where calplug allows mask and the image has positions), disable,",
+        "  eval and `generate()` untouched (tests/test_properties.py), and `calplug verify` passes",
+        "  (tests/test_verify.py, tests/test_kinds.py). The rule is `proof` in tests/support_matrix.py.",
         "* **refused**: `calplug.enable` raises `UnsupportedModelError` with the reason shown.",
         "* **matched, unproven**: `calplug.enable` accepts it with a one-time warning; no test of",
         "  calplug proves it. Check it on your model with `calplug verify` (docs/verify.md).",

@@ -4,6 +4,7 @@
 by reason per env and fails on one its table does not expect, reading only current results."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from xml.sax.saxutils import quoteattr
 
@@ -13,14 +14,31 @@ import _results
 import _skips
 import skip_report
 
+
+@contextlib.contextmanager
+def raises(error, match):
+    """``pytest.raises(error, match=...)``, except that a skip raised instead is a failure of this
+    test: left alone, the skip would propagate and report this test as skipped, so a helper that
+    skips where it must fail or raise would pass unseen."""
+    try:
+        with pytest.raises(error, match=match):
+            yield
+    except pytest.skip.Exception as skip:
+        pytest.fail(f"skipped ({skip}) where {error.__name__} was due", pytrace=False)
+
+
+def fails(match):
+    return raises(pytest.fail.Exception, match)
+
+
 def test_missing_skips_or_fails_where_the_env_requires_it(monkeypatch):
     monkeypatch.delenv(_skips.REQUIRE, raising=False)
     with pytest.raises(pytest.skip.Exception, match=r"^thing is not installed: pip install thing$"):
         _skips.missing("thing", "thing is not installed: pip install thing")
     monkeypatch.setenv(_skips.REQUIRE, "other, thing")
     assert _skips.required() == {"other", "thing"}
-    with pytest.raises(pytest.fail.Exception,
-                       match=r"^thing is not installed: pip install thing \[CALPLUG_REQUIRE names 'thing'"):
+    with fails(
+            r"^thing is not installed: pip install thing \[CALPLUG_REQUIRE names 'thing'"):
         _skips.missing("thing", "thing is not installed: pip install thing")
     monkeypatch.setenv(_skips.REQUIRE, "something")   # another name: a skip
     with pytest.raises(pytest.skip.Exception):
@@ -36,10 +54,10 @@ def test_importorskip_skips_only_for_the_package_itself(tmp_path, monkeypatch):
     (tmp_path / "calplug_broken_pkg").mkdir()
     (tmp_path / "calplug_broken_pkg" / "__init__.py").write_text("import calplug_its_missing_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ModuleNotFoundError, match="calplug_its_missing_dependency"):
+    with raises(ModuleNotFoundError, "calplug_its_missing_dependency"):
         _skips.importorskip("calplug_broken_pkg", "broken", "pip install it")
     monkeypatch.setenv(_skips.REQUIRE, "absent")
-    with pytest.raises(pytest.fail.Exception, match="CALPLUG_REQUIRE names 'absent'"):
+    with fails("CALPLUG_REQUIRE names 'absent'"):
         _skips.importorskip("calplug_absent_pkg", "absent", "pip install it")
     assert _skips.importorskip("json", "json", "") is sys.modules["json"]
 
@@ -58,7 +76,7 @@ def test_needs_marker_is_applied_at_setup(request, monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="calplug_tool is missing"):
         _skips.apply_needs(item)
     monkeypatch.setenv(_skips.REQUIRE, "calplug_tool")
-    with pytest.raises(pytest.fail.Exception, match="CALPLUG_REQUIRE names 'calplug_tool'"):
+    with fails("CALPLUG_REQUIRE names 'calplug_tool'"):
         _skips.apply_needs(item)
     monkeypatch.setenv(_skips.REQUIRE, "json")
     with pytest.raises(pytest.skip.Exception):

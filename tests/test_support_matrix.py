@@ -54,9 +54,9 @@ def full_set(family, settings=BOTH, sides=("right", "left"), **override):
     return [c for c in cases if c[2] is not None]
 
 
-def write(folder, env, version, classes, cases, source=None, recorded_env=None):
+def write(folder, env, version, classes, cases, source=None, recorded_env=None, families=None):
     support = json.dumps({"mapping": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                          "classes": classes, "families": FAMILIES})
+                          "classes": classes, "families": FAMILIES if families is None else families})
     body = "".join(f'<testcase classname="{module}" name="{name}">{outcome(result)}</testcase>'
                    for module, name, result in cases)
     stamp = _results.source_hash() if source is None else source
@@ -142,6 +142,29 @@ def test_proven_only_where_the_whole_property_set_passed(tmp_path):
     assert "| pytest seconds (whole env) | | 2.5 | 2.5 |" in text
 
 
+def test_a_kind_is_proven_by_its_own_verify_test_and_drop_mask_not_applying(tmp_path):
+    """The cross-attention / encoder-decoder kinds: drop = mask skips as not applicable (the image
+    has no positions) and their verify test is tests/test_kinds.py's; a kind whose verify test
+    skips (Kosmos-2.5's batch, which verify refuses) is not proven."""
+    import test_properties
+
+    kinds = {"mllama": ["Mllama", "MllamaForConditionalGeneration"],
+             "kosmos2_5": ["Kosmos-2.5", "Kosmos2_5ForConditionalGeneration"]}
+    no_positions = f"cross-attention models: {test_properties.NO_POSITIONS}"
+    cases = []
+    for family in kinds:
+        cases += full_set(family, test_drop_equals_mask_on_text_rows=no_positions, verify=None)
+    cases.append(("tests.test_kinds", "test_verify_passes_on_every_kind[mllama]", "passed"))
+    cases.append(("tests.test_kinds", "test_verify_passes_on_every_kind[kosmos2_5]",
+                  "verify replaces pixel_values* tensors with noise"))
+    classes = {cls: PROVEN for _, cls in kinds.values()}
+    write(tmp_path, "py", "5.24.0", classes, cases, families=kinds)
+    text = generate(tmp_path)
+    assert "| proven (5.24.0) |" in row(text, "MllamaForConditionalGeneration")
+    kosmos = row(text, "Kosmos2_5ForConditionalGeneration")
+    assert "unproven" in kosmos and "calplug verify: skipped" in kosmos, kosmos
+
+
 def test_results_of_other_source_or_another_env_are_left_out(tmp_path, capsys):
     classes = {"LlavaForConditionalGeneration": PROVEN}
     write(tmp_path, "py", "5.24.0", classes, full_set("llava"))
@@ -174,15 +197,19 @@ def test_the_source_hash_follows_what_decides_the_tests_and_not_the_readers(tmp_
 
 # -- the rule names real tests -----------------------------------------------------------------
 def test_the_rule_names_the_property_tests_and_their_not_applicable_skip():
+    import importlib
+
     import test_properties
-    import test_verify
 
     for test in sm.PROPERTIES:
         assert callable(getattr(test_properties, test, None)), test
-    assert callable(getattr(test_verify, sm.VERIFY[1], None))
-    for test, marker in sm.NOT_APPLICABLE.items():
-        assert marker in test_properties.MASK_REFUSED
-    assert sm.MODULES[-1] == sm.VERIFY[0] and sm.CASES_MODULE in sm.MODULES
+    for module, test in sm.VERIFY:
+        assert callable(getattr(importlib.import_module(module.split(".")[-1]), test, None)), test
+        assert module in sm.MODULES
+    markers = sm.NOT_APPLICABLE["test_drop_equals_mask_on_text_rows"]
+    assert set(sm.NOT_APPLICABLE) == {"test_drop_equals_mask_on_text_rows"}
+    assert markers[0] in test_properties.MASK_REFUSED and markers[1] in test_properties.NO_POSITIONS
+    assert sm.CASES_MODULE in sm.MODULES
 
 
 def test_every_family_case_id_carries_the_settings_the_rule_asks_for():
