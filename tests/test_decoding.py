@@ -23,6 +23,7 @@ import _hf_families as hf
 import calplug
 from calplug.reference import mask_image_hook, remove_image_hook
 from cases import CASES, params
+from _skips import skip_unrunnable_family
 
 NEW = 4
 # family -> (the releases before this one, why the from-scratch reference cannot run there)
@@ -371,9 +372,7 @@ def test_sliding_window_the_sequence_outgrows_decodes_with_mask(monkeypatch):
     and prompt + new tokens beyond it, drop would widen the contrast branch's windows. With
     max_new_tokens known it decodes with mask (warned) and equals the reference; the bare
     processor, which cannot know, stops at the step that leaves the window."""
-    family = hf.FAMILIES["gemma3"]
-    if family.skip_reason() is not None:
-        pytest.skip(family.skip_reason())
+    skip_unrunnable_family(hf.FAMILIES["gemma3"])
     from calplug import errors
     from cases import family_case
 

@@ -12,6 +12,7 @@ import calplug
 from calplug import cli
 from calplug.cli import demo, demo_decoding, demo_metrics, demo_protocol, demo_training, synthetic
 from calplug.cli.generate import side_by_side
+from _skips import importorskip
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_generate_on_a_saved_model_prints_both_answers_side_by_side(tmp_path, capsys):
-    pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
-    pytest.importorskip("PIL", reason="the image processor reads images with pillow: pip install pillow (tox -e py has it)")
+    importorskip("tokenizers", "tokenizers", "it is a transformers dependency (pip install tokenizers); it builds the test tokenizer")
+    importorskip("PIL", "pillow", "the image processor reads images with pillow: pip install pillow (tox -e py has it)")
     from test_verify import _saved_llava_with_processor
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

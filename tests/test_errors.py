@@ -32,6 +32,7 @@ from calplug import contrast_pass, patching
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
 from calplug.trainer import CALStats
+from _skips import missing
 
 
 @pytest.fixture
@@ -572,7 +573,7 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
 
 def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_path, capsys, monkeypatch):
     if patching._git() is None:
-        pytest.skip("git is not installed")
+        missing("git", "git is not installed: this test runs `git apply` (apt-get install git)")
     root = _tree(tmp_path / "fork")
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)
