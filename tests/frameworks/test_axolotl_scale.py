@@ -22,7 +22,9 @@ import json
 import pytest
 import yaml
 
-pytest.importorskip("axolotl", reason="axolotl is not installed: run tox -e axolotl-scale")
+from _skips import importorskip  # noqa: E402  (skips only where the package itself is missing)
+
+importorskip("axolotl", "axolotl", "run tox -e axolotl-scale")
 
 import _exact  # noqa: E402
 import _tiny  # noqa: E402

@@ -10,7 +10,9 @@ import types
 
 import pytest
 
-pytest.importorskip("liger_kernel", reason="liger-kernel is not installed: run tox -e axolotl")
+from _skips import importorskip  # noqa: E402  (skips only where the package itself is missing)
+
+importorskip("liger_kernel", "liger-kernel", "run tox -e axolotl")
 
 import _tiny  # noqa: E402
 

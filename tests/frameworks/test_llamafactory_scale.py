@@ -18,8 +18,10 @@ import json
 import pytest
 import yaml
 
-pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed: run tox -e llamafactory-scale")
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: run tox -e llamafactory-scale")
+from _skips import importorskip  # noqa: E402  (skips only where the package itself is missing)
+
+importorskip("llamafactory", "llamafactory", "run tox -e llamafactory-scale (LLaMA-Factory)")
+importorskip("deepspeed", "deepspeed", "run tox -e llamafactory-scale")
 
 import _exact  # noqa: E402
 import _tiny  # noqa: E402

@@ -17,7 +17,9 @@ import json
 
 import pytest
 
-pytest.importorskip("swift", reason="ms-swift is not installed: run tox -e swift-scale")
+from _skips import importorskip  # noqa: E402  (skips only where the package itself is missing)
+
+importorskip("swift", "swift", "run tox -e swift-scale (ms-swift)")
 
 import _exact  # noqa: E402
 import _tiny  # noqa: E402
