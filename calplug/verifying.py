@@ -20,7 +20,11 @@ here, on the model itself and one of its training batches:
     mask holes), the default ``drop`` is compared with a reference whose second forward runs the
     decoder on the text positions only (each at its original position);
 (c) **unit weights give the model's own loss** (alpha = beta = 1);
-(d) **disable restores** the forward: outputs bit-identical to before ``enable``.
+(d) **disable restores** the forward: outputs bit-identical to before ``enable``;
+(e) **the model's logits are what the contrast side computes** (the self-check every enabled
+    model runs at its first training step): at a few supervised rows, the model's own logit
+    equals ``hidden . W[y] + b`` of the same final hidden states, then the integration's logit
+    transform (a forward that scales or caps its logits in a way calplug does not know fails it).
 
 The model is left as it was found: enabled state and config, train/eval mode, gradients.
 Dropout is switched off for the checks (two forwards must see the same network).
@@ -34,14 +38,18 @@ import math
 import torch
 from torch import nn
 
-from . import enabling, scoring
+from . import contrast_pass, enabling, scoring
 from .config import CALConfig
 from .errors import CALInputError
-from .gap import IGNORE_INDEX
+from .gap import IGNORE_INDEX, shift_targets
 from .inputs import PIXEL_PREFIX, has_float_pixels
 from .reference import _logits, _loss, pixel_positions, reference_step
 
-FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3)
+FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3,
+                check_logits=False)
+# The checks below enable the model with the self-check off: it is check (e), reported as a row
+# rather than raised from inside another check.
+UNCHECKED = dict(check_logits=False)
 MIN_WEIGHT_STD = 1e-3                # faithful weights must vary, or the loss check proves little
 # Tolerances are fp32 round-off; models in half precision get them multiplied by this factor.
 PRECISION_FACTOR = {torch.float16: 100.0, torch.bfloat16: 1000.0}
@@ -248,7 +256,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     had_forward = "forward" in model.__dict__
     with torch.no_grad():
         before = model(**batch)
-        enabling.enable(model, CALConfig())
+        enabling.enable(model, CALConfig(**UNCHECKED))
         model(**batch)
         enabling.disable(model)
         after = model(**batch)
@@ -258,6 +266,9 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     checks.append(Check("disable restores the forward (bit-identical)", restored, diff, "= 0",
                         "outputs after enable + disable differ from before" if diff
                         else "the instance's forward attribute was not restored"))
+
+    # (e) the model's logits = the contrast side's target logits of the same hidden states
+    checks.append(_head_check(model, batch, integration))
 
     # (0) the integration's image positions cover every position the pixels reach
     missed = int((layout.measured & ~layout.visual).sum())
@@ -269,7 +280,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     replaced = layout.replaced
     gaps, main_moved, blind_tol = {}, 0.0, 0.0
     for contrast in contrasts:
-        with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast)):
+        with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast, **UNCHECKED)):
             out, out_replaced = model(**batch), model(**replaced)
         main, main_replaced = _target_logits(out, targets), _target_logits(out_replaced, targets)
         side, side_replaced = main - out.cal_gaps.float(), main_replaced - out_replaced.cal_gaps.float()
@@ -297,7 +308,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     checks += _reference_checks(model, batch, layout, "drop" if refusal else "mask", gradients, factor)
 
     # (c) unit weights = the model's own loss
-    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0)):
+    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0, **UNCHECKED)):
         unit = model(**batch)
     rel = _rel(unit.loss, own_loss)
     ones = bool(torch.all(unit.cal_weights == 1.0))
@@ -307,6 +318,25 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
                         "image positions or padding do not line up with what the model trains on"
                         if ones else "alpha = beta = 1 did not give every weight 1"))
     return checks
+
+
+def _head_check(model, batch, integration) -> Check:
+    """Check (e): `calplug.contrast_pass.head_check` on one main pass of ``batch``."""
+    name = "model logits = lm_head(hidden) + declared transform"
+    if integration.decoder_and_head is None:
+        return Check(name, False, float("nan"), "-", f"integration {integration.name!r} does not say "
+                     "where the output projection is (Integration.decoder_and_head)")
+    target, _, _, _, forward = scoring.resolved(model, CALConfig(**UNCHECKED))
+    with torch.no_grad(), contrast_pass.record_head_input(integration.decoder_and_head(target)[1]) as rec:
+        main = scoring.main_pass(target, integration, forward, batch)
+    if rec.get("hidden") is None:
+        return Check(name, False, float("nan"), "-", "the forward never called its output projection")
+    _, targets, supervised = shift_targets(main.labels)
+    found = contrast_pass.head_check(main, rec["hidden"], targets, supervised)
+    if found.skipped:
+        return Check(name, False, float("nan"), "-", found.skipped)
+    return Check(name, found.passed, found.difference, f"<= {found.tolerance:.1e}",
+                 contrast_pass.head_mismatch_message(target, main, found))
 
 
 def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list[Check]:

@@ -59,8 +59,10 @@ class FamilyFacts:
                       deepstack): ``drop`` clears them.
     router_aux:       the model adds ``text_config.router_aux_loss_coef * output.aux_loss`` to its
                       loss when given labels (MoE load balancing): kept as `MainPass.extra_loss`.
-    logit_softcap:    text-config attribute of the final logit soft-capping the forward applies
-                      after ``lm_head`` (``tanh(x / c) * c``), from ``logit_softcap_since``.
+    logit_transform:  what the forward does to ``lm_head``'s output to make its logits, as
+                      `LogitStep` records (scaling, soft-capping, a cut vocabulary); the contrast
+                      side's target logit gets the same (`MainPass.logit_transform`). A transform
+                      no row declares is caught by the self-check of the first training step.
     holes_ignored:    why ``mask`` / ``patch_mask`` are refused (layers that ignore mask holes);
                       empty when they are fine.
     pixel_keys:       forward arguments holding images ``[..., 3, H, W]``: pixel contrasts (blur)
@@ -81,14 +83,32 @@ class FamilyFacts:
     mrope: bool = False
     visual_extras: tuple[str, ...] = ()
     router_aux: bool = False
-    logit_softcap: str | None = None
-    logit_softcap_since: tuple[int, int] = (0, 0)
+    logit_transform: tuple["LogitStep", ...] = ()
     holes_ignored: str = ""
     pixel_keys: tuple[str, ...] = ()
     labels_in_main_pass_below: tuple[int, int] | None = None
     broken: tuple[tuple[str, str], ...] = ()
     proven: bool = True
     unproven_reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitStep:
+    """One step of a forward's logit transform after ``lm_head``, read from the config at the
+    main pass (`compat.logit_transform`), in this order whatever order the row lists them:
+    ``"scale"`` (``x * c``), ``"divide"`` (``x / c``), ``"softcap"`` (``tanh(x / c) * c``),
+    ``"vocab"`` (keep the first ``c`` columns). ``attribute`` names ``c`` on the text config
+    (``on="text"``) or the model's own config (``on="top"``); a step whose value is unset (None,
+    0) is not applied, as the forwards do. ``since``: the first release whose forward applies it."""
+
+    op: str
+    attribute: str
+    since: tuple[int, int] = (0, 0)
+    on: str = "text"
+
+
+def softcap(attribute: str = "final_logit_softcapping", since: tuple[int, int] = (0, 0)) -> tuple:
+    return (LogitStep("softcap", attribute, since),)
 
 
 DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
@@ -119,7 +139,8 @@ _ROWS = [
     FamilyFacts("InternVL", "internvl", "InternVLForConditionalGeneration", (4, 52),
                 pixel_keys=("pixel_values",)),
     FamilyFacts("AyaVision", "aya_vision", "AyaVisionForConditionalGeneration", (4, 50),
-                pixel_keys=("pixel_values",)),
+                pixel_keys=("pixel_values",),
+                logit_transform=(LogitStep("scale", "logit_scale", since=(5, 25)),)),
     FamilyFacts("Cohere2Vision", "cohere2_vision", "Cohere2VisionForConditionalGeneration", (4, 55),
                 pixel_keys=("pixel_values",)),
     # Idefics-type pixel_values [B, images, 3, H, W]; an all-zero image is padding (blur keeps it so)
@@ -141,16 +162,16 @@ _ROWS = [
     # -- bidirectional image (or prefix) attention: 4-D / per-layer-type mask dicts --------------
     FamilyFacts("PaliGemma", "paligemma", "PaliGemmaForConditionalGeneration", (4, 45),
                 placeholders=IMAGE_ONLY,
-                logit_softcap="final_logit_softcapping", logit_softcap_since=(5, 0),
+                logit_transform=softcap(since=(5, 0)),
                 labels_in_main_pass_below=(5, 0), pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3", "gemma3", "Gemma3ForConditionalGeneration", (4, 50),
                 placeholders=IMAGE_ONLY,
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3n", "gemma3n", "Gemma3nForConditionalGeneration", (4, 53),
-                placeholders=IMAGE_ONLY, logit_softcap="final_logit_softcapping",
+                placeholders=IMAGE_ONLY, logit_transform=softcap(),
                 pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("Gemma4", "gemma4", "Gemma4ForConditionalGeneration", (5, 5),
-                logit_softcap="final_logit_softcapping"),
+                logit_transform=softcap()),
     FamilyFacts("Molmo2", "molmo2", "Molmo2ForConditionalGeneration", (5, 20),
                 placeholders=("image_patch_id",)),
     # -- M-RoPE families: patchified pixels, [3, B, L] positions ----------------------------------
@@ -179,6 +200,37 @@ _ROWS = [
                 placeholders=IMAGE_ONLY,
                 holes_ignored=HOLES_IGNORED.format(what="short-convolution layers",
                                                    state="convolution window")),
+    # -- placeholder classes of 5.x, proven on tiny models shrunk from their default configs
+    # (tests/_hf_shrunk.py). `since` (5, 0): the class is not in 4.x; its exact first 5.x release
+    # is not pinned by the matrix, and no older release has the class to refuse.
+    FamilyFacts("GLM-4.6V", "glm46v", "Glm46VForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY),
+    FamilyFacts("GLM-OCR", "glm_ocr", "GlmOcrForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY),
+    FamilyFacts("GLM-5-Next", "glm5_next", "Glm5NextForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY, router_aux=True,
+                holes_ignored=HOLES_IGNORED.format(
+                    what="linear-attention and indexed (top-k key selection) layers",
+                    state="recurrent state and key selection")),
+    FamilyFacts("Cosmos3-Omni", "cosmos3_omni", "Cosmos3OmniForConditionalGeneration", (5, 0),
+                mrope=True, visual_extras=DEEPSTACK),
+    FamilyFacts("Qwen3-Omni-Thinker", "qwen3_omni_moe_thinker",
+                "Qwen3OmniMoeThinkerForConditionalGeneration", (5, 0), mrope=True,
+                visual_extras=DEEPSTACK, router_aux=True),
+    FamilyFacts("PaddleOCR-VL", "paddleocr_vl", "PaddleOCRVLForConditionalGeneration", (5, 0),
+                mrope=True),
+    FamilyFacts("EXAONE-4.5", "exaone4_5", "Exaone4_5_ForConditionalGeneration", (5, 0), mrope=True),
+    FamilyFacts("LLaVA-OneVision-1.5", "llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration",
+                (5, 0), mrope=True),
+    FamilyFacts("Ovis2.5", "ovis2_5", "Ovis2_5ForConditionalGeneration", (5, 0)),
+    FamilyFacts("VideoLLaMA3", "video_llama_3", "VideoLlama3ForConditionalGeneration", (5, 0)),
+    FamilyFacts("Lfm3Vl", "lfm3_vl", "Lfm3VlForConditionalGeneration", (5, 0),
+                holes_ignored=HOLES_IGNORED.format(what="short-convolution layers",
+                                                   state="convolution window")),
+    FamilyFacts("DeepSeek-VL", "deepseek_vl", "DeepseekVLForConditionalGeneration", (4, 54),
+                pixel_keys=("pixel_values",)),
+    FamilyFacts("LightOnOCR", "lighton_ocr", "LightOnOcrForConditionalGeneration", (5, 0),
+                pixel_keys=("pixel_values",)),
 ]
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}

@@ -19,8 +19,9 @@ nothing is recomputed and no upstream code is copied. What differs between famil
 * ``visual_extras`` (Qwen3-VL deepstack): cleared by ``drop``;
 * ``router_aux``: the MoE load-balancing term the model adds when given labels, kept as
   `MainPass.extra_loss` (the main pass runs without labels, so the model leaves it out);
-* ``logit_softcap``: the forward's final soft-capping, handed to the engine as
-  `MainPass.logit_transform` so the contrast side's target logit gets it too;
+* ``logit_transform``: what the forward does to ``lm_head``'s output (scaling, soft-capping, a
+  cut vocabulary), handed to the engine as `MainPass.logit_transform` so the contrast side's
+  target logit gets it too; a transform no row declares is caught by the engine's self-check;
 * ``holes_ignored``: decoders with convolution or linear-attention layers that do not honour
   holes in the mask (Lfm2-VL, Qwen3.5): ``mask`` / ``patch_mask`` are refused at enable;
 * ``labels_in_main_pass_below``: PaliGemma before 5.0 builds its prefix-LM mask from ``labels``,
@@ -41,12 +42,10 @@ here too, so that `calplug.enable` raises the reason rather than "no integration
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch import nn
 
-from calplug import gap
 from calplug.classes import class_names, first_named, is_named
 from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS, is_ready_mask
 from calplug.errors import CALInputError, UnsupportedModelError, warn_once
@@ -161,7 +160,6 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     if positions is None:
         positions = compat.mrope_positions(embeds) if facts.mrope else arange_positions(embeds)
     ready = is_ready_mask(decoder_kwargs.get("attention_mask"))
-    cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
     extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
     # a matched class keeps a router term its output carries (calplug verify checks the loss)
     routed = facts.router_aux or (not facts.key and getattr(output, "aux_loss", None) is not None
@@ -174,7 +172,7 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
         if facts.pixel_keys else None,
         extra_loss=router_aux_loss(model, call, output) if routed else None,
-        logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
+        logit_transform=compat.logit_transform(config, facts.logit_transform),
         sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
         attention_span=None if ready else compat.attention_span(config),
     )

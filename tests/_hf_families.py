@@ -583,13 +583,19 @@ def molmo2_visual(model, kind, g):
 
 
 def molmo2_finish(model, batch):
-    """image_token_pooling indexes the patches of all crops of the batch, flattened."""
+    """image_token_pooling indexes the patches of all crops of the batch, flattened; from 5.25
+    (whose forward takes ``image_num_crops``, required for more than one image) each image's
+    windows index only its own patches, and the forward adds the offsets."""
+    per_image = "image_num_crops" in inspect.signature(model.forward).parameters
+    crops = batch["pixel_values"].shape[0]
     windows = []
-    for crop in range(batch["pixel_values"].shape[0]):
+    for crop in range(crops):
+        base = 0 if per_image else crop * 16
         for r in range(2):
             for c in range(2):
-                windows.append([crop * 16 + (2 * r + dr) * 4 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)])
-    return dict(batch, image_token_pooling=torch.tensor(windows))
+                windows.append([base + (2 * r + dr) * 4 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)])
+    extra = {"image_num_crops": torch.ones(crops, dtype=torch.long)} if per_image else {}
+    return dict(batch, image_token_pooling=torch.tensor(windows), **extra)
 
 
 def timm_unavailable():
@@ -830,3 +836,10 @@ def build_blip_2(seed=0):
     return _model("Blip2ForConditionalGeneration", seed, vision_config=vision,
                   qformer_config=qformer, text_config=text, num_query_tokens=4,
                   image_token_index=IMAGE)
+
+
+# The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported
+# last: it builds on the helpers above.
+from _hf_shrunk import SHRUNK  # noqa: E402
+
+FAMILIES.update(SHRUNK)

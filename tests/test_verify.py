@@ -28,6 +28,7 @@ VARY = "reference weights vary (alpha 0, beta 5)"
 UNIT = "unit weights = the model's own loss"
 DISABLE = "disable restores the forward (bit-identical)"
 POSITIONS = "image positions cover where the pixels enter"
+HEAD = "model logits = lm_head(hidden) + declared transform"
 
 # Tiny builders of tests/_hf_families.py on which a check fails because of the tiny model, not
 # calplug (reported to the issue-13 builders' owner; delete an entry once its builder is fixed).
@@ -268,9 +269,9 @@ def test_command_on_a_tiny_family_passes(capsys):
     assert cli.main(["verify", "--tiny", "llava"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("calplug verify: LlavaForConditionalGeneration")
-    for name in (BLIND_DROP, BLIND_MASK, SEES, f"{FAITHFUL}: gradients", UNIT, DISABLE):
+    for name in (BLIND_DROP, BLIND_MASK, SEES, f"{FAITHFUL}: gradients", UNIT, DISABLE, HEAD):
         assert any(line.startswith(name) and "  pass  " in line for line in out.splitlines()), name
-    assert out.rstrip().endswith("12 checks: all passed")
+    assert out.rstrip().endswith("13 checks: all passed")
 
 
 def test_command_exits_1_on_a_failing_check(plugin, capsys):
@@ -279,7 +280,7 @@ def test_command_exits_1_on_a_failing_check(plugin, capsys):
     out = capsys.readouterr().out
     assert any(line.startswith(BLIND_DROP) and "  FAIL  " in line for line in out.splitlines())
     assert f"FAIL {BLIND_DROP}: replacing the pixels changed" in out
-    assert out.rstrip().endswith("12 checks: 2 FAILED")
+    assert out.rstrip().endswith("13 checks: 2 FAILED")
 
 
 def test_command_usage_errors_exit_2(capsys, tmp_path):
