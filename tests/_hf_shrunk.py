@@ -166,3 +166,17 @@ SHRUNK = dict([
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
 ])
+
+
+# A class calplug matches without a family case: HyperCLOVAX-Vision-V2 (its row declares the
+# logits * logits_scaling transform; 0.5 here, not the default 1.0, so that it shows). Its tiny
+# model trains, but its own eval-mode forward fails on the tiny grid (a size mismatch in the
+# vision path), so it has no family case; the matched-class tests use it.
+MATCHED_CLASS = "HyperCLOVAXVisionV2ForConditionalGeneration"
+
+
+def build_matched(seed=0):
+    return shrunk(MATCHED_CLASS, seed, text=dict(logits_scaling=0.5))
+
+
+MATCHED_VISUAL = grid_visual(14)

@@ -8,6 +8,7 @@ Run by every env of the transformers matrix (tox.ini: py, hf-4.45, hf-4.49, hf-4
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -101,27 +102,25 @@ def test_refusal_table_names_the_reason(class_name):
 
 
 def test_matched_class_is_accepted_once_warned_and_runs():
-    """DeepseekVL has no FamilyFacts row: the generic rule accepts it (image placeholders at
-    image_token_id) with one warning per class naming `calplug verify`, and the CAL step runs."""
-    if tf_version() < (4, 54):
-        pytest.skip("DeepseekVLForConditionalGeneration needs transformers >= 4.54")
-    model = build_deepseek_vl(0).train()
-    calplug.errors._WARNED.discard(f"matched:{type(model).__name__}")
+    """HyperCLOVAX-Vision-V2 has a row (its logit scaling declared) but no family case: calplug
+    accepts it with one warning per class naming `calplug verify`, and the CAL step runs (its
+    first-step self-check passes: the declared scaling is the model's)."""
+    from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
+
+    if tf_version() < (5, 0) or not hasattr(__import__("transformers"), MATCHED_CLASS):
+        pytest.skip(f"{MATCHED_CLASS} needs transformers >= 5.0; run `tox -e py`")
+    model = build_matched(0).train()
+    calplug.errors._WARNED.discard(f"matched:{MATCHED_CLASS}")
     with pytest.warns(UserWarning, match="calplug verify"):
         calplug.enable(model)
     calplug.disable(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calplug.enable(model)  # once per class
-    g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.randint(3, 240, (2,), generator=g), torch.full((16,), 250),
-                     torch.randint(3, 240, (8,), generator=g)]).unsqueeze(0)
-    labels = ids.clone()
-    labels[:, :20] = -100
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    family = dataclasses.replace(FAMILIES["vipllava"], visual=MATCHED_VISUAL, images=False)
+    out = model(**hf.make_batch(family, model))
     assert torch.isfinite(out.loss) and out.cal_gaps.abs().max() > 0
-    status, reason = families.support_status("DeepseekVLForConditionalGeneration")
+    status, reason = families.support_status(MATCHED_CLASS)
     assert status == "matched" and "calplug verify" in reason
 
 
