@@ -179,6 +179,7 @@ class _Layout:
     attention: torch.Tensor   # [B, L] padding mask
     replaced: dict            # the batch with other pixels of the same shape
     decoder: nn.Module        # the module the model hands its merged embeddings to
+    positions: torch.Tensor | None = None  # the main pass's numbering, for a decoder handed none
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -208,7 +209,8 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
         raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
                             "least one image, with the processor's pixel values")
     target, _, integration, _, forward = scoring.resolved(model, CALConfig())
-    with torch.no_grad():
+    own = integration.decoder_and_head(target)[0] if integration.decoder_and_head else None
+    with torch.no_grad(), _received_positions(own) as received:
         main = scoring.main_pass(target, integration, forward, batch)
     if main.labels.shape != labels.shape:
         raise CALInputError(
@@ -219,7 +221,11 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     g = torch.Generator().manual_seed(seed)
     replaced = dict(batch, **{k: _replace_pixels(batch[k], g) for k in pixel_keys})
     # the model's own decoder module (the main pass may hand the contrast pass a wrapper of it)
-    decoder = integration.decoder_and_head(target)[0] if integration.decoder_and_head else main.decoder
+    decoder = own if own is not None else main.decoder
+    # a decoder handed no position ids numbers them itself (OPT: from the mask); the integration's
+    # numbering of the main pass goes to the reference, which checks it is the model's own
+    positions = (main.position_ids if received and received[0] is None
+                 and main.decoder_kwargs.get("position_ids") is not None else None)
     if not bool(main.with_image.any()):
         raise CALInputError("calplug found no image in the batch (no image placeholder in input_ids, "
                             "or placeholder ids that are not the model config's): verify needs a "
@@ -228,7 +234,27 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     attention = batch.get("attention_mask")
     if attention is None:
         attention = torch.ones_like(input_ids)
-    return _Layout(labels, main.visual_mask, measured, main.with_image, attention, replaced, decoder)
+    return _Layout(labels, main.visual_mask, measured, main.with_image, attention, replaced, decoder,
+                   positions)
+
+
+@contextlib.contextmanager
+def _received_positions(decoder: nn.Module | None):
+    """The ``position_ids`` the decoder's first call inside the block received (a list of one)."""
+    received: list = []
+    if decoder is None:
+        yield received
+        return
+
+    def hook(module, args, kwargs):
+        if not received:
+            received.append(kwargs.get("position_ids"))
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield received
+    finally:
+        handle.remove()
 
 
 def _replace_pixels(value, g: torch.Generator):
@@ -347,7 +373,7 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
     with grad_ctx:
         ref_loss, ref_gaps, ref_weights = reference_step(
             model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast,
-            decoder=layout.decoder)
+            decoder=layout.decoder, positions=layout.positions)
     ref_grads = {}
     if gradients:
         ref_loss.backward()

@@ -168,7 +168,8 @@ def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     ``*ForCausalLM`` with ``.model`` and ``.lm_head``); where a release has no ``get_decoder`` on
     the class, the attribute paths releases used: ``model.model.language_model`` (>= 4.52),
     ``model.model.text_model`` (Idefics2/3, SmolVLM), ``model.language_model.model`` (< 4.52),
-    ``model.model`` (Qwen-VL < 4.52). The decoder is the module with the decoder ``layers``.
+    ``model.model`` (Qwen-VL < 4.52). The decoder is the module with the decoder ``layers`` (a
+    model that only holds one, OPT's, is looked through to its ``decoder``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     candidates = []
@@ -183,6 +184,8 @@ def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for decoder in candidates:
         if isinstance(getattr(decoder, "lm_head", None), nn.Module) and hasattr(decoder, "model"):
             decoder = decoder.model  # a ForCausalLM wrapper: its decoder
+        if not hasattr(decoder, "layers") and hasattr(getattr(decoder, "decoder", None), "layers"):
+            decoder = decoder.decoder  # OPTModel (BLIP-2's language model) holds its OPTDecoder
         if isinstance(decoder, nn.Module) and decoder is not model and hasattr(decoder, "layers") \
                 and isinstance(head, nn.Module):
             return decoder, head

@@ -71,6 +71,17 @@ class FamilyFacts:
                       ``labels`` (PaliGemma's prefix-LM): the main pass then passes them on.
     broken:           ``((version, reason), ...)`` transformers releases whose forward of this class
                       is broken upstream: enable refuses them with the reason.
+    positions_from:   a decoder submodule whose ``position_ids`` argument is the numbering the
+                      decoder makes for itself when handed none (OPT's ``embed_positions``: the
+                      running sum of ``attention_mask``). The main pass captures it and the
+                      contrast pass gets it explicitly: hiding or removing the image would
+                      otherwise renumber every text token after it. Enable refuses a release
+                      whose decoder takes no ``position_ids``.
+    config_refusals:  ``((attribute, value, reason), ...)``: a model whose config has ``attribute``
+                      equal to ``value`` is refused at enable with the reason (BLIP-2 with T5).
+    placeholder_fix:  what to do when the config sets none of ``placeholders`` (the class default
+                      leaves it unset; the processor marks image positions with the tokenizer's
+                      image token): enable refuses such a model with this text.
     proven:           calplug's tests have family cases for it (tests/cases.py).
     unproven_reason:  why not, when ``proven`` is False.
     """
@@ -88,6 +99,9 @@ class FamilyFacts:
     pixel_keys: tuple[str, ...] = ()
     labels_in_main_pass_below: tuple[int, int] | None = None
     broken: tuple[tuple[str, str], ...] = ()
+    positions_from: str = ""
+    config_refusals: tuple[tuple[str, object, str], ...] = ()
+    placeholder_fix: str = ""
     proven: bool = True
     unproven_reason: str = ""
 
@@ -233,6 +247,34 @@ _ROWS = [
                 pixel_keys=("pixel_values",)),
 ]
 
+# -- Q-Former families with a decoder-only (OPT) language model: the query outputs sit at the
+# placeholder ids the processor writes before BOS (tests/_hf_qformer.py) ---------------------------
+T5_LM = ("with a T5 language model (use_decoder_only_language_model False) the query outputs enter "
+         "T5's encoder and the text decoder cross-attends to them: there are no image positions in "
+         "the decoded sequence, so that variant is an encoder-decoder model, for calplug's "
+         "encoder-decoder kind, not the placeholder-token integration")
+QUERY_IDS = ("set model.config.{attr} to the id of the processor's {what} token, as the updated "
+             "Salesforce checkpoints do: with it unset, transformers before 4.50 concatenates the "
+             "query outputs in front of the text (no placeholder positions) and later releases "
+             "splice them nowhere")
+
+
+def _qformer(family: str, key: str, class_name: str, attr: str, what: str) -> FamilyFacts:
+    return FamilyFacts(family, key, class_name, (4, 45), placeholders=(attr,),
+                       pixel_keys=("pixel_values",), positions_from="embed_positions",
+                       config_refusals=(("use_decoder_only_language_model", False,
+                                         f"{family} {T5_LM}"),),
+                       placeholder_fix=QUERY_IDS.format(attr=attr, what=what))
+
+
+_ROWS += [
+    _qformer("BLIP-2", "blip_2", "Blip2ForConditionalGeneration", "image_token_index", "image"),
+    _qformer("InstructBLIP", "instructblip", "InstructBlipForConditionalGeneration",
+             "image_token_index", "image"),
+    _qformer("InstructBLIP-Video", "instructblipvideo", "InstructBlipVideoForConditionalGeneration",
+             "video_token_index", "video"),
+]
+
 # -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
@@ -285,11 +327,6 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
 VQ_TOKENS = ("images are discrete VQ tokens of the text vocabulary, embedded by the text table and "
              "possibly predicted as targets; calplug cannot tell image inputs from image outputs by "
              "placeholder ids, and a no-image contrast for generated image tokens is undefined")
-Q_FORMER = ("the image enters as Q-Former query outputs (num_query_tokens of them) in front of or "
-            "spliced into the text; an integration would need the query positions for every "
-            "version (BLIP-2 concatenated them before the text without placeholder ids until "
-            "image_token_index existed) and a decoder-only language model (BLIP-2 also ships with "
-            "T5, an encoder-decoder)")
 REFUSED: dict[str, str] = {
     "MllamaForConditionalGeneration": "Mllama: " + CROSS_ATTENTION,
     "IdeficsForVisionText2Text": "Idefics (1): gated " + CROSS_ATTENTION,
@@ -306,9 +343,6 @@ REFUSED: dict[str, str] = {
     "VisionEncoderDecoderModel": "VisionEncoderDecoderModel: " + ENCODER_DECODER,
     "T5Gemma2ForConditionalGeneration": "T5Gemma2: " + ENCODER_DECODER,
     "PPFormulaNetForConditionalGeneration": "PP-FormulaNet: " + ENCODER_DECODER,
-    "Blip2ForConditionalGeneration": "BLIP-2: " + Q_FORMER,
-    "InstructBlipForConditionalGeneration": "InstructBLIP: " + Q_FORMER,
-    "InstructBlipVideoForConditionalGeneration": "InstructBLIP-Video: " + Q_FORMER,
     "FuyuForCausalLM": (
         "Fuyu: there is no vision encoder; the image's linear patch embeddings are themselves the "
         "sequence (one position per patch, newline tokens between rows), and older releases "

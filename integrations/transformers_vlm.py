@@ -41,7 +41,9 @@ here too, so that `calplug.enable` raises the reason rather than "no integration
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -148,10 +150,16 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     below = facts.labels_in_main_pass_below
     if below is not None and compat.transformers_version() < below:
         main_call = dict(call, labels=labels)  # the model builds its attention mask from labels
-    with capture_decoder_call(decoder) as decoder_kwargs:
+    with contextlib.ExitStack() as stack:
+        decoder_kwargs = stack.enter_context(capture_decoder_call(decoder))
+        numbered = (stack.enter_context(capture_decoder_call(decoder.get_submodule(facts.positions_from)))
+                    if facts.positions_from else {})
         output = original_forward(**main_call)
     if not decoder_kwargs:
         raise UnsupportedModelError(f"{type(model).__name__}'s forward never called its text decoder")
+    if decoder_kwargs.get("position_ids") is None and numbered.get("position_ids") is not None:
+        # the numbering the decoder made for itself (OPT): the contrast pass must keep it
+        decoder_kwargs["position_ids"] = numbered["position_ids"]
     logits = output[0] if isinstance(output, tuple) else output.logits
     if isinstance(output, tuple) and main_call is not call:
         logits = output[1]  # (loss, logits, ...) with labels
@@ -212,6 +220,8 @@ class FamilyCheck:
                 f"calplug does not support {type(model).__name__}: {refusal}")
         facts = facts_of(model)
         compat.require_release(facts.family, facts.since, facts.broken)
+        if facts.key:
+            _check_row_config(model, facts)
         compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none
         if facts.proven:
             return
@@ -220,6 +230,33 @@ class FamilyCheck:
         attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
         warn_once(f"matched:{name}", families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
                   UserWarning, stacklevel=5)
+
+
+def _check_row_config(model: nn.Module, facts: FamilyFacts) -> None:
+    """What a family row asks of the model's config and decoder (`FamilyFacts.config_refusals`,
+    ``placeholder_fix``, ``positions_from``); raises `UnsupportedModelError` with the reason."""
+    name = type(model).__name__
+    for attribute, value, reason in facts.config_refusals:
+        if getattr(model.config, attribute, None) == value:
+            raise UnsupportedModelError(f"calplug does not support {name} with {attribute}={value!r}: "
+                                        f"{reason}")
+    if families.placeholder_attribute(model.config, facts.placeholders) is None:
+        names = " / ".join(f"config.{n}" for n in facts.placeholders)
+        raise UnsupportedModelError(
+            f"{name}: {names} is not set, so calplug cannot locate image positions in input_ids "
+            f"(and the model splices no image there): "
+            + (facts.placeholder_fix or "set it to the id of the processor's image token"))
+    if not facts.positions_from:
+        return
+    decoder, _ = compat.vlm_decoder_and_head(model)
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        tested = ", ".join(v for v in compat.TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= (4, 49))
+        raise UnsupportedModelError(
+            f"calplug does not support {name} on transformers "
+            f"{'.'.join(map(str, compat.transformers_version()))}: its {type(decoder).__name__} "
+            "takes no position_ids and numbers positions from the running sum of attention_mask, "
+            "so a contrast pass that hides or removes the image would renumber the text after it. "
+            f"Its decoder takes them from transformers 4.49 on (tested: {tested})")
 
 
 def _refusal(model: nn.Module) -> str | None:

@@ -41,6 +41,10 @@ class Family:
     drop_only: bool = False            # mask holes are not honoured (conv / linear attention)
     unavailable: Callable | None = None  # () -> why this environment cannot run it, or None
     text_ids: tuple = (3, 240)         # range of the batch's random text token ids
+    prefix: int = 2                    # text tokens before the placeholders (0: the image first)
+    positions: Callable | None = None  # (model, batch) -> [B, L] position ids the model numbers its
+                                       # sequence with, where its decoder derives them from the mask
+    grad_atol: float = 1e-8            # faithful gradients: absolute slack (Case.grad_atol)
 
     def __post_init__(self):
         if self.images is None:
@@ -749,8 +753,8 @@ FAMILIES = {
 
 def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(10, 8, 9), prompt=4,
                padding_side="right", seed=0) -> dict:
-    """``kinds[b]`` is "image", "video" or None (text-only). Each sample: 2 prefix tokens, the
-    placeholders, then text; the first ``prompt`` text tokens and all placeholders get -100."""
+    """``kinds[b]`` is "image", "video" or None (text-only). Each sample: ``family.prefix`` text
+    tokens (2), the placeholders, then text; the first ``prompt`` text tokens and all placeholders get -100."""
     g = torch.Generator().manual_seed(seed)
     seqs, labs, types = [], [], []
     pixels: dict[str, list] = {}
@@ -765,9 +769,10 @@ def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(1
                 pixels.setdefault(k, []).append(v)
             code = 1 if kind == "image" else 2
             vt = torch.where((vis == IMAGE) | (vis == VIDEO), code, 0)
-            ids = torch.cat([text[:2], vis, text[2:]])
-            lab_ = torch.cat([lab[:2], torch.full_like(vis, -100), lab[2:]])
-            tt = torch.cat([tt[:2], vt, tt[2:]])
+            p = family.prefix
+            ids = torch.cat([text[:p], vis, text[p:]])
+            lab_ = torch.cat([lab[:p], torch.full_like(vis, -100), lab[p:]])
+            tt = torch.cat([tt[:p], vt, tt[p:]])
         seqs.append(ids)
         labs.append(lab_)
         types.append(tt)
@@ -806,11 +811,12 @@ def decoder_and_head(model):
         if text is not None and not hasattr(text, "lm_head") and hasattr(model, "lm_head"):
             return text, model.lm_head                      # >= 4.52; Idefics / SmolVLM: text_model
     if hasattr(model, "language_model") and hasattr(model.language_model, "lm_head"):
-        return model.language_model.model, model.language_model.lm_head  # Llava types < 4.52, Llama4
+        text = model.language_model.model                   # Llava types < 4.52, Llama4, BLIP-2
+        return getattr(text, "decoder", text), model.language_model.lm_head  # OPTModel: its OPTDecoder
     return model.model, model.lm_head                       # Qwen-VL < 4.52
 
 
-# -- classes outside the family table: one the generic rule matches, two it refuses -------------
+# -- classes outside the family table: one the generic rule matches, one it refuses --------------
 def build_deepseek_vl(seed=0):
     """DeepseekVL (4.54+): Llama text, SigLIP features at image_token_id; no FamilyFacts row, so
     the generic integration accepts it as matched-but-unproven."""
@@ -825,21 +831,10 @@ def build_fuyu(seed=0):
                   image_token_id=IMAGE, image_size=32, patch_size=8)
 
 
-def build_blip_2(seed=0):
-    vision = dict(model_type="blip_2_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
-    qformer = dict(model_type="blip_2_qformer", vocab_size=VOCAB, hidden_size=32,
-                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                   encoder_hidden_size=32)
-    text = dict(model_type="opt", vocab_size=VOCAB, hidden_size=64, ffn_dim=128,
-                num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
-    return _model("Blip2ForConditionalGeneration", seed, vision_config=vision,
-                  qformer_config=qformer, text_config=text, num_query_tokens=4,
-                  image_token_index=IMAGE)
-
-
 # The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported
 # last: it builds on the helpers above.
 from _hf_shrunk import SHRUNK  # noqa: E402
+from _hf_qformer import QFORMER  # noqa: E402
 
 FAMILIES.update(SHRUNK)
+FAMILIES.update(QFORMER)

@@ -19,7 +19,7 @@ import calplug
 from calplug import UnsupportedModelError
 from calplug.integrations import families
 import _hf_families as hf
-from _hf_families import FAMILIES, build_blip_2, build_deepseek_vl, build_fuyu, tf_version
+from _hf_families import FAMILIES, build_deepseek_vl, build_fuyu, tf_version
 
 
 STATUSES = ("proven", "refused", "matched")
@@ -69,8 +69,7 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
 
 
 # -- refusals, matched classes, broken releases -------------------------------------------------
-REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45)),
-                    "Blip2ForConditionalGeneration": (build_blip_2, (4, 45))}
+REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45))}
 
 
 @pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
@@ -88,6 +87,30 @@ def test_refused_classes_name_why_at_enable(class_name):
     assert reason in str(raised.value)
     assert not calplug.is_enabled(model)
     assert families.support_status(class_name) == ("refused", reason)
+
+
+def test_qformer_models_the_placeholder_integration_cannot_take_are_refused_with_the_fix():
+    """BLIP-2 with T5 (an encoder-decoder), and BLIP-2 with OPT whose config sets no
+    image_token_index (the query outputs are not at placeholder positions), are refused at enable
+    with the reason and the fix; on a release whose OPT decoder takes no position_ids (4.45),
+    every Q-Former family is refused naming why (its cases run from 4.49)."""
+    from _hf_qformer import build_blip_2, build_blip_2_t5
+
+    t5 = build_blip_2_t5(0)
+    with pytest.raises(UnsupportedModelError, match="use_decoder_only_language_model=False") as raised:
+        calplug.enable(t5)
+    assert "encoder-decoder kind" in str(raised.value) and not calplug.is_enabled(t5)
+    unset = build_blip_2(0, image_token=None)
+    with pytest.raises(UnsupportedModelError, match="config.image_token_index is not set") as raised:
+        calplug.enable(unset)
+    assert "the processor's image token" in str(raised.value) and not calplug.is_enabled(unset)
+    opt = build_blip_2(0)
+    if tf_version() < (4, 49):
+        with pytest.raises(UnsupportedModelError, match="takes no position_ids"):
+            calplug.enable(opt)
+    else:
+        calplug.enable(opt)
+        assert calplug.is_enabled(opt)
 
 
 @pytest.mark.parametrize("class_name", ["MllamaForConditionalGeneration", "ChameleonForConditionalGeneration",
