@@ -135,6 +135,11 @@ LLAMA4_5_24 = ("transformers 5.24.0's Llama4ForConditionalGeneration.forward alw
                "'image_outputs'): training and generate() fail before calplug runs. Use 4.57.6 "
                "or a release with the fix")
 
+MINICPM_IDS = ("set model.config.image_token_id and video_token_id to the tokenizer's image and "
+               "video token ids (processor.image_token_id, processor.video_token_id), the ids its "
+               "processor marks image positions with, as released MiniCPM-V checkpoints do: with "
+               "them unset the forward ignores pixel_values and pixel_values_videos")
+
 _ROWS = [
     # -- Llava types: images [..., 3, H, W], 1-D positions -----------------------------------------
     FamilyFacts("Llava", "llava", "LlavaForConditionalGeneration", (4, 45), pixel_keys=IMAGE_PIXELS),
@@ -245,6 +250,16 @@ _ROWS = [
                 pixel_keys=("pixel_values",)),
     FamilyFacts("LightOnOCR", "lighton_ocr", "LightOnOcrForConditionalGeneration", (5, 0),
                 pixel_keys=("pixel_values",)),
+    # MiniCPM-V: the class default leaves image_token_id / video_token_id unset (the forward then
+    # ignores the pixels); the processor marks image positions with the tokenizer's image token,
+    # and a released checkpoint's config sets the same ids. Qwen3.5 hybrid decoder: drop only.
+    *(FamilyFacts(family, key, class_name, (5, 0), placeholder_fix=MINICPM_IDS,
+                  holes_ignored=HOLES_IGNORED.format(what="Gated DeltaNet linear-attention layers",
+                                                     state="recurrent state and short convolution"))
+      for family, key, class_name in (
+          ("MiniCPM-V-4.6", "minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration"),
+          ("MiniCPM-V-4.7", "minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration"),
+          ("MiniCPM-OCR", "minicpm_ocr", "MiniCPMOcrForConditionalGeneration"))),
 ]
 
 # -- Q-Former families with a decoder-only (OPT) language model: the query outputs sit at the

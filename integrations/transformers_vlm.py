@@ -241,10 +241,10 @@ def _check_row_config(model: nn.Module, facts: FamilyFacts) -> None:
             raise UnsupportedModelError(f"calplug does not support {name} with {attribute}={value!r}: "
                                         f"{reason}")
     if families.placeholder_attribute(model.config, facts.placeholders) is None:
-        names = " / ".join(f"config.{n}" for n in facts.placeholders)
+        names = ", ".join(f"config.{n}" for n in facts.placeholders)
         raise UnsupportedModelError(
-            f"{name}: {names} is not set, so calplug cannot locate image positions in input_ids "
-            f"(and the model splices no image there): "
+            f"{name}: its config sets none of {names}, so calplug cannot locate image positions in "
+            f"input_ids (and the model splices no image there): "
             + (facts.placeholder_fix or "set it to the id of the processor's image token"))
     if not facts.positions_from:
         return

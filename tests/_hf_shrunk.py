@@ -104,6 +104,39 @@ def image_visual(n: int, size: int = 32, block: bool = True, sizes: bool = False
     return visual
 
 
+def minicpm_visual(count: int, patch: int = 16):
+    """MiniCPM-V's NaViT packing: an 8 x 8 patch grid per image (or video frame) as a
+    ``[1, 3, patch, 64 * patch]`` strip with its ``target_sizes``; ``count`` placeholders per image
+    or frame inside start / end ids, marked with the ids the config sets (the processor writes the
+    tokenizer's image / video token). A video: 2 frames."""
+    def visual(model, kind, g):
+        frames = 1 if kind == "image" else 2
+        token = IMAGE if kind == "image" else VIDEO
+        ids = ([VSTART] + [token] * count + [VEND]) * frames
+        strip = torch.randn(1, 3, patch, 64 * patch * frames, generator=g)
+        sizes = torch.tensor([[8, 8]] * frames)
+        if kind == "image":
+            return torch.tensor(ids), {"pixel_values": strip, "target_sizes": sizes}
+        return torch.tensor(ids), {"pixel_values_videos": strip, "target_sizes_videos": sizes}
+    return visual
+
+
+def minicpm_finish(model, batch):
+    """All images (and all videos) of the batch packed into one strip, as the processor packs them."""
+    out = dict(batch)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in out:
+            px = out[key]
+            out[key] = px.permute(1, 2, 0, 3).reshape(1, px.shape[1], px.shape[2], -1)
+    return out
+
+
+def _minicpm(class_name):
+    # the window-attention merger after the first vision layer (the default, 6, is past the tiny tower)
+    return lambda seed=0: shrunk(class_name, seed, vision=dict(insert_layer_id=0),
+                                 top=dict(insert_layer_id=0))
+
+
 def video_llama3_finish(model, batch):
     """VideoLlama3 merges each image's patches by its own size: 2 x 2 here."""
     return dict(batch, image_merge_sizes=torch.full((batch["image_grid_thw"].shape[0],), 2))
@@ -116,8 +149,8 @@ def _glm(class_name):
 
 
 def _family(key, class_name, build, visual, *, drop_only=False, finish=None, since=(5, 0),
-            images=False):
-    return key, Family(key, class_name, since, build, visual, video=False, qwen=False, images=images,
+            images=False, video=False):
+    return key, Family(key, class_name, since, build, visual, video=video, qwen=False, images=images,
                        drop_only=drop_only, finish=finish)
 
 
@@ -162,6 +195,17 @@ SHRUNK = dict([
             drop_only=True),
     _family("deepseek_vl", "DeepseekVLForConditionalGeneration", build_deepseek_vl,
             image_visual(16), since=(4, 54), images=True),
+    # MiniCPM-V: 16x token merging (vision merger + MLP merger) gives 4 tokens an 8 x 8 grid; the
+    # OCR model merges 4x (16 tokens). Qwen3.5 hybrid decoder: drop only.
+    _family("minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration",
+            _minicpm("MiniCPMV4_6ForConditionalGeneration"), minicpm_visual(4), drop_only=True,
+            finish=minicpm_finish, video=True),
+    _family("minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration",
+            _minicpm("MiniCPMV4_7ForConditionalGeneration"), minicpm_visual(4), drop_only=True,
+            finish=minicpm_finish, video=True),
+    _family("minicpm_ocr", "MiniCPMOcrForConditionalGeneration",
+            _minicpm("MiniCPMOcrForConditionalGeneration"), minicpm_visual(16), drop_only=True,
+            finish=minicpm_finish, video=True),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),

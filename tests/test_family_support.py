@@ -101,7 +101,7 @@ def test_qformer_models_the_placeholder_integration_cannot_take_are_refused_with
         calplug.enable(t5)
     assert "encoder-decoder kind" in str(raised.value) and not calplug.is_enabled(t5)
     unset = build_blip_2(0, image_token=None)
-    with pytest.raises(UnsupportedModelError, match="config.image_token_index is not set") as raised:
+    with pytest.raises(UnsupportedModelError, match="its config sets none of config.image_token_index") as raised:
         calplug.enable(unset)
     assert "the processor's image token" in str(raised.value) and not calplug.is_enabled(unset)
     opt = build_blip_2(0)
@@ -111,6 +111,24 @@ def test_qformer_models_the_placeholder_integration_cannot_take_are_refused_with
     else:
         calplug.enable(opt)
         assert calplug.is_enabled(opt)
+
+
+def test_minicpm_v_without_its_image_token_ids_is_refused_naming_the_processor_ids():
+    """MiniCPM-V's class default leaves image_token_id unset, and its forward then ignores the
+    pixels: enable refuses such a model, naming the ids its processor marks images with; with them
+    set (as a released checkpoint has them) it is accepted."""
+    from _hf_shrunk import shrunk
+
+    name = "MiniCPMV4_6ForConditionalGeneration"
+    if not hasattr(__import__("transformers"), name):
+        pytest.skip(f"{name} needs transformers >= 5.0; run `tox -e py`")
+    unset = shrunk(name, 0, top=dict(image_token_id=None, video_token_id=None))
+    with pytest.raises(UnsupportedModelError, match="its config sets none of config.image_token_id") as raised:
+        calplug.enable(unset)
+    assert "processor.image_token_id" in str(raised.value) and not calplug.is_enabled(unset)
+    model = shrunk(name, 0)
+    calplug.enable(model)
+    assert calplug.is_enabled(model)
 
 
 @pytest.mark.parametrize("class_name", ["MllamaForConditionalGeneration", "ChameleonForConditionalGeneration",
