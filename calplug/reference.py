@@ -140,30 +140,46 @@ def check_positions(model: nn.Module, batch: dict, logits: torch.Tensor, positio
 def pixel_positions(model: nn.Module, batch: dict, replaced: dict, *, decoder: nn.Module) -> torch.Tensor:
     """bool ``[B, L]``: where the pixels reach the text decoder's sequence, found without knowing
     the model: the positions whose decoder input embedding changes when the pixels are replaced
-    (``replaced``: ``batch`` with other pixels of the same shape). Image positions whose input
-    does not depend on the pixels (a learned separator between image rows) are not among them.
-    Two no-grad forwards."""
+    (``replaced``: ``batch`` with other pixels of the same shape); for a decoder that embeds (and
+    splices) for itself, handed token ids, the input of its first layer. Image positions whose
+    input does not depend on the pixels (a learned separator between image rows) are not among
+    them. Two no-grad forwards."""
     seen = []
 
     def record(module, args, kwargs):
         seen.append(kwargs.get("inputs_embeds"))
 
-    handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
+    def record_layer(module, args, kwargs):
+        seen.append(args[0] if args else kwargs.get("hidden_states"))
+
+    layers = getattr(decoder, "layers", None)
+    handles = [decoder.register_forward_pre_hook(record, with_kwargs=True)]
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        handles.append(layers[0].register_forward_pre_hook(record_layer, with_kwargs=True))
     try:
         with torch.no_grad():
             model(**batch)
             model(**replaced)
     finally:
-        handle.remove()
-    first, second = (seen[0], seen[-1]) if len(seen) == 2 else (None, None)
+        for handle in handles:
+            handle.remove()
+    # per forward: the decoder's inputs_embeds, then (where it has layers) its first layer's input
+    per_call = len(handles)
+    calls = [seen[i:i + per_call] for i in range(0, len(seen), per_call)]
+    picked = [next((x for x in call if x is not None), None) for call in calls]
+    first, second = (picked[0], picked[-1]) if len(picked) == 2 else (None, None)
     if first is None or second is None or first.shape != second.shape:
-        raise CALInputError("the text decoder did not receive inputs_embeds of the same shape for "
-                            "the batch and the batch with other pixels")
+        raise CALInputError("the text decoder did not receive inputs_embeds (nor its first layer a "
+                            "sequence) of the same shape for the batch and the batch with other pixels")
     return (first != second).flatten(2).any(-1)
 
 
 def check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
+    """What gives the decoder's call its ``[batch, seq_len]``: its ``inputs_embeds``, or its
+    ``input_ids`` where it embeds (and splices, as Kosmos does) for itself."""
     embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = kwargs.get("input_ids")
     if embeds is None or embeds.shape[:2] != shape:
         raise CALInputError(
             "the text decoder did not receive inputs_embeds of the batch's [batch, seq_len] "

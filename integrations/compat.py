@@ -180,15 +180,19 @@ def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     inner = getattr(model, "model", None)
     language_model = getattr(model, "language_model", None)
     candidates += [getattr(inner, "language_model", None), getattr(inner, "text_model", None),
-                   getattr(language_model, "model", None), language_model, inner]
+                   getattr(language_model, "model", None), language_model, inner,
+                   getattr(model, "text_model", None)]  # Emu3 before 4.50: a ForCausalLM
     for decoder in candidates:
+        found = head
         if isinstance(getattr(decoder, "lm_head", None), nn.Module) and hasattr(decoder, "model"):
-            decoder = decoder.model  # a ForCausalLM wrapper: its decoder
+            # a ForCausalLM wrapper: its decoder (and its head, where the model names none: Emu3 < 4.50)
+            found = head if isinstance(head, nn.Module) else decoder.lm_head
+            decoder = decoder.model
         if not hasattr(decoder, "layers") and hasattr(getattr(decoder, "decoder", None), "layers"):
             decoder = decoder.decoder  # OPTModel (BLIP-2's language model) holds its OPTDecoder
         if isinstance(decoder, nn.Module) and decoder is not model and hasattr(decoder, "layers") \
-                and isinstance(head, nn.Module):
-            return decoder, head
+                and isinstance(found, nn.Module):
+            return decoder, found
     raise UnsupportedModelError(
         f"cannot find the text decoder (a module with decoder layers) and the output projection "
         f"of {type(model).__name__} in this transformers version "

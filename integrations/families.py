@@ -82,6 +82,13 @@ class FamilyFacts:
     placeholder_fix:  what to do when the config sets none of ``placeholders`` (the class default
                       leaves it unset; the processor marks image positions with the tokenizer's
                       image token): enable refuses such a model with this text.
+    vocabulary_placeholder: the ``config.vocabulary_map`` entry that is the image placeholder, for
+                      releases whose config has no placeholder attribute (Chameleon, Emu3 before
+                      4.57: ``"<image>"``).
+    image_vocabulary: attribute path from the model (or its inner ``.model``) to the ids of its
+                      discrete image tokens (VQ codes in the text vocabulary: Chameleon, Emu3). A
+                      batch with labels on them trains image generation, which has no "same text
+                      without the image": the training step refuses it, naming the labels.
     proven:           calplug's tests have family cases for it (tests/cases.py).
     unproven_reason:  why not, when ``proven`` is False.
     """
@@ -102,6 +109,8 @@ class FamilyFacts:
     positions_from: str = ""
     config_refusals: tuple[tuple[str, object, str], ...] = ()
     placeholder_fix: str = ""
+    vocabulary_placeholder: str = ""
+    image_vocabulary: str = ""
     proven: bool = True
     unproven_reason: str = ""
 
@@ -290,6 +299,33 @@ _ROWS += [
              "video_token_index", "video"),
 ]
 
+# -- discrete image tokens: the image enters as VQ codes of the text vocabulary at the placeholder
+# ids (Chameleon, Emu3; their decoders may embed the spliced ids themselves: the merged sequence is
+# read at the first layer), or as SigLIP features (Janus's understanding path; its generation path
+# has its own head and is not this forward). Image understanding only: labels on image tokens are
+# refused at the step. Their forwards mask the image-token logits (min): the targets are text.
+CHAMELEON_4_49 = ("transformers 4.49.0's ChameleonModel.forward indexes inputs_embeds, which is None "
+                  "when it is called with input_ids, whenever pixel_values is given (TypeError: "
+                  "'NoneType' object is not subscriptable): every image batch fails before calplug "
+                  "runs. Use 4.45.2, 4.57.6 or 5.x")
+EMU3_4_49 = ("transformers 4.49.0's Emu3ForConditionalGeneration.forward takes labels but never uses "
+             "them: it returns no loss, so there is nothing to train. Use 5.x")
+EMU3_4_57 = ("transformers 4.57.6's Emu3ForConditionalGeneration.forward takes pixel_values and "
+             "image_sizes but never passes them to its model: the image never reaches the text "
+             "(training is image-blind, with or without calplug). Use 5.x")
+_ROWS += [
+    FamilyFacts("Chameleon", "chameleon", "ChameleonForConditionalGeneration", (4, 44),
+                placeholders=IMAGE_ONLY, vocabulary_placeholder="<image>",
+                image_vocabulary="vocabulary_mapping.image_tokens",
+                broken=(("4.49.0", CHAMELEON_4_49),)),
+    FamilyFacts("Emu3", "emu3", "Emu3ForConditionalGeneration", (4, 48),
+                placeholders=IMAGE_ONLY, vocabulary_placeholder="<image>",
+                image_vocabulary="vocabulary_mapping.image_tokens",
+                broken=(("4.49.0", EMU3_4_49), ("4.57.6", EMU3_4_57))),
+    FamilyFacts("Janus", "janus", "JanusForConditionalGeneration", (4, 52),
+                placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
+]
+
 # -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
@@ -339,19 +375,10 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "decoder cross-attends to it, so there are no image positions in the decoded "
                    "sequence to hide; a contrast would have to run the decoder against an encoder "
                    "output without the image, which calplug does not implement")
-VQ_TOKENS = ("images are discrete VQ tokens of the text vocabulary, embedded by the text table and "
-             "possibly predicted as targets; calplug cannot tell image inputs from image outputs by "
-             "placeholder ids, and a no-image contrast for generated image tokens is undefined")
 REFUSED: dict[str, str] = {
     "MllamaForConditionalGeneration": "Mllama: " + CROSS_ATTENTION,
     "IdeficsForVisionText2Text": "Idefics (1): gated " + CROSS_ATTENTION,
     "BlipForConditionalGeneration": "BLIP: the text decoder " + CROSS_ATTENTION.split("the image ", 1)[1],
-    "ChameleonForConditionalGeneration": "Chameleon: " + VQ_TOKENS,
-    "Emu3ForConditionalGeneration": "Emu3: " + VQ_TOKENS,
-    "JanusForConditionalGeneration": (
-        "Janus: its image-generation path uses VQ image tokens (" + VQ_TOKENS + "); the "
-        "understanding path splices SigLIP features at image_token_id and would fit, but one class "
-        "serves both and a batch does not say which"),
     "Florence2ForConditionalGeneration": "Florence-2: " + ENCODER_DECODER,
     "Pix2StructForConditionalGeneration": "Pix2Struct: " + ENCODER_DECODER,
     "UdopForConditionalGeneration": "UDOP: " + ENCODER_DECODER,

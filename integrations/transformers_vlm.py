@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import types
 
 import torch
 from torch import nn
@@ -87,6 +88,45 @@ def check_pixels(visual: torch.Tensor, call: dict) -> None:
             f"input_ids hold {int(visual.sum())} image placeholder tokens but no pixel_values / "
             "pixel_values_videos was given: pass the pixels, or remove the placeholders"
         )
+
+
+def placeholder_source(config, facts: FamilyFacts):
+    """What holds the placeholder ids as attributes named ``facts.placeholders``: the config, or,
+    where it has none (Chameleon, Emu3 before 4.57), its ``vocabulary_map`` entry
+    (`FamilyFacts.vocabulary_placeholder`)."""
+    if facts.vocabulary_placeholder and families.placeholder_attribute(config, facts.placeholders) is None:
+        token = (getattr(config, "vocabulary_map", None) or {}).get(facts.vocabulary_placeholder)
+        if isinstance(token, int):
+            return types.SimpleNamespace(**{facts.placeholders[0]: token})
+    return config
+
+
+def check_text_targets(model: nn.Module, labels: torch.Tensor, path: str) -> None:
+    """Labels on discrete image tokens (`FamilyFacts.image_vocabulary`) train image generation:
+    refused, naming them."""
+    found = None
+    for holder in (model, getattr(model, "model", None)):  # the class or its inner model holds it
+        found = _attribute_path(holder, path)
+        if found is not None:
+            break
+    if found is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no {path} (the ids of its image tokens)")
+    image = torch.as_tensor(list(found), dtype=labels.dtype, device=labels.device)
+    hit = torch.isin(labels, image)
+    if bool(hit.any()):
+        raise CALInputError(
+            f"{type(model).__name__}: {int(hit.sum())} labels are image tokens (ids of its discrete "
+            f"image vocabulary, e.g. {int(labels[hit][0])}): this batch trains image generation. CAL "
+            "weights text tokens by how much the image raises them; a generated image token has no "
+            "'same text without the image' (the image is the target), so calplug does not train "
+            "them. Set those labels to -100, or train image generation without calplug "
+            "(calplug.disable(model))")
+
+
+def _attribute_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def router_aux_loss(model: nn.Module, call: dict, output) -> torch.Tensor | None:
@@ -138,8 +178,10 @@ def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[st
 def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyFacts) -> MainPass:
     labels = call.pop("labels")
     config = model.config
-    visual = compat.visual_positions(config, call, facts.placeholders)  # pre-merged embeds too
-    check_labels(visual, labels)
+    visual = compat.visual_positions(placeholder_source(config, facts), call, facts.placeholders)
+    check_labels(visual, labels)  # (pre-merged inputs_embeds say their positions otherwise)
+    if facts.image_vocabulary:
+        check_text_targets(model, labels, facts.image_vocabulary)
     compat.check_full_logits(call)
     if call.get("input_ids") is not None:  # pre-merged inputs_embeds carry their images
         check_pixels(visual, call)
@@ -154,9 +196,16 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         decoder_kwargs = stack.enter_context(capture_decoder_call(decoder))
         numbered = (stack.enter_context(capture_decoder_call(decoder.get_submodule(facts.positions_from)))
                     if facts.positions_from else {})
+        layers = getattr(decoder, "layers", None)
+        first_layer = stack.enter_context(capture_decoder_call(layers[0])) if layers else {}
         output = original_forward(**main_call)
     if not decoder_kwargs:
         raise UnsupportedModelError(f"{type(model).__name__}'s forward never called its text decoder")
+    if decoder_kwargs.get("inputs_embeds") is None and first_layer.get("hidden_states") is not None:
+        # a decoder that embeds (and splices) token ids itself (Chameleon, Emu3 before 4.57): the
+        # merged sequence is its first layer's input, handed to it as inputs_embeds from here on
+        decoder_kwargs.update({k: None for k in image_keys(decoder_kwargs)}, input_ids=None,
+                              inputs_embeds=first_layer["hidden_states"])
     if decoder_kwargs.get("position_ids") is None and numbered.get("position_ids") is not None:
         # the numbering the decoder made for itself (OPT): the contrast pass must keep it
         decoder_kwargs["position_ids"] = numbered["position_ids"]
@@ -240,7 +289,7 @@ def _check_row_config(model: nn.Module, facts: FamilyFacts) -> None:
         if getattr(model.config, attribute, None) == value:
             raise UnsupportedModelError(f"calplug does not support {name} with {attribute}={value!r}: "
                                         f"{reason}")
-    if families.placeholder_attribute(model.config, facts.placeholders) is None:
+    if families.placeholder_attribute(placeholder_source(model.config, facts), facts.placeholders) is None:
         names = ", ".join(f"config.{n}" for n in facts.placeholders)
         raise UnsupportedModelError(
             f"{name}: its config sets none of {names}, so calplug cannot locate image positions in "

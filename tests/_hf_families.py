@@ -796,6 +796,7 @@ def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     ids = [getattr(cfg, n, None) for n in ("image_token_id", "image_token_index",
                                             "video_token_id", "video_token_index", "image_patch_id")]
+    ids.append((getattr(cfg, "vocabulary_map", None) or {}).get("<image>"))  # Chameleon, Emu3 < 4.57
     ids = {int(i) for i in ids if i is not None}
     out = torch.zeros_like(input_ids, dtype=torch.bool)
     for i in ids:
@@ -813,6 +814,8 @@ def decoder_and_head(model):
     if hasattr(model, "language_model") and hasattr(model.language_model, "lm_head"):
         text = model.language_model.model                   # Llava types < 4.52, Llama4, BLIP-2
         return getattr(text, "decoder", text), model.language_model.lm_head  # OPTModel: its OPTDecoder
+    if hasattr(model, "text_model") and hasattr(model.text_model, "lm_head"):
+        return model.text_model.model, model.text_model.lm_head  # Emu3 < 4.50
     return model.model, model.lm_head                       # Qwen-VL < 4.52
 
 
@@ -835,6 +838,8 @@ def build_fuyu(seed=0):
 # last: it builds on the helpers above.
 from _hf_shrunk import SHRUNK  # noqa: E402
 from _hf_qformer import QFORMER  # noqa: E402
+from _hf_vq import VQ  # noqa: E402
 
 FAMILIES.update(SHRUNK)
 FAMILIES.update(QFORMER)
+FAMILIES.update(VQ)

@@ -74,6 +74,7 @@ class Case:
     check: Callable | None = None                        # (model, batch, Reference) extra faithful checks
     contrast: str = "mask"                               # the faithful contrast: the published mask, or
                                                          # drop where mask holes are not honoured
+    head: Callable = lambda model: model.get_output_embeddings()  # model -> the output projection
 
     def own_loss(self, model, batch) -> torch.Tensor:
         out = model(**batch)
@@ -146,7 +147,7 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
     return Case(f"hf-{name}-{kind}-{padding_side}", build,
                 functools.partial(hf_reference, family=family), hf_layout, hf_decoder,
                 drop_atol=1e-5, contrast="drop" if family.drop_only else "mask",
-                grad_atol=family.grad_atol,
+                grad_atol=family.grad_atol, head=lambda model: hf.decoder_and_head(model)[1],
                 generate_inputs=generate_inputs if (kind, padding_side) == ("image", "right") else None)
 
 

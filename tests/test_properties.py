@@ -141,7 +141,7 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, c
                                                                           monkeypatch):
     skip_where_mask_is_refused(case, contrast)
     model, batch = case.build(env)
-    head = model.get_output_embeddings()
+    head = case.head(model)
     vocab = head.weight.shape[0]
     recorders = []
     original = contrast_pass.target_gaps
