@@ -334,9 +334,11 @@ SCALE, DIVIDE, VOCAB = (lambda a: LogitStep("scale", a)), (lambda a: LogitStep("
     (lambda a: LogitStep("vocab", a))
 _ROWS += [
     FamilyFacts("CohereCompass", "cohere_compass", "CohereCompassForConditionalGeneration", (5, 0),
+                mrope=True, visual_extras=DEEPSTACK,
                 logit_transform=(SCALE("logit_scale"),), proven=False, unproven_reason=NO_CASE),
     FamilyFacts("GraniteDocling", "granite_docling", "GraniteDoclingForConditionalGeneration",
-                (5, 0), logit_transform=(DIVIDE("logits_scaling"),), proven=False,
+                (5, 0), logit_transform=(DIVIDE("logits_scaling"),), visual_extras=DEEPSTACK,
+                pixel_keys=("pixel_values",), proven=False,
                 unproven_reason=NO_CASE),
     FamilyFacts("Granite4Vision", "granite4_vision", "Granite4VisionForConditionalGeneration",
                 (5, 0), logit_transform=(DIVIDE("logits_scaling"),),
