@@ -3,7 +3,7 @@
 Pure tensor code over a `MainPass`. Each condition returns a `ContrastPlan`: the decoder keyword
 arguments of the contrast pass, and for every main position which contrast hidden state stands
 for it. The built-in conditions (``mask`` as published, ``drop`` the fast default, ``patch_mask``,
-``blur``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
+``blur``, and VCD's diffusion ``noise``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
 ``mask``, row by row, is in docs/cal.md.
 
 What "the image" is comes from the `MainPass`: the visual positions of the decoder sequence,
@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from .blur import gaussian_blur
+from .noise import diffuse
 from .errors import CALInputError
 from .hookspecs import ContrastPlan, MainPass
 
@@ -149,16 +150,17 @@ def masked_attention_plan(main: MainPass, hidden: torch.Tensor,
     (default: those with no hidden position) get no contrast value."""
     kwargs = without_image(main, base_decoder_kwargs(main), None, removed=False)
     ready = kwargs.get("attention_mask")
+    mask = main.attention_mask
+    keys = mask * (~hidden).to(mask.dtype)
     if is_ready_mask(ready):
         kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask))
     else:
-        mask = main.attention_mask
-        kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
+        kwargs["attention_mask"] = keys
     B, L = hidden.shape
     rows = identity_rows(B, L, hidden.device)
     contrasted = hidden.any(1) if contrasted is None else contrasted
     rows[~contrasted] = -1  # nothing taken away in this sample: its gap is 0 by definition
-    return ContrastPlan(kwargs, rows)
+    return ContrastPlan(kwargs, rows, keys=keys)
 
 
 def mask_contrast(main: MainPass, config) -> ContrastPlan | None:
@@ -182,17 +184,30 @@ def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
     return masked_attention_plan(main, hidden)
 
 
-def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
+def pixel_plan(main: MainPass, transform, name: str) -> ContrastPlan | None:
+    """The main pass's decoder call with the inputs its vision path makes from
+    ``transform(pixels)`` (`MainPass.rerun_with_pixels`): the sequence and positions unchanged."""
     if not has_image(main):
         return None
     if main.rerun_with_pixels is None:
-        raise CALInputError("contrast='blur' needs an integration that can re-run its vision path")
+        raise CALInputError(f"contrast={name!r} needs an integration that can re-run its vision path")
     kwargs = base_decoder_kwargs(main)
-    kwargs.update(main.rerun_with_pixels(lambda px: gaussian_blur(px, config.blur_sigma)))
+    kwargs.update(main.rerun_with_pixels(transform))
     B, L = main.visual_mask.shape
     rows = identity_rows(B, L, main.visual_mask.device)
     rows[~main.with_image] = -1
-    return ContrastPlan(kwargs, rows)
+    return ContrastPlan(kwargs, rows, keys=main.attention_mask)
+
+
+def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
+    return pixel_plan(main, lambda px: gaussian_blur(px, config.blur_sigma), "blur")
+
+
+def noise_contrast(main: MainPass, config) -> ContrastPlan | None:
+    """VCD's contrast: the image after ``config.noise_step`` steps of forward diffusion
+    (`calplug.noise`), the noise drawn from ``config.seed``."""
+    generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
+    return pixel_plan(main, lambda px: diffuse(px, config.noise_step, generator), "noise")
 
 
 def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) -> ContrastPlan:
@@ -230,7 +245,8 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
                            torch.full_like(rank, -1))
     rows = torch.full((B, L), -1, dtype=torch.long, device=device)
     rows[samples] = sub_rows
-    return ContrastPlan(without_image(main, kwargs, samples), rows)
+    return ContrastPlan(without_image(main, kwargs, samples), rows, samples=samples,
+                        keys=packed_mask.to(main.attention_mask.dtype))
 
 
 DROP_SPAN_WARNING = (
@@ -248,7 +264,8 @@ def drop_contrast(main: MainPass, config) -> ContrastPlan | None:
     if not bool(with_image.any()):
         return None
     span = main.attention_span
-    if span is not None and visual.shape[1] > span:
+    # a decoder handed ready masks gets them sliced: its windows then stay as they were
+    if span is not None and visual.shape[1] > span and not is_ready_mask(main.decoder_kwargs.get("attention_mask")):
         warnings.warn(DROP_SPAN_WARNING.format(length=visual.shape[1], span=span), UserWarning,
                       stacklevel=2)
         return mask_contrast(main, config)

@@ -17,6 +17,16 @@ class CALInputError(CALError, ValueError):
     """A training batch cannot be weighted as given (shapes, image placeholders, ...)."""
 
 
+class CALSampleError(CALInputError):
+    """One sample of a data file cannot be scored (its image is missing or unreadable, it has no
+    supervised token, it is longer than the model's limit, ...). `calplug.audit` records it in
+    that sample's record and goes on; ``reason`` is a short key to count such samples by."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class CALWarning(UserWarning):
     """CAL runs but probably not as meant: a training batch it can weigh but not as meant (no
     supervised token, non-finite gaps), or steps that carry images but never find an image

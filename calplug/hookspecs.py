@@ -85,10 +85,11 @@ class MainPass:
     sequence_kwargs: decoder keyword arguments laid out ``[B, L, ...]`` along the sequence besides
                      ``inputs_embeds`` (Gemma's per-layer inputs): a contrast that shortens the
                      sequence (``drop``) gathers them like the embeddings.
-    attention_span:  the shortest sliding window / attention chunk of the decoder when its layers
-                     build local masks by sequence index from a 2-D mask; None when there is none
-                     (or the decoder receives ready 4-D masks, which ``drop`` slices). ``drop``
-                     equals ``mask`` only on sequences no longer than it.
+    attention_span:  the shortest sliding window / attention chunk of the decoder, which its layers
+                     count in sequence (and cache) positions; None when there is none. ``drop``
+                     equals ``mask`` only on sequences no longer than it, unless the decoder
+                     receives ready 4-D masks (``drop`` slices them); a decoding cache evicts by
+                     it either way (`calplug.decoding`).
     """
 
     output: Any
@@ -136,7 +137,7 @@ class Integration:
                       (it hooks the head); without it that setting is refused.
     check:            optional ``fn(model)`` run by `calplug.enable`; raises
                       `UnsupportedModelError` for versions or configurations it cannot handle.
-    pixel_contrasts:  whether `main_pass` fills `MainPass.contrast_embeds` when the micro-batch
+    pixel_contrasts:  whether `main_pass` fills `MainPass.rerun_with_pixels` when the micro-batch
                       has pixels, so that contrasts with ``needs_pixels`` (blur) can run.
     accepts:          optional ``fn(model) -> bool``: matches models beyond ``model_classes`` (a
                       generic integration); ``check`` then decides, or refuses with the reason.
@@ -144,7 +145,12 @@ class Integration:
                       run that contrast (None: it can); `calplug.enable` raises with the reason.
     support_status:   optional ``fn(model) -> (status, reason) | None``: how calplug's own tests
                       back this model's class ("proven", "matched", "refused" and why), which
-                      ``calplug verify`` prints. None: the integration does not say.
+                      ``calplug verify`` prints (the support matrix asks with the class itself,
+                      no model built). None: the integration does not say.
+    reference_pass:   optional ``fn(model, batch) -> ReferencePass``, for a model whose image is
+                      not only at positions of its decoder sequence: how the independent
+                      reference (`calplug.reference`, which ``calplug verify`` runs) takes the image
+                      out. None: it hides the `MainPass.visual_mask` positions.
     """
 
     name: str
@@ -156,11 +162,37 @@ class Integration:
     accepts: Callable[["nn.Module"], bool] | None = None
     contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
     support_status: Callable[["nn.Module"], "tuple[str, str] | None"] | None = None
+    reference_pass: Callable[["nn.Module", dict], "ReferencePass"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
         if is_named(model, self.model_classes):
             return True
         return self.accepts is not None and bool(self.accepts(model))
+
+
+@dataclasses.dataclass
+class ReferencePass:
+    """How the independent reference (`calplug.reference.reference_image_free_step`) runs the
+    model without the image, for a model whose image is not (only) at positions of its decoder
+    sequence. Model facts only: the reference's arithmetic is its own.
+
+    batch:       keyword arguments of its second forward (the batch without the arguments that
+                 carry the image: a cross-attention model's pixels and cross-attention mask).
+    hooks:       ``((module, pre_hook), ...)``: forward pre-hooks (``with_kwargs=True``) installed
+                 during that forward (an encoder run on the text alone: its image positions
+                 hidden from it and from the decoder's cross-attention; its pixel arguments left
+                 out), built with `calplug.reference`'s helpers.
+    with_image:  bool ``[B]``: the samples the image reaches; the others have nothing to take
+                 away (gap 0), as in calplug's contrast.
+    label_shift: 1 when the model's logits at row i predict label i + 1 (a causal LM); 0 when they
+                 predict label i (a sequence-to-sequence decoder, whose labels the decoder input
+                 is shifted from).
+    """
+
+    batch: dict
+    with_image: "torch.Tensor"
+    hooks: tuple = ()
+    label_shift: int = 1
 
 
 @dataclasses.dataclass
@@ -171,10 +203,19 @@ class ContrastPlan:
     rows:           long ``[B, L]``; ``rows[b, i]`` indexes the flattened ``[B' * L']`` hidden
                     states of the contrast pass and gives the state that predicts token ``i + 1``
                     of sample ``b`` without the image; -1 means no contrast value (gap 0).
+    samples:        long ``[B']``: the sample of each row of the contrast pass, in order; None
+                    (the default) means every sample, ``B' = B``. Contrastive decoding
+                    (`calplug.decoding`) uses it to extend the pass token by token.
+    keys:           ``[B', L']`` 2-D mask (1 = a later token may attend there) of the contrast
+                    pass's positions: what its padding mask would be. None (the default) means
+                    ``decoder_kwargs["attention_mask"]`` when that is 2-D; a plan whose decoder
+                    gets ready 4-D / per-layer-type masks sets it, or decoding refuses the plan.
     """
 
     decoder_kwargs: dict
     rows: "torch.Tensor"
+    samples: "torch.Tensor | None" = None
+    keys: "torch.Tensor | None" = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,9 @@ from .hookspecs import Contrast, Framework, Integration
 # matches classes no other integration names, comes first so that it is asked last.
 BUILTIN_PLUGINS = (
     "calplug.integrations.transformers_vlm",
+    "calplug.integrations.cross_attention",
+    "calplug.integrations.encoder_decoder",
+    "calplug.integrations.kosmos",
     "calplug.builtin",
     "calplug.integrations.llava_style",
     "calplug.frameworks",

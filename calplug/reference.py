@@ -28,13 +28,25 @@ IGNORE_INDEX = -100   # transformers' ignore index, written here so the referenc
 
 
 # -- steps 3-7 from full logits ---------------------------------------------------------------------
-def reference_weights(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3):
-    """Steps 3-6: flat ``[N]`` weights and gaps, N = B * (L - 1), from ``[B, L, V]`` logits with
-    (``logits``) and without (``logits_wo``) the image."""
+def _aligned(logits, labels, shift):
+    """Rows and their targets: row i predicts label i + 1 (``shift=1``, a causal LM) or label i
+    (``shift=0``, a sequence-to-sequence decoder's logits and labels)."""
+    if shift == 1:
+        return logits[:, :-1], labels[:, 1:]
+    if shift == 0:
+        return logits, labels
+    raise CALInputError(f"label shift {shift!r}: 1 (causal LM) or 0 (sequence-to-sequence)")
+
+
+def reference_weights(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3, *, shift=1):
+    """Steps 3-6: flat ``[N]`` weights and gaps, N = B * (L - 1) (``shift=1``; B * L with
+    ``shift=0``), from ``[B, L, V]`` logits with (``logits``) and without (``logits_wo``) the
+    image."""
     V = logits.shape[-1]
-    s_logits = logits[:, :-1].reshape(-1, V).float()
-    s_logits_wo = logits_wo[:, :-1].reshape(-1, V).float()
-    s_labels = labels[:, 1:].reshape(-1)
+    rows, targets = _aligned(logits, labels, shift)
+    s_logits = rows.reshape(-1, V).float()
+    s_logits_wo = _aligned(logits_wo, labels, shift)[0].reshape(-1, V).float()
+    s_labels = targets.reshape(-1)
     y = s_labels.clone()
     y[y == IGNORE_INDEX] = 0
     rows = torch.arange(y.numel(), device=y.device)
@@ -46,12 +58,13 @@ def reference_weights(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3):
     return w.detach(), delta.detach()
 
 
-def reference_cal_loss(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3):
+def reference_cal_loss(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3, *, shift=1):
     """Step 7: ``sum(ce * w) / (sum_{not ignored} w + 1e-6)``."""
     V = logits.shape[-1]
-    w, _ = reference_weights(logits, logits_wo, labels, alpha, beta, window)
-    s_logits = logits[:, :-1].reshape(-1, V).float()
-    s_labels = labels[:, 1:].reshape(-1)
+    w, _ = reference_weights(logits, logits_wo, labels, alpha, beta, window, shift=shift)
+    rows, targets = _aligned(logits, labels, shift)
+    s_logits = rows.reshape(-1, V).float()
+    s_labels = targets.reshape(-1)
     ce = F.cross_entropy(s_logits, s_labels, ignore_index=IGNORE_INDEX, reduction="none")
     valid = s_labels != IGNORE_INDEX
     return (ce * w).sum() / (w[valid].sum() + 1e-6)
@@ -100,13 +113,20 @@ def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: f
         logits_wo = spread(logits_wo, keep, visual.any(1), logits.detach())
     if logits_wo.shape != logits.shape:
         raise CALInputError("the model's logits changed shape when image positions were hidden")
-    labels = batch["labels"]
-    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
+    return _cal(out, logits, logits_wo, batch["labels"], alpha, beta, window, shift=1)
+
+
+def _cal(out, logits, logits_wo, labels, alpha, beta, window, *, shift):
+    """``(loss, gaps, weights)`` of steps 3-7, plus whatever the model adds to plain
+    cross-entropy (a router's load-balancing term): its own loss minus the plain cross-entropy
+    of its logits."""
+    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window, shift=shift)
+    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window, shift=shift)
     own = _loss(out)
-    if own is not None:  # what the model adds to plain cross-entropy (a router's term)
+    if own is not None:
         V = logits.shape[-1]
-        plain = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+        rows, targets = _aligned(logits, labels, shift)
+        plain = F.cross_entropy(rows.reshape(-1, V).float(), targets.reshape(-1),
                                 ignore_index=IGNORE_INDEX)
         # Most models add nothing: their loss equals plain cross-entropy up to round-off, whose
         # gradient would only add noise to the reference's. Above 1e-5 of it, the term is real.
@@ -135,6 +155,71 @@ def check_positions(model: nn.Module, batch: dict, logits: torch.Tensor, positio
                                                          rtol=1e-5, atol=1e-5):
         raise CALInputError("the position ids given to the reference are not the ones the model's "
                             "decoder numbers its sequence with: its forward with them gives other logits")
+
+
+# -- models whose image is not (only) at positions of the decoder sequence ----------------------------
+def reference_image_free_step(model: nn.Module, batch: dict, second: dict, with_image: torch.Tensor,
+                              alpha: float, beta: float, window: int, *, hooks=(), shift: int = 1
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CAL loss by the two-forward definition for a model whose image reaches the text
+    elsewhere than at positions of its decoder sequence (cross-attention states, an encoder's
+    output): the model's own forward on ``batch`` (with grad), and its own forward again (no
+    grad) on ``second`` (the batch without the arguments that carry the image; its labels give a
+    sequence-to-sequence model its decoder inputs) with ``hooks``
+    ``((module, pre_hook), ...)`` installed (an encoder run on the text alone). Samples outside
+    ``with_image [B]`` take the main logits: nothing to take away, gap 0. ``shift``: 1 when
+    logits row i predicts label i + 1, 0 when it predicts label i (sequence-to-sequence). Full
+    float32 logits, flat pooling. Returns ``(loss, gaps [N], weights [N])``."""
+    out = model(**batch)
+    logits = _logits(out)
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            logits_wo = _logits(model(**second))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if logits_wo.shape != logits.shape:
+        raise CALInputError("the model's logits changed shape when its image was taken out")
+    keep = with_image.to(logits.device).view(-1, *([1] * (logits.dim() - 1)))
+    logits_wo = torch.where(keep, logits_wo, logits.detach())
+    return _cal(out, logits, logits_wo, batch["labels"], alpha, beta, window, shift=shift)
+
+
+def without_arguments(batch: dict, names) -> dict:
+    """``batch`` without the forward arguments ``names`` (a cross-attention model's pixels and
+    cross-attention mask: its own forward then runs the text alone)."""
+    return {k: v for k, v in batch.items() if k not in set(names)}
+
+
+def drop_arguments_hook(names):
+    """A forward pre-hook that hands the module ``None`` for each of ``names`` (an encoder that
+    embeds pixels itself, run without them; a text decoder given no cross-attention states)."""
+
+    def pre_hook(module, args, kwargs):
+        return args, dict(kwargs, **{name: None for name in names if name in kwargs})
+
+    return pre_hook
+
+
+def hide_positions_hook(hidden: torch.Tensor, argument: str):
+    """A forward pre-hook that zeroes the ``hidden [B, L]`` positions of the 2-D mask the module
+    receives as ``argument`` (ones when it receives none): an encoder's ``attention_mask`` (no
+    query attends to an image position: the text alone, each token at its own position) and a
+    decoder's ``encoder_attention_mask`` (its cross-attention skips the encoder's image rows)."""
+
+    def pre_hook(module, args, kwargs):
+        mask = kwargs.get(argument)
+        keys = hidden
+        if mask is None:
+            mask = torch.ones(keys.shape, dtype=torch.long, device=keys.device)
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == keys.shape):
+            raise CALInputError(f"{type(module).__name__} received {argument} of shape "
+                                f"{tuple(getattr(mask, 'shape', ()))}, not the [batch, seq_len] "
+                                f"{tuple(keys.shape)} mask the reference edits")
+        return args, dict(kwargs, **{argument: mask * (~keys.to(mask.device)).to(mask.dtype)})
+
+    return pre_hook
 
 
 def pixel_positions(model: nn.Module, batch: dict, replaced: dict, *, decoder: nn.Module) -> torch.Tensor:
@@ -172,6 +257,19 @@ def pixel_positions(model: nn.Module, batch: dict, replaced: dict, *, decoder: n
         raise CALInputError("the text decoder did not receive inputs_embeds (nor its first layer a "
                             "sequence) of the same shape for the batch and the batch with other pixels")
     return (first != second).flatten(2).any(-1)
+
+
+def pixel_samples(model: nn.Module, batch: dict, replaced: dict) -> torch.Tensor:
+    """bool ``[B]``: the samples the pixels reach, found without knowing the model: those whose
+    logits change when the pixels are replaced (``replaced``: ``batch`` with other pixels of the
+    same shape). For models whose image enters elsewhere than at positions of the decoder
+    sequence (cross-attention states, an encoder). Two no-grad forwards."""
+    with torch.no_grad():
+        first, second = _logits(model(**batch)), _logits(model(**replaced))
+    if first.shape != second.shape:
+        raise CALInputError("the model's logits changed shape when the pixels were replaced")
+    scale = float(first.abs().max().clamp(min=1.0))
+    return (first.float() - second.float()).flatten(1).abs().amax(1) > 1e-5 * scale
 
 
 def check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:

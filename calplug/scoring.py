@@ -145,3 +145,16 @@ def dropout_off(model: nn.Module) -> Iterator[None]:
     finally:
         for module, name, value in changed:
             setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def network_mode(model: nn.Module) -> Iterator[None]:
+    """Training mode with dropout off for the block, the model's mode restored after: scores of
+    the network itself as a training step sees it (``calplug inspect``, the audit)."""
+    was_training = model.training
+    model.train()
+    try:
+        with dropout_off(model):
+            yield
+    finally:
+        model.train(was_training)

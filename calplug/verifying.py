@@ -26,6 +26,11 @@ here, on the model itself and one of its training batches:
     equals ``hidden . W[y] + b`` of the same final hidden states, then the integration's logit
     transform (a forward that scales or caps its logits in a way calplug does not know fails it).
 
+For a model whose image is not at positions of its decoder sequence (cross-attention states, an
+encoder's output), the integration's `Integration.reference_pass` says how the reference takes it
+out; check (0) then asks that every sample whose logits move with the pixels is one the
+integration says has an image, and the checks read every non-padding row of those samples.
+
 The model is left as it was found: enabled state and config, train/eval mode, gradients.
 Dropout is switched off for the checks (two forwards must see the same network).
 """
@@ -42,9 +47,12 @@ from . import contrast_pass, enabling, scoring
 from .config import CALConfig
 from .errors import CALInputError
 from .gap import IGNORE_INDEX, shift_targets
+from .hookspecs import ReferencePass
 from .inputs import PIXEL_PREFIX, has_float_pixels
-from .reference import _logits, _loss, pixel_positions, reference_step
+from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
+POSITIONS_CHECK = "image positions cover where the pixels enter"
+SAMPLES_CHECK = "image samples cover where the pixels enter"
 FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3,
                 check_logits=False)
 # The checks below enable the model with the self-check off: it is check (e), reported as a row
@@ -172,14 +180,15 @@ def _mask_refusal(model: nn.Module, integration) -> str | None:
 # -- layout of the batch --------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Layout:
-    labels: torch.Tensor      # [B, L]
+    labels: torch.Tensor      # [B, L] labels of the decoder sequence calplug runs (the main pass's)
     visual: torch.Tensor      # bool [B, L]: the image positions the integration reports
-    measured: torch.Tensor    # bool [B, L]: where the pixels reach the decoder input (measured)
+    measured: torch.Tensor    # bool [B, L] (or [B]): where (which samples) the pixels reach (measured)
     with_image: torch.Tensor  # bool [B]: the samples the image reaches
-    attention: torch.Tensor   # [B, L] padding mask
+    attention: torch.Tensor   # [B, L] padding mask of that sequence
     replaced: dict            # the batch with other pixels of the same shape
     decoder: nn.Module        # the module the model hands its merged embeddings to
     positions: torch.Tensor | None = None  # the main pass's numbering, for a decoder handed none
+    reference: ReferencePass | None = None  # how the reference takes out an image held elsewhere
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -199,8 +208,8 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     if not isinstance(input_ids, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise CALInputError("verify needs a training batch with input_ids and labels (the forward's "
                             "keyword arguments, as the trainer passes them)")
-    if labels.shape != input_ids.shape or labels.dim() != 2:
-        raise CALInputError(f"labels {tuple(labels.shape)} must be [batch, seq_len] aligned with input_ids "
+    if labels.dim() != 2 or labels.shape[0] != input_ids.shape[0]:
+        raise CALInputError(f"labels {tuple(labels.shape)} must be [batch, seq_len] for the input_ids "
                             f"{tuple(input_ids.shape)}")
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise CALInputError("every label of the batch is -100: verify needs supervised tokens")
@@ -212,7 +221,9 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     own = integration.decoder_and_head(target)[0] if integration.decoder_and_head else None
     with torch.no_grad(), _received_positions(own) as received:
         main = scoring.main_pass(target, integration, forward, batch)
-    if main.labels.shape != labels.shape:
+    reference = (integration.reference_pass(target, batch)
+                 if integration.reference_pass is not None else None)
+    if reference is None and main.labels.shape != labels.shape:
         raise CALInputError(
             "the model's decoder sequence is not the input_ids sequence: verify handles models that "
             "splice image features into the input_ids sequence at placeholder tokens "
@@ -230,12 +241,12 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
         raise CALInputError("calplug found no image in the batch (no image placeholder in input_ids, "
                             "or placeholder ids that are not the model config's): verify needs a "
                             "batch with at least one image")
-    measured = pixel_positions(target, batch, replaced, decoder=decoder)
-    attention = batch.get("attention_mask")
-    if attention is None:
-        attention = torch.ones_like(input_ids)
-    return _Layout(labels, main.visual_mask, measured, main.with_image, attention, replaced, decoder,
-                   positions)
+    if reference is None:
+        measured = pixel_positions(target, batch, replaced, decoder=decoder)
+    else:  # the image enters elsewhere (cross-attention states, an encoder): which samples it reaches
+        measured = pixel_samples(target, batch, replaced)
+    return _Layout(main.labels, main.visual_mask, measured, main.with_image, main.attention_mask,
+                   replaced, decoder, positions=positions, reference=reference)
 
 
 @contextlib.contextmanager
@@ -296,11 +307,17 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     # (e) the model's logits = the contrast side's target logits of the same hidden states
     checks.append(_head_check(model, batch, integration))
 
-    # (0) the integration's image positions cover every position the pixels reach
-    missed = int((layout.measured & ~layout.visual).sum())
-    checks.append(Check("image positions cover where the pixels enter", missed == 0, float(missed),
-                        "= 0", "the decoder input changes with the pixels at positions the "
-                        "integration does not report as image positions"))
+    # (0) the integration's image positions (samples) cover every position (sample) the pixels reach
+    if layout.reference is None:
+        missed = int((layout.measured & ~layout.visual).sum())
+        checks.append(Check(POSITIONS_CHECK, missed == 0, float(missed),
+                            "= 0", "the decoder input changes with the pixels at positions the "
+                            "integration does not report as image positions"))
+    else:
+        missed = int((layout.measured & ~layout.with_image.to(layout.measured.device)).sum())
+        checks.append(Check(SAMPLES_CHECK, missed == 0, float(missed), "= 0",
+                            "the logits of samples the integration reports without an image change "
+                            "with the pixels"))
 
     # (a) the contrast side blind to the image, the main side not; drop = mask on text rows
     replaced = layout.replaced
@@ -371,9 +388,15 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
             else "drop = two-forward reference")
     grad_ctx = contextlib.nullcontext() if gradients else torch.no_grad()
     with grad_ctx:
-        ref_loss, ref_gaps, ref_weights = reference_step(
-            model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast,
-            decoder=layout.decoder, positions=layout.positions)
+        if layout.reference is None:
+            ref_loss, ref_gaps, ref_weights = reference_step(
+                model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast,
+                decoder=layout.decoder, positions=layout.positions)
+        else:  # the image held elsewhere: the model's own forward without it (either contrast)
+            ref = layout.reference
+            ref_loss, ref_gaps, ref_weights = reference_image_free_step(
+                model, batch, ref.batch, ref.with_image, cfg.alpha, cfg.beta, cfg.pool_window,
+                hooks=ref.hooks, shift=ref.label_shift)
     ref_grads = {}
     if gradients:
         ref_loss.backward()
@@ -413,7 +436,11 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
 
 # -- helpers ----------------------------------------------------------------------------------------
 def _target_logits(out, targets: torch.Tensor) -> torch.Tensor:
-    return _logits(out)[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    """float32 target logit of each row; row i of the output's logits predicts ``targets[:, i]``
+    (a causal LM's logits have one row more than its shifted targets; a sequence-to-sequence
+    model's as many)."""
+    logits = _logits(out)[:, :targets.shape[1]]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 
 
 def _max_diff(a, b) -> float:

@@ -84,6 +84,31 @@ def embeddings_with(original_forward: Callable, decoder: nn.Module, call: dict) 
     raise RuntimeError("the model's forward never called its decoder")
 
 
+class _CallReady(Exception):
+    """Raised from a decoder pre-hook to stop a forward once the decoder's call is known."""
+
+
+def decoder_inputs_with(original_forward: Callable, decoder: nn.Module, call: dict,
+                        names: tuple[str, ...]) -> dict:
+    """The keyword arguments ``names`` the model hands ``decoder`` for ``call`` (no grad),
+    stopping before the decoder runs: the model's own path up to its text decoder (a vision tower
+    and projector for cross-attention states, an encoder for encoder states), no upstream code
+    copied."""
+
+    def stop(module, args, kwargs):
+        raise _CallReady({name: kwargs.get(name) for name in names})
+
+    handle = decoder.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            original_forward(**call)
+    except _CallReady as ready:
+        return ready.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never called its decoder")
+
+
 def pixel_rerun(original_forward: Callable, decoder: nn.Module, call: dict,
                 pixel_keys: tuple[str, ...]):
     """`MainPass.rerun_with_pixels` for a model whose forward takes image tensors under

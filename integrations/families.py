@@ -370,23 +370,12 @@ _ROWS += [
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}
 
-CROSS_ATTENTION = ("the image reaches the text through cross-attention layers, not through "
-                   "placeholder positions of the decoder sequence; a contrast for it would run the "
-                   "decoder without the cross-attention states, which calplug does not implement")
 ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encoder side and the text "
                    "decoder cross-attends to it, so there are no image positions in the decoded "
                    "sequence to hide; a contrast would have to run the decoder against an encoder "
                    "output without the image, which calplug does not implement")
+
 REFUSED: dict[str, str] = {
-    "MllamaForConditionalGeneration": "Mllama: " + CROSS_ATTENTION,
-    "IdeficsForVisionText2Text": "Idefics (1): gated " + CROSS_ATTENTION,
-    "BlipForConditionalGeneration": "BLIP: the text decoder " + CROSS_ATTENTION.split("the image ", 1)[1],
-    "Florence2ForConditionalGeneration": "Florence-2: " + ENCODER_DECODER,
-    "Pix2StructForConditionalGeneration": "Pix2Struct: " + ENCODER_DECODER,
-    "UdopForConditionalGeneration": "UDOP: " + ENCODER_DECODER,
-    "VisionEncoderDecoderModel": "VisionEncoderDecoderModel: " + ENCODER_DECODER,
-    "T5Gemma2ForConditionalGeneration": "T5Gemma2: " + ENCODER_DECODER,
-    "PPFormulaNetForConditionalGeneration": "PP-FormulaNet: " + ENCODER_DECODER,
     "FuyuForCausalLM": (
         "Fuyu: there is no vision encoder; the image's linear patch embeddings are themselves the "
         "sequence (one position per patch, newline tokens between rows), and older releases "
@@ -394,10 +383,6 @@ REFUSED: dict[str, str] = {
         "contrast for patch positions with its own proof"),
     "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
                        "the loss is shifted by the number of image tokens"),
-    "Kosmos2ForConditionalGeneration": (
-        "Kosmos-2: the text model splices image_embeds inside its own embedding step "
-        "(image_embeds_position_mask), so there is no decoder call with merged embeddings to capture"),
-    "Kosmos2_5ForConditionalGeneration": "Kosmos-2.5: as Kosmos-2, the text model splices the image itself",
     "NemotronH_Omni_Reasoning_V3": (
         "Nemotron-H Omni: video token pruning removes rows, so the decoder sequence is shorter than "
         "input_ids and placeholder positions do not index it"),

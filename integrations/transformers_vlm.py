@@ -25,13 +25,15 @@ nothing is recomputed and no upstream code is copied. What differs between famil
 * ``holes_ignored``: decoders with convolution or linear-attention layers that do not honour
   holes in the mask (Lfm2-VL, Qwen3.5): ``mask`` / ``patch_mask`` are refused at enable;
 * ``labels_in_main_pass_below``: PaliGemma before 5.0 builds its prefix-LM mask from ``labels``,
-  so the main pass passes them (the model's own loss is then computed and discarded);
+  so the main pass passes them (the model's own loss is then computed and discarded), unless
+  no label is supervised (contrastive decoding's main pass, which is generate()'s call);
 * ``broken``: releases whose forward is broken upstream (Llama 4 on 5.24.0), refused at enable.
 
 Found from the captured call, for every family alike: sequence-aligned decoder inputs (Gemma's
 ``per_layer_inputs``) that ``drop`` gathers with the embeddings (`MainPass.sequence_kwargs`), and
-the sliding-window / chunked-attention span of decoders that build local masks from a 2-D mask
-(`MainPass.attention_span`; ``drop`` falls back to ``mask`` on longer sequences). Decoders
+the sliding-window / chunked-attention span of the decoder (`MainPass.attention_span`; ``drop``
+falls back to ``mask`` on longer sequences when the decoder builds its local masks from a 2-D
+mask, and contrastive decoding when the generated sequence will outgrow it). Decoders
 handed ready 4-D masks (PaliGemma, Molmo2) or per-layer-type mask dicts (Gemma 3, Gemma 4) get
 those masks back in the contrast pass, image key columns hidden (``mask``) or sliced to the kept
 positions (``drop``): every text row sees no image position, bidirectional blocks included.
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from calplug.classes import class_names, first_named, is_named
-from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS, is_ready_mask
+from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS
 from calplug.errors import CALInputError, UnsupportedModelError, warn_once
 from calplug.hookspecs import Integration, MainPass, hookimpl
 from calplug.inputs import image_keys
@@ -190,8 +192,10 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     decoder, lm_head = compat.vlm_decoder_and_head(model)
     main_call = call
     below = facts.labels_in_main_pass_below
-    if below is not None and compat.transformers_version() < below:
-        main_call = dict(call, labels=labels)  # the model builds its attention mask from labels
+    # The model builds its attention mask from labels; a call that supervises nothing (contrastive
+    # decoding's main pass: generate() passes no labels) gets the mask generate() gets.
+    if below is not None and compat.transformers_version() < below and bool((labels != -100).any()):
+        main_call = dict(call, labels=labels)
     with contextlib.ExitStack() as stack:
         decoder_kwargs = stack.enter_context(capture_decoder_call(decoder))
         numbered = (stack.enter_context(capture_decoder_call(decoder.get_submodule(facts.positions_from)))
@@ -216,7 +220,6 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     positions = decoder_kwargs.get("position_ids")
     if positions is None:
         positions = compat.mrope_positions(embeds) if facts.mrope else arange_positions(embeds)
-    ready = is_ready_mask(decoder_kwargs.get("attention_mask"))
     extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
     # a matched class keeps a router term its output carries (calplug verify checks the loss)
     routed = facts.router_aux or (not facts.key and getattr(output, "aux_loss", None) is not None
@@ -231,7 +234,7 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         extra_loss=router_aux_loss(model, call, output) if routed else None,
         logit_transform=compat.logit_transform(config, facts.logit_transform),
         sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
-        attention_span=None if ready else compat.attention_span(config),
+        attention_span=compat.attention_span(config),
     )
 
 

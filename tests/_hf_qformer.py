@@ -38,14 +38,6 @@ def build_blip_2(seed=0, image_token=IMAGE):
     return _model("Blip2ForConditionalGeneration", seed, image_token_index=image_token, **_parts("blip_2"))
 
 
-def build_blip_2_t5(seed=0):
-    """BLIP-2 with a T5 language model (an encoder-decoder: use_decoder_only_language_model False)."""
-    parts = _parts("blip_2")
-    parts["text_config"] = dict(model_type="t5", vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128,
-                                num_layers=1, num_decoder_layers=1, num_heads=4, dropout_rate=0.0)
-    return _model("Blip2ForConditionalGeneration", seed, image_token_index=IMAGE, **parts)
-
-
 def build_instructblip(seed=0):
     return _model("InstructBlipForConditionalGeneration", seed, image_token_index=IMAGE,
                   **_parts("instructblip"))

@@ -21,7 +21,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 MODULES = ("tests.test_family_calls", "tests.test_family_decoders", "tests.test_family_support",
-           "tests.test_properties",
+           "tests.test_properties", "tests.test_kinds",
            "tests.test_verify")
 CASES_MODULE = "tests.test_properties"  # a family is proven on a release where its cases pass there
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
@@ -161,7 +161,8 @@ def render(results: list[dict]) -> str:
         f"matrix ran (`{mapping}`; releases before it list their",
         "vision-to-sequence mapping) and every class of calplug's family table, with its status:",
         "",
-        "* **proven (releases)**: the generic placeholder-token integration handles it and its family's",
+        "* **proven (releases)**: an integration of calplug handles it (the placeholder-token one, or the",
+        "  cross-attention, encoder-decoder or Kosmos one: docs/transformers.md) and its family's",
         "  tests passed on those releases of the matrix (faithful mode = the two-forward reference in",
         "  loss and gradients, drop = mask on text rows, unit weights = the model's own loss, disable,",
         "  eval and `generate()` untouched, `calplug verify` passes; tests/test_properties.py,",

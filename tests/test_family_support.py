@@ -16,13 +16,36 @@ import pytest
 import torch
 
 import calplug
-from calplug import UnsupportedModelError
+from calplug import UnsupportedModelError, enabling, plugins
 from calplug.integrations import families
 import _hf_families as hf
+import _hf_kinds as kinds
 from _hf_families import FAMILIES, build_deepseek_vl, build_fuyu, tf_version
 
 
 STATUSES = ("proven", "refused", "matched")
+
+
+def class_status(name: str) -> tuple[str, str]:
+    """(status, reason) of a class: the answer of the registered integration that speaks for it
+    (`Integration.support_status`, asked with the class: the cross-attention, encoder-decoder and
+    Kosmos integrations), else the family table's (`families.support_status`)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        for integration in plugins.integrations():
+            answer = integration.support_status(cls) if integration.support_status is not None else None
+            if answer is not None:
+                return answer
+    return families.support_status(name)
+
+
+def kind_keys() -> dict:
+    """The family keys of tests/_hf_kinds.py for the support matrix, {key: [family, class]}; a
+    class that is the kind only with some language model (BLIP-2 with T5) is named with it."""
+    return {k.name: [k.display, k.class_name + (" (T5)" if k.name.endswith("_t5") else "")]
+            for k in kinds.KINDS.values()}
 
 
 def mapping_classes() -> tuple[str, list[str]]:
@@ -50,11 +73,12 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
     table = [f.class_name for f in families.FAMILIES.values() if hasattr(transformers, f.class_name)]
     statuses = {}
     for name in sorted(set(classes) | set(table)):
-        status, reason = families.support_status(name)
+        status, reason = class_status(name)
         assert status in STATUSES and reason, name
         statuses[name] = [status, reason, name in classes]
+    kind_classes = {k.class_name for k in kinds.KINDS.values()}
     for name, (status, reason, _) in statuses.items():
-        if status == "proven":
+        if status == "proven" and name not in kind_classes:
             facts = families.FAMILIES[name]
             assert facts.key in hf.FAMILIES and hf.FAMILIES[facts.key].class_name == name
         if name in families.REFUSED:
@@ -63,6 +87,7 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
     if tf_version() >= (5, 0):  # the placeholder-token families of the table are proven
         assert sum(s == "proven" for s, _, _ in statuses.values()) >= 20, statuses
     keys = {f.key: [f.family, f.class_name] for f in families.FAMILIES.values()}
+    keys.update(kind_keys())
     record_testsuite_property("transformers", transformers.__version__)
     record_testsuite_property("calplug_support", json.dumps(
         {"mapping": mapping, "classes": statuses, "families": keys}, sort_keys=True))
@@ -89,17 +114,15 @@ def test_refused_classes_name_why_at_enable(class_name):
     assert families.support_status(class_name) == ("refused", reason)
 
 
-def test_qformer_models_the_placeholder_integration_cannot_take_are_refused_with_the_fix():
-    """BLIP-2 with T5 (an encoder-decoder), and BLIP-2 with OPT whose config sets no
-    image_token_index (the query outputs are not at placeholder positions), are refused at enable
+def test_qformer_models_go_to_their_kind_or_are_refused_with_the_fix():
+    """BLIP-2 with T5 is the encoder-decoder kind; BLIP-2 with OPT whose config sets no
+    image_token_index (the query outputs are not at placeholder positions) is refused at enable
     with the reason and the fix; on a release whose OPT decoder takes no position_ids (4.45),
-    every Q-Former family is refused naming why (its cases run from 4.49)."""
-    from _hf_qformer import build_blip_2, build_blip_2_t5
+    the OPT variants are refused naming why (their cases run from 4.49)."""
+    from _hf_qformer import build_blip_2
 
-    t5 = build_blip_2_t5(0)
-    with pytest.raises(UnsupportedModelError, match="use_decoder_only_language_model=False") as raised:
-        calplug.enable(t5)
-    assert "encoder-decoder kind" in str(raised.value) and not calplug.is_enabled(t5)
+    t5 = kinds.build_blip_2_t5(0)
+    assert enabling.find_integration(t5).name == "transformers-encoder-decoder"
     unset = build_blip_2(0, image_token=None)
     with pytest.raises(UnsupportedModelError, match="its config sets none of config.image_token_index") as raised:
         calplug.enable(unset)
@@ -111,6 +134,7 @@ def test_qformer_models_the_placeholder_integration_cannot_take_are_refused_with
     else:
         calplug.enable(opt)
         assert calplug.is_enabled(opt)
+        assert enabling.find_integration(opt).name != "transformers-encoder-decoder"
 
 
 def test_minicpm_v_without_its_image_token_ids_is_refused_naming_the_processor_ids():
@@ -131,11 +155,10 @@ def test_minicpm_v_without_its_image_token_ids_is_refused_naming_the_processor_i
     assert calplug.is_enabled(model)
 
 
-@pytest.mark.parametrize("class_name", ["MllamaForConditionalGeneration", "Florence2ForConditionalGeneration"])
+@pytest.mark.parametrize("class_name", sorted(families.REFUSED))
 def test_refusal_table_names_the_reason(class_name):
-    status, reason = families.support_status(class_name)
-    assert status == "refused"
-    assert any(word in reason for word in ("cross-attention", "encoder-decoder"))
+    """Every class of the placeholder integration's refusal table is refused with its own reason."""
+    assert families.support_status(class_name) == ("refused", families.REFUSED[class_name])
 
 
 def test_matched_class_is_accepted_once_warned_and_runs():
@@ -219,6 +242,8 @@ def test_every_proven_family_has_cases_and_every_family_case_a_row():
     from cases import CASES
 
     keys = {c.id.split("-")[1] for c in CASES if c.id.startswith("hf-")}
+    assert keys - set(FAMILIES) == set(kinds.KINDS)  # the kinds' cases: their integrations speak for them
+    keys &= set(FAMILIES)
     rows = {f.key: f for f in families.FAMILIES.values()}
     proven = {k for k, f in rows.items() if f.proven}
     assert proven <= keys, proven - keys

@@ -108,7 +108,7 @@ def test_each_token_carries_the_numbers_of_the_row_that_predicts_it():
     assert lines == dict(token=["a", "red", "<eos>"], gap=["+0.5", "-3.0", "+6.0"],
                          clamped=["1.00", "1.00", "5.00"], pooled=["1.00", "2.33", "3.00"])
     assert "visual words that contradict the image" in text and "-3.00 -> 1.00 -> 2.33  (1 tokens)" in text
-    collapsed = inspection._collapse_image_tokens(toks)
+    collapsed = inspection.collapse_runs(toks)
     assert [t["text"] for t in collapsed] == ["<bos>", "<image>", "a", "red", "<eos>"]
     assert collapsed[1]["repeat"] == 2
 

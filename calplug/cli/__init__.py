@@ -18,7 +18,10 @@ COMMANDS = {
     "inspect": ("calplug.cli.inspect", "per token the gap, clamped and pooled CAL weight (printed, HTML, PNG)"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "audit": ("calplug.cli.audit", "rank a dataset's samples by how much the image supports their answers (scores, HTML, filter)"),
+    "audit-bench": ("calplug.cli.audit_bench", "the audit's samples/s and its time against a plain no-grad forward"),
     "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
+    "generate": ("calplug.cli.generate", "a model's plain and contrastive (image-blind contrast) answers side by side"),
     "llamafactory": ("calplug.cli.llamafactory", "LLaMA-Factory training with CAL: calplug llamafactory train cfg.yaml"),
     "swift-plugin": ("calplug.cli.swift_plugin", "print the path of the ms-swift plugin file (--external_plugins)"),
 }

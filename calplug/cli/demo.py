@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CALConfigError
-from . import demo_report, demo_training, demo_verdicts, synthetic
+from . import demo_decoding, demo_report, demo_training, demo_verdicts, synthetic
 from .common import prepare_output_dir, quiet_transformers_bars, require_extras
 from .demo_protocol import KINDS, Condition, Protocol
 
@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-checkpoint", action="store_true",
                         help="do not save the first seed's CAL models (OUT/cal-model-noise-P, for `calplug inspect`)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--decoding", action="store_true",
+                        help="also answer the held-out images with contrastive decoding and print "
+                             "its paired effect on visual-word accuracy (docs/decoding.md)")
+    parser.add_argument("--audit", action="store_true",
+                        help="instead: the dataset audit on the demo's world (AUROC of finding the contradicting "
+                             "captions; training on the audit-filtered data), and an audit world for "
+                             "`calplug audit` (docs/audit.md)")
     # Shortened runs, for tests and quick looks; the documented results use the defaults.
     parser.add_argument("--seeds", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--noise", type=str, default=None, help=argparse.SUPPRESS)
@@ -114,8 +121,14 @@ def run(args) -> int:
     out = prepare_output_dir(args.out)
     cache = (None if args.no_cache else Path(args.cache_dir) if args.cache_dir
              else demo_training.default_cache_dir())
+    if args.audit:
+        from . import demo_audit
+
+        return demo_audit.run(args, proto, out, cache, threads)
+    extra = demo_decoding.evaluate if args.decoding else None
     result = demo_training.run_experiment(proto, show_progress=not args.no_progress, cache=cache,
-                                          threads=threads, keep_models=not args.no_checkpoint)
+                                          threads=threads, keep_models=not args.no_checkpoint,
+                                          extra_eval=extra)
     models = result.pop("models", {})
     rows = demo_verdicts.paired_rows(result)
     table = demo_report.table(result, rows)
@@ -123,6 +136,10 @@ def run(args) -> int:
     result["threads"] = threads
     result["versions"] = _versions()
     print(table)
+    if args.decoding:
+        decoding_rows = demo_decoding.paired_rows(result)
+        result["decoding_summary"] = decoding_rows
+        print("\n" + demo_decoding.table(result, decoding_rows))
     print(f"\nwall time {result['seconds']:.0f} s on {threads} thread(s)"
           + ("" if result["stage1_cache"] is None else f"; stage-1 cache {result['stage1_cache']}"))
     sys.stdout.flush()
@@ -152,7 +169,7 @@ def _versions() -> dict:
     from .. import __version__
 
     return dict(calplug=__version__, torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 # -- checkpoints for `calplug inspect` ------------------------------------------------------------

@@ -137,8 +137,10 @@ def default_cache_dir() -> Path:
 def stage1_key(proto: Protocol, threads: int) -> str:
     import transformers
 
+    # The CPU kernels torch picks (AVX2, AVX-512) round differently: a stage-1 model trained with
+    # one set is not the one another machine would train, so they do not share a cache entry.
     fields = dict(proto.stage1_fields(), torch=torch.__version__, transformers=transformers.__version__,
-                  threads=threads)
+                  threads=threads, cpu_capability=torch.backends.cpu.get_cpu_capability())
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,10 +190,11 @@ def save_stage1(folder: Path | None, seed: int, state: dict) -> None:
 
 # -- the experiment -------------------------------------------------------------------------------
 def run_experiment(proto: Protocol, *, show_progress: bool = True, cache: Path | None = None,
-                   threads: int = 1, keep_models: bool = True) -> dict:
+                   threads: int = 1, keep_models: bool = True, extra_eval=None) -> dict:
     """Every seed's stage 1 (or its cached weights) and every condition's stage 2, both methods,
     evaluated. With ``keep_models``, the first seed's stage-2 CAL state dicts are returned under
-    ``"models"`` (written by ``run`` after the table is printed)."""
+    ``"models"`` (written by ``run`` after the table is printed). ``extra_eval(model, evalset,
+    vocab, proto) -> dict``, when given, is kept under each stage-2 run's ``"decoding"``."""
     from tqdm.auto import tqdm
 
     vocab = synthetic.Vocab()
@@ -239,6 +242,8 @@ def run_experiment(proto: Protocol, *, show_progress: bool = True, cache: Path |
                                          final_train_loss=statistics.fmean(losses[-20:]))
                     if stats is not None:
                         found[method]["cal_weights"] = weight_summary(stats)
+                    if extra_eval is not None:
+                        found[method]["decoding"] = extra_eval(model, evalset, vocab, proto)
                     per_image[method] = ev["per_image"]
                     if keep_models and method == "cal" and seed == proto.seeds[0]:
                         models[cond.key] = copy.deepcopy(model.state_dict())

@@ -25,9 +25,7 @@ pairs and a ``--prompt`` that contains the processor's image placeholder.
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import sys
 from pathlib import Path
@@ -36,7 +34,8 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
-from .common import model_class, prepare_output_dir, quiet_transformers_bars, require_extras
+from .common import (collapse_runs, diverging_colour, load_model_and_processor, png_data_uri,
+                     prepare_output_dir, quiet_transformers_bars, require_extras)
 
 
 # -- gaps and weights: calplug.token_gaps ---------------------------------------------------------
@@ -45,15 +44,10 @@ def gaps_and_weights(model, batch: dict, config=None) -> dict:
     clamped to [alpha, beta]) and ``weights`` (the pooled weights the loss uses), each float32
     ``[B, L-1]`` with row i belonging to token i+1, and the shifted ``supervised`` mask."""
     import calplug
-    from calplug.scoring import dropout_off
+    from calplug.scoring import network_mode
 
-    was_training = model.training
-    model.train()
-    try:
-        with dropout_off(model):  # training mode, dropout off: the network itself
-            found = calplug.token_gaps(model, batch, config)
-    finally:
-        model.train(was_training)
+    with network_mode(model):  # training mode, dropout off: the network itself
+        found = calplug.token_gaps(model, batch, config)
     cfg = found.config
     gaps = found.gaps.float().cpu()
     return dict(gaps=gaps, clamped=gaps.clamp(cfg.alpha, cfg.beta), weights=found.weights.float().cpu(),
@@ -108,14 +102,12 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
     """A model saved with its processor, and image/caption pairs: the prompt is unsupervised,
     the caption supervised."""
     from PIL import Image
-    from transformers import AutoConfig, AutoProcessor
 
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
-    processor = AutoProcessor.from_pretrained(path)
-    config = AutoConfig.from_pretrained(path)
-    model = model_class(config).from_pretrained(path)
+    model, processor = load_model_and_processor(path, fix="load the model yourself and call "
+                                                "calplug.cli.inspect.write_report")
     pil = [Image.open(p).convert("RGB") for p in images]
     rows = []
     for im, cap in zip(pil, captions):
@@ -193,33 +185,9 @@ def format_tokens(rows: list[dict], config, limit: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _collapse_image_tokens(tokens: list[dict]) -> list[dict]:
-    """Runs of an identical unsupervised token (image placeholders) shown once, with a count."""
-    out = []
-    for t in tokens:
-        if out and not t["supervised"] and not out[-1]["supervised"] and t["text"] == out[-1]["text"]:
-            out[-1]["repeat"] = out[-1].get("repeat", 1) + 1
-        else:
-            out.append(dict(t))
-    return out
-
-
-def _gap_colour(gap: float, scale: float) -> str:
-    x = max(-1.0, min(1.0, gap / scale)) if scale > 0 else 0.0
-    if x >= 0:  # white -> red
-        return f"rgb(255,{round(255 - 200 * x)},{round(255 - 200 * x)})"
-    return f"rgb({round(255 + 200 * x)},{round(255 + 200 * x)},255)"  # white -> blue
-
-
 def _weight_colour(w: float, alpha: float, beta: float) -> str:
     x = 0.0 if beta <= alpha else max(0.0, min(1.0, (w - alpha) / (beta - alpha)))
     return f"rgb({round(255 - 120 * x)},{round(255 - 40 * x)},{round(255 - 180 * x)})"  # white -> green
-
-
-def _png_data_uri(image, size: int = 96) -> str:
-    buf = io.BytesIO()
-    image.resize((size, size), resample=0).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 CSS = """
@@ -254,18 +222,18 @@ def render_html(rows: list[dict], images: list, config, title: str) -> str:
              "contradicted word next to grounded ones is not at alpha. Grey text is context (prompt, "
              "image placeholders) that is not trained on. Hover a token for its numbers.</p>",
              "<p class='legend'>gap: "
-             + "".join(f"<span style='background:{_gap_colour(g, scale)}'>{g:+.1f}</span>"
+             + "".join(f"<span style='background:{diverging_colour(g, scale)}'>{g:+.1f}</span>"
                        for g in (-scale, -scale / 2, 0.0, scale / 2, scale))
              + " &nbsp; weight: "
              + "".join(f"<span style='background:{_weight_colour(w, config.alpha, config.beta)}'>{w:g}</span>"
                        for w in (config.alpha, (config.alpha + config.beta) / 2, config.beta))
              + "</p>"]
     for i, (row, image) in enumerate(zip(rows, images)):
-        toks = _collapse_image_tokens(row["tokens"])
+        toks = collapse_runs(row["tokens"])
         cls = "sample corrupted" if row["corrupted"] else "sample"
         parts.append(f"<div class='{cls}' id='sample-{i}'>")
         if image is not None:
-            parts.append(f"<img alt='sample {i}' src='{_png_data_uri(image)}'>")
+            parts.append(f"<img alt='sample {i}' src='{png_data_uri(image)}'>")
         parts.append("<div>")
         for kind in LINES:
             parts.append(f"<div class='line {kind}-line'><span class='label'>{kind}</span>")
@@ -275,7 +243,7 @@ def render_html(rows: list[dict], images: list, config, title: str) -> str:
                     rep = f"&times;{t['repeat']}" if t.get("repeat", 1) > 1 else ""
                     parts.append(f"<span class='ctx'>{text}{rep}</span>")
                     continue
-                colour = (_gap_colour(t["gap"], scale) if kind == "gap"
+                colour = (diverging_colour(t["gap"], scale) if kind == "gap"
                           else _weight_colour(t[LINES[kind]], config.alpha, config.beta))
                 parts.append(f"<span class='tok' data-gap='{t['gap']:.4f}' data-clamped='{t['clamped']:.4f}' "
                              f"data-weight='{t['weight']:.4f}' style='background:{colour}' "
@@ -346,7 +314,7 @@ def plot_tokens(rows: list[dict], config, path: Path, title: str, limit: int = 6
             ax.text(k + 0.5, y0 + 0.45, t["text"], ha="center", va="center", fontsize=7.5,
                     fontweight="bold" if t.get("kind", "").endswith("visual") else "normal",
                     color="#d62728" if t.get("kind") == "contradicted visual" else "#111111")
-            cells = ((_gap_colour(t["gap"], scale), f"{t['gap']:+.1f}"),
+            cells = ((diverging_colour(t["gap"], scale), f"{t['gap']:+.1f}"),
                      (_weight_colour(t["clamped"], config.alpha, config.beta), f"{t['clamped']:.2f}"),
                      (_weight_colour(t["weight"], config.alpha, config.beta), f"{t['weight']:.2f}"))
             for line, (colour, text) in enumerate(cells):

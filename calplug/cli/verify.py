@@ -17,7 +17,8 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
-from .common import model_class
+from ..processing import forward_arguments, process
+from .common import load_model_and_processor
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
@@ -58,34 +59,23 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     """A model saved with its processor, and one right-padded batch of image/caption pairs: the
     prompt (image placeholder included) and the padding are labelled -100, the captions are
     supervised."""
-    if not path.is_dir():
-        raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a folder written by "
-                             "save_pretrained (the model and its processor)")
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
+    model, processor = load_model_and_processor(
+        path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
-    from transformers import AutoConfig, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
-    except (ValueError, OSError, ImportError) as error:
-        raise CALConfigError(
-            f"cannot load the model and its processor from {str(path)!r} ({' '.join(str(error).split())[:300]}): "
-            "pass a folder written by save_pretrained for both, or build the batch yourself and call "
-            "calplug.verify(model, batch) (docs/verify.md)") from error
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
     pil = [Image.open(p).convert("RGB") for p in images]
     texts = [prompt + caption for caption in captions]
-    batch = dict(_process(processor, pil, texts, padding=True))
+    batch = dict(process(processor, pil, texts, padding=True))
     labels = batch["input_ids"].clone()
     for i, im in enumerate(pil):
-        head = _process(processor, [im], [prompt])["input_ids"][0]
+        head = process(processor, [im], [prompt])["input_ids"][0]
         if not torch.equal(batch["input_ids"][i, :head.numel()], head):
             raise CALInputError("the tokens of the prompt alone are not a prefix of prompt + caption; "
                                 "end --prompt with a space or newline")
@@ -94,24 +84,3 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     batch["labels"] = labels
     return model.train(), forward_arguments(model, batch)
-
-
-def forward_arguments(model, batch: dict) -> dict:
-    """The entries of a processor's output that the model's forward takes: some processors return
-    more than a given release's forward accepts (the Llava processor's ``token_type_ids`` on
-    transformers 4.45), and a forward without ``**kwargs`` raises on them."""
-    import inspect
-
-    parameters = inspect.signature(model.forward).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return batch
-    return {k: v for k, v in batch.items() if k in parameters}
-
-
-def _process(processor, images: list, texts: list[str], **options) -> dict:
-    """The processor's tensors for ``texts`` with one image each (flat image list, or one list
-    per text for processors that want that)."""
-    try:
-        return processor(images=images, text=texts, return_tensors="pt", **options)
-    except (ValueError, TypeError):
-        return processor(images=[[im] for im in images], text=texts, return_tensors="pt", **options)
