@@ -201,7 +201,7 @@ def head_check(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
                      float(theirs[worst]), float(ours[worst]), int(ids.shape[0]))
 
 
-def _package_version(model: nn.Module) -> str:
+def package_version(model: nn.Module) -> str:
     """``"<package> <version>"`` of the library that defines the model's class, or the class it
     extends (transformers for its classes and a user's subclasses of them), for messages; the
     core imports no model library to say it."""
@@ -216,7 +216,7 @@ def _package_version(model: nn.Module) -> str:
 def head_mismatch_message(model: nn.Module, main: MainPass, found: HeadCheck) -> str:
     transform = "none declared" if main.logit_transform is None else repr(main.logit_transform)
     return (
-        f"calplug's self-check stopped {type(model).__name__} ({_package_version(model)}): its "
+        f"calplug's self-check stopped {type(model).__name__} ({package_version(model)}): its "
         f"logits are not what calplug's contrast side computes from the same final hidden states "
         f"(hidden . W[y] + b, then the declared logit transform: {transform}). At {found.rows} "
         f"supervised rows they differ by up to {found.difference:.4g} (the model's logit "

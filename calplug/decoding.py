@@ -148,16 +148,18 @@ class ContrastBranch:
             kwargs[name] = value
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
-            raise CALInputError("the text decoder received no inputs_embeds at a decoding step: "
-                                "contrastive decoding extends its branch with the embeddings the "
-                                "main branch's decoder received")
+            raise UnsupportedModelError("its text decoder received no inputs_embeds at a decoding step "
+                                        "(a decoder that embeds token ids itself, as Chameleon's and "
+                                        "Emu3's do): contrastive decoding extends its branch with the "
+                                        "embeddings the main branch's decoder received")
         new = embeds.shape[1]
         if kwargs.get("position_ids") is None:  # the decoder counts positions from its cache
             position = step.get("cache_position")
             if position is None:
-                raise CALInputError("the text decoder received neither position_ids nor "
-                                    "cache_position at a decoding step: the contrast branch "
-                                    "cannot tell the new token's position")
+                raise UnsupportedModelError("its text decoder received neither position_ids nor "
+                                            "cache_position at a decoding step (it numbers positions "
+                                            "itself): the contrast branch cannot tell the new "
+                                            "token's position")
             kwargs["position_ids"] = position.view(1, -1).expand(self.samples.numel(), -1)
         if isinstance(call_mask, torch.Tensor) and call_mask.dim() == 2:
             grown = call_mask[:, -new:].index_select(0, self.samples)
@@ -306,6 +308,8 @@ class DecodingSession:
         self.branch: ContrastBranch | None = None
         self.span: int | None = None
         self.seen = 0
+        self.processed = 0  # calls of the logits processor
+        self.active = False  # inside its contrastive_decoding block
 
     # the instance forward ---------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -403,12 +407,24 @@ class DecodingSession:
                     f"({self.span}) while the contrast branch drops the image, so its windows would "
                     "differ: pass max_new_tokens to contrastive_decoding (it then masks instead), "
                     "or use contrast='mask'")
-            branch.extend(step, call.get("attention_mask"))
+            try:
+                branch.extend(step, call.get("attention_mask"))
+            except UnsupportedModelError as error:
+                raise UnsupportedModelError(
+                    f"calplug's contrastive decoding does not support {type(self.target).__name__} "
+                    f"({contrast_pass.package_version(self.target)}): {error}") from error
         self.seen += _step_length(call)
         return out
 
     # the processor ----------------------------------------------------------------------------
     def scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.processed += 1
+        if self.active and self.seen == 0:
+            raise UnsupportedModelError(
+                f"calplug's contrastive decoding does not support {type(self.target).__name__} "
+                f"({contrast_pass.package_version(self.target)}): its generate() never called its own "
+                "forward (it hands the image embeddings to its language model's generate, as "
+                "BLIP-2's does), so calplug never sees where the image is")
         if input_ids.shape[1] != self.seen:
             raise CALInputError(
                 f"the contrastive logits processor got {input_ids.shape[1]} tokens, but its model "
@@ -469,9 +485,11 @@ def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
     target = session.target
     previous = target.__dict__.get("forward")
     target.forward = _DecodingForward(session)
+    session.active = True
     try:
         yield ContrastiveLogitsProcessor(session)
     finally:
+        session.active = False
         if previous is None:
             target.__dict__.pop("forward", None)
         else:
@@ -497,4 +515,12 @@ def contrastive_generate(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
     with contrastive_decoding(model, cd_alpha=cd_alpha, cd_beta=cd_beta, contrast=contrast,
                               config=config, max_new_tokens=max_new_tokens,
                               inputs=inputs) as processor:
-        return model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)
+        out = model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)
+    session = processor.session
+    if session.seen and not session.processed:
+        raise UnsupportedModelError(
+            f"calplug's contrastive decoding does not support {type(session.target).__name__} "
+            f"({contrast_pass.package_version(session.target)}): its generate() never called the logits "
+            "processor it was given (Janus' generate drops logits_processor in text mode), so the "
+            "tokens it returned are plain greedy / sampled ones")
+    return out

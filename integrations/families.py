@@ -242,6 +242,8 @@ _ROWS = [
                     state="recurrent state and key selection")),
     FamilyFacts("Cosmos3-Omni", "cosmos3_omni", "Cosmos3OmniForConditionalGeneration", (5, 0),
                 mrope=True, visual_extras=DEEPSTACK),
+    FamilyFacts("Cosmos3-Edge", "cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", (5, 0),
+                mrope=True),
     FamilyFacts("Qwen3-Omni-Thinker", "qwen3_omni_moe_thinker",
                 "Qwen3OmniMoeThinkerForConditionalGeneration", (5, 0), mrope=True,
                 visual_extras=DEEPSTACK, router_aux=True),

@@ -206,6 +206,10 @@ SHRUNK = dict([
     _family("minicpm_ocr", "MiniCPMOcrForConditionalGeneration",
             _minicpm("MiniCPMOcrForConditionalGeneration"), minicpm_visual(16), drop_only=True,
             finish=minicpm_finish, video=True),
+    _family("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration",
+            lambda seed=0: shrunk("Cosmos3EdgeForConditionalGeneration", seed,
+                                  text={"rope_parameters": dict(MROPE, mrope_interleaved=True)}),
+            grid_visual(16, temporal=1)),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
