@@ -259,6 +259,8 @@ _ROWS = [
                                                    state="convolution window")),
     FamilyFacts("DeepSeek-VL", "deepseek_vl", "DeepseekVLForConditionalGeneration", (4, 54),
                 pixel_keys=("pixel_values",)),
+    FamilyFacts("Step3p7", "step3p7", "Step3p7ForConditionalGeneration", (5, 0),
+                pixel_keys=("pixel_values",)),
     FamilyFacts("LightOnOCR", "lighton_ocr", "LightOnOcrForConditionalGeneration", (5, 0),
                 pixel_keys=("pixel_values",)),
     # MiniCPM-V: the class default leaves image_token_id / video_token_id unset (the forward then

@@ -210,6 +210,11 @@ SHRUNK = dict([
             lambda seed=0: shrunk("Cosmos3EdgeForConditionalGeneration", seed,
                                   text={"rope_parameters": dict(MROPE, mrope_interleaved=True)}),
             grid_visual(16, temporal=1)),
+    # Step3p7: the default leaves sliding_window unset while its layer types include sliding
+    # attention; its tower gives 4 tokens for a 112 x 112 image (14-pixel patches, two 2x downsamplings)
+    _family("step3p7", "Step3p7ForConditionalGeneration",
+            lambda seed=0: shrunk("Step3p7ForConditionalGeneration", seed, text=dict(sliding_window=64)),
+            image_visual(4, size=112), images=True),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
