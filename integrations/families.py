@@ -363,11 +363,9 @@ _ROWS += [
     FamilyFacts("MistralLarge4", "mistral_large4", "MistralLarge4ForConditionalGeneration", (5, 0),
                 logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
     FamilyFacts("MuseGlimmer", "muse_glimmer", "MuseGlimmerForConditionalGeneration", (5, 0),
-                logit_transform=(SCALE("output_multiplier"),) + softcap(), proven=False,
-                unproven_reason=NO_CASE),
+                logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("MuseSpark", "muse_spark", "MuseSparkForConditionalGeneration", (5, 0),
-                logit_transform=(SCALE("output_multiplier"),) + softcap(), proven=False,
-                unproven_reason=NO_CASE),
+                logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("Gemma4Unified", "gemma4_unified", "Gemma4UnifiedForConditionalGeneration", (5, 0),
                 logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
 ]

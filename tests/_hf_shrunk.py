@@ -215,6 +215,14 @@ SHRUNK = dict([
     _family("step3p7", "Step3p7ForConditionalGeneration",
             lambda seed=0: shrunk("Step3p7ForConditionalGeneration", seed, text=dict(sliding_window=64)),
             image_visual(4, size=112), images=True),
+    # Muse Spark / Glimmer: logits * output_multiplier, then the tanh soft-cap (their rows declare
+    # both; the defaults, 0.18 / 0.20 and 20, are kept). The projector takes the 2 x 2 merged
+    # tower output (4 x 32 wide).
+    *(_family(key, class_name, (lambda name: lambda seed=0: shrunk(
+        name, seed, vision=dict(out_hidden_size=128),
+        top=dict(out_hidden_size=128, projector_hidden_size=64)))(class_name), grid_visual(14))
+      for key, class_name in (("muse_spark", "MuseSparkForConditionalGeneration"),
+                              ("muse_glimmer", "MuseGlimmerForConditionalGeneration"))),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
