@@ -339,7 +339,7 @@ SCALE, DIVIDE, VOCAB = (lambda a: LogitStep("scale", a)), (lambda a: LogitStep("
 _ROWS += [
     FamilyFacts("CohereCompass", "cohere_compass", "CohereCompassForConditionalGeneration", (5, 0),
                 mrope=True, visual_extras=DEEPSTACK,
-                logit_transform=(SCALE("logit_scale"),), proven=False, unproven_reason=NO_CASE),
+                logit_transform=(SCALE("logit_scale"),)),
     FamilyFacts("GraniteDocling", "granite_docling", "GraniteDoclingForConditionalGeneration",
                 (5, 0), logit_transform=(DIVIDE("logits_scaling"),), visual_extras=DEEPSTACK,
                 pixel_keys=("pixel_values",), proven=False,

@@ -223,6 +223,12 @@ SHRUNK = dict([
         top=dict(out_hidden_size=128, projector_hidden_size=64)))(class_name), grid_visual(14))
       for key, class_name in (("muse_spark", "MuseSparkForConditionalGeneration"),
                               ("muse_glimmer", "MuseGlimmerForConditionalGeneration"))),
+    # CohereCompass: M-RoPE per layer type, deepstack; logits * logit_scale (None by default, which
+    # is 1: 0.5 here so that the declared transform shows)
+    _family("cohere_compass", "CohereCompassForConditionalGeneration", lambda seed=0: shrunk(
+        "CohereCompassForConditionalGeneration", seed, text=dict(
+            logit_scale=0.5, rope_parameters={"full_attention": dict(MROPE),
+                                              "sliding_attention": dict(MROPE)})), grid_visual(16)),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
