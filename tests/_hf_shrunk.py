@@ -137,6 +137,28 @@ def _minicpm(class_name):
                                  top=dict(insert_layer_id=0))
 
 
+def tile_visual(model, kind, g):
+    """GraniteDocling: one 32 x 32 tile per image, ``image_seq_len`` placeholders (4 here)."""
+    n = model.model.image_seq_len
+    return torch.tensor([VSTART] + [IMAGE] * n + [VEND]), {"pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+
+
+def tile_finish(model, batch):
+    """pixel_values [B, tiles, 3, H, W] with pixel_attention_mask [B, tiles] (real tiles), as the
+    processor gives them: a text-only sample has one padding tile, masked out. Batches already
+    laid out so (merged ones) keep their tiles."""
+    px = batch["pixel_values"]
+    if px.dim() == 5:
+        return batch
+    B = batch["input_ids"].shape[0]
+    with_image = [b for b in range(B) if bool((batch["input_ids"][b] == IMAGE).any())]
+    full = torch.zeros(B, 1, *px.shape[1:])
+    full[with_image, 0] = px
+    real = torch.zeros(B, 1, dtype=torch.bool)
+    real[with_image] = True
+    return dict(batch, pixel_values=full, pixel_attention_mask=real)
+
+
 def video_llama3_finish(model, batch):
     """VideoLlama3 merges each image's patches by its own size: 2 x 2 here."""
     return dict(batch, image_merge_sizes=torch.full((batch["image_grid_thw"].shape[0],), 2))
@@ -229,6 +251,13 @@ SHRUNK = dict([
         "CohereCompassForConditionalGeneration", seed, text=dict(
             logit_scale=0.5, rope_parameters={"full_attention": dict(MROPE),
                                               "sliding_attention": dict(MROPE)})), grid_visual(16)),
+    # GraniteDocling: tiles with a pixel mask, deepstack features, logits / logits_scaling (4 by
+    # default); initialisation 0.2 so that its divided logits still give gaps that vary
+    _family("granite_docling", "GraniteDoclingForConditionalGeneration", lambda seed=0: shrunk(
+        "GraniteDoclingForConditionalGeneration", seed,
+        vision=dict(image_size=32, patch_size=8, scale_factor=2, initializer_range=0.2),
+        text=dict(initializer_range=0.2), top=dict(initializer_range=0.2)),
+        tile_visual, images=True, finish=tile_finish),
     _family("lighton_ocr", "LightOnOcrForConditionalGeneration", lambda seed=0: shrunk(
         "LightOnOcrForConditionalGeneration", seed, vision=dict(image_size=32, patch_size=8)),
         image_visual(4, block=False, sizes=True), images=True),
