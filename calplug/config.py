@@ -48,6 +48,11 @@ class CALConfig:
                   lm_head runs on the last position only and the loss is a fused lm_head +
                   cross-entropy over N rows at a time, so no [B, L, V] logits exist in training
                   (the output's ``logits`` then hold the last position only; docs/performance.md).
+    check_logits: the self-check of the first training step (and of ``calplug verify``): the
+                  model's own logits at a few supervised rows must equal what the contrast side
+                  computes from the same final hidden states (``hidden . W[y] + b``, then the
+                  integration's logit transform), or the step stops naming the difference
+                  (docs/errors.md). False skips it.
     """
 
     alpha: float = 1.0
@@ -61,6 +66,7 @@ class CALConfig:
     seed: int = 0
     stages: str = "both"
     loss_chunk: int = 0
+    check_logits: bool = True
 
     def covers_stage(self, stage: str) -> bool:
         if stage not in STAGES[1:]:
@@ -314,6 +320,9 @@ def _validate(cfg: CALConfig) -> None:
     _integer(cfg, "seed", 0, 2 ** 63, "an integer in [0, 2**63)")
     _choice(cfg, "stages", STAGES)
     _integer(cfg, "loss_chunk", 0, None, "an integer >= 0 (rows per chunk; 0 = off)")
+    if not isinstance(cfg.check_logits, bool):
+        raise CALConfigError(f"check_logits must be True or False, got {cfg.check_logits!r}: e.g. "
+                             "check_logits=True (the default)")
     # The contrast is a name here; plugins may register more, so `calplug.enable` resolves it
     # (plugins.resolve_contrast) and names the registered ones when it is unknown.
     if not isinstance(cfg.contrast, str) or not cfg.contrast:

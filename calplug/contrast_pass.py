@@ -14,6 +14,8 @@ modules, or the ranks' collective parameter gathers pair up wrongly (a crash or 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import sys
 from typing import Iterator
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from . import distributed, gap, plugins
 from .config import CALConfig
 from .contrast import has_image, placeholder_plan
-from .errors import CALInputError
+from .errors import CALInputError, UnsupportedModelError, warn_once
 from .hookspecs import Contrast, ContrastPlan, MainPass
 
 
@@ -119,3 +121,145 @@ def _no_gradient_checkpointing(decoder: nn.Module) -> Iterator[None]:
     finally:
         for m in flagged:
             m.gradient_checkpointing = True
+
+
+# -- the self-check: the model's logits are what the contrast side computes ----------------------
+HEAD_CHECK_ROWS = 4      # rows compared, once per enabled model
+HEAD_CHECK_RTOL = 1e-5   # float32 accumulation-order round-off, relative to sum |h_i * w_i|
+NO_FINITE_ROW = "no supervised row of this batch has a finite logit"  # the next step tries again
+
+
+@dataclasses.dataclass
+class HeadCheck:
+    """The self-check's finding: the largest difference between the model's own logits and the
+    contrast side's ``transform(hidden . W[y] + b)`` at ``rows`` rows of the same final hidden
+    states, the tolerance it was held to, and the two logits where the difference was largest.
+    ``skipped`` says why no comparison could be made (the values are then 0)."""
+
+    difference: float = 0.0
+    tolerance: float = 0.0
+    model_logit: float = 0.0
+    calplug_logit: float = 0.0
+    rows: int = 0
+    skipped: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.skipped and self.difference <= self.tolerance
+
+
+def _check_rows(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
+                supervised: torch.Tensor) -> tuple[torch.Tensor, ...] | str:
+    """``(logit rows [M, V'] of the model, hidden rows [M, d], target ids [M])`` at up to
+    `HEAD_CHECK_ROWS` supervised rows spread over the batch (the last position of a few samples
+    when the model made only the last position's logits: ``loss_chunk``); or why none line up."""
+    logits = main.logits
+    B, L = main.labels.shape
+    if hidden.dim() < 2 or hidden.numel() != B * L * hidden.shape[-1]:
+        return (f"its output projection received states of shape {tuple(hidden.shape)}, not one per "
+                f"position of the {B} x {L} sequence")
+    hidden = hidden.reshape(B, L, -1)
+    if logits.shape[:2] == (B, 1):  # loss_chunk: the head saw the last position only
+        b = torch.arange(min(B, HEAD_CHECK_ROWS), device=logits.device)
+        rows_logits, rows_hidden = logits[b, 0], hidden[b, L - 1]
+        return rows_logits, rows_hidden, rows_logits.detach().float().argmax(-1)
+    if logits.shape[:2] != (B, L):
+        return f"its logits have shape {tuple(logits.shape)}, not [{B}, {L}, vocab]"
+    shifted = logits[:, :-1].detach().gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    where = (supervised & torch.isfinite(shifted)).nonzero()
+    if where.shape[0] == 0:
+        return NO_FINITE_ROW
+    pick = torch.linspace(0, where.shape[0] - 1, min(HEAD_CHECK_ROWS, where.shape[0])).round().long()
+    b, i = where[pick.to(where.device)].unbind(1)
+    return logits[b, i], hidden[b, i], targets[b, i]
+
+
+def head_check(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
+               supervised: torch.Tensor) -> HeadCheck:
+    """Compare the model's own logits with what the contrast side computes from the same final
+    hidden states (``hidden``: what the output projection received in the main pass): the target
+    logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
+    `MainPass.logit_transform`. A forward that transforms its logits after the head in a way the
+    integration does not declare makes every gap mix two kinds of logit; this finds it. Tolerance:
+    rounding of the model's logit dtype (4 ulp) plus float32 accumulation round-off. No grad."""
+    found = _check_rows(main, hidden, targets, supervised)
+    if isinstance(found, str):
+        return HeadCheck(skipped=found)
+    logits, rows, ids = found
+    with torch.no_grad(), distributed.gathered(main.lm_head):
+        weight, bias = main.lm_head.weight, getattr(main.lm_head, "bias", None)
+        ours = gap.hidden_target_logits(rows, weight, bias, ids)
+        magnitude = (rows.float().abs() * weight.index_select(0, ids).float().abs()).sum(-1)
+    if main.logit_transform is not None:
+        ours = main.logit_transform(ours)
+    theirs = logits.detach().gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+    eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+    tolerance = 4 * eps * theirs.abs() + HEAD_CHECK_RTOL * (magnitude + 1.0)
+    excess = (theirs - ours).abs() - tolerance
+    worst = int(excess.argmax())
+    return HeadCheck(float((theirs - ours).abs()[worst]), float(tolerance[worst]),
+                     float(theirs[worst]), float(ours[worst]), int(ids.shape[0]))
+
+
+def package_version(model: nn.Module) -> str:
+    """``"<package> <version>"`` of the library that defines the model's class, or the class it
+    extends (transformers for its classes and a user's subclasses of them), for messages; the
+    core imports no model library to say it."""
+    for cls in type(model).__mro__:
+        package = cls.__module__.split(".")[0]
+        version = getattr(sys.modules.get(package), "__version__", None)
+        if version and package not in ("torch", "builtins"):
+            return f"{package} {version}"
+    return "library version unknown"
+
+
+def head_mismatch_message(model: nn.Module, main: MainPass, found: HeadCheck) -> str:
+    transform = "none declared" if main.logit_transform is None else repr(main.logit_transform)
+    return (
+        f"calplug's self-check stopped {type(model).__name__} ({package_version(model)}): its "
+        f"logits are not what calplug's contrast side computes from the same final hidden states "
+        f"(hidden . W[y] + b, then the declared logit transform: {transform}). At {found.rows} "
+        f"supervised rows they differ by up to {found.difference:.4g} (the model's logit "
+        f"{found.model_logit:.6g}, calplug's {found.calplug_logit:.6g}; tolerance "
+        f"{found.tolerance:.2g}): the forward transforms its logits after lm_head (a scale, a "
+        "soft-cap, ...) in a way calplug does not know, so every gap would compare two kinds of "
+        "logit. Fix: declare the transform in the class's FamilyFacts row "
+        "(calplug/integrations/families.py, logit_transform) or in your integration's "
+        "MainPass.logit_transform, and report it to calplug with the class and version; "
+        "check_logits=False turns this check off (the gaps are then wrong by that transform)"
+    )
+
+
+@contextlib.contextmanager
+def record_head_input(head: nn.Module) -> Iterator[dict]:
+    """Record, under ``"hidden"``, what ``head`` (the output projection) receives on its first
+    call inside the block, unchanged: the final hidden states `head_check` compares from."""
+    recorded: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        if "hidden" not in recorded:
+            recorded["hidden"] = args[0] if args else next(iter(kwargs.values()), None)
+
+    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+
+
+def check_head(model: nn.Module, main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
+               supervised: torch.Tensor) -> HeadCheck:
+    """`head_check`, raising `UnsupportedModelError` on a mismatch (the training step's first
+    step); a comparison that cannot be made warns once, saying why. Returns the finding; its
+    ``skipped`` is `NO_FINITE_ROW` when the batch had no row to compare (the caller retries)."""
+    with distributed.contrast_region(model):
+        found = head_check(main, hidden, targets, supervised)
+    if found.skipped == NO_FINITE_ROW:
+        return found
+    if found.skipped:
+        warn_once(f"head-check:{type(model).__name__}",
+                  f"calplug could not run its logit self-check on {type(model).__name__}: "
+                  f"{found.skipped}; run `calplug verify` on a batch of yours")
+    elif not found.passed:
+        raise UnsupportedModelError(head_mismatch_message(model, main, found))
+    return found

@@ -147,6 +147,8 @@ class DecodingSession:
         self.branch: ContrastBranch | None = None
         self.span: int | None = None
         self.seen = 0
+        self.processed = 0   # calls of the logits processor
+        self.active = False  # inside its contrastive_decoding block
 
     # the instance forward ---------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -255,17 +257,25 @@ class DecodingSession:
                 f"({self.span}) while the contrast branch drops the image, so its windows would "
                 "differ: pass max_new_tokens to contrastive_decoding (it then masks instead), "
                 "or use contrast='mask'")
-        if branch is None:
-            out = self.original(**call)
-        elif branch.joined:
-            with branch.joined_step(self.decoder_names, call.get("attention_mask")):
+        try:
+            if branch is None:
                 out = self.original(**call)
-        else:
-            with _recording(branch.decoder, self.decoder_names) as step:
-                out = self.original(**call)
-            branch.extend(step, call.get("attention_mask"))
+            elif branch.joined:
+                with branch.joined_step(self.decoder_names, call.get("attention_mask")):
+                    out = self.original(**call)
+            else:
+                with _recording(branch.decoder, self.decoder_names) as step:
+                    out = self.original(**call)
+                branch.extend(step, call.get("attention_mask"))
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{self.refusal()}{error}") from error
         self.seen += new
         return out
+
+    def refusal(self) -> str:
+        """The start of an `UnsupportedModelError` for a model found out at run time."""
+        return (f"calplug's contrastive decoding does not support {type(self.target).__name__} "
+                f"({contrast_pass.package_version(self.target)}): ")
 
     def leave(self) -> None:
         """Give ``generate()``'s cache its own rows back (the end of a ``generate`` call)."""
@@ -284,6 +294,12 @@ class DecodingSession:
 
     # the processor ----------------------------------------------------------------------------
     def scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.processed += 1
+        if self.seen == 0 and self.active:
+            raise UnsupportedModelError(
+                f"{self.refusal()}its generate() never called its own forward (it hands the prompt "
+                "or the image embeddings to an inner model's generate(), as BLIP-2's and Kosmos-2's "
+                "do), so calplug never sees where the image is. Plain generate() works")
         if self.seen == 0:
             name = type(self.target).__name__
             raise CALInputError(
@@ -380,9 +396,11 @@ def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
     target = session.target
     previous = target.__dict__.get("forward")
     target.forward = _DecodingForward(session)
+    session.active = True
     try:
         yield ContrastiveLogitsProcessor(session)
     finally:
+        session.active = False
         session.leave()
         if previous is None:
             target.__dict__.pop("forward", None)
@@ -411,4 +429,11 @@ def contrastive_generate(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
     with contrastive_decoding(model, cd_alpha=cd_alpha, cd_beta=cd_beta, contrast=contrast,
                               config=config, max_new_tokens=max_new_tokens,
                               inputs=inputs, join=join) as processor:
-        return model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)
+        out = model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)
+    session = processor.session
+    if session.seen and not session.processed:
+        raise UnsupportedModelError(
+            f"{session.refusal()}its generate() never called the logits processor it was given "
+            "(Janus' generate drops logits_processor in text mode), so the tokens it returned are "
+            "plain greedy / sampled ones")
+    return out

@@ -29,7 +29,16 @@ from torch import nn
 
 from . import decoding_cache
 from .contrast import NON_SEQUENCE_DECODER_KWARGS, is_ready_mask, map_ready_mask
-from .errors import CALInputError
+from .errors import CALInputError, UnsupportedModelError
+
+# Why a model cannot be decoded, found at its first decoding step (`decoding.DecodingSession.step`
+# prefixes the class and the transformers version).
+NO_EMBEDS = ("its text decoder received no inputs_embeds at a decoding step (a decoder that embeds "
+             "token ids itself, as Chameleon's and Emu3's do): contrastive decoding extends its "
+             "branch with the embeddings the main branch's decoder received")
+NO_POSITIONS = ("its text decoder received neither position_ids nor cache_position at a decoding "
+                "step (it numbers positions itself): the contrast branch cannot tell the new "
+                "token's position")
 from .hookspecs import ContrastPlan, MainPass
 
 # The cache argument of a forward / decoder call ("cache" from transformers 5.2x).
@@ -164,9 +173,9 @@ class ContrastBranch:
         B, S = self.main_rows, self.samples
         embeds = step.get("inputs_embeds")
         if embeds is None:
-            raise CALInputError("the text decoder received no inputs_embeds at a decoding step: "
-                                "contrastive decoding extends its branch with the embeddings the "
-                                "main branch's decoder received")
+            raise UnsupportedModelError(NO_EMBEDS)
+        if step.get("position_ids") is None and step.get("cache_position") is None:
+            raise UnsupportedModelError(NO_POSITIONS)
         new = embeds.shape[1]
         kwargs = {}
         for name, value in step.items():
@@ -211,16 +220,12 @@ class ContrastBranch:
             kwargs[name] = value
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
-            raise CALInputError("the text decoder received no inputs_embeds at a decoding step: "
-                                "contrastive decoding extends its branch with the embeddings the "
-                                "main branch's decoder received")
+            raise UnsupportedModelError(NO_EMBEDS)
         new = embeds.shape[1]
         if kwargs.get("position_ids") is None:  # the decoder counts positions from its cache
             position = step.get("cache_position")
             if position is None:
-                raise CALInputError("the text decoder received neither position_ids nor "
-                                    "cache_position at a decoding step: the contrast branch "
-                                    "cannot tell the new token's position")
+                raise UnsupportedModelError(NO_POSITIONS)
             kwargs["position_ids"] = position.view(1, -1).expand(self.samples.numel(), -1)
         if isinstance(call_mask, torch.Tensor) and call_mask.dim() == 2:
             grown = call_mask[:, -new:].index_select(0, self.samples)

@@ -23,6 +23,8 @@ two-pass path, `merge_rows` returning the reason):
   position 0, so the contrast rows would sit ``L - n'`` slots early;
 * a legacy tuple cache, whose tuples cannot be grown in place;
 * caches that evict their first tokens or hold quantized / offloaded tensors (`NOT_MERGED`);
+* caches with a sparse-attention indexer layer (`INDEXED`: GLM-5-Next's DSA), whose pooled and
+  ranked keys the contrast rows' left padding would change;
 * any tensor whose first axis is not the batch, or whose other axes differ by more than one
   shorter axis.
 """
@@ -35,6 +37,9 @@ from .classes import is_named
 # Caches whose tensors are not plain per-row key / value / state tensors: a sink cache keeps each
 # row's first tokens (a padded contrast row's padding), quantized and offloaded caches hold
 # tensors in another form or place.
+# Cache layers of Dynamic Sparse Attention (GLM-5-Next, DeepSeek V3.2): an indexer ranks pooled
+# keys over the whole sequence, which left padding of the contrast rows would change.
+INDEXED = ("DynamicIndexedLayer", "StaticIndexedLayer")
 NOT_MERGED = ("SinkCache", "QuantizedCache", "OffloadedCache", "OffloadedStaticCache",
               "OffloadedHybridCache")
 _DEPTH = 6
@@ -88,6 +93,22 @@ def _static(obj, depth: int = 0, seen: set | None = None) -> bool:
     return any(_static(v, depth + 1, seen) for _, v in _children(obj))
 
 
+def _named_inside(obj, names, depth: int = 0, seen: set | None = None) -> str | None:
+    """The class name of the first object reachable from ``obj`` that is one of ``names``."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > _DEPTH:
+        return None
+    seen.add(id(obj))
+    if is_named(obj, names):
+        return type(obj).__name__
+    for _, value in _children(obj):
+        if isinstance(value, (list, dict)) or (hasattr(value, "__dict__") and not isinstance(value, torch.Tensor)):
+            found = _named_inside(value, names, depth + 1, seen)
+            if found is not None:
+                return found
+    return None
+
+
 def unmergeable(cache) -> str | None:
     """Why ``cache`` (after the main prefill) cannot take the contrast rows; None when it can."""
     if cache is None:
@@ -96,6 +117,10 @@ def unmergeable(cache) -> str | None:
         return "a legacy tuple cache cannot be grown in place"
     if is_named(cache, NOT_MERGED) or getattr(cache, "offloading", False) is True:
         return f"{type(cache).__name__} is a sink, quantized or offloaded cache"
+    indexed = _named_inside(cache, INDEXED)
+    if indexed is not None:
+        return (f"{type(cache).__name__} holds a {indexed} (a sparse-attention indexer's keys, pooled "
+                "and ranked over the whole sequence: zero padding would take part)")
     if _static(cache):
         return f"{type(cache).__name__} allocates its slots up front, indexed by cache position (a static cache)"
     return None

@@ -7,6 +7,8 @@ no copy of the full tensor).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 IGNORE_INDEX = -100
@@ -70,7 +72,8 @@ def hidden_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if bias is not None:
             logits += bias.float()
         if transform is not None:
-            logits = transform(logits)
+            full = getattr(transform, "full_logits", None)  # a cut vocabulary (`LogitTransform`)
+            logits = full(logits) if full is not None else transform(logits)
         lse[start:start + step] = torch.logsumexp(logits, dim=-1)
     return lse
 
@@ -92,6 +95,42 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """Final logit soft-capping, ``tanh(logits / cap) * cap`` (Gemma-type forwards apply it to
     ``lm_head``'s output; the contrast side's target logits get the same, elementwise)."""
     return torch.tanh(logits / cap) * cap
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to ``lm_head``'s output to make its logits, as data: multiply
+    by ``scale`` (AyaVision's ``logit_scale``, Muse's ``output_multiplier``), divide by ``divide``
+    (Granite's ``logits_scaling``), then soft-cap at ``softcap`` (``tanh(x / c) * c``, Gemma-type), and
+    keep only the first ``vocab`` columns (a padded head cut back to its real vocabulary: Inkling).
+
+    Called on any tensor of logits it is elementwise (scale and cap), so it serves a target logit
+    ``[M]`` as well as ``[rows, V]`` logits; `full_logits` also cuts the vocabulary (for a
+    softmax over it). A plain record, so an enabled model pickles."""
+
+    scale: float = 1.0
+    divide: float = 1.0
+    softcap: float | None = None
+    vocab: int | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.divide != 1.0:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = softcap(logits, self.softcap)
+        return logits
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., V]`` logits as the model makes them from ``lm_head``'s output."""
+        if self.vocab is not None and self.vocab < logits.shape[-1]:
+            logits = logits[..., :self.vocab]
+        return self(logits)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.divide == 1.0 and self.softcap is None and self.vocab is None
 
 
 def target_gap(main_logits: torch.Tensor, targets: torch.Tensor, contrast_logits: torch.Tensor,

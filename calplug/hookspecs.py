@@ -77,9 +77,11 @@ class MainPass:
                      keep, coefficient applied (a mixture-of-experts router's load-balancing
                      loss); the engine adds it to the CAL loss. None when there is none.
     logit_transform: an elementwise function the model applies to ``lm_head``'s output to make its
-                     logits (final logit soft-capping); the engine applies it to the contrast
-                     side's target logits too, so both sides of a gap are the same kind of
-                     logit. None when the logits are ``lm_head``'s output.
+                     logits (scaling, soft-capping: `calplug.gap.LogitTransform`, whose
+                     ``full_logits`` also cuts a padded vocabulary); the engine applies it to the
+                     contrast side's target logits too, so both sides of a gap are the same kind
+                     of logit. None when the logits are ``lm_head``'s output. The first training
+                     step checks it (`calplug.contrast_pass.check_head`).
     sequence_kwargs: decoder keyword arguments laid out ``[B, L, ...]`` along the sequence besides
                      ``inputs_embeds`` (Gemma's per-layer inputs): a contrast that shortens the
                      sequence (``drop``) gathers them like the embeddings.

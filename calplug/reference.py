@@ -73,16 +73,18 @@ def reference_cal_loss(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3,
 
 # -- the two forwards --------------------------------------------------------------------------------
 def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: float, beta: float,
-                   window: int, contrast: str = "mask", *, decoder: nn.Module
+                   window: int, contrast: str = "mask", *, decoder: nn.Module,
+                   positions: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CAL loss by the two-forward definition, without calplug's step (`reference_forwards`,
     then steps 3-7 at one setting). Returns ``(loss, gaps [N], weights [N])``, N = B * (L - 1)."""
-    forwards = reference_forwards(model, batch, visual, contrast, decoder=decoder)
+    forwards = reference_forwards(model, batch, visual, contrast, decoder=decoder, positions=positions)
     return reference_at(forwards, batch["labels"], alpha, beta, window)
 
 
 def reference_forwards(model: nn.Module, batch: dict, visual: torch.Tensor, contrast: str = "mask",
-                       *, decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       *, decoder: nn.Module, positions: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The two forwards of the definition, shared by every setting (alpha, beta, window): the
     model's own forward (with grad), and a second forward (no grad) in which a pre-hook on the
     text decoder removes the image positions ``visual [B, L]``: ``contrast="mask"`` (the
@@ -92,17 +94,23 @@ def reference_forwards(model: nn.Module, batch: dict, visual: torch.Tensor, cont
     ``(logits, logits_wo, extra)``: full logits with and without the image, and what the model
     adds to its cross-entropy (a router's load-balancing loss: its own loss minus the plain
     cross-entropy of its logits), or None where it adds nothing. ``decoder``: the module the
-    model hands its merged embeddings to."""
+    model hands its merged embeddings to. ``positions [B, L]``: for a decoder handed no position
+    ids that numbers positions from the mask it receives (OPT: the running sum of
+    ``attention_mask``), the numbering of the first forward, handed to the second explicitly
+    (hiding or removing the image would renumber the text after it); checked first to be the
+    model's own (`check_positions`)."""
     out = model(**batch)
     logits = _logits(out)
+    if positions is not None:
+        check_positions(model, batch, logits, positions, decoder)
     attention = batch.get("attention_mask")
     attention = torch.ones_like(visual, dtype=torch.long) if attention is None else attention
     if contrast == "mask":
-        handle = decoder.register_forward_pre_hook(mask_image_hook(visual), with_kwargs=True)
+        handle = decoder.register_forward_pre_hook(mask_image_hook(visual, positions), with_kwargs=True)
         second = batch
     else:
         keep = attention.bool() & ~visual
-        handle = decoder.register_forward_pre_hook(remove_image_hook(keep), with_kwargs=True)
+        handle = decoder.register_forward_pre_hook(remove_image_hook(keep, positions), with_kwargs=True)
         # the sequence is shorter: no labels, and no router statistics over the outer padding mask
         second = {k: v for k, v in batch.items() if k != "labels"}
         if "output_router_logits" in inspect.signature(model.forward).parameters:
@@ -200,6 +208,28 @@ def _cal(out, logits, logits_wo, labels, alpha, beta, window, *, shift):
     cross-entropy (a router's load-balancing term), from one pair of forwards."""
     return reference_at((logits, logits_wo, _added_loss(out, logits, labels, shift)), labels,
                         alpha, beta, window, shift=shift)
+
+
+def check_positions(model: nn.Module, batch: dict, logits: torch.Tensor, positions: torch.Tensor,
+                    decoder: nn.Module) -> None:
+    """``positions`` are the numbering the model's decoder gives itself: its forward with them
+    handed to the decoder (where it received none) gives the same logits. `CALInputError` if not."""
+
+    def pre_hook(module, args, kwargs):
+        if kwargs.get("position_ids") is not None:
+            return None
+        return args, dict(kwargs, position_ids=positions.to(check_sequence(kwargs, positions.shape).device))
+
+    handle = decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            again = _logits(model(**{k: v for k, v in batch.items() if k != "labels"}))
+    finally:
+        handle.remove()
+    if again.shape != logits.shape or not torch.allclose(again.float(), logits.detach().float(),
+                                                         rtol=1e-5, atol=1e-5):
+        raise CALInputError("the position ids given to the reference are not the ones the model's "
+                            "decoder numbers its sequence with: its forward with them gives other logits")
 
 
 # -- models whose image is not (only) at positions of the decoder sequence ----------------------------
@@ -332,10 +362,11 @@ def check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
     return embeds
 
 
-def mask_image_hook(visual: torch.Tensor):
+def mask_image_hook(visual: torch.Tensor, positions: torch.Tensor | None = None):
     """A decoder pre-hook: no query may attend to a ``visual`` key, in a 2-D padding mask (or none),
     a 4-D mask (boolean: True = attend; float: 0 = attend), or a dict of 4-D masks per layer type.
-    A 4-D mask's row left with no key at all keeps its own position."""
+    A 4-D mask's row left with no key at all keeps its own position. ``positions``: handed to a
+    decoder that received no position ids (one that would number them from the edited mask)."""
 
     def hide(mask, embeds):
         if isinstance(mask, dict):
@@ -363,15 +394,19 @@ def mask_image_hook(visual: torch.Tensor):
 
     def pre_hook(module, args, kwargs):
         embeds = check_sequence(kwargs, visual.shape)
-        return args, dict(kwargs, attention_mask=hide(kwargs.get("attention_mask"), embeds))
+        new = dict(kwargs, attention_mask=hide(kwargs.get("attention_mask"), embeds))
+        if positions is not None and kwargs.get("position_ids") is None:
+            new["position_ids"] = positions.to(embeds.device)
+        return args, new
 
     return pre_hook
 
 
-def remove_image_hook(keep: torch.Tensor):
+def remove_image_hook(keep: torch.Tensor, positions: torch.Tensor | None = None):
     """A decoder pre-hook: the decoder runs on the ``keep [B, L]`` positions of each sample only,
-    packed to the left in order (right padding), each with its original position id. Every
-    ``[B, L, ...]`` input is gathered alike; a 2-D padding mask (or none) only."""
+    packed to the left in order (right padding), each with its original position id (the
+    decoder's, else ``positions``, else 0..L-1). Every ``[B, L, ...]`` input is gathered alike; a
+    2-D padding mask (or none) only."""
     B, L = keep.shape
     counts = keep.sum(1)
     length = max(int(counts.max()), 1)
@@ -390,12 +425,13 @@ def remove_image_hook(keep: torch.Tensor):
                     and name != "attention_mask":
                 index = idx.view(B, length, *([1] * (value.dim() - 2))).expand(B, length, *value.shape[2:])
                 new[name] = value.gather(1, index)
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(L, device=embeds.device).expand(B, L)
-        lead = positions.shape[:-2]
-        positions = positions.expand(*lead, B, L)
-        new["position_ids"] = positions.gather(-1, idx.expand(*lead, B, length))
+        given = kwargs.get("position_ids")
+        if given is None:
+            given = positions.to(embeds.device) if positions is not None else \
+                torch.arange(L, device=embeds.device).expand(B, L)
+        lead = given.shape[:-2]
+        given = given.expand(*lead, B, L)
+        new["position_ids"] = given.gather(-1, idx.expand(*lead, B, length))
         packed = torch.arange(length, device=embeds.device).unsqueeze(0) < counts.to(embeds.device).unsqueeze(1)
         new["attention_mask"] = packed.long() if mask is None else packed.to(mask.dtype)
         for name in ("past_key_values", "cache_position"):

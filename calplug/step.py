@@ -64,6 +64,7 @@ class CALState:
     signature: inspect.Signature   # of the forward the model had: CALForward keeps it
     no_images: guards.NoImageWatch = dataclasses.field(default_factory=guards.NoImageWatch)
     loss_use: LossUse = dataclasses.field(default_factory=LossUse)
+    logits_checked: bool = False   # the first step's self-check has passed (or was skipped)
 
     # Pickling (torch.save of a whole model): every field pickles, the integration by reference to
     # module-level functions, so a loaded model comes back enabled. A plugin's integration built
@@ -145,15 +146,18 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             framework.check_call(call)
     guards.refuse_packed_call(call)
     carried_images = guards.carries_images(call)
-    # step 1: the main pass, with grad (with loss_chunk, the head sees the last position only)
-    with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input:
+    # step 1: the main pass, with grad (with loss_chunk, the head sees the last position only;
+    # on the first step the head's input is kept for the self-check)
+    check = config.check_logits and not state.logits_checked
+    with _head_on_last_position(model, state.integration, config.loss_chunk) as head_input, \
+            _head_input_once(model, state.integration, check and not config.loss_chunk) as checked_input:
         main: MainPass = state.integration.main_pass(model, original, call)
     hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
     if hidden is not None and main.logit_transform is not None:
         raise CALConfigError(
             f"loss_chunk={config.loss_chunk} computes logits as lm_head(hidden), but "
-            f"{type(model).__name__} transforms its logits after lm_head (final logit "
-            "soft-capping): set loss_chunk=0"
+            f"{type(model).__name__} transforms its logits after lm_head "
+            f"({main.logit_transform!r}): set loss_chunk=0"
         )
     seq_shape = main.logits.shape[:2] if hidden is None else hidden.shape[:2]
     if seq_shape != main.labels.shape:
@@ -168,6 +172,10 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     state.no_images.observe(carried_images, main.found_image, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
+    head_states = hidden if hidden is not None else checked_input.get("hidden")
+    if check and head_states is not None:  # once per enabled model: the logits are lm_head's
+        found = contrast_pass.check_head(model, main, head_states.detach(), targets, supervised)
+        state.logits_checked = found.skipped != contrast_pass.NO_FINITE_ROW
     with torch.no_grad():
         if hidden is None:
             main_logits = gap.main_target_logits(main.logits.detach(), targets)
@@ -236,6 +244,18 @@ def _head_on_last_position(model: nn.Module, integration: Integration, chunk: in
         handle.remove()
     if not recorded:
         raise CALInputError(f"loss_chunk={chunk}: the model never called its output projection")
+
+
+@contextlib.contextmanager
+def _head_input_once(model: nn.Module, integration: Integration, active: bool) -> Iterator[dict]:
+    """For the self-check: what the output projection receives in the main pass
+    (`contrast_pass.record_head_input`). A no-op when not ``active`` or when the integration does
+    not say where the head is (`Integration.decoder_and_head`): the check is then not run."""
+    if not active or integration.decoder_and_head is None:
+        yield {}
+        return
+    with contrast_pass.record_head_input(integration.decoder_and_head(model)[1]) as recorded:
+        yield recorded
 
 
 def _hidden_main_logits(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,11 @@ here, on the model itself and one of its training batches:
     mask holes), the default ``drop`` is compared with a reference whose second forward runs the
     decoder on the text positions only (each at its original position);
 (c) **unit weights give the model's own loss** (alpha = beta = 1);
-(d) **disable restores** the forward: outputs bit-identical to before ``enable``.
+(d) **disable restores** the forward: outputs bit-identical to before ``enable``;
+(e) **the model's logits are what the contrast side computes** (the self-check every enabled
+    model runs at its first training step): at a few supervised rows, the model's own logit
+    equals ``hidden . W[y] + b`` of the same final hidden states, then the integration's logit
+    transform (a forward that scales or caps its logits in a way calplug does not know fails it).
 
 For a model whose image is not at positions of its decoder sequence (cross-attention states, an
 encoder's output), the integration's `Integration.reference_pass` says how the reference takes it
@@ -39,17 +43,21 @@ import math
 import torch
 from torch import nn
 
-from . import enabling, scoring
+from . import contrast_pass, enabling, scoring
 from .config import CALConfig
 from .errors import CALInputError
-from .gap import IGNORE_INDEX
+from .gap import IGNORE_INDEX, shift_targets
 from .hookspecs import ReferencePass
 from .inputs import PIXEL_PREFIX, has_float_pixels
 from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
 POSITIONS_CHECK = "image positions cover where the pixels enter"
 SAMPLES_CHECK = "image samples cover where the pixels enter"
-FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3)
+FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3,
+                check_logits=False)
+# The checks below enable the model with the self-check off: it is check (e), reported as a row
+# rather than raised from inside another check.
+UNCHECKED = dict(check_logits=False)
 MIN_WEIGHT_STD = 1e-3                # faithful weights must vary, or the loss check proves little
 # Tolerances are fp32 round-off; models in half precision get them multiplied by this factor.
 PRECISION_FACTOR = {torch.float16: 100.0, torch.bfloat16: 1000.0}
@@ -179,6 +187,7 @@ class _Layout:
     attention: torch.Tensor   # [B, L] padding mask of that sequence
     replaced: dict            # the batch with other pixels of the same shape
     decoder: nn.Module        # the module the model hands its merged embeddings to
+    positions: torch.Tensor | None = None  # the main pass's numbering, for a decoder handed none
     reference: ReferencePass | None = None  # how the reference takes out an image held elsewhere
 
     @property
@@ -209,7 +218,8 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
         raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
                             "least one image, with the processor's pixel values")
     target, _, integration, _, forward = scoring.resolved(model, CALConfig())
-    with torch.no_grad():
+    own = integration.decoder_and_head(target)[0] if integration.decoder_and_head else None
+    with torch.no_grad(), _received_positions(own) as received:
         main = scoring.main_pass(target, integration, forward, batch)
     reference = (integration.reference_pass(target, batch)
                  if integration.reference_pass is not None else None)
@@ -222,7 +232,11 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     g = torch.Generator().manual_seed(seed)
     replaced = dict(batch, **{k: _replace_pixels(batch[k], g) for k in pixel_keys})
     # the model's own decoder module (the main pass may hand the contrast pass a wrapper of it)
-    decoder = integration.decoder_and_head(target)[0] if integration.decoder_and_head else main.decoder
+    decoder = own if own is not None else main.decoder
+    # a decoder handed no position ids numbers them itself (OPT: from the mask); the integration's
+    # numbering of the main pass goes to the reference, which checks it is the model's own
+    positions = (main.position_ids if received and received[0] is None
+                 and main.decoder_kwargs.get("position_ids") is not None else None)
     if not bool(main.with_image.any()):
         raise CALInputError("calplug found no image in the batch (no image placeholder in input_ids, "
                             "or placeholder ids that are not the model config's): verify needs a "
@@ -232,7 +246,26 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
     else:  # the image enters elsewhere (cross-attention states, an encoder): which samples it reaches
         measured = pixel_samples(target, batch, replaced)
     return _Layout(main.labels, main.visual_mask, measured, main.with_image, main.attention_mask,
-                   replaced, decoder, reference)
+                   replaced, decoder, positions=positions, reference=reference)
+
+
+@contextlib.contextmanager
+def _received_positions(decoder: nn.Module | None):
+    """The ``position_ids`` the decoder's first call inside the block received (a list of one)."""
+    received: list = []
+    if decoder is None:
+        yield received
+        return
+
+    def hook(module, args, kwargs):
+        if not received:
+            received.append(kwargs.get("position_ids"))
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield received
+    finally:
+        handle.remove()
 
 
 def _replace_pixels(value, g: torch.Generator):
@@ -260,7 +293,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     had_forward = "forward" in model.__dict__
     with torch.no_grad():
         before = model(**batch)
-        enabling.enable(model, CALConfig())
+        enabling.enable(model, CALConfig(**UNCHECKED))
         model(**batch)
         enabling.disable(model)
         after = model(**batch)
@@ -270,6 +303,9 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     checks.append(Check("disable restores the forward (bit-identical)", restored, diff, "= 0",
                         "outputs after enable + disable differ from before" if diff
                         else "the instance's forward attribute was not restored"))
+
+    # (e) the model's logits = the contrast side's target logits of the same hidden states
+    checks.append(_head_check(model, batch, integration))
 
     # (0) the integration's image positions (samples) cover every position (sample) the pixels reach
     if layout.reference is None:
@@ -287,7 +323,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     replaced = layout.replaced
     gaps, main_moved, blind_tol = {}, 0.0, 0.0
     for contrast in contrasts:
-        with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast)):
+        with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast, **UNCHECKED)):
             out, out_replaced = model(**batch), model(**replaced)
         main, main_replaced = _target_logits(out, targets), _target_logits(out_replaced, targets)
         side, side_replaced = main - out.cal_gaps.float(), main_replaced - out_replaced.cal_gaps.float()
@@ -315,7 +351,7 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     checks += _reference_checks(model, batch, layout, "drop" if refusal else "mask", gradients, factor)
 
     # (c) unit weights = the model's own loss
-    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0)):
+    with torch.no_grad(), enabling.enabled(model, CALConfig(alpha=1.0, beta=1.0, **UNCHECKED)):
         unit = model(**batch)
     rel = _rel(unit.loss, own_loss)
     ones = bool(torch.all(unit.cal_weights == 1.0))
@@ -327,6 +363,25 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
     return checks
 
 
+def _head_check(model, batch, integration) -> Check:
+    """Check (e): `calplug.contrast_pass.head_check` on one main pass of ``batch``."""
+    name = "model logits = lm_head(hidden) + declared transform"
+    if integration.decoder_and_head is None:
+        return Check(name, False, float("nan"), "-", f"integration {integration.name!r} does not say "
+                     "where the output projection is (Integration.decoder_and_head)")
+    target, _, _, _, forward = scoring.resolved(model, CALConfig(**UNCHECKED))
+    with torch.no_grad(), contrast_pass.record_head_input(integration.decoder_and_head(target)[1]) as rec:
+        main = scoring.main_pass(target, integration, forward, batch)
+    if rec.get("hidden") is None:
+        return Check(name, False, float("nan"), "-", "the forward never called its output projection")
+    _, targets, supervised = shift_targets(main.labels)
+    found = contrast_pass.head_check(main, rec["hidden"], targets, supervised)
+    if found.skipped:
+        return Check(name, False, float("nan"), "-", found.skipped)
+    return Check(name, found.passed, found.difference, f"<= {found.tolerance:.1e}",
+                 contrast_pass.head_mismatch_message(target, main, found))
+
+
 def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list[Check]:
     cfg = CALConfig(**dict(FAITHFUL, contrast=contrast))
     what = ("faithful = two-forward reference" if contrast == "mask"
@@ -336,7 +391,7 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
         if layout.reference is None:
             ref_loss, ref_gaps, ref_weights = reference_step(
                 model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast,
-                decoder=layout.decoder)
+                decoder=layout.decoder, positions=layout.positions)
         else:  # the image held elsewhere: the model's own forward without it (either contrast)
             ref = layout.reference
             ref_loss, ref_gaps, ref_weights = reference_image_free_step(

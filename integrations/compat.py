@@ -11,7 +11,7 @@ is written here once.
   ``mm_token_type_ids`` (5.3+), rotary tables cut to the sequence length (< 4.38, which the
   LLaVA codebases pin), the decoder of any VLM (`vlm_decoder_and_head`: its accessors, else
   each release's paths), sliding-window / chunked attention spans (`attention_span`), and the
-  final logit soft-capping (`logit_softcap`). Each transformers class's own release facts (first
+  logit transform after ``lm_head`` (`logit_transform`: scaling, soft-capping, a cut vocabulary). Each transformers class's own release facts (first
   release, broken releases, from when it soft-caps) are columns of the family table,
   `integrations/families.py`, checked through `require_release`. The engine pops
   ``num_items_in_batch`` from the call before the original forward runs, so versions whose
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.gap import LogitTransform
 from calplug.hookspecs import VISUAL_MASK_ARGUMENT
 
 
@@ -56,7 +57,7 @@ def require_version(family: str, minimum: tuple[int, int], tested: str,
 
 # The transformers releases the tox matrix runs (tox.ini [testenv:hf-*] and the default env); the
 # oldest one per family is the first release that has the family (Qwen3-VL: 4.57.0 was yanked).
-TESTED_VERSIONS = ("4.45.2", "4.49.0", "4.57.6", "5.24.0")
+TESTED_VERSIONS = ("4.45.2", "4.49.0", "4.57.6", "5.25.0")
 
 # Other codebases and the version (or commit) of each that calplug is tested against: the
 # llava-torch wheel (haotian-liu LLaVA, tox -e llava / patches), the LLaVA-VL LLaVA-NeXT and MGM
@@ -167,7 +168,8 @@ def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     ``*ForCausalLM`` with ``.model`` and ``.lm_head``); where a release has no ``get_decoder`` on
     the class, the attribute paths releases used: ``model.model.language_model`` (>= 4.52),
     ``model.model.text_model`` (Idefics2/3, SmolVLM), ``model.language_model.model`` (< 4.52),
-    ``model.model`` (Qwen-VL < 4.52). The decoder is the module with the decoder ``layers``.
+    ``model.model`` (Qwen-VL < 4.52). The decoder is the module with the decoder ``layers`` (a
+    model that only holds one, OPT's, is looked through to its ``decoder``).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     candidates = []
@@ -178,13 +180,19 @@ def vlm_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     inner = getattr(model, "model", None)
     language_model = getattr(model, "language_model", None)
     candidates += [getattr(inner, "language_model", None), getattr(inner, "text_model", None),
-                   getattr(language_model, "model", None), language_model, inner]
+                   getattr(language_model, "model", None), language_model, inner,
+                   getattr(model, "text_model", None)]  # Emu3 before 4.50: a ForCausalLM
     for decoder in candidates:
+        found = head
         if isinstance(getattr(decoder, "lm_head", None), nn.Module) and hasattr(decoder, "model"):
-            decoder = decoder.model  # a ForCausalLM wrapper: its decoder
+            # a ForCausalLM wrapper: its decoder (and its head, where the model names none: Emu3 < 4.50)
+            found = head if isinstance(head, nn.Module) else decoder.lm_head
+            decoder = decoder.model
+        if not hasattr(decoder, "layers") and hasattr(getattr(decoder, "decoder", None), "layers"):
+            decoder = decoder.decoder  # OPTModel (BLIP-2's language model) holds its OPTDecoder
         if isinstance(decoder, nn.Module) and decoder is not model and hasattr(decoder, "layers") \
-                and isinstance(head, nn.Module):
-            return decoder, head
+                and isinstance(found, nn.Module):
+            return decoder, found
     raise UnsupportedModelError(
         f"cannot find the text decoder (a module with decoder layers) and the output projection "
         f"of {type(model).__name__} in this transformers version "
@@ -214,12 +222,18 @@ def attention_span(config) -> int | None:
     return min(spans) if spans else None
 
 
-def logit_softcap(config, attribute: str | None, since: tuple[int, int]) -> float | None:
-    """The final-logit soft-capping constant the forward applies in this release, or None."""
-    if attribute is None or transformers_version() < since:
-        return None
-    value = getattr(text_config(config), attribute, None)
-    return float(value) if value else None
+def logit_transform(config, steps) -> LogitTransform | None:
+    """The transform the forward applies to ``lm_head``'s output in this release, from the
+    family's `families.LogitStep` records and the config's values; None when it applies none."""
+    values = {}
+    for step in steps:
+        if transformers_version() < step.since:
+            continue
+        value = getattr(text_config(config) if step.on == "text" else config, step.attribute, None)
+        if value:  # None / 0: the forwards skip the step
+            values[step.op] = int(value) if step.op == "vocab" else float(value)
+    found = LogitTransform(**values)
+    return None if found.is_identity else found
 
 
 def mrope_positions(embeds: torch.Tensor) -> torch.Tensor:

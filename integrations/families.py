@@ -59,8 +59,10 @@ class FamilyFacts:
                       deepstack): ``drop`` clears them.
     router_aux:       the model adds ``text_config.router_aux_loss_coef * output.aux_loss`` to its
                       loss when given labels (MoE load balancing): kept as `MainPass.extra_loss`.
-    logit_softcap:    text-config attribute of the final logit soft-capping the forward applies
-                      after ``lm_head`` (``tanh(x / c) * c``), from ``logit_softcap_since``.
+    logit_transform:  what the forward does to ``lm_head``'s output to make its logits, as
+                      `LogitStep` records (scaling, soft-capping, a cut vocabulary); the contrast
+                      side's target logit gets the same (`MainPass.logit_transform`). A transform
+                      no row declares is caught by the self-check of the first training step.
     holes_ignored:    why ``mask`` / ``patch_mask`` are refused (layers that ignore mask holes);
                       empty when they are fine.
     pixel_keys:       forward arguments holding images ``[..., 3, H, W]``: pixel contrasts (blur)
@@ -69,6 +71,24 @@ class FamilyFacts:
                       ``labels`` (PaliGemma's prefix-LM): the main pass then passes them on.
     broken:           ``((version, reason), ...)`` transformers releases whose forward of this class
                       is broken upstream: enable refuses them with the reason.
+    positions_from:   a decoder submodule whose ``position_ids`` argument is the numbering the
+                      decoder makes for itself when handed none (OPT's ``embed_positions``: the
+                      running sum of ``attention_mask``). The main pass captures it and the
+                      contrast pass gets it explicitly: hiding or removing the image would
+                      otherwise renumber every text token after it. Enable refuses a release
+                      whose decoder takes no ``position_ids``.
+    config_refusals:  ``((attribute, value, reason), ...)``: a model whose config has ``attribute``
+                      equal to ``value`` is refused at enable with the reason (BLIP-2 with T5).
+    placeholder_fix:  what to do when the config sets none of ``placeholders`` (the class default
+                      leaves it unset; the processor marks image positions with the tokenizer's
+                      image token): enable refuses such a model with this text.
+    vocabulary_placeholder: the ``config.vocabulary_map`` entry that is the image placeholder, for
+                      releases whose config has no placeholder attribute (Chameleon, Emu3 before
+                      4.57: ``"<image>"``).
+    image_vocabulary: attribute path from the model (or its inner ``.model``) to the ids of its
+                      discrete image tokens (VQ codes in the text vocabulary: Chameleon, Emu3). A
+                      batch with labels on them trains image generation, which has no "same text
+                      without the image": the training step refuses it, naming the labels.
     proven:           calplug's tests have family cases for it (tests/cases.py).
     unproven_reason:  why not, when ``proven`` is False.
     """
@@ -81,14 +101,37 @@ class FamilyFacts:
     mrope: bool = False
     visual_extras: tuple[str, ...] = ()
     router_aux: bool = False
-    logit_softcap: str | None = None
-    logit_softcap_since: tuple[int, int] = (0, 0)
+    logit_transform: tuple["LogitStep", ...] = ()
     holes_ignored: str = ""
     pixel_keys: tuple[str, ...] = ()
     labels_in_main_pass_below: tuple[int, int] | None = None
     broken: tuple[tuple[str, str], ...] = ()
+    positions_from: str = ""
+    config_refusals: tuple[tuple[str, object, str], ...] = ()
+    placeholder_fix: str = ""
+    vocabulary_placeholder: str = ""
+    image_vocabulary: str = ""
     proven: bool = True
     unproven_reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitStep:
+    """One step of a forward's logit transform after ``lm_head``, read from the config at the
+    main pass (`compat.logit_transform`), in this order whatever order the row lists them:
+    ``"scale"`` (``x * c``), ``"divide"`` (``x / c``), ``"softcap"`` (``tanh(x / c) * c``),
+    ``"vocab"`` (keep the first ``c`` columns). ``attribute`` names ``c`` on the text config
+    (``on="text"``) or the model's own config (``on="top"``); a step whose value is unset (None,
+    0) is not applied, as the forwards do. ``since``: the first release whose forward applies it."""
+
+    op: str
+    attribute: str
+    since: tuple[int, int] = (0, 0)
+    on: str = "text"
+
+
+def softcap(attribute: str = "final_logit_softcapping", since: tuple[int, int] = (0, 0)) -> tuple:
+    return (LogitStep("softcap", attribute, since),)
 
 
 DEEPSTACK = ("visual_pos_masks", "deepstack_visual_embeds")
@@ -100,6 +143,11 @@ LLAMA4_5_24 = ("transformers 5.24.0's Llama4ForConditionalGeneration.forward alw
                "AttributeError ('MoeCausalLMOutputWithPast' object has no attribute "
                "'image_outputs'): training and generate() fail before calplug runs. Use 4.57.6 "
                "or a release with the fix")
+
+MINICPM_IDS = ("set model.config.image_token_id and video_token_id to the tokenizer's image and "
+               "video token ids (processor.image_token_id, processor.video_token_id), the ids its "
+               "processor marks image positions with, as released MiniCPM-V checkpoints do: with "
+               "them unset the forward ignores pixel_values and pixel_values_videos")
 
 _ROWS = [
     # -- Llava types: images [..., 3, H, W], 1-D positions -----------------------------------------
@@ -119,7 +167,8 @@ _ROWS = [
     FamilyFacts("InternVL", "internvl", "InternVLForConditionalGeneration", (4, 52),
                 pixel_keys=("pixel_values",)),
     FamilyFacts("AyaVision", "aya_vision", "AyaVisionForConditionalGeneration", (4, 50),
-                pixel_keys=("pixel_values",)),
+                pixel_keys=("pixel_values",),
+                logit_transform=(LogitStep("scale", "logit_scale", since=(5, 25)),)),
     FamilyFacts("Cohere2Vision", "cohere2_vision", "Cohere2VisionForConditionalGeneration", (4, 55),
                 pixel_keys=("pixel_values",)),
     # Idefics-type pixel_values [B, images, 3, H, W]; an all-zero image is padding (blur keeps it so)
@@ -141,16 +190,16 @@ _ROWS = [
     # -- bidirectional image (or prefix) attention: 4-D / per-layer-type mask dicts --------------
     FamilyFacts("PaliGemma", "paligemma", "PaliGemmaForConditionalGeneration", (4, 45),
                 placeholders=IMAGE_ONLY,
-                logit_softcap="final_logit_softcapping", logit_softcap_since=(5, 0),
+                logit_transform=softcap(since=(5, 0)),
                 labels_in_main_pass_below=(5, 0), pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3", "gemma3", "Gemma3ForConditionalGeneration", (4, 50),
                 placeholders=IMAGE_ONLY,
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Gemma3n", "gemma3n", "Gemma3nForConditionalGeneration", (4, 53),
-                placeholders=IMAGE_ONLY, logit_softcap="final_logit_softcapping",
+                placeholders=IMAGE_ONLY, logit_transform=softcap(),
                 pixel_keys=("pixel_values",), proven=False, unproven_reason=TIMM),
     FamilyFacts("Gemma4", "gemma4", "Gemma4ForConditionalGeneration", (5, 5),
-                logit_softcap="final_logit_softcapping"),
+                logit_transform=softcap()),
     FamilyFacts("Molmo2", "molmo2", "Molmo2ForConditionalGeneration", (5, 20),
                 placeholders=("image_patch_id",)),
     # -- M-RoPE families: patchified pixels, [3, B, L] positions ----------------------------------
@@ -179,6 +228,145 @@ _ROWS = [
                 placeholders=IMAGE_ONLY,
                 holes_ignored=HOLES_IGNORED.format(what="short-convolution layers",
                                                    state="convolution window")),
+    # -- placeholder classes of 5.x, proven on tiny models shrunk from their default configs
+    # (tests/_hf_shrunk.py). `since` (5, 0): the class is not in 4.x; its exact first 5.x release
+    # is not pinned by the matrix, and no older release has the class to refuse.
+    FamilyFacts("GLM-4.6V", "glm46v", "Glm46VForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY),
+    FamilyFacts("GLM-OCR", "glm_ocr", "GlmOcrForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY),
+    FamilyFacts("GLM-5-Next", "glm5_next", "Glm5NextForConditionalGeneration", (5, 0), mrope=True,
+                placeholders=IMAGE_ONLY, router_aux=True,
+                holes_ignored=HOLES_IGNORED.format(
+                    what="linear-attention and indexed (top-k key selection) layers",
+                    state="recurrent state and key selection")),
+    FamilyFacts("Cosmos3-Omni", "cosmos3_omni", "Cosmos3OmniForConditionalGeneration", (5, 0),
+                mrope=True, visual_extras=DEEPSTACK),
+    FamilyFacts("Cosmos3-Edge", "cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", (5, 0),
+                mrope=True),
+    FamilyFacts("Qwen3-Omni-Thinker", "qwen3_omni_moe_thinker",
+                "Qwen3OmniMoeThinkerForConditionalGeneration", (5, 0), mrope=True,
+                visual_extras=DEEPSTACK, router_aux=True),
+    FamilyFacts("PaddleOCR-VL", "paddleocr_vl", "PaddleOCRVLForConditionalGeneration", (5, 0),
+                mrope=True),
+    FamilyFacts("EXAONE-4.5", "exaone4_5", "Exaone4_5_ForConditionalGeneration", (5, 0), mrope=True),
+    FamilyFacts("LLaVA-OneVision-1.5", "llava_onevision1_5", "LlavaOnevision15ForConditionalGeneration",
+                (5, 0), mrope=True),
+    FamilyFacts("Ovis2.5", "ovis2_5", "Ovis2_5ForConditionalGeneration", (5, 0)),
+    FamilyFacts("VideoLLaMA3", "video_llama_3", "VideoLlama3ForConditionalGeneration", (5, 0)),
+    FamilyFacts("Lfm3Vl", "lfm3_vl", "Lfm3VlForConditionalGeneration", (5, 0),
+                holes_ignored=HOLES_IGNORED.format(what="short-convolution layers",
+                                                   state="convolution window")),
+    FamilyFacts("DeepSeek-VL", "deepseek_vl", "DeepseekVLForConditionalGeneration", (4, 54),
+                pixel_keys=("pixel_values",)),
+    FamilyFacts("Step3p7", "step3p7", "Step3p7ForConditionalGeneration", (5, 0),
+                pixel_keys=("pixel_values",)),
+    FamilyFacts("LightOnOCR", "lighton_ocr", "LightOnOcrForConditionalGeneration", (5, 0),
+                pixel_keys=("pixel_values",)),
+    # MiniCPM-V: the class default leaves image_token_id / video_token_id unset (the forward then
+    # ignores the pixels); the processor marks image positions with the tokenizer's image token,
+    # and a released checkpoint's config sets the same ids. Qwen3.5 hybrid decoder: drop only.
+    *(FamilyFacts(family, key, class_name, (5, 0), placeholder_fix=MINICPM_IDS,
+                  holes_ignored=HOLES_IGNORED.format(what="Gated DeltaNet linear-attention layers",
+                                                     state="recurrent state and short convolution"))
+      for family, key, class_name in (
+          ("MiniCPM-V-4.6", "minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration"),
+          ("MiniCPM-V-4.7", "minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration"),
+          ("MiniCPM-OCR", "minicpm_ocr", "MiniCPMOcrForConditionalGeneration"))),
+]
+
+# -- Q-Former families with a decoder-only (OPT) language model: the query outputs sit at the
+# placeholder ids the processor writes before BOS (tests/_hf_qformer.py) ---------------------------
+T5_LM = ("with a T5 language model (use_decoder_only_language_model False) the query outputs enter "
+         "T5's encoder and the text decoder cross-attends to them: there are no image positions in "
+         "the decoded sequence, so that variant is an encoder-decoder model, for calplug's "
+         "encoder-decoder kind, not the placeholder-token integration")
+QUERY_IDS = ("set model.config.{attr} to the id of the processor's {what} token, as the updated "
+             "Salesforce checkpoints do: with it unset, transformers before 4.50 concatenates the "
+             "query outputs in front of the text (no placeholder positions) and later releases "
+             "splice them nowhere")
+
+
+def _qformer(family: str, key: str, class_name: str, attr: str, what: str) -> FamilyFacts:
+    return FamilyFacts(family, key, class_name, (4, 45), placeholders=(attr,),
+                       pixel_keys=("pixel_values",), positions_from="embed_positions",
+                       config_refusals=(("use_decoder_only_language_model", False,
+                                         f"{family} {T5_LM}"),),
+                       placeholder_fix=QUERY_IDS.format(attr=attr, what=what))
+
+
+_ROWS += [
+    _qformer("BLIP-2", "blip_2", "Blip2ForConditionalGeneration", "image_token_index", "image"),
+    _qformer("InstructBLIP", "instructblip", "InstructBlipForConditionalGeneration",
+             "image_token_index", "image"),
+    _qformer("InstructBLIP-Video", "instructblipvideo", "InstructBlipVideoForConditionalGeneration",
+             "video_token_index", "video"),
+]
+
+# -- discrete image tokens: the image enters as VQ codes of the text vocabulary at the placeholder
+# ids (Chameleon, Emu3; their decoders may embed the spliced ids themselves: the merged sequence is
+# read at the first layer), or as SigLIP features (Janus's understanding path; its generation path
+# has its own head and is not this forward). Image understanding only: labels on image tokens are
+# refused at the step. Their forwards mask the image-token logits (min): the targets are text.
+CHAMELEON_4_49 = ("transformers 4.49.0's ChameleonModel.forward indexes inputs_embeds, which is None "
+                  "when it is called with input_ids, whenever pixel_values is given (TypeError: "
+                  "'NoneType' object is not subscriptable): every image batch fails before calplug "
+                  "runs. Use 4.45.2, 4.57.6 or 5.x")
+EMU3_4_49 = ("transformers 4.49.0's Emu3ForConditionalGeneration.forward takes labels but never uses "
+             "them: it returns no loss, so there is nothing to train. Use 5.x")
+EMU3_4_57 = ("transformers 4.57.6's Emu3ForConditionalGeneration.forward takes pixel_values and "
+             "image_sizes but never passes them to its model: the image never reaches the text "
+             "(training is image-blind, with or without calplug). Use 5.x")
+_ROWS += [
+    FamilyFacts("Chameleon", "chameleon", "ChameleonForConditionalGeneration", (4, 44),
+                placeholders=IMAGE_ONLY, vocabulary_placeholder="<image>",
+                image_vocabulary="vocabulary_mapping.image_tokens",
+                broken=(("4.49.0", CHAMELEON_4_49),)),
+    FamilyFacts("Emu3", "emu3", "Emu3ForConditionalGeneration", (4, 48),
+                placeholders=IMAGE_ONLY, vocabulary_placeholder="<image>",
+                image_vocabulary="vocabulary_mapping.image_tokens",
+                broken=(("4.49.0", EMU3_4_49), ("4.57.6", EMU3_4_57))),
+    FamilyFacts("Janus", "janus", "JanusForConditionalGeneration", (4, 52),
+                placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
+]
+
+# -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
+# self-check still compares each model's own logits with the contrast side's) ------------------
+NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
+           "tiny model yet")
+SCALE, DIVIDE, VOCAB = (lambda a: LogitStep("scale", a)), (lambda a: LogitStep("divide", a)), \
+    (lambda a: LogitStep("vocab", a))
+_ROWS += [
+    FamilyFacts("CohereCompass", "cohere_compass", "CohereCompassForConditionalGeneration", (5, 0),
+                mrope=True, visual_extras=DEEPSTACK,
+                logit_transform=(SCALE("logit_scale"),)),
+    FamilyFacts("GraniteDocling", "granite_docling", "GraniteDoclingForConditionalGeneration",
+                (5, 0), logit_transform=(DIVIDE("logits_scaling"),), visual_extras=DEEPSTACK,
+                pixel_keys=("pixel_values",)),
+    FamilyFacts("Granite4Vision", "granite4_vision", "Granite4VisionForConditionalGeneration",
+                (5, 0), logit_transform=(DIVIDE("logits_scaling"),),
+                visual_extras=("vision_mask", "deepstack_features"), proven=False,
+                unproven_reason=NO_CASE),
+    FamilyFacts("HyperCLOVAX-Vision-V2", "hyperclovax_vision_v2",
+                "HyperCLOVAXVisionV2ForConditionalGeneration", (5, 0),
+                logit_transform=(SCALE("logits_scaling"),), proven=False,
+                unproven_reason=NO_CASE + " (its tiny model trains and passes `calplug verify`, "
+                "but its own eval-mode forward fails on the tiny image grid)"),
+    FamilyFacts("Inkling", "inkling", "InklingForConditionalGeneration", (5, 0),
+                logit_transform=(VOCAB("unpadded_vocab_size"),), proven=False,
+                unproven_reason=NO_CASE),
+    FamilyFacts("Inkling2", "inkling2", "Inkling2ForConditionalGeneration", (5, 0),
+                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+    FamilyFacts("Inkling2-Loop", "inkling2_loop", "Inkling2LoopForConditionalGeneration", (5, 0),
+                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+    FamilyFacts("MistralLarge4", "mistral_large4", "MistralLarge4ForConditionalGeneration", (5, 0),
+                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+    FamilyFacts("MuseGlimmer", "muse_glimmer", "MuseGlimmerForConditionalGeneration", (5, 0),
+                logit_transform=(SCALE("output_multiplier"),) + softcap()),
+    FamilyFacts("MuseSpark", "muse_spark", "MuseSparkForConditionalGeneration", (5, 0),
+                logit_transform=(SCALE("output_multiplier"),) + softcap()),
+    FamilyFacts("Gemma4Unified", "gemma4_unified", "Gemma4UnifiedForConditionalGeneration", (5, 0),
+                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
 ]
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}
@@ -187,28 +375,8 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "decoder cross-attends to it, so there are no image positions in the decoded "
                    "sequence to hide; a contrast would have to run the decoder against an encoder "
                    "output without the image, which calplug does not implement")
-VQ_TOKENS = ("images are discrete VQ tokens of the text vocabulary, embedded by the text table and "
-             "possibly predicted as targets; calplug cannot tell image inputs from image outputs by "
-             "placeholder ids, and a no-image contrast for generated image tokens is undefined")
-Q_FORMER = ("the image enters as Q-Former query outputs (num_query_tokens of them) in front of or "
-            "spliced into the text; an integration would need the query positions for every "
-            "version (BLIP-2 concatenated them before the text without placeholder ids until "
-            "image_token_index existed) and a decoder-only language model (BLIP-2 also ships with "
-            "T5, an encoder-decoder)")
-LOGIT_TRANSFORM = ("its forward transforms the logits after lm_head ({what}); the contrast side's "
-                   "target logit must get the same transform, which needs a FamilyFacts row and a "
-                   "family case")
 
 REFUSED: dict[str, str] = {
-    "ChameleonForConditionalGeneration": "Chameleon: " + VQ_TOKENS,
-    "Emu3ForConditionalGeneration": "Emu3: " + VQ_TOKENS,
-    "JanusForConditionalGeneration": (
-        "Janus: its image-generation path uses VQ image tokens (" + VQ_TOKENS + "); the "
-        "understanding path splices SigLIP features at image_token_id and would fit, but one class "
-        "serves both and a batch does not say which"),
-    "Blip2ForConditionalGeneration": "BLIP-2: " + Q_FORMER,
-    "InstructBlipForConditionalGeneration": "InstructBLIP: " + Q_FORMER,
-    "InstructBlipVideoForConditionalGeneration": "InstructBLIP-Video: " + Q_FORMER,
     "FuyuForCausalLM": (
         "Fuyu: there is no vision encoder; the image's linear patch embeddings are themselves the "
         "sequence (one position per patch, newline tokens between rows), and older releases "
@@ -216,11 +384,6 @@ REFUSED: dict[str, str] = {
         "contrast for patch positions with its own proof"),
     "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
                        "the loss is shifted by the number of image tokens"),
-    "Granite4VisionForConditionalGeneration": (
-        "Granite4Vision: the placeholder embeddings are zeroed and the image enters only through "
-        "decoder-layer deepstack features (vision_mask, deepstack_features), and the logits are "
-        "divided by logits_scaling; it needs a FamilyFacts row (deepstack extras, logit transform) "
-        "and a family case"),
     "NemotronH_Omni_Reasoning_V3": (
         "Nemotron-H Omni: video token pruning removes rows, so the decoder sequence is shorter than "
         "input_ids and placeholder positions do not index it"),
@@ -228,16 +391,6 @@ REFUSED: dict[str, str] = {
     "PI0ForConditionalGeneration": "PI0: a robot-action flow-matching model (MSE on actions), no token loss",
     "EvollaForProteinText2Text": "Evolla: a protein-text model, no images",
     "Mistral4ForCausalLM": "Mistral4ForCausalLM: a text-only causal LM (no vision inputs)",
-    "CohereCompassForConditionalGeneration": "CohereCompass: " + LOGIT_TRANSFORM.format(what="* logit_scale"),
-    "GraniteDoclingForConditionalGeneration": "GraniteDocling: " + LOGIT_TRANSFORM.format(what="/ logits_scaling"),
-    "HyperCLOVAXVisionV2ForConditionalGeneration": "HyperCLOVAX-Vision-V2: " + LOGIT_TRANSFORM.format(what="* logits_scaling"),
-    "Inkling2ForConditionalGeneration": "Inkling2: " + LOGIT_TRANSFORM.format(what="soft-capping"),
-    "Inkling2LoopForConditionalGeneration": "Inkling2-Loop: " + LOGIT_TRANSFORM.format(what="soft-capping"),
-    "InklingForConditionalGeneration": "Inkling: " + LOGIT_TRANSFORM.format(what="truncation to the unpadded vocabulary"),
-    "MistralLarge4ForConditionalGeneration": "MistralLarge4: " + LOGIT_TRANSFORM.format(what="soft-capping"),
-    "MuseGlimmerForConditionalGeneration": "MuseGlimmer: " + LOGIT_TRANSFORM.format(what="* output_multiplier, soft-capping"),
-    "MuseSparkForConditionalGeneration": "MuseSpark: " + LOGIT_TRANSFORM.format(what="* output_multiplier, soft-capping"),
-    "Gemma4UnifiedForConditionalGeneration": "Gemma4Unified: " + LOGIT_TRANSFORM.format(what="soft-capping, as Gemma4"),
 }
 
 MATCHED_WARNING = (

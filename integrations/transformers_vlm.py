@@ -19,8 +19,9 @@ nothing is recomputed and no upstream code is copied. What differs between famil
 * ``visual_extras`` (Qwen3-VL deepstack): cleared by ``drop``;
 * ``router_aux``: the MoE load-balancing term the model adds when given labels, kept as
   `MainPass.extra_loss` (the main pass runs without labels, so the model leaves it out);
-* ``logit_softcap``: the forward's final soft-capping, handed to the engine as
-  `MainPass.logit_transform` so the contrast side's target logit gets it too;
+* ``logit_transform``: what the forward does to ``lm_head``'s output (scaling, soft-capping, a
+  cut vocabulary), handed to the engine as `MainPass.logit_transform` so the contrast side's
+  target logit gets it too; a transform no row declares is caught by the engine's self-check;
 * ``holes_ignored``: decoders with convolution or linear-attention layers that do not honour
   holes in the mask (Lfm2-VL, Qwen3.5): ``mask`` / ``patch_mask`` are refused at enable;
 * ``labels_in_main_pass_below``: PaliGemma before 5.0 builds its prefix-LM mask from ``labels``,
@@ -42,13 +43,14 @@ here too, so that `calplug.enable` raises the reason rather than "no integration
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
+import inspect
+import types
 
 import torch
 from torch import nn
 
-from calplug import gap
 from calplug.classes import class_names, first_named, is_named
 from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS
 from calplug.errors import CALInputError, UnsupportedModelError, warn_once
@@ -88,6 +90,45 @@ def check_pixels(visual: torch.Tensor, call: dict) -> None:
             f"input_ids hold {int(visual.sum())} image placeholder tokens but no pixel_values / "
             "pixel_values_videos was given: pass the pixels, or remove the placeholders"
         )
+
+
+def placeholder_source(config, facts: FamilyFacts):
+    """What holds the placeholder ids as attributes named ``facts.placeholders``: the config, or,
+    where it has none (Chameleon, Emu3 before 4.57), its ``vocabulary_map`` entry
+    (`FamilyFacts.vocabulary_placeholder`)."""
+    if facts.vocabulary_placeholder and families.placeholder_attribute(config, facts.placeholders) is None:
+        token = (getattr(config, "vocabulary_map", None) or {}).get(facts.vocabulary_placeholder)
+        if isinstance(token, int):
+            return types.SimpleNamespace(**{facts.placeholders[0]: token})
+    return config
+
+
+def check_text_targets(model: nn.Module, labels: torch.Tensor, path: str) -> None:
+    """Labels on discrete image tokens (`FamilyFacts.image_vocabulary`) train image generation:
+    refused, naming them."""
+    found = None
+    for holder in (model, getattr(model, "model", None)):  # the class or its inner model holds it
+        found = _attribute_path(holder, path)
+        if found is not None:
+            break
+    if found is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no {path} (the ids of its image tokens)")
+    image = torch.as_tensor(list(found), dtype=labels.dtype, device=labels.device)
+    hit = torch.isin(labels, image)
+    if bool(hit.any()):
+        raise CALInputError(
+            f"{type(model).__name__}: {int(hit.sum())} labels are image tokens (ids of its discrete "
+            f"image vocabulary, e.g. {int(labels[hit][0])}): this batch trains image generation. CAL "
+            "weights text tokens by how much the image raises them; a generated image token has no "
+            "'same text without the image' (the image is the target), so calplug does not train "
+            "them. Set those labels to -100, or train image generation without calplug "
+            "(calplug.disable(model))")
+
+
+def _attribute_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def router_aux_loss(model: nn.Module, call: dict, output) -> torch.Tensor | None:
@@ -139,8 +180,10 @@ def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[st
 def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyFacts) -> MainPass:
     labels = call.pop("labels")
     config = model.config
-    visual = compat.visual_positions(config, call, facts.placeholders)  # pre-merged embeds too
-    check_labels(visual, labels)
+    visual = compat.visual_positions(placeholder_source(config, facts), call, facts.placeholders)
+    check_labels(visual, labels)  # (pre-merged inputs_embeds say their positions otherwise)
+    if facts.image_vocabulary:
+        check_text_targets(model, labels, facts.image_vocabulary)
     compat.check_full_logits(call)
     if call.get("input_ids") is not None:  # pre-merged inputs_embeds carry their images
         check_pixels(visual, call)
@@ -153,10 +196,23 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     # decoding's main pass: generate() passes no labels) gets the mask generate() gets.
     if below is not None and compat.transformers_version() < below and bool((labels != -100).any()):
         main_call = dict(call, labels=labels)
-    with capture_decoder_call(decoder) as decoder_kwargs:
+    with contextlib.ExitStack() as stack:
+        decoder_kwargs = stack.enter_context(capture_decoder_call(decoder))
+        numbered = (stack.enter_context(capture_decoder_call(decoder.get_submodule(facts.positions_from)))
+                    if facts.positions_from else {})
+        layers = getattr(decoder, "layers", None)
+        first_layer = stack.enter_context(capture_decoder_call(layers[0])) if layers else {}
         output = original_forward(**main_call)
     if not decoder_kwargs:
         raise UnsupportedModelError(f"{type(model).__name__}'s forward never called its text decoder")
+    if decoder_kwargs.get("inputs_embeds") is None and first_layer.get("hidden_states") is not None:
+        # a decoder that embeds (and splices) token ids itself (Chameleon, Emu3 before 4.57): the
+        # merged sequence is its first layer's input, handed to it as inputs_embeds from here on
+        decoder_kwargs.update({k: None for k in image_keys(decoder_kwargs)}, input_ids=None,
+                              inputs_embeds=first_layer["hidden_states"])
+    if decoder_kwargs.get("position_ids") is None and numbered.get("position_ids") is not None:
+        # the numbering the decoder made for itself (OPT): the contrast pass must keep it
+        decoder_kwargs["position_ids"] = numbered["position_ids"]
     logits = output[0] if isinstance(output, tuple) else output.logits
     if isinstance(output, tuple) and main_call is not call:
         logits = output[1]  # (loss, logits, ...) with labels
@@ -164,7 +220,6 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     positions = decoder_kwargs.get("position_ids")
     if positions is None:
         positions = compat.mrope_positions(embeds) if facts.mrope else arange_positions(embeds)
-    cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
     extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
     # a matched class keeps a router term its output carries (calplug verify checks the loss)
     routed = facts.router_aux or (not facts.key and getattr(output, "aux_loss", None) is not None
@@ -177,7 +232,7 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
         if facts.pixel_keys else None,
         extra_loss=router_aux_loss(model, call, output) if routed else None,
-        logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
+        logit_transform=compat.logit_transform(config, facts.logit_transform),
         sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
         attention_span=compat.attention_span(config),
     )
@@ -217,6 +272,8 @@ class FamilyCheck:
                 f"calplug does not support {type(model).__name__}: {refusal}")
         facts = facts_of(model)
         compat.require_release(facts.family, facts.since, facts.broken)
+        if facts.key:
+            _check_row_config(model, facts)
         compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none
         if facts.proven:
             return
@@ -225,6 +282,33 @@ class FamilyCheck:
         attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
         warn_once(f"matched:{name}", families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
                   UserWarning, stacklevel=5)
+
+
+def _check_row_config(model: nn.Module, facts: FamilyFacts) -> None:
+    """What a family row asks of the model's config and decoder (`FamilyFacts.config_refusals`,
+    ``placeholder_fix``, ``positions_from``); raises `UnsupportedModelError` with the reason."""
+    name = type(model).__name__
+    for attribute, value, reason in facts.config_refusals:
+        if getattr(model.config, attribute, None) == value:
+            raise UnsupportedModelError(f"calplug does not support {name} with {attribute}={value!r}: "
+                                        f"{reason}")
+    if families.placeholder_attribute(placeholder_source(model.config, facts), facts.placeholders) is None:
+        names = ", ".join(f"config.{n}" for n in facts.placeholders)
+        raise UnsupportedModelError(
+            f"{name}: its config sets none of {names}, so calplug cannot locate image positions in "
+            f"input_ids (and the model splices no image there): "
+            + (facts.placeholder_fix or "set it to the id of the processor's image token"))
+    if not facts.positions_from:
+        return
+    decoder, _ = compat.vlm_decoder_and_head(model)
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        tested = ", ".join(v for v in compat.TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= (4, 49))
+        raise UnsupportedModelError(
+            f"calplug does not support {name} on transformers "
+            f"{'.'.join(map(str, compat.transformers_version()))}: its {type(decoder).__name__} "
+            "takes no position_ids and numbers positions from the running sum of attention_mask, "
+            "so a contrast pass that hides or removes the image would renumber the text after it. "
+            f"Its decoder takes them from transformers 4.49 on (tested: {tested})")
 
 
 def _refusal(model: nn.Module) -> str | None:

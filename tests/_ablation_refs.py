@@ -34,9 +34,11 @@ def hidden_positions(visual: torch.Tensor, ratio: float, seed: int) -> torch.Ten
     return hidden
 
 
-def patch_mask_forwards(model, batch, visual, ratio, seed, decoder):
+def patch_mask_forwards(model, batch, visual, ratio, seed, decoder, positions=None):
+    """``positions``: for a decoder that numbers positions from its mask (OPT), the first
+    forward's numbering (`calplug.reference.reference_forwards`)."""
     return reference_forwards(model, batch, hidden_positions(visual, ratio, seed), "mask",
-                              decoder=decoder)
+                              decoder=decoder, positions=positions)
 
 
 def blur_forwards(model, batch, sigma, keys, labels=None):

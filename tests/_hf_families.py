@@ -41,6 +41,10 @@ class Family:
     drop_only: bool = False            # mask holes are not honoured (conv / linear attention)
     unavailable: Callable | None = None  # () -> why this environment cannot run it, or None
     text_ids: tuple = (3, 240)         # range of the batch's random text token ids
+    prefix: int = 2                    # text tokens before the placeholders (0: the image first)
+    positions: Callable | None = None  # (model, batch) -> [B, L] position ids the model numbers its
+                                       # sequence with, where its decoder derives them from the mask
+    grad_atol: float = 1e-8            # faithful gradients: absolute slack (Case.grad_atol)
 
     def __post_init__(self):
         if self.images is None:
@@ -593,13 +597,19 @@ def molmo2_visual(model, kind, g):
 
 
 def molmo2_finish(model, batch):
-    """image_token_pooling indexes the patches of all crops of the batch, flattened."""
+    """image_token_pooling indexes the patches of all crops of the batch, flattened; from 5.25
+    (whose forward takes ``image_num_crops``, required for more than one image) each image's
+    windows index only its own patches, and the forward adds the offsets."""
+    per_image = "image_num_crops" in inspect.signature(model.forward).parameters
+    crops = batch["pixel_values"].shape[0]
     windows = []
-    for crop in range(batch["pixel_values"].shape[0]):
+    for crop in range(crops):
+        base = 0 if per_image else crop * 16
         for r in range(2):
             for c in range(2):
-                windows.append([crop * 16 + (2 * r + dr) * 4 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)])
-    return dict(batch, image_token_pooling=torch.tensor(windows))
+                windows.append([base + (2 * r + dr) * 4 + 2 * c + dc for dr in (0, 1) for dc in (0, 1)])
+    extra = {"image_num_crops": torch.ones(crops, dtype=torch.long)} if per_image else {}
+    return dict(batch, image_token_pooling=torch.tensor(windows), **extra)
 
 
 def timm_unavailable():
@@ -762,8 +772,8 @@ FAMILIES = {
 
 def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(10, 8, 9), prompt=4,
                padding_side="right", seed=0) -> dict:
-    """``kinds[b]`` is "image", "video" or None (text-only). Each sample: 2 prefix tokens, the
-    placeholders, then text; the first ``prompt`` text tokens and all placeholders get -100."""
+    """``kinds[b]`` is "image", "video" or None (text-only). Each sample: ``family.prefix`` text
+    tokens (2), the placeholders, then text; the first ``prompt`` text tokens and all placeholders get -100."""
     g = torch.Generator().manual_seed(seed)
     seqs, labs, types = [], [], []
     pixels: dict[str, list] = {}
@@ -778,9 +788,10 @@ def make_batch(family: Family, model, kinds=("image", "image", None), lengths=(1
                 pixels.setdefault(k, []).append(v)
             code = 1 if kind == "image" else 2
             vt = torch.where((vis == IMAGE) | (vis == VIDEO), code, 0)
-            ids = torch.cat([text[:2], vis, text[2:]])
-            lab_ = torch.cat([lab[:2], torch.full_like(vis, -100), lab[2:]])
-            tt = torch.cat([tt[:2], vt, tt[2:]])
+            p = family.prefix
+            ids = torch.cat([text[:p], vis, text[p:]])
+            lab_ = torch.cat([lab[:p], torch.full_like(vis, -100), lab[p:]])
+            tt = torch.cat([tt[:p], vt, tt[p:]])
         seqs.append(ids)
         labs.append(lab_)
         types.append(tt)
@@ -804,6 +815,7 @@ def visual_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
     cfg = model.config
     ids = [getattr(cfg, n, None) for n in ("image_token_id", "image_token_index",
                                             "video_token_id", "video_token_index", "image_patch_id")]
+    ids.append((getattr(cfg, "vocabulary_map", None) or {}).get("<image>"))  # Chameleon, Emu3 < 4.57
     ids = {int(i) for i in ids if i is not None}
     out = torch.zeros_like(input_ids, dtype=torch.bool)
     for i in ids:
@@ -819,11 +831,14 @@ def decoder_and_head(model):
         if text is not None and not hasattr(text, "lm_head") and hasattr(model, "lm_head"):
             return text, model.lm_head                      # >= 4.52; Idefics / SmolVLM: text_model
     if hasattr(model, "language_model") and hasattr(model.language_model, "lm_head"):
-        return model.language_model.model, model.language_model.lm_head  # Llava types < 4.52, Llama4
+        text = model.language_model.model                   # Llava types < 4.52, Llama4, BLIP-2
+        return getattr(text, "decoder", text), model.language_model.lm_head  # OPTModel: its OPTDecoder
+    if hasattr(model, "text_model") and hasattr(model.text_model, "lm_head"):
+        return model.text_model.model, model.text_model.lm_head  # Emu3 < 4.50
     return model.model, model.lm_head                       # Qwen-VL < 4.52
 
 
-# -- classes outside the family table: one the generic rule matches, two it refuses -------------
+# -- classes outside the family table: one the generic rule matches, one it refuses --------------
 def build_deepseek_vl(seed=0):
     """DeepseekVL (4.54+): Llama text, SigLIP features at image_token_id; no FamilyFacts row, so
     the generic integration accepts it as matched-but-unproven."""
@@ -838,14 +853,12 @@ def build_fuyu(seed=0):
                   image_token_id=IMAGE, image_size=32, patch_size=8)
 
 
-def build_blip_2(seed=0):
-    vision = dict(model_type="blip_2_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
-    qformer = dict(model_type="blip_2_qformer", vocab_size=VOCAB, hidden_size=32,
-                   num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                   encoder_hidden_size=32)
-    text = dict(model_type="opt", vocab_size=VOCAB, hidden_size=64, ffn_dim=128,
-                num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64)
-    return _model("Blip2ForConditionalGeneration", seed, vision_config=vision,
-                  qformer_config=qformer, text_config=text, num_query_tokens=4,
-                  image_token_index=IMAGE)
+# The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported
+# last: it builds on the helpers above.
+from _hf_shrunk import SHRUNK  # noqa: E402
+from _hf_qformer import QFORMER  # noqa: E402
+from _hf_vq import VQ  # noqa: E402
+
+FAMILIES.update(SHRUNK)
+FAMILIES.update(QFORMER)
+FAMILIES.update(VQ)

@@ -137,11 +137,15 @@ def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
     text decoder receives: attention to the image positions removed in whatever mask the decoder
     takes (2-D with holes; built 4-D masks, or a dict of them per layer type, with the image key
     columns blocked), or, for a decoder whose layers do not honour mask holes
-    (``family.drop_only``), the image positions removed from its sequence. Full logits as the
-    model makes them (soft-capped or scaled where its forward does), flattened pooling."""
+    (``family.drop_only``), the image positions removed from its sequence; a decoder that numbers
+    positions from its mask (OPT) is handed the first forward's numbering (``family.positions``).
+    Full logits as the model makes them (soft-capped or scaled where its forward does), flattened
+    pooling."""
     layout = hf_layout(model, batch)
     contrast = "drop" if family is not None and family.drop_only else "mask"
-    forwards = reference_forwards(model, batch, layout.visual, contrast, decoder=hf_decoder(model))
+    positions = family.positions(model, batch) if family is not None and family.positions else None
+    forwards = reference_forwards(model, batch, layout.visual, contrast, decoder=hf_decoder(model),
+                                  positions=positions)
     loss, gaps, weights = reference_at(forwards, batch["labels"], alpha, beta, window)
     return Reference(loss, weights, gaps, batch["labels"], layout.visual, layout.attention,
                      forwards=forwards)
@@ -206,6 +210,7 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
     return Case(f"hf-{name}-{kind}-{padding_side}", build,
                 functools.partial(hf_reference, family=family), hf_layout, hf_decoder,
                 drop_atol=1e-5, contrast="drop" if family.drop_only else "mask",
+                grad_atol=family.grad_atol, head=lambda model: hf.decoder_and_head(model)[1],
                 generate_inputs=generate_inputs if first else None,
                 decode_inputs=decode_inputs if first else None)
 

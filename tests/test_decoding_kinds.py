@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import calplug
-from calplug import CALConfigError, CALInputError
+from calplug import CALConfigError, CALInputError, UnsupportedModelError
 from calplug.scoring import resolved
 from _recording import record_calls
 from _hf_kinds import CROSS, KINDS, SEQ2SEQ
@@ -64,8 +64,8 @@ def test_contrastive_decoding_refuses_the_kind_before_generate_runs(name):
 
 
 @pytest.mark.parametrize("name, error, says", [
-    ("blip_2_t5", CALInputError, "ran before Blip2ForConditionalGeneration.forward was ever called"),
-    ("kosmos2", CALInputError, "ran before Kosmos2ForConditionalGeneration.forward was ever called"),
+    ("blip_2_t5", UnsupportedModelError, "does not support Blip2ForConditionalGeneration (transformers "),
+    ("kosmos2", UnsupportedModelError, "does not support Kosmos2ForConditionalGeneration (transformers "),
     ("udop", CALConfigError, "does not support UdopForConditionalGeneration: generate() ran its encoder first"),
 ])
 def test_an_undeclared_refusal_still_names_the_class(name, error, says, monkeypatch):
@@ -76,4 +76,18 @@ def test_an_undeclared_refusal_still_names_the_class(name, error, says, monkeypa
     with pytest.raises(error) as failed:
         calplug.contrastive_generate(model, max_new_tokens=NEW, **inputs)
     assert says in str(failed.value)
+    if error is UnsupportedModelError:
+        assert "its generate() never called its own forward" in str(failed.value)
     assert "forward" not in model.__dict__
+
+
+def test_a_processor_used_outside_its_block_is_an_input_error(monkeypatch):
+    """Outside its ``with`` block the processor cannot be the model's: a `CALInputError` saying how
+    to use it, not the refusal a model gets whose generate() never calls its forward."""
+    _, model, inputs = built("kosmos2")
+    monkeypatch.setattr(resolved(model)[2], "decoding_refusal", None)
+    with calplug.contrastive_decoding(model) as processor:
+        pass
+    ids = inputs["input_ids"]
+    with pytest.raises(CALInputError, match="inside its `with calplug.contrastive_decoding"):
+        processor(ids, torch.zeros(ids.shape[0], 8))

@@ -7,11 +7,14 @@ Run by every env of the transformers matrix (tox.ini); a family the installed tr
 not have is skipped with its name and the first version that has it. Tiny seeded random-init
 models (tests/_hf_families.py), CPU, eager attention.
 """
+import re
+
 import pytest
 import torch
 
 import calplug
 from calplug import CALInputError, UnsupportedModelError
+from calplug.integrations import families
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
 from _skips import skip_unrunnable_family
 from _ablation_refs import blur_forwards, check_against, patch_mask_forwards
@@ -150,22 +153,16 @@ def test_original_forward_never_gets_num_items_in_batch(name):
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-6, atol=0)
 
 
-OLDEST = {"qwen2_5_vl": "4.49", "qwen3_vl": "4.57", "qwen3_vl_moe": "4.57", "idefics3": "4.46",
-          "aria": "4.48", "mistral3": "4.50", "aya_vision": "4.50", "gemma3": "4.50",
-          "smolvlm": "4.50", "llama4": "4.51", "internvl": "4.52", "qwen2_5_omni_thinker": "4.52",
-          "glm4v": "4.53", "cohere2_vision": "4.55", "glm4v_moe": "4.56", "ovis2": "4.56",
-          "lfm2_vl": "4.57", "fast_vlm": "5.0", "perception_lm": "4.54", "gemma3n": "4.53", "qwen3_5": "5.2", "qwen3_5_moe": "5.2",
-          "gemma4": "5.5", "molmo2": "5.20"}
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_unsupported_version_names_supported_ones(name, monkeypatch):
     from calplug.integrations import compat
 
     _, model = model_for(name)
-    oldest = OLDEST.get(name, "4.45")  # the first release of each class (integrations/families.py)
+    since = families.FAMILIES[FAMILIES[name].class_name].since  # the class's first release
+    oldest = f"{since[0]}.{since[1]}"
     monkeypatch.setattr(compat, "transformers_version", lambda: (4, 40))
-    expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*5\.24\.0\); installed: 4\.40"
+    newest = re.escape(compat.TESTED_VERSIONS[-1])
+    expected = rf"supports transformers >= {oldest}, < 6\.0 \(tested: .*{newest}\); installed: 4\.40"
     with pytest.raises(UnsupportedModelError, match=expected):
         calplug.enable(model)
     assert not calplug.is_enabled(model)
@@ -238,7 +235,8 @@ def test_patch_mask_ratio_zero_is_no_contrast_one_is_mask_and_half_masks_the_see
     torch.testing.assert_close(model(**batch).cal_gaps, masked)
     calplug.disable(model)
     visual = visual_positions(model, batch["input_ids"])
-    forwards = patch_mask_forwards(model, batch, visual, 0.5, 0, decoder_and_head(model)[0])
+    positions = family.positions(model, batch) if family.positions else None
+    forwards = patch_mask_forwards(model, batch, visual, 0.5, 0, decoder_and_head(model)[0], positions)
     half = check_against(model, batch, forwards, (0.0, 5.0, 3), gradients=False, gap_atol=1e-5,
                          contrast="patch_mask", mask_ratio=0.5, seed=0)
     assert half.abs().max() > 0 and not torch.allclose(half, masked)

@@ -197,28 +197,58 @@ def test_drop_falls_back_to_mask_beyond_the_attention_window(name):
     assert calls[1]["inputs_embeds"].shape[1] < calls[0]["inputs_embeds"].shape[1]
 
 
-# -- logit soft-capping ----------------------------------------------------------------------
+# -- logit transforms after lm_head ---------------------------------------------------------------
 def test_soft_capped_logits_get_the_same_transform_on_the_contrast_side():
     """Gemma4 soft-caps its logits after lm_head (tanh(x / c) * c): the contrast side's target
     logit is capped the same way (faithful mode equals the reference, tests/test_properties.py);
-    here: gaps computed without the cap on the contrast side would differ, and loss_chunk (which
-    computes logits as lm_head(hidden)) is refused."""
+    here: without the declared cap the first step's self-check stops the model, gaps computed
+    without it (self-check off) would differ, and loss_chunk (which computes logits as
+    lm_head(hidden)) is refused."""
     family, model = family_model("gemma4")
     model.config.get_text_config().final_logit_softcapping = 0.5  # small cap: a large effect
     batch = make_batch(family, model, kinds=IMAGE_BATCH)
     with calplug.enabled(model, contrast="mask", alpha=0.0):
         capped = model(**batch)
     assert capped.logits.abs().max() <= 0.5
-    original = transformers_vlm.compat.logit_softcap
+    original = transformers_vlm.compat.logit_transform
     try:
-        transformers_vlm.compat.logit_softcap = lambda *args: None
-        with calplug.enabled(model, contrast="mask", alpha=0.0):
+        transformers_vlm.compat.logit_transform = lambda *args: None
+        with calplug.enabled(model, contrast="mask", alpha=0.0), \
+                pytest.raises(UnsupportedModelError, match="calplug's self-check stopped Gemma4"):
+            model(**batch)
+        with calplug.enabled(model, contrast="mask", alpha=0.0, check_logits=False):
             uncapped = model(**batch)
     finally:
-        transformers_vlm.compat.logit_softcap = original
+        transformers_vlm.compat.logit_transform = original
     assert (capped.cal_gaps - uncapped.cal_gaps).abs().max() > 1e-2
-    with calplug.enabled(model, loss_chunk=4), pytest.raises(CALConfigError, match="soft-capping"):
+    with calplug.enabled(model, loss_chunk=4), pytest.raises(CALConfigError, match="softcap=0.5"):
         model(**batch)
+
+
+def test_aya_vision_scales_its_logits_from_5_25_and_the_contrast_side_follows():
+    """transformers 5.25 multiplies AyaVision's logits by text_config.logit_scale after lm_head
+    (4.x and 5.24 do not): the family row declares it from 5.25, so the contrast side's target
+    logit is scaled too (faithful mode equals the reference on every release); on a release that
+    scales, a gap is the scaled difference."""
+    from calplug.integrations import compat
+
+    family, model = family_model("aya_vision")
+    model.config.get_text_config().logit_scale = 0.25
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    transform = compat.logit_transform(model.config, families.FAMILIES[family.class_name].logit_transform)
+    if tf_version() >= (5, 25):
+        assert transform is not None and transform.scale == 0.25
+    else:
+        assert transform is None
+    from calplug.reference import reference_step
+
+    visual = visual_positions(model, batch["input_ids"])
+    ref_loss, ref_gaps, _ = reference_step(model, batch, visual, 0.0, 5.0, 3, "mask",
+                                           decoder=decoder_and_head(model)[0])
+    with calplug.enabled(model, contrast="mask", alpha=0.0):
+        out = model(**batch)
+    torch.testing.assert_close(out.loss, ref_loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref_gaps, rtol=1e-5, atol=1e-6)
 
 
 def test_per_layer_masks_that_are_not_4d_are_refused_naming_the_kernel():

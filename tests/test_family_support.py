@@ -9,6 +9,7 @@ Run by every env of the transformers matrix (tox.ini: py, hf-4.45, hf-4.49, hf-4
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -16,11 +17,11 @@ import pytest
 import torch
 
 import calplug
-from calplug import UnsupportedModelError, plugins
+from calplug import UnsupportedModelError, enabling, plugins
 from calplug.integrations import families
 import _hf_families as hf
 import _hf_kinds as kinds
-from _hf_families import FAMILIES, build_blip_2, build_deepseek_vl, build_fuyu, tf_version
+from _hf_families import FAMILIES, build_deepseek_vl, build_fuyu, tf_version
 
 
 STATUSES = ("proven", "refused", "matched")
@@ -94,8 +95,7 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
 
 
 # -- refusals, matched classes, broken releases -------------------------------------------------
-REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45)),
-                    "Blip2ForConditionalGeneration": (build_blip_2, (4, 45))}
+REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45))}
 
 
 @pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
@@ -115,39 +115,113 @@ def test_refused_classes_name_why_at_enable(class_name):
     assert families.support_status(class_name) == ("refused", reason)
 
 
-@pytest.mark.parametrize("class_name", ["ChameleonForConditionalGeneration", "Emu3ForConditionalGeneration",
-                                        "JanusForConditionalGeneration"])
+def test_qformer_models_go_to_their_kind_or_are_refused_with_the_fix():
+    """BLIP-2 with T5 is the encoder-decoder kind; BLIP-2 with OPT whose config sets no
+    image_token_index (the query outputs are not at placeholder positions) is refused at enable
+    with the reason and the fix; on a release whose OPT decoder takes no position_ids (4.45),
+    the OPT variants are refused naming why (their cases run from 4.49)."""
+    from _hf_qformer import build_blip_2
+
+    t5 = kinds.build_blip_2_t5(0)
+    assert enabling.find_integration(t5).name == "transformers-encoder-decoder"
+    unset = build_blip_2(0, image_token=None)
+    with pytest.raises(UnsupportedModelError, match="its config sets none of config.image_token_index") as raised:
+        calplug.enable(unset)
+    assert "the processor's image token" in str(raised.value) and not calplug.is_enabled(unset)
+    opt = build_blip_2(0)
+    if tf_version() < (4, 49):
+        with pytest.raises(UnsupportedModelError, match="takes no position_ids"):
+            calplug.enable(opt)
+    else:
+        calplug.enable(opt)
+        assert calplug.is_enabled(opt)
+        assert enabling.find_integration(opt).name != "transformers-encoder-decoder"
 
 
+def test_minicpm_v_without_its_image_token_ids_is_refused_naming_the_processor_ids():
+    """MiniCPM-V's class default leaves image_token_id unset, and its forward then ignores the
+    pixels: enable refuses such a model, naming the ids its processor marks images with; with them
+    set (as a released checkpoint has them) it is accepted."""
+    from _hf_shrunk import shrunk
+
+    name = "MiniCPMV4_6ForConditionalGeneration"
+    if not hasattr(__import__("transformers"), name):
+        pytest.skip(f"{name} needs transformers >= 5.0; run `tox -e py`")
+    unset = shrunk(name, 0, top=dict(image_token_id=None, video_token_id=None))
+    with pytest.raises(UnsupportedModelError, match="its config sets none of config.image_token_id") as raised:
+        calplug.enable(unset)
+    assert "processor.image_token_id" in str(raised.value) and not calplug.is_enabled(unset)
+    model = shrunk(name, 0)
+    calplug.enable(model)
+    assert calplug.is_enabled(model)
+
+
+@pytest.mark.parametrize("class_name", sorted(families.REFUSED))
 def test_refusal_table_names_the_reason(class_name):
-    status, reason = families.support_status(class_name)
-    assert status == "refused"
-    assert any(word in reason for word in ("cross-attention", "VQ", "encoder-decoder"))
+    """Every class of the placeholder integration's refusal table is refused with its own reason."""
+    assert families.support_status(class_name) == ("refused", families.REFUSED[class_name])
 
 
 def test_matched_class_is_accepted_once_warned_and_runs():
-    """DeepseekVL has no FamilyFacts row: the generic rule accepts it (image placeholders at
-    image_token_id) with one warning per class naming `calplug verify`, and the CAL step runs."""
-    if tf_version() < (4, 54):
-        pytest.skip("DeepseekVLForConditionalGeneration needs transformers >= 4.54")
-    model = build_deepseek_vl(0).train()
-    calplug.errors._WARNED.discard(f"matched:{type(model).__name__}")
+    """HyperCLOVAX-Vision-V2 has a row (its logit scaling declared) but no family case: calplug
+    accepts it with one warning per class naming `calplug verify`, and the CAL step runs (its
+    first-step self-check passes: the declared scaling is the model's)."""
+    from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
+
+    if tf_version() < (5, 0) or not hasattr(__import__("transformers"), MATCHED_CLASS):
+        pytest.skip(f"{MATCHED_CLASS} needs transformers >= 5.0; run `tox -e py`")
+    model = build_matched(0).train()
+    calplug.errors._WARNED.discard(f"matched:{MATCHED_CLASS}")
     with pytest.warns(UserWarning, match="calplug verify"):
         calplug.enable(model)
     calplug.disable(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         calplug.enable(model)  # once per class
-    g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.randint(3, 240, (2,), generator=g), torch.full((16,), 250),
-                     torch.randint(3, 240, (8,), generator=g)]).unsqueeze(0)
-    labels = ids.clone()
-    labels[:, :20] = -100
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    family = dataclasses.replace(FAMILIES["vipllava"], visual=MATCHED_VISUAL, images=False)
+    out = model(**hf.make_batch(family, model))
     assert torch.isfinite(out.loss) and out.cal_gaps.abs().max() > 0
-    status, reason = families.support_status("DeepseekVLForConditionalGeneration")
+    status, reason = families.support_status(MATCHED_CLASS)
     assert status == "matched" and "calplug verify" in reason
+
+
+@pytest.mark.parametrize("key", sorted(k for k, f in FAMILIES.items()
+                                        if families.FAMILIES[f.class_name].broken and k != "llama4"))
+def test_broken_releases_are_refused_with_the_upstream_bug(key):
+    """A release whose forward of the class is broken upstream (its family row's ``broken``) is
+    refused at enable with the named bug; the family's other releases are accepted."""
+    import transformers
+
+    family = FAMILIES[key]
+    if not family.available():
+        pytest.skip(f"{family.class_name} needs transformers >= {family.since[0]}.{family.since[1]}")
+    model = family.build(0)
+    reasons = dict(families.FAMILIES[family.class_name].broken)
+    if transformers.__version__ in reasons:
+        with pytest.raises(UnsupportedModelError) as raised:
+            calplug.enable(model)
+        assert reasons[transformers.__version__] in str(raised.value) and not calplug.is_enabled(model)
+    else:
+        calplug.enable(model)
+        assert calplug.is_enabled(model)
+
+
+def test_discrete_image_token_labels_are_refused_at_the_step():
+    """Chameleon's image tokens are codes of its text vocabulary: a batch with labels on them
+    trains image generation, which the step refuses, naming them; text labels train."""
+    family = FAMILIES["chameleon"]
+    reason = family.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    model = family.build(0).train()
+    batch = hf.make_batch(family, model)
+    calplug.enable(model)
+    assert torch.isfinite(model(**batch).loss)
+    labels = batch["labels"].clone()
+    labels[0, -3:] = 205  # image token ids (the VQ codes 200 .. 215 of the tiny vocabulary)
+    with pytest.raises(calplug.CALInputError, match="3 labels are image tokens") as raised:
+        model(**dict(batch, labels=labels))
+    assert "trains image generation" in str(raised.value) and "-100" in str(raised.value)
 
 
 def test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug():

@@ -216,7 +216,7 @@ def test_image_only_encoders_are_refused_by_nature(class_name):
 def test_blip_2_with_a_decoder_only_language_model_is_not_this_kind():
     """BLIP-2 is the encoder-decoder kind only with T5; with OPT the integration of this kind does
     not claim it (the placeholder integration decides)."""
-    from _hf_families import build_blip_2
+    from _hf_qformer import build_blip_2
 
     _, t5, _ = built("blip_2_t5")
     assert enabling.find_integration(t5).name == "transformers-encoder-decoder"

@@ -29,6 +29,7 @@ VARY = "reference weights vary (alpha 0, beta 5)"
 UNIT = "unit weights = the model's own loss"
 DISABLE = "disable restores the forward (bit-identical)"
 POSITIONS = "image positions cover where the pixels enter"
+HEAD = "model logits = lm_head(hidden) + declared transform"
 
 
 
@@ -216,34 +217,27 @@ def test_verify_refuses_batches_it_cannot_check():
 
 # -- the enable warning for matched classes names this command ----------------------------------------
 def test_the_matched_class_warning_names_verify_and_what_it_checks():
-    """A class the generic integration accepts without a family proof (DeepseekVL) warns at enable;
-    the command it names exists, each check it promises is a row of the report, and the report
-    passes on a tiny DeepseekVL."""
+    """A class the generic integration accepts without a family proof (HyperCLOVAX-Vision-V2:
+    a row that declares its logit scaling, no family case) warns at enable; the command it names
+    exists, each check it promises is a row of the report, and the report passes on a tiny one,
+    its declared transform included (the self-check row)."""
     import transformers
+    from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
 
-    if not hasattr(transformers, "DeepseekVLForConditionalGeneration"):
-        pytest.skip(f"DeepseekVLForConditionalGeneration needs transformers >= 4.54 (installed "
+    if not hasattr(transformers, MATCHED_CLASS):
+        pytest.skip(f"{MATCHED_CLASS} needs transformers >= 5.0 (installed "
                     f"{transformers.__version__}); run `tox -e py`")
-    assert families.support_status("DeepseekVLForConditionalGeneration")[0] == "matched"
-    config = transformers.DeepseekVLConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", vocab_size=hf.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-        image_token_id=hf.IMAGE)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.DeepseekVLForConditionalGeneration(config).train()
-    n = 16  # 4 x 4 SigLIP patches
-    family = dataclasses.replace(hf.FAMILIES["vipllava"], visual=hf.image_visual(n))
+    assert families.support_status(MATCHED_CLASS)[0] == "matched"
+    model = build_matched(0).train()
+    family = dataclasses.replace(hf.FAMILIES["vipllava"], visual=MATCHED_VISUAL, images=False)
     batch = hf.make_batch(family, model)
 
-    calplug.errors._WARNED.discard("matched:DeepseekVLForConditionalGeneration")
+    calplug.errors._WARNED.discard(f"matched:{MATCHED_CLASS}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         calplug.enable(model)
     calplug.disable(model)
-    message = next(str(w.message) for w in caught if "DeepseekVL" in str(w.message))
+    message = next(str(w.message) for w in caught if MATCHED_CLASS in str(w.message))
     assert "`calplug verify`" in message and "calplug.verify(model, batch)" in message
     assert "verify" in cli.COMMANDS
     report = calplug.verify(model, batch)
@@ -254,6 +248,7 @@ def test_the_matched_class_warning_names_verify_and_what_it_checks():
     for phrase, row in promised.items():
         assert phrase in message and row in rows
     assert report.passed, report.table()
+    assert HEAD in rows
     assert report.support[0] == "matched" and "support matrix: matched" in report.table()
 
 
@@ -262,9 +257,9 @@ def test_command_on_a_tiny_family_passes(capsys):
     assert cli.main(["verify", "--tiny", "llava"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("calplug verify: LlavaForConditionalGeneration")
-    for name in (BLIND_DROP, BLIND_MASK, SEES, f"{FAITHFUL}: gradients", UNIT, DISABLE):
+    for name in (BLIND_DROP, BLIND_MASK, SEES, f"{FAITHFUL}: gradients", UNIT, DISABLE, HEAD):
         assert any(line.startswith(name) and "  pass  " in line for line in out.splitlines()), name
-    assert out.rstrip().endswith("12 checks: all passed")
+    assert out.rstrip().endswith("13 checks: all passed")
 
 
 def test_command_exits_1_on_a_failing_check(plugin, capsys):
@@ -273,7 +268,7 @@ def test_command_exits_1_on_a_failing_check(plugin, capsys):
     out = capsys.readouterr().out
     assert any(line.startswith(BLIND_DROP) and "  FAIL  " in line for line in out.splitlines())
     assert f"FAIL {BLIND_DROP}: replacing the pixels changed" in out
-    assert out.rstrip().endswith("12 checks: 2 FAILED")
+    assert out.rstrip().endswith("13 checks: 2 FAILED")
 
 
 def test_command_usage_errors_exit_2(capsys, tmp_path):
