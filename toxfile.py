@@ -178,8 +178,10 @@ def tox_after_run_commands(tox_env: ToxEnv, exit_code: int, outcomes) -> None:  
     name = tox_env.name
     started = _COMMANDS_STARTED.get(name)
     install = f"{started - _INSTALL_STARTED[name]:.1f} s" if started and name in _INSTALL_STARTED else "-"
-    pre = sum(o.elapsed for o in outcomes if str(o.run_id).startswith("commands_pre"))
-    tests = sum(o.elapsed for o in outcomes if str(o.run_id).startswith("commands["))
+    # outcomes: commands_pre, then commands, then commands_post, one each (no retries configured)
+    n_pre, n_main = len(tox_env.conf["commands_pre"]), len(tox_env.conf["commands"])
+    pre = sum(o.elapsed for o in outcomes[:n_pre])
+    tests = sum(o.elapsed for o in outcomes[n_pre:n_pre + n_main])
     print(f"{name}: calplug timing: install {install}, commands_pre {pre:.1f} s, tests {tests:.1f} s "
           f"(torch {installed_torch(tox_env)})", flush=True)
 
@@ -189,10 +191,11 @@ def tox_after_run_commands(tox_env: ToxEnv, exit_code: int, outcomes) -> None:  
 def tox_env_teardown(tox_env: ToxEnv) -> None:
     """Delete a run env's folder once it is torn down, when ``CALPLUG_TOX_DISCARD_ENVS`` asks for it.
 
-    Only run envs go: the packaging env (``.tox/.pkg``) builds calplug once for all of them.
+    Only test envs go: the packaging env (``.tox/.pkg``) builds calplug once for all of them, and
+    the provisioned tox (``.tox/.tox``, tox with tox-uv) serves the next run.
     """
-    if not discard_requested() or not isinstance(tox_env, RunToxEnv):
-        return
+    if not discard_requested() or not isinstance(tox_env, RunToxEnv) or tox_env.name.startswith("."):
+        return  # ".tox": the env tox provisioned itself into (tox-uv), kept for the next run
     env_dir = tox_env.env_dir
     if env_dir.is_dir():
         shutil.rmtree(env_dir, ignore_errors=True)

@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--rc", type=int, default=0)
     ap.add_argument("--ref", default="?")
     ap.add_argument("--caches", default="?")
+    ap.add_argument("--cpu", type=pathlib.Path, help="/usr/bin/time's output for the whole run")
     args = ap.parse_args()
     reports, pre_count, counts, tox_seconds = parse_log(args.log.read_text(errors="replace"))
     rows = [f"{'env':<16}{'status':>7}{'setup s':>9}{'pre s':>8}{'tests s':>9}{'total s':>9}  counts"]
@@ -96,6 +97,8 @@ def main() -> int:
     print("\n".join(rows))
     tox_part = f"tox itself {tox_seconds:.0f} s, " if tox_seconds is not None else ""
     print(f"wall {args.wall:.0f} s ({tox_part}the rest: tox install, chromium check, provisioning)")
+    if args.cpu and args.cpu.is_file() and (m := re.search(r"cpu user ([\d.]+) s, sys ([\d.]+) s", args.cpu.read_text())):
+        print(f"cpu {float(m[1]) + float(m[2]):.0f} s (user {m[1]}, sys {m[2]}): the run's own work, whatever else ran")
     print(f"peak disk: .tox {tox_kb:.2f} GiB; .tox + pip and uv caches {all_gb:.2f} GiB (sampled every 10 s)")
     return 0
 
