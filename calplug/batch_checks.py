@@ -25,24 +25,10 @@ Warnings are `calplug.CALWarning` (a ``UserWarning``), each kind shown once per 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from .errors import CALInputError, CALWarning
+from .errors import CALInputError, warn_once, warned
 from .gap import IGNORE_INDEX
-
-_WARNED: set[str] = set()   # kinds of warning shown in this process
-
-
-def warn_once(kind: str, message: str) -> None:
-    """Show ``message`` as a `CALWarning` the first time ``kind`` happens in this process. When a
-    filter turns it into an error, it is raised every time (the kind is marked only once shown)."""
-    if kind in _WARNED:
-        return
-    warnings.warn(message, CALWarning, stacklevel=3)
-    _WARNED.add(kind)
-
 
 def check_labels(labels) -> None:
     """``labels`` must be a ``torch.long`` tensor ``[batch, seq_len]`` with batch >= 1 and
@@ -87,7 +73,7 @@ def check_label_values(labels: torch.Tensor, vocab: int) -> int:
             f"{vocab - 1}): the labels were made with another tokenizer, or tokens were added to the "
             "tokenizer without model.resize_token_embeddings(len(tokenizer))")
     if supervised == 0:
-        warn_once("ignored_batch", (
+        warn_once("ignored_batch", message=(
             "calplug: a training batch has no supervised token (every label after the shift is -100). "
             "CAL gives it loss 0 and no gradient, where the model's own loss would be NaN (a mean over "
             "no tokens; 0 under the HF Trainer's num_items_in_batch). Often a masking bug: answers "
@@ -100,14 +86,14 @@ def finite_gaps(gaps: torch.Tensor, main_logits: torch.Tensor, supervised: torch
     """``gaps`` with every non-finite value replaced by 0 (the gap of a row without a contrast
     value), for the weighting. Warns once when a supervised row had one, naming the likely cause."""
     finite = torch.isfinite(gaps)
-    if "nonfinite_gap" not in _WARNED:
+    if not warned("nonfinite_gap"):
         bad, bad_main = torch.stack([(~finite & supervised).sum(),
                                      (~torch.isfinite(main_logits) & supervised).sum()]).tolist()
         if bad:
             cause = (f"{bad_main} of them in the model's own forward (the main pass), so the loss is "
                      "not finite, as the model's own loss is not either" if bad_main else
                      "all in the contrast pass; the main pass is finite, so the loss stays finite")
-            warn_once("nonfinite_gap", (
+            warn_once("nonfinite_gap", message=(
                 f"calplug: {bad} supervised rows of a training batch have a non-finite gap (NaN or "
                 f"inf), {cause}. They are weighted as rows without a contrast value (gap 0), so CAL "
                 "adds no NaN of its own. Likely causes: NaN or inf in pixel_values (check "

@@ -11,6 +11,7 @@ CONTRASTS = [
     Contrast("drop", contrast.drop_contrast),
     Contrast("patch_mask", contrast.patch_mask_contrast),
     Contrast("blur", contrast.blur_contrast, needs_pixels=True),
+    Contrast("noise", contrast.noise_contrast, needs_pixels=True),
 ]
 
 

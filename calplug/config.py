@@ -38,7 +38,9 @@ class CALConfig:
                   positions masked, the full sequence recomputed), or a plugin-registered name.
     mask_ratio:   share of image positions hidden by contrast="patch_mask" (Tables 8, 9).
     blur_sigma:   Gaussian sigma, in pixels, for contrast="blur" (Table 9).
-    seed:         seed of the random choices some contrasts make (patch_mask).
+    noise_step:   forward-diffusion step of contrast="noise" (VCD's noised image), in [0, 1000);
+                  VCD's default 500 gives 0.863 image + 0.505 unit noise (`calplug.noise`).
+    seed:         seed of the random choices some contrasts make (patch_mask, noise).
     stages:       training stages CAL applies to, for scripts that know theirs (Table 3):
                   "both" (default), "pretrain" (projector alignment) or "finetune" (instruction
                   tuning); see `calplug.enable_for_stage`.
@@ -55,6 +57,7 @@ class CALConfig:
     contrast: str = "drop"
     mask_ratio: float = 0.5
     blur_sigma: float = 1.0
+    noise_step: int = 500
     seed: int = 0
     stages: str = "both"
     loss_chunk: int = 0
@@ -242,7 +245,7 @@ def _settings_section(data: Any, path: str) -> Any:
 # -- validation -----------------------------------------------------------------------------------
 # A valid example per numeric setting, quoted in the error messages.
 EXAMPLES = {"alpha": "alpha=1.0", "beta": "beta=5.0", "mask_ratio": "mask_ratio=0.5",
-            "blur_sigma": "blur_sigma=1.0", "pool_window": "pool_window=3", "seed": "seed=0",
+            "blur_sigma": "blur_sigma=1.0", "noise_step": "noise_step=500", "pool_window": "pool_window=3", "seed": "seed=0",
             "loss_chunk": "loss_chunk=1024"}
 
 
@@ -307,15 +310,12 @@ def _validate(cfg: CALConfig) -> None:
         raise CALConfigError(f"mask_ratio must be in [0, 1], got {ratio}: e.g. mask_ratio=0.5")
     if _number(cfg, "blur_sigma") <= 0:
         raise CALConfigError(f"blur_sigma must be > 0 (pixels), got {cfg.blur_sigma}: e.g. blur_sigma=1.0")
+    _integer(cfg, "noise_step", 0, 1000, "an integer in [0, 1000) (diffusion steps)")
     _integer(cfg, "seed", 0, 2 ** 63, "an integer in [0, 2**63)")
     _choice(cfg, "stages", STAGES)
     _integer(cfg, "loss_chunk", 0, None, "an integer >= 0 (rows per chunk; 0 = off)")
-    from .plugins import contrast_names  # late import: plugins may register more contrasts
-
-    names = contrast_names()
-    if not isinstance(cfg.contrast, str) or cfg.contrast not in names:
-        hint = did_you_mean(cfg.contrast, names) if isinstance(cfg.contrast, str) else ""
-        raise CALConfigError(
-            f"contrast {cfg.contrast!r} is not a registered contrast condition.{hint} "
-            f"Registered: {', '.join(sorted(names))}."
-        )
+    # The contrast is a name here; plugins may register more, so `calplug.enable` resolves it
+    # (plugins.resolve_contrast) and names the registered ones when it is unknown.
+    if not isinstance(cfg.contrast, str) or not cfg.contrast:
+        raise CALConfigError(f"contrast must be the name of a contrast condition, got "
+                             f"{cfg.contrast!r}: e.g. contrast='drop' (default) or contrast='mask'")

@@ -3,8 +3,14 @@
 Pure tensor code over a `MainPass`. Each condition returns a `ContrastPlan`: the decoder keyword
 arguments of the contrast pass, and for every main position which contrast hidden state stands
 for it. The built-in conditions (``mask`` as published, ``drop`` the fast default, ``patch_mask``,
-``blur``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
+``blur``, and VCD's diffusion ``noise``) are registered as `Contrast` records in `calplug.builtin`; how ``drop`` differs from
 ``mask``, row by row, is in docs/cal.md.
+
+What "the image" is comes from the `MainPass`: the visual positions of the decoder sequence,
+the decoder inputs that carry only visual information (`MainPass.visual_extras`, cleared), and,
+for models whose image enters elsewhere (cross-attention states, an encoder's output), the
+integration's image-free decoder inputs (`MainPass.image_free`). Every condition contrasts the
+samples the image reaches (`MainPass.with_image`); the rows of the others get no contrast value.
 
 Decoders of some models receive ready masks instead of a 2-D padding mask: a 4-D
 ``[B, 1, L, L]`` mask (PaliGemma's prefix-LM, Molmo2's bidirectional image blocks) or a dict of
@@ -20,6 +26,7 @@ import warnings
 import torch
 
 from .blur import gaussian_blur
+from .noise import diffuse
 from .errors import CALInputError
 from .hookspecs import ContrastPlan, MainPass
 
@@ -29,6 +36,8 @@ NON_SEQUENCE_DECODER_KWARGS = (
     "cache", "past_key_values", "use_cache", "cache_position", "output_attentions",
     "output_hidden_states", "return_dict", "input_ids",
 )
+# The sequence arguments every contrast handles itself (never gathered as other sequence inputs).
+SEQUENCE_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids")
 
 
 def base_decoder_kwargs(main: MainPass) -> dict:
@@ -36,6 +45,28 @@ def base_decoder_kwargs(main: MainPass) -> dict:
     kwargs = {k: v for k, v in main.decoder_kwargs.items() if k not in NON_SEQUENCE_DECODER_KWARGS}
     kwargs["use_cache"] = False
     return kwargs
+
+
+def without_image(main: MainPass, kwargs: dict, samples: torch.Tensor | None,
+                  removed: bool = True) -> dict:
+    """``kwargs`` (decoder arguments of ``samples``, long ``[S]``, or of every sample when None)
+    with what carries the image besides its positions taken away: the integration's image-free
+    inputs (`MainPass.image_free`) put in and, when the image positions were ``removed`` from the
+    sequence, the inputs that only describe them (`MainPass.visual_extras`) cleared. A pass that
+    keeps the positions (masking) keeps those inputs: the image rows are computed as published."""
+    for name in main.visual_extras if removed else ():
+        if name in kwargs:
+            kwargs[name] = None
+    if main.image_free is not None:
+        if samples is None:
+            samples = torch.arange(main.visual_mask.shape[0], device=main.visual_mask.device)
+        kwargs.update(main.image_free(samples))
+    return kwargs
+
+
+def has_image(main: MainPass) -> bool:
+    """Whether the micro-batch has anything to contrast (one host synchronisation)."""
+    return bool(main.with_image.any())
 
 
 def identity_rows(B: int, L: int, device) -> torch.Tensor:
@@ -112,25 +143,30 @@ def slice_ready_mask(mask: torch.Tensor | None, samples: torch.Tensor, order: to
     return _like(sub, mask)
 
 
-def masked_attention_plan(main: MainPass, hidden: torch.Tensor) -> ContrastPlan:
-    """Same sequence and positions; attention to the positions in ``hidden [B, L]`` is removed."""
-    kwargs = base_decoder_kwargs(main)
+def masked_attention_plan(main: MainPass, hidden: torch.Tensor,
+                          contrasted: torch.Tensor | None = None) -> ContrastPlan:
+    """Same sequence and positions; attention to the positions in ``hidden [B, L]`` is removed
+    (and the image's other inputs, `without_image`). Samples where ``contrasted [B]`` is False
+    (default: those with no hidden position) get no contrast value."""
+    kwargs = without_image(main, base_decoder_kwargs(main), None, removed=False)
     ready = kwargs.get("attention_mask")
+    mask = main.attention_mask
+    keys = mask * (~hidden).to(mask.dtype)
     if is_ready_mask(ready):
         kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask))
     else:
-        mask = main.attention_mask
-        kwargs["attention_mask"] = mask * (~hidden).to(mask.dtype)
+        kwargs["attention_mask"] = keys
     B, L = hidden.shape
     rows = identity_rows(B, L, hidden.device)
-    rows[~hidden.any(1)] = -1  # nothing hidden in this sample: its gap is 0 by definition
-    return ContrastPlan(kwargs, rows)
+    contrasted = hidden.any(1) if contrasted is None else contrasted
+    rows[~contrasted] = -1  # nothing taken away in this sample: its gap is 0 by definition
+    return ContrastPlan(kwargs, rows, keys=keys)
 
 
 def mask_contrast(main: MainPass, config) -> ContrastPlan | None:
-    if not bool(main.visual_mask.any()):
+    if not has_image(main):
         return None
-    return masked_attention_plan(main, main.visual_mask)
+    return masked_attention_plan(main, main.visual_mask, main.with_image)
 
 
 def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
@@ -148,18 +184,30 @@ def patch_mask_contrast(main: MainPass, config) -> ContrastPlan | None:
     return masked_attention_plan(main, hidden)
 
 
-def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
-    visual = main.visual_mask
-    if not bool(visual.any()):
+def pixel_plan(main: MainPass, transform, name: str) -> ContrastPlan | None:
+    """The main pass's decoder call with the inputs its vision path makes from
+    ``transform(pixels)`` (`MainPass.rerun_with_pixels`): the sequence and positions unchanged."""
+    if not has_image(main):
         return None
-    if main.contrast_embeds is None:
-        raise CALInputError("contrast='blur' needs an integration that can re-run its vision path")
+    if main.rerun_with_pixels is None:
+        raise CALInputError(f"contrast={name!r} needs an integration that can re-run its vision path")
     kwargs = base_decoder_kwargs(main)
-    kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: gaussian_blur(px, config.blur_sigma))
-    B, L = visual.shape
-    rows = identity_rows(B, L, visual.device)
-    rows[~visual.any(1)] = -1
-    return ContrastPlan(kwargs, rows)
+    kwargs.update(main.rerun_with_pixels(transform))
+    B, L = main.visual_mask.shape
+    rows = identity_rows(B, L, main.visual_mask.device)
+    rows[~main.with_image] = -1
+    return ContrastPlan(kwargs, rows, keys=main.attention_mask)
+
+
+def blur_contrast(main: MainPass, config) -> ContrastPlan | None:
+    return pixel_plan(main, lambda px: gaussian_blur(px, config.blur_sigma), "blur")
+
+
+def noise_contrast(main: MainPass, config) -> ContrastPlan | None:
+    """VCD's contrast: the image after ``config.noise_step`` steps of forward diffusion
+    (`calplug.noise`), the noise drawn from ``config.seed``."""
+    generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
+    return pixel_plan(main, lambda px: diffuse(px, config.noise_step, generator), "noise")
 
 
 def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) -> ContrastPlan:
@@ -177,9 +225,6 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
     # Stable sort puts kept positions first, in order.
     order = torch.sort((~sub_keep).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [S, L']
     kwargs = base_decoder_kwargs(main)
-    for name in main.visual_extras:
-        if name in kwargs:
-            kwargs[name] = None
     for name in ("inputs_embeds",) + tuple(main.sequence_kwargs):
         seq = kwargs[name][samples]
         index = order.view(*order.shape, *([1] * (seq.dim() - 2)))
@@ -200,7 +245,8 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
                            torch.full_like(rank, -1))
     rows = torch.full((B, L), -1, dtype=torch.long, device=device)
     rows[samples] = sub_rows
-    return ContrastPlan(kwargs, rows)
+    return ContrastPlan(without_image(main, kwargs, samples), rows, samples=samples,
+                        keys=packed_mask.to(main.attention_mask.dtype))
 
 
 DROP_SPAN_WARNING = (
@@ -214,11 +260,12 @@ DROP_SPAN_WARNING = (
 
 def drop_contrast(main: MainPass, config) -> ContrastPlan | None:
     visual = main.visual_mask
-    with_image = visual.any(1)
+    with_image = main.with_image
     if not bool(with_image.any()):
         return None
     span = main.attention_span
-    if span is not None and visual.shape[1] > span:
+    # a decoder handed ready masks gets them sliced: its windows then stay as they were
+    if span is not None and visual.shape[1] > span and not is_ready_mask(main.decoder_kwargs.get("attention_mask")):
         warnings.warn(DROP_SPAN_WARNING.format(length=visual.shape[1], span=span), UserWarning,
                       stacklevel=2)
         return mask_contrast(main, config)

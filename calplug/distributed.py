@@ -18,6 +18,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .classes import is_named
+
 
 def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id") and hasattr(param, "ds_status")
@@ -35,7 +37,7 @@ def _fsdp2_module_class():
 
 def is_fsdp1_unit(module: nn.Module) -> bool:
     """An FSDP1 ``FullyShardedDataParallel`` wrapper."""
-    return any(cls.__name__ == "FullyShardedDataParallel" for cls in type(module).__mro__)
+    return is_named(module, ("FullyShardedDataParallel",))
 
 
 def is_fsdp2_unit(module: nn.Module) -> bool:

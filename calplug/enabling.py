@@ -18,10 +18,11 @@ from typing import Callable, Iterator
 from torch import nn
 
 from . import plugins
+from .classes import class_names, is_named
 from .config import CALConfig, resolve_config
 from .errors import UnsupportedModelError
-from .hookspecs import Integration
-from .step import COMPILE_REFUSAL, STATE_ATTR, CALForward, CALState
+from .hookspecs import Contrast, Integration
+from .step import COMPILE_REFUSAL, STATE_ATTR, CALForward, CALState, check_loss_plugins_take_hidden_states
 
 
 # -- model resolution -----------------------------------------------------------------------------
@@ -75,8 +76,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The model whose forward computes logits, looked for through every `WRAPPERS` layer."""
     require_module(model)
     while True:
-        names = {cls.__name__ for cls in type(model).__mro__}
-        wrapper = next((w for w in WRAPPERS if names.intersection(w.class_names)), None)
+        wrapper = next((w for w in WRAPPERS if is_named(model, w.class_names)), None)
         if wrapper is None:
             return model
         model = wrapper.inner(model)
@@ -104,7 +104,7 @@ def require_module(model) -> None:
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Module):
         what = type(model).__name__
-        trainer = any(cls.__name__.endswith("Trainer") for cls in type(model).__mro__)
+        trainer = any(name.endswith("Trainer") for name in class_names(model))
         extra = " (or calplug.trainer.enable_for_trainer(trainer), which also sets up logging)" if trainer else ""
         raise UnsupportedModelError(
             f"calplug got a {what}, not a model: pass the model it holds, "
@@ -127,7 +127,24 @@ def find_integration(model: nn.Module) -> Integration:
     )
 
 
-def check_contrast_supported(config: CALConfig, integration: Integration, model: nn.Module) -> None:
+def resolve(model: nn.Module, config: CALConfig, integration: Integration | None = None
+            ) -> tuple[Integration, Contrast]:
+    """The integration for ``model`` (checked) and the contrast ``config`` names, checked against
+    each other: what `enable` keeps on the model, and what `calplug.token_gaps` uses for a model
+    that is not enabled. Raises with the reason when they cannot run together."""
+    if integration is None:
+        integration = find_integration(model)
+        if integration.check is not None:
+            integration.check(model)
+    contrast = plugins.resolve_contrast(config.contrast)
+    check_contrast_supported(config, integration, model, contrast)
+    if config.loss_chunk:
+        check_loss_plugins_take_hidden_states()
+    return integration, contrast
+
+
+def check_contrast_supported(config: CALConfig, integration: Integration, model: nn.Module,
+                             contrast: Contrast) -> None:
     """Contrasts that transform pixels (``Contrast.needs_pixels``) need an integration that
     re-runs its vision path (``Integration.pixel_contrasts``); an integration can refuse a
     contrast for a model, with the reason (``Integration.contrast_refusal``)."""
@@ -135,7 +152,6 @@ def check_contrast_supported(config: CALConfig, integration: Integration, model:
         reason = integration.contrast_refusal(model, config.contrast)
         if reason:
             raise UnsupportedModelError(f"contrast={config.contrast!r} on {type(model).__name__}: {reason}")
-    contrast = plugins.contrasts()[config.contrast]
     if contrast.needs_pixels and not integration.pixel_contrasts:
         able = sorted({c for i in plugins.integrations() if i.pixel_contrasts for c in i.model_classes})
         raise UnsupportedModelError(
@@ -159,19 +175,25 @@ def enable(model: nn.Module, config=None, **overrides) -> nn.Module:
     if state is not None:
         base = state.config if config is None else config
         new_config = resolve_config(base, **overrides)
-        check_contrast_supported(new_config, state.integration, target)
+        _, state.contrast = resolve(target, new_config, state.integration)
         state.config = new_config
         return model
     cfg = resolve_config(config, **overrides)
-    integration = find_integration(target)
-    if integration.check is not None:
-        integration.check(target)
-    check_contrast_supported(cfg, integration, target)
+    integration, contrast = resolve(target, cfg)
     signature = inspect.signature(target.forward)
     original = target.__dict__.get("forward")
-    target.__dict__[STATE_ATTR] = CALState(cfg, integration, original, signature)
+    target.__dict__[STATE_ATTR] = CALState(cfg, integration, contrast, original, signature)
     target.forward = CALForward(target)
     return model
+
+
+def checked_config(config=None, **overrides) -> CALConfig:
+    """`resolve_config`, and the contrast it names resolved against the registered ones: every
+    error `enable` would raise about the settings alone, raised now (for adapters and scripts
+    that read settings long before the model exists)."""
+    cfg = resolve_config(config, **overrides)
+    plugins.resolve_contrast(cfg.contrast)
+    return cfg
 
 
 def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> bool:
@@ -181,7 +203,7 @@ def enable_for_stage(model: nn.Module, stage: str, config=None, **overrides) -> 
     tuned). Returns whether CAL is now enabled; when the stage is not covered, a model enabled
     earlier is disabled, so one call per run is enough.
     """
-    cfg = resolve_config(config, **overrides)
+    cfg = checked_config(config, **overrides)  # a bad setting fails in every stage
     if cfg.covers_stage(stage):
         enable(model, cfg)
         return True
@@ -216,7 +238,7 @@ def enabled(model: nn.Module, config=None, **overrides) -> Iterator[nn.Module]:
     """``with calplug.enabled(model): ...`` -- CAL inside the block, the previous state after."""
     target = unwrap_model(model)
     previous = target.__dict__.get(STATE_ATTR)
-    previous_config = previous.config if previous is not None else None
+    kept = (previous.config, previous.contrast) if previous is not None else None
     enable(model, config, **overrides)
     try:
         yield model
@@ -224,4 +246,4 @@ def enabled(model: nn.Module, config=None, **overrides) -> Iterator[nn.Module]:
         if previous is None:
             disable(model)
         else:
-            previous.config = previous_config
+            previous.config, previous.contrast = kept

@@ -51,6 +51,43 @@ def hidden_target_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return out
 
 
+def _rows_per_chunk(vocab: int) -> int:
+    """Rows whose float32 ``[rows, V]`` logits fit in about 128 MiB."""
+    return max(1, (32 * 2 ** 20) // max(vocab, 1))
+
+
+def hidden_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               rows: torch.Tensor, transform=None) -> torch.Tensor:
+    """float32 ``[M]`` log-sum-exp over the vocabulary of rows ``rows [M]`` of the final hidden
+    states ``hidden [H, d]`` (``transform`` applied to the logits first: the model's soft-capping
+    or scaling). Vocabulary-sized logits exist for one chunk of rows at a time (about 128 MiB),
+    never for all ``M``; a target's log-probability is its logit minus this. For scoring and
+    decoding, not the training step (which needs no softmax on the contrast side)."""
+    lse = torch.empty(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    step = _rows_per_chunk(weight.shape[0])
+    for start in range(0, rows.shape[0], step):
+        logits = hidden.index_select(0, rows[start:start + step]).float() @ weight.float().T
+        if bias is not None:
+            logits += bias.float()
+        if transform is not None:
+            logits = transform(logits)
+        lse[start:start + step] = torch.logsumexp(logits, dim=-1)
+    return lse
+
+
+def logits_lse(logits: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, L-1]`` log-sum-exp over the vocabulary of the shifted rows of ``[B, L, V]``
+    logits, one chunk of rows at a time (no float32 copy of the whole tensor)."""
+    B, L, V = logits.shape
+    out = torch.empty(B, L - 1, dtype=torch.float32, device=logits.device)
+    step = _rows_per_chunk(V)
+    for b in range(B):
+        for start in range(0, L - 1, step):
+            end = min(start + step, L - 1)
+            out[b, start:end] = torch.logsumexp(logits[b, start:end].float(), dim=-1)
+    return out
+
+
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """Final logit soft-capping, ``tanh(logits / cap) * cap`` (Gemma-type forwards apply it to
     ``lm_head``'s output; the contrast side's target logits get the same, elementwise)."""

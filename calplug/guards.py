@@ -1,9 +1,9 @@
 """Two ways CAL can go wrong without an error, caught at the step: packed batches, and steps that
 never find an image.
 
-* **Packed / padding-free batches** (axolotl ``sample_packing``, LLaMA-Factory ``packing`` /
-  ``neat_packing``, TRL ``padding_free``, ms-swift ``--packing`` / ``--padding_free``) put several
-  samples into one row. calplug's contrasts take the row as one sequence with a 2-D padding mask:
+* **Packed / padding-free batches** (the frameworks' packing options: each registered
+  `calplug.hookspecs.Framework` names its own, and the error lists them) put several samples into
+  one row. calplug's contrasts take the row as one sequence with a 2-D padding mask:
   ``drop`` removes every image of the row for every text token in it, and the flat pooling runs
   across the samples' boundaries, so the gaps would mix samples. Such batches are refused at the
   first step, naming the options to turn off. They are recognised by what the decoder is given:
@@ -22,16 +22,19 @@ import warnings
 
 import torch
 
+from . import plugins
 from .errors import CALInputError, CALWarning
-from .integrations.capture import has_pixels
+from .inputs import has_pixels
 
-PACKING_FIX = (
-    "calplug's contrasts need one sample per row: turn packing off (axolotl: sample_packing: false "
-    "and batch_flattening: false; LLaMA-Factory: packing: false, neat_packing: false; TRL: "
-    "padding_free=False, packing=False; ms-swift: --packing false --padding_free false)"
-)
 # Keyword arguments with which packed rows tell flash attention where each sample starts.
 SEQUENCE_BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q")
+
+
+def packing_fix() -> str:
+    """How to turn packing off, in the words of every registered framework."""
+    options = "; ".join(f"{f.name}: {f.packing_off}" for f in plugins.frameworks() if f.packing_off)
+    return ("calplug's contrasts need one sample per row: turn packing off"
+            + (f" ({options})" if options else ""))
 
 
 def refuse_packed_call(call: dict) -> None:
@@ -40,13 +43,13 @@ def refuse_packed_call(call: dict) -> None:
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         raise CALInputError(
             f"attention_mask of shape {tuple(mask.shape)} is a 4-D (block-diagonal) mask, the "
-            f"form packed batches take (LLaMA-Factory neat_packing). {PACKING_FIX}"
+            f"form packed batches take (LLaMA-Factory neat_packing). {packing_fix()}"
         )
     given = [k for k in SEQUENCE_BOUNDARY_KEYS if call.get(k) is not None]
     if given:
         raise CALInputError(
             f"this batch gives {', '.join(given)}: several samples packed into one row "
-            f"(padding-free training). {PACKING_FIX}"
+            f"(padding-free training). {packing_fix()}"
         )
 
 
@@ -77,13 +80,12 @@ def refuse_restarting_positions(position_ids: torch.Tensor, attention_mask: torc
         raise CALInputError(
             f"positions restart inside row {b} (at index {i}, position "
             f"{positions[:, b, i].tolist()} after {positions[:, b, j].tolist()}): this batch packs "
-            f"several samples into one row. {PACKING_FIX}"
+            f"several samples into one row. {packing_fix()}"
         )
 
 
 # -- steps without image positions -----------------------------------------------------------
 NO_IMAGE_STEPS = 8  # CAL steps in a row that carry images but find no image position
-IMAGE_KEYS = ("images", "image_embeds", "mm_encoder_outputs")
 
 
 def carries_images(call: dict) -> bool:
@@ -91,7 +93,7 @@ def carries_images(call: dict) -> bool:
     embeddings without ``input_ids`` (images possibly merged before the forward)."""
     if call.get("input_ids") is None and call.get("inputs_embeds") is not None:
         return True
-    return has_pixels(call, tuple(k for k in call if k.startswith("pixel_values") or k in IMAGE_KEYS))
+    return has_pixels(call)
 
 
 @dataclasses.dataclass
@@ -101,8 +103,8 @@ class NoImageWatch:
     steps: int = 0
     warned: bool = False
 
-    def observe(self, carried_images: bool, visual_mask: torch.Tensor, model_name: str) -> None:
-        if not carried_images or bool(visual_mask.any()):
+    def observe(self, carried_images: bool, with_image: torch.Tensor, model_name: str) -> None:
+        if not carried_images or bool(with_image.any()):
             self.steps = 0
             return
         self.steps += 1

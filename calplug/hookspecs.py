@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
+from .classes import is_named
+
 if TYPE_CHECKING:  # annotations only: importing the hooks costs no torch import
     import torch
     from torch import nn
@@ -30,6 +32,11 @@ if TYPE_CHECKING:  # annotations only: importing the hooks costs no torch import
 PROJECT = "calplug"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# The forward argument an adapter adds when it hands an enabled model pre-merged ``inputs_embeds``
+# (the images already spliced in, no ``input_ids``): bool ``[B, L]``, True at image and video
+# positions. The enabled forward takes it out of the call: the model never receives it.
+VISUAL_MASK_ARGUMENT = "calplug_visual_mask"
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -45,13 +52,25 @@ class MainPass:
     decoder:         the text decoder module (its output's first item is the final hidden state).
     lm_head:         the output projection (``weight [V, d]``, optional ``bias``).
     decoder_kwargs:  the keyword arguments the decoder received in the main pass.
-    visual_mask:     bool ``[B, L]``, True at image (or video) positions of the decoder sequence.
+    visual_mask:     bool ``[B, L]``, True at image (or video) positions of the decoder sequence
+                     (all False for a model whose image does not sit at positions of the sequence:
+                     cross-attention, an encoder's output).
     attention_mask:  ``[B, L]`` 2-D padding mask the decoder received (ones when it got none).
     position_ids:    the positions the decoder really used, explicit (``[B, L]`` or ``[k, B, L]``).
     visual_extras:   decoder keyword arguments that only carry visual information (Qwen3-VL's
                      deepstack features); a contrast that removes image positions clears them.
-    contrast_embeds: ``fn(pixel_transform) -> inputs_embeds`` re-running the model's own vision
-                     path and splice on transformed pixels (no grad), for contrasts with
+    image_samples:   bool ``[B]``: the samples the image reaches. None (the default) means the
+                     samples with a visual position; a model whose image enters elsewhere
+                     (cross-attention states, an encoder's output) sets it.
+    image_free:      the rest of the image-blind pass, for images that do not (only) sit at
+                     ``visual_mask`` positions: ``fn(samples: long [S]) -> dict`` of decoder
+                     keyword arguments for those samples without the image, computed by the
+                     integration with the model's own modules and no grad (cross-attention states
+                     dropped, an encoder re-run on the text alone). The contrast pass uses them in
+                     place of the main pass's. None: the sequence positions are all there is.
+    rerun_with_pixels: ``fn(pixel_transform) -> dict`` of decoder keyword arguments (merged
+                     ``inputs_embeds``, cross-attention states, ...) from re-running the model's own
+                     vision path on transformed pixels (no grad), for contrasts with
                      ``needs_pixels``; set by integrations with ``pixel_contrasts`` whenever the
                      micro-batch has pixels, None otherwise.
     extra_loss:      a scalar the model adds to its language-model loss and that training must
@@ -64,10 +83,11 @@ class MainPass:
     sequence_kwargs: decoder keyword arguments laid out ``[B, L, ...]`` along the sequence besides
                      ``inputs_embeds`` (Gemma's per-layer inputs): a contrast that shortens the
                      sequence (``drop``) gathers them like the embeddings.
-    attention_span:  the shortest sliding window / attention chunk of the decoder when its layers
-                     build local masks by sequence index from a 2-D mask; None when there is none
-                     (or the decoder receives ready 4-D masks, which ``drop`` slices). ``drop``
-                     equals ``mask`` only on sequences no longer than it.
+    attention_span:  the shortest sliding window / attention chunk of the decoder, which its layers
+                     count in sequence (and cache) positions; None when there is none. ``drop``
+                     equals ``mask`` only on sequences no longer than it, unless the decoder
+                     receives ready 4-D masks (``drop`` slices them); a decoding cache evicts by
+                     it either way (`calplug.decoding`).
     """
 
     output: Any
@@ -80,7 +100,9 @@ class MainPass:
     attention_mask: "torch.Tensor"
     position_ids: "torch.Tensor"
     visual_extras: tuple[str, ...] = ()
-    contrast_embeds: Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], "torch.Tensor"] | None = None
+    image_samples: "torch.Tensor | None" = None
+    image_free: Callable[["torch.Tensor"], dict] | None = None
+    rerun_with_pixels: Callable[[Callable[["torch.Tensor"], "torch.Tensor"]], dict] | None = None
     extra_loss: "torch.Tensor | None" = None
     logit_transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
     sequence_kwargs: tuple[str, ...] = ()
@@ -89,6 +111,12 @@ class MainPass:
     @property
     def inputs_embeds(self) -> "torch.Tensor":
         return self.decoder_kwargs["inputs_embeds"]
+
+    @property
+    def with_image(self) -> "torch.Tensor":
+        """bool ``[B]``: the samples the image reaches (`image_samples`, else those with a visual
+        position): the samples a contrast pass has something to take away from."""
+        return self.visual_mask.any(1) if self.image_samples is None else self.image_samples
 
 
 @dataclasses.dataclass
@@ -107,12 +135,20 @@ class Integration:
                       (it hooks the head); without it that setting is refused.
     check:            optional ``fn(model)`` run by `calplug.enable`; raises
                       `UnsupportedModelError` for versions or configurations it cannot handle.
-    pixel_contrasts:  whether `main_pass` fills `MainPass.contrast_embeds` when the micro-batch
+    pixel_contrasts:  whether `main_pass` fills `MainPass.rerun_with_pixels` when the micro-batch
                       has pixels, so that contrasts with ``needs_pixels`` (blur) can run.
     accepts:          optional ``fn(model) -> bool``: matches models beyond ``model_classes`` (a
                       generic integration); ``check`` then decides, or refuses with the reason.
     contrast_refusal: optional ``fn(model, contrast_name) -> str | None``: why this model cannot
                       run that contrast (None: it can); `calplug.enable` raises with the reason.
+    support_status:   optional ``fn(model) -> (status, reason) | None``: how calplug's own tests
+                      back this model's class ("proven", "matched", "refused" and why), which
+                      ``calplug verify`` prints (the support matrix asks with the class itself,
+                      no model built). None: the integration does not say.
+    reference_pass:   optional ``fn(model, batch) -> ReferencePass``, for a model whose image is
+                      not only at positions of its decoder sequence: how the independent
+                      reference (`calplug.reference`, which ``calplug verify`` runs) takes the image
+                      out. None: it hides the `MainPass.visual_mask` positions.
     """
 
     name: str
@@ -123,12 +159,38 @@ class Integration:
     pixel_contrasts: bool = False
     accepts: Callable[["nn.Module"], bool] | None = None
     contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
+    support_status: Callable[["nn.Module"], "tuple[str, str] | None"] | None = None
+    reference_pass: Callable[["nn.Module", dict], "ReferencePass"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
-        names = {cls.__name__ for cls in type(model).__mro__}
-        if any(name in names for name in self.model_classes):
+        if is_named(model, self.model_classes):
             return True
         return self.accepts is not None and bool(self.accepts(model))
+
+
+@dataclasses.dataclass
+class ReferencePass:
+    """How the independent reference (`calplug.reference.reference_image_free_step`) runs the
+    model without the image, for a model whose image is not (only) at positions of its decoder
+    sequence. Model facts only: the reference's arithmetic is its own.
+
+    batch:       keyword arguments of its second forward (the batch without the arguments that
+                 carry the image: a cross-attention model's pixels and cross-attention mask).
+    hooks:       ``((module, pre_hook), ...)``: forward pre-hooks (``with_kwargs=True``) installed
+                 during that forward (an encoder run on the text alone: its image positions
+                 hidden from it and from the decoder's cross-attention; its pixel arguments left
+                 out), built with `calplug.reference`'s helpers.
+    with_image:  bool ``[B]``: the samples the image reaches; the others have nothing to take
+                 away (gap 0), as in calplug's contrast.
+    label_shift: 1 when the model's logits at row i predict label i + 1 (a causal LM); 0 when they
+                 predict label i (a sequence-to-sequence decoder, whose labels the decoder input
+                 is shifted from).
+    """
+
+    batch: dict
+    with_image: "torch.Tensor"
+    hooks: tuple = ()
+    label_shift: int = 1
 
 
 @dataclasses.dataclass
@@ -139,10 +201,42 @@ class ContrastPlan:
     rows:           long ``[B, L]``; ``rows[b, i]`` indexes the flattened ``[B' * L']`` hidden
                     states of the contrast pass and gives the state that predicts token ``i + 1``
                     of sample ``b`` without the image; -1 means no contrast value (gap 0).
+    samples:        long ``[B']``: the sample of each row of the contrast pass, in order; None
+                    (the default) means every sample, ``B' = B``. Contrastive decoding
+                    (`calplug.decoding`) uses it to extend the pass token by token.
+    keys:           ``[B', L']`` 2-D mask (1 = a later token may attend there) of the contrast
+                    pass's positions: what its padding mask would be. None (the default) means
+                    ``decoder_kwargs["attention_mask"]`` when that is 2-D; a plan whose decoder
+                    gets ready 4-D / per-layer-type masks sets it, or decoding refuses the plan.
     """
 
     decoder_kwargs: dict
     rows: "torch.Tensor"
+    samples: "torch.Tensor | None" = None
+    keys: "torch.Tensor | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Framework:
+    """What the CAL step must know about a training framework that calls the model: framework
+    knowledge the core receives, never imports (`calplug_frameworks`).
+
+    name:              the framework (``"TRL"``, ``"axolotl"``).
+    packing_off:       the framework's options that pack samples into rows, as its users write
+                       them turned off (``"sample_packing: false"``); packed batches are refused
+                       naming every registered framework's options.
+    own_loss_trainers: trainer class names (anywhere in the MRO) whose ``compute_loss`` computes
+                       its own loss and ignores the model's; `calplug.trainer.use_model_loss` makes
+                       such a trainer optimise the loss the model returns.
+    check_call:        optional ``fn(call: dict) -> None``, run before every CAL training step
+                       with the forward's keyword arguments: raises a calplug error when the call
+                       shows that this framework would discard the CAL loss (names the fix).
+    """
+
+    name: str
+    packing_off: str = ""
+    own_loss_trainers: tuple[str, ...] = ()
+    check_call: Callable[[dict], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +246,9 @@ class Contrast:
     name:         what ``CALConfig.contrast`` selects it by.
     build:        ``fn(main: MainPass, config: CALConfig) -> ContrastPlan | None``; None when the
                   micro-batch has nothing to contrast (every gap is 0). Pure tensor code: it must
-                  not run modules, except through ``main.contrast_embeds``.
-    needs_pixels: True when ``build`` calls ``main.contrast_embeds`` (it transforms the input
+                  not run modules, except through ``main.rerun_with_pixels`` and
+                  ``main.image_free``.
+    needs_pixels: True when ``build`` calls ``main.rerun_with_pixels`` (it transforms the input
                   pixels, like blur): only integrations with ``pixel_contrasts`` can then be
                   enabled, and under sharded training every rank re-runs its vision path.
     """
@@ -171,6 +266,15 @@ def calplug_integrations() -> "list[Integration]":
     Called when `calplug.enable` looks for the integration that can patch a model; the first
     that matches wins, third-party plugins before the built-in ones.
     """
+
+
+# -- framework knowledge --------------------------------------------------------------------------
+@hookspec
+def calplug_frameworks() -> "list[Framework]":
+    """Return the `Framework` records this plugin provides (calplug's adapters provide TRL's,
+    axolotl's, LLaMA-Factory's and ms-swift's). Read when the step refuses a packed batch (to name
+    every framework's packing options), before every CAL step (`Framework.check_call`) and by
+    `calplug.trainer.use_model_loss`."""
 
 
 # -- step 2: the contrast condition ---------------------------------------------------------------

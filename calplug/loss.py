@@ -17,15 +17,6 @@ from .gap import IGNORE_INDEX
 EPS = 1e-6
 
 
-def per_row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """float32 ``[B, L]`` cross-entropy of row i against label i+1 (0 where ignored or last)."""
-    B, L, V = logits.shape
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    ce = F.cross_entropy(logits.reshape(B * L, V).float(), shifted.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none")
-    return ce.view(B, L)
-
-
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
                            num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Scalar CAL loss for one micro-batch.

@@ -3,6 +3,10 @@
 Built-in plugins are module paths registered exactly like external ones; third-party plugins are
 found through the ``calplug`` entry-point group (set ``CALPLUG_DISABLE_ENTRYPOINTS=1`` to skip
 them). ``check_pending()`` makes a misspelt ``calplug_*`` hook fail loudly at load time.
+
+`BUILTIN_PLUGINS` is the one place the core names the integrations and the framework adapters:
+as module paths the manager loads when it is first built, never as imports, so the core's code
+depends on none of them (docs/layout.md).
 """
 from __future__ import annotations
 
@@ -11,15 +15,20 @@ import os
 import pluggy
 
 from . import hookspecs
+from .config import did_you_mean
 from .errors import CALConfigError
-from .hookspecs import Contrast, Integration
+from .hookspecs import Contrast, Framework, Integration
 
 # Later-registered plugins are asked first: the generic transformers integration, which also
 # matches classes no other integration names, comes first so that it is asked last.
 BUILTIN_PLUGINS = (
     "calplug.integrations.transformers_vlm",
+    "calplug.integrations.cross_attention",
+    "calplug.integrations.encoder_decoder",
+    "calplug.integrations.kosmos",
     "calplug.builtin",
     "calplug.integrations.llava_style",
+    "calplug.frameworks",
 )
 
 _manager: pluggy.PluginManager | None = None
@@ -63,6 +72,27 @@ def contrasts() -> dict[str, Contrast]:
 
 def contrast_names() -> list[str]:
     return list(contrasts())
+
+
+def resolve_contrast(name) -> Contrast:
+    """The registered contrast called ``name``; a `CALConfigError` naming the registered ones
+    (and the closest) otherwise. `calplug.enable` resolves the configured contrast once."""
+    known = contrasts()
+    if not isinstance(name, str) or name not in known:
+        hint = did_you_mean(name, list(known)) if isinstance(name, str) else ""
+        raise CALConfigError(
+            f"contrast {name!r} is not a registered contrast condition.{hint} "
+            f"Registered: {', '.join(sorted(known))}."
+        )
+    return known[name]
+
+
+def frameworks() -> list[Framework]:
+    """All registered `Framework` records (calplug's adapters and third-party ones)."""
+    found: list[Framework] = []
+    for records in get_plugin_manager().hook.calplug_frameworks():
+        found.extend(_records(records, Framework, "calplug_frameworks"))
+    return found
 
 
 def integrations() -> list[Integration]:

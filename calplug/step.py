@@ -1,11 +1,10 @@
 """The CAL training step: what the forward of an enabled model does in training mode with labels.
 
 `cal_forward` is the forward `calplug.enable` installs; `training_step` runs the algorithm's
-steps as numbered in docs/cal.md, using only what the integration's `MainPass` and the plugin
-hooks (`calplug.hookspecs`) hand it: it knows no model family. Sharded training (ZeRO-3, FSDP)
-only adds the agreement of `_contrast_plan`, so every rank runs the same modules, the gathered
-read of the head in `contrast_gaps`, and `distributed.contrast_region` (FSDP2's backward prefetch
-order forgets the contrast pass).
+steps as numbered in docs/cal.md, using only what the integration's `MainPass`, the contrast
+`calplug.enable` resolved, the registered frameworks' records and the plugin hooks
+(`calplug.hookspecs`) hand it: it knows no model family and no framework. The contrast pass is
+`calplug.contrast_pass`, the same machinery `calplug.token_gaps` runs outside training.
 """
 from __future__ import annotations
 
@@ -19,12 +18,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from . import batch_checks, distributed, gap, guards, plugins
+from . import batch_checks, contrast_pass, distributed, gap, guards, plugins
 from .config import CALConfig
-from .contrast import placeholder_plan
 from .errors import CALConfigError, CALError, CALInputError, UnsupportedModelError
-from .hookspecs import Contrast, ContrastPlan, Integration, MainPass
-from .integrations import compat
+from .hookspecs import VISUAL_MASK_ARGUMENT, Contrast, Integration, MainPass
 
 STATE_ATTR = "_calplug_state"
 COMPILE_REFUSAL = (
@@ -38,10 +35,12 @@ COMPILE_REFUSAL = (
 @dataclasses.dataclass
 class CALState:
     """What `calplug.enable` leaves on a model, in ``model.__dict__[STATE_ATTR]`` (outside
-    ``state_dict``): the config, the integration, and the forward to call and to restore."""
+    ``state_dict``): the config, the integration, the contrast the config names (resolved once,
+    at enable), and the forward to call and to restore."""
 
     config: CALConfig
     integration: Integration
+    contrast: Contrast
     original_forward: Any          # the instance attribute `forward` had before, or None
     signature: inspect.Signature   # of the forward the model had: CALForward keeps it
     no_images: guards.NoImageWatch = dataclasses.field(default_factory=guards.NoImageWatch)
@@ -51,16 +50,18 @@ class CALState:
     # from local functions cannot; the error then says what to do instead of pickle's "Can't
     # pickle local object". copy.deepcopy copies functions by reference and needs no such check.
     def __getstate__(self) -> dict:
-        try:
-            pickle.dumps(self.integration)
-        except Exception as error:
-            raise CALError(
-                f"this model's calplug state cannot be pickled: its integration "
-                f"{self.integration.name!r} (from a plugin) holds something pickle cannot save "
-                f"({' '.join(str(error).split())}). Call calplug.disable(model) before saving and "
-                "calplug.enable(model) after loading, or save model.state_dict() / save_pretrained(), "
-                "which hold no calplug state. Plugin authors: build Integration records from "
-                "module-level functions (docs/plugins.md)") from None
+        for what, record in (("integration", self.integration), ("contrast", self.contrast)):
+            try:
+                pickle.dumps(record)
+            except Exception as error:
+                raise CALError(
+                    f"this model's calplug state cannot be pickled: its {what} {record.name!r} (from "
+                    "a plugin) holds something pickle cannot save "
+                    f"({' '.join(str(error).split())}). Call calplug.disable(model) before saving and "
+                    "calplug.enable(model) after loading, or save model.state_dict() / "
+                    "save_pretrained(), which hold no calplug state. Plugin authors: build "
+                    "Integration and Contrast records from module-level functions (docs/plugins.md)"
+                ) from None
         return dict(self.__dict__)
 
     def __deepcopy__(self, memo: dict) -> "CALState":
@@ -104,11 +105,10 @@ def cal_forward(model: nn.Module, args: tuple, kwargs: dict):
                            if p.kind is p.VAR_KEYWORD), "\0"), {})
     call.update(extra)
     if not model.training or call.get("labels") is None:
-        kwargs.pop(compat.VISUAL_MASK_ARGUMENT, None)  # an adapter's key, never the model's
+        kwargs.pop(VISUAL_MASK_ARGUMENT, None)  # an adapter's key, never the model's
         return original(*args, **kwargs)
     if torch.compiler.is_compiling():
         raise UnsupportedModelError(COMPILE_REFUSAL)
-    compat.check_not_own_loss_call(call)
     return training_step(model, original, state, call)
 
 
@@ -117,10 +117,12 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     config = state.config
     batch_checks.check_labels(call["labels"])   # dtype and shape (calplug/batch_checks.py)
     num_items_in_batch = call.pop("num_items_in_batch", None)
-    contrast = plugins.contrasts()[config.contrast]
     pm = plugins.get_plugin_manager()
-    if config.loss_chunk:
-        _check_loss_plugins_take_hidden_states(pm)
+    if config.loss_chunk:  # checked at enable too; a plugin may have come since
+        check_loss_plugins_take_hidden_states()
+    for framework in plugins.frameworks():      # a caller that would discard the CAL loss
+        if framework.check_call is not None:
+            framework.check_call(call)
     guards.refuse_packed_call(call)
     carried_images = guards.carries_images(call)
     # step 1: the main pass, with grad (with loss_chunk, the head sees the last position only)
@@ -142,7 +144,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
         )
     batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1])
     guards.refuse_restarting_positions(main.position_ids, main.attention_mask)
-    state.no_images.observe(carried_images, main.visual_mask, type(model).__name__)
+    state.no_images.observe(carried_images, main.with_image, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():
@@ -151,11 +153,8 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
         else:
             main_logits = _hidden_main_logits(main, hidden.detach(), targets)
         # steps 2 and 4: the contrast pass and the target-token gaps
-        with distributed.contrast_region(model):
-            pm.hook.calplug_observe_contrast_pass(model=model, phase="start")
-            plan = _contrast_plan(model, main, config, contrast)
-            gaps, contrasted = contrast_gaps(main, plan, main_logits, targets)
-            pm.hook.calplug_observe_contrast_pass(model=model, phase="end")
+        gaps, contrasted, _ = contrast_pass.measure(model, main, config, state.contrast,
+                                                    main_logits, targets)
         weighed = batch_checks.finite_gaps(gaps, main_logits, supervised)  # NaN / inf -> 0
     # steps 5-6: clamp and smooth (the built-in weighting), or a plugin's weights
     weights = pm.hook.calplug_weights(gaps=weighed, labels=shifted, supervised=supervised, config=config)
@@ -169,81 +168,6 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     pm.hook.calplug_observe_step(model=model, gaps=gaps, weights=weights.detach(), labels=shifted,
                                  supervised=supervised, contrasted=contrasted, config=config)
     return _with_loss(main.output, loss, weights.detach(), gaps)
-
-
-# -- step 2: the contrast pass ----------------------------------------------------------------
-def _contrast_plan(model: nn.Module, main: MainPass, config: CALConfig,
-                   contrast: Contrast) -> ContrastPlan | None:
-    """This rank's contrast plan; under ZeRO-3 / FSDP, one that runs the same modules on every rank.
-
-    A rank with nothing to contrast would skip the contrast pass while others run it, and their
-    collective parameter gathers would pair up wrongly (a crash or a hang). Plain contrasts
-    (drop, mask, patch_mask) build their plan without running any module, so ranks agree after
-    building: a rank without a plan runs a one-token placeholder through the decoder. A contrast
-    that re-runs the vision tower on transformed pixels (``needs_pixels``: blur) runs modules
-    while building, so ranks agree before: a rank whose micro-batch has pixels but no image
-    positions (the LLaVA codebases' dummy images) re-runs its vision path unchanged, and a rank
-    with no pixels at all cannot, which is an error on every rank at once rather than a hang.
-    """
-    if not (contrast.needs_pixels and distributed.must_agree(model)):
-        plan = contrast.build(main, config)
-        if distributed.any_rank(plan is not None, model) and plan is None:
-            plan = placeholder_plan(main)
-        return plan
-    has_visual = bool(main.visual_mask.any())
-    can_rerun = main.contrast_embeds is not None  # set only when this micro-batch has pixels
-    any_visual, any_without_pixels = distributed.any_rank_each([has_visual, not can_rerun], model)
-    if not any_visual:
-        return None
-    if any_without_pixels:
-        raise CALInputError(
-            f"contrast={config.contrast!r} re-runs the vision tower in the contrast pass, and under "
-            "DeepSpeed ZeRO-3 / FSDP every rank must then run it, but at least one rank's "
-            "micro-batch has no pixel values. Give text-only micro-batches a dummy image (as the "
-            "LLaVA codebases do), or use contrast='drop', 'mask' or 'patch_mask'"
-        )
-    if not has_visual:
-        main.contrast_embeds(lambda pixels: pixels)  # the same vision-tower gathers as the others
-        return placeholder_plan(main)
-    plan = contrast.build(main, config)
-    return placeholder_plan(main) if plan is None else plan
-
-
-def contrast_gaps(main: MainPass, plan: ContrastPlan | None, main_logits: torch.Tensor,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 2 and 4: run the contrast pass of ``plan`` (no grad). Returns float32 ``[B, L-1]``
-    gaps ``main - contrast`` of each row's target logit (0 on rows without a contrast value) and
-    bool ``[B, L-1]``: which rows had one. The contrast side never makes vocabulary-sized logits
-    (`gap.hidden_target_logits`)."""
-    if plan is None:
-        return torch.zeros_like(main_logits), torch.zeros_like(main_logits, dtype=torch.bool)
-    with _no_gradient_checkpointing(main.decoder):
-        out = main.decoder(**plan.decoder_kwargs)
-    hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows = plan.rows[:, :-1]
-    has = rows >= 0
-    with distributed.gathered(main.lm_head):
-        contrast = gap.hidden_target_logits(hidden, main.lm_head.weight,
-                                            getattr(main.lm_head, "bias", None), targets[has],
-                                            rows=rows[has])
-    if main.logit_transform is not None:  # the model's own logits are transformed: so are these
-        contrast = main.logit_transform(contrast)
-    return gap.target_gap(main_logits, targets, contrast, has), has
-
-
-@contextlib.contextmanager
-def _no_gradient_checkpointing(decoder: nn.Module):
-    """Turn activation checkpointing off for the no-grad contrast pass: there is nothing to save,
-    and checkpointing a no-grad call only warns and recomputes."""
-    flagged = [m for m in decoder.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    for m in flagged:
-        m.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for m in flagged:
-            m.gradient_checkpointing = True
 
 
 # -- loss_chunk: no full logits -----------------------------------------------------------------
@@ -302,9 +226,10 @@ def _hidden_main_logits(main: MainPass, hidden: torch.Tensor, targets: torch.Ten
     return out.view(B, L - 1)
 
 
-def _check_loss_plugins_take_hidden_states(pm) -> None:
+def check_loss_plugins_take_hidden_states() -> None:
     """``loss_chunk > 0`` hands `calplug_loss` no logits: an implementation that does not declare
     ``hidden_states`` cannot compute that loss, so the setting is refused (the hook's contract)."""
+    pm = plugins.get_plugin_manager()
     unable = [impl.plugin_name for impl in pm.hook.calplug_loss.get_hookimpls()
               if "hidden_states" not in impl.argnames]
     if unable:

@@ -87,24 +87,43 @@ def llava_batch(model, *, seed: int = 0, lengths=(12, 9, 10), with_image=(True, 
                 pixel_values=pixel_values if n_images else None)
 
 
-# -- tiny VLMs by family, for `calplug verify --tiny` ------------------------------------------------
-def _tiny_llava_with_batch(seed: int):
+# -- the model `calplug verify --tiny llava` checks itself on --------------------------------------
+def tiny_llava_with_batch(seed: int = 0):
+    """`tiny_llava(seed)` in train mode and a `llava_batch` for it (two samples with an image,
+    one text-only, padded): what `calplug verify --tiny llava` checks itself on."""
     model = tiny_llava(seed).train()
     return model, llava_batch(model, seed=seed)
 
 
-# family key (the test suite's, as in case ids hf-<key>-...) -> fn(seed) -> (model in train mode,
-# batch: two image samples and a text-only one, padded)
-TINY_VLMS = {
-    "llava": _tiny_llava_with_batch,
-}
+# -- a processor for the tiny Llava: the audit's tests and the demo's audit world -----------------
+# The chat template of `tiny_llava_processor`: "<bos>", then each turn's text with " <image>" where
+# an image goes, an assistant turn followed by " <eos>". On the demo's word vocabulary it writes
+# exactly the demo's training sequence: <bos> <image> describe : <caption> <eos>.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %} <image>{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}"
+    "{% endfor %}{% if m['role'] == 'assistant' %} {{ eos_token }}{% endif %}{% endfor %}")
 
 
-def tiny_vlm(family: str, seed: int = 0):
-    """A tiny seeded model of a transformers VLM family and a training batch for it (two samples
-    with an image, one text-only): what `calplug verify --tiny` checks itself on."""
-    from .errors import CALConfigError
+def tiny_llava_processor(words, *, image_size: int = 32, patch_size: int = 8,
+                         chat_template: str = TINY_CHAT_TEMPLATE):
+    """A transformers `LlavaProcessor` for `tiny_llava`, built offline: a whitespace word-level
+    tokenizer over ``words`` (which must hold ``<pad>``, ``<bos>``, ``<eos>``; ``<image>`` is added
+    after them unless present, so with ``<image>`` last its id is `tiny_llava`'s default image
+    token), a CLIP image processor whose pixels are ``x / 127.5 - 1`` (the demo's), and a chat
+    template. Unknown words map to ``<pad>``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    if family not in TINY_VLMS:
-        raise CALConfigError(f"no tiny model of family {family!r}; families: {', '.join(sorted(TINY_VLMS))}")
-    return TINY_VLMS[family](seed)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                                eos_token="<eos>", unk_token="<pad>")
+    fast.add_tokens(["<image>"], special_tokens=True)
+    # Pillow-backed where transformers has that class (5.x without torchvision warns otherwise)
+    images = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return transformers.LlavaProcessor(
+        image_processor=images(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=fast, patch_size=patch_size, vision_feature_select_strategy="default",
+        image_token="<image>", num_additional_image_tokens=1, chat_template=chat_template)

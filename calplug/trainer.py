@@ -37,8 +37,8 @@ import math
 import torch
 
 from . import distributed, plugins
+from .classes import is_named
 from .hookspecs import hookimpl
-from .integrations import compat
 
 try:  # the callback needs transformers; CALStats does not
     from transformers import TrainerCallback as _CallbackBase
@@ -216,11 +216,22 @@ class CALLoggingCallback(_CallbackBase):
                     np_histogram=(counts.numpy(), edges.numpy()))}, commit=False)
 
 
+def put_first(handler, callback: CALLoggingCallback) -> None:
+    """Make ``callback`` the first of ``handler``'s callbacks (adding it when absent), so that the
+    ``cal/`` keys it adds to a log reach the printer, the log files and every reporter after it,
+    and let it find the TensorBoard / wandb writers for its histogram. Safe while the handler
+    iterates its callbacks (an adapter moving itself from ``on_train_begin``): the callback moves
+    from index i to 0, and the ones after it keep their index."""
+    if callback in handler.callbacks:
+        handler.callbacks.remove(callback)
+    handler.callbacks.insert(0, callback)
+    callback.handler = handler
+
+
 def attach(trainer, histogram: bool = True) -> CALLoggingCallback:
     """Add a `CALLoggingCallback` to ``trainer`` ahead of its reporting callbacks; returns it."""
     callback = CALLoggingCallback(histogram=histogram)
-    callback.handler = trainer.callback_handler
-    trainer.callback_handler.callbacks.insert(0, callback)
+    put_first(trainer.callback_handler, callback)
     return callback
 
 
@@ -228,9 +239,10 @@ def attach(trainer, histogram: bool = True) -> CALLoggingCallback:
 
 
 def use_model_loss(trainer) -> bool:
-    """Make ``trainer`` optimise the loss its model returns (the CAL loss): for the trainers in
-    `calplug.integrations.compat.OWN_LOSS_TRAINERS`, this instance's ``compute_loss`` becomes transformers'
-    ``Trainer.compute_loss`` (which passes ``num_items_in_batch`` to the model and, with
+    """Make ``trainer`` optimise the loss its model returns (the CAL loss): for the trainers a
+    registered framework lists as computing their own loss (`Framework.own_loss_trainers`: TRL's
+    SFTTrainer), this instance's ``compute_loss`` becomes transformers' ``Trainer.compute_loss``
+    (which passes ``num_items_in_batch`` to the model and, with
     ``average_tokens_across_devices``, multiplies by the number of processes, as TRL does). The
     trainer's own extra training metrics (TRL's entropy, token accuracy) are then not logged.
     Returns whether anything was changed."""
@@ -238,8 +250,8 @@ def use_model_loss(trainer) -> bool:
 
     from transformers import Trainer
 
-    names = {cls.__name__ for cls in type(trainer).__mro__}
-    if not names.intersection(compat.OWN_LOSS_TRAINERS):
+    own_loss = [name for f in plugins.frameworks() for name in f.own_loss_trainers]
+    if not is_named(trainer, own_loss):
         return False
     trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
     return True

@@ -5,6 +5,9 @@ tests/test_properties.py). A model whose class the integration matches but whose
 proof there, or a checkpoint with a configuration the tiny models do not have, can be checked
 here, on the model itself and one of its training batches:
 
+(0) **the image positions cover where the pixels enter**: every position whose text-decoder input
+    changes when the pixels are replaced is one the integration reports (measured without the
+    integration);
 (a) **the contrast pass is blind to the image**: replacing the pixels leaves the contrast-side
     target logits of every text row unchanged (``drop`` and the published ``mask``), and changes
     the main side's (so the image really reaches the model, and the first check means something);
@@ -19,6 +22,11 @@ here, on the model itself and one of its training batches:
 (c) **unit weights give the model's own loss** (alpha = beta = 1);
 (d) **disable restores** the forward: outputs bit-identical to before ``enable``.
 
+For a model whose image is not at positions of its decoder sequence (cross-attention states, an
+encoder's output), the integration's `Integration.reference_pass` says how the reference takes it
+out; check (0) then asks that every sample whose logits move with the pixels is one the
+integration says has an image, and the checks read every non-padding row of those samples.
+
 The model is left as it was found: enabled state and config, train/eval mode, gradients.
 Dropout is switched off for the checks (two forwards must see the same network).
 """
@@ -26,20 +34,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import enabling, scoring
 from .config import CALConfig
 from .errors import CALInputError
 from .gap import IGNORE_INDEX
+from .hookspecs import ReferencePass
+from .inputs import PIXEL_PREFIX, has_float_pixels
+from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
-PIXEL_PREFIX = "pixel_values"        # pixel_values, pixel_values_videos, ...: what "the image" is
-PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+POSITIONS_CHECK = "image positions cover where the pixels enter"
+SAMPLES_CHECK = "image samples cover where the pixels enter"
 FAITHFUL = dict(contrast="mask", pool_scope="flat", alpha=0.0, beta=5.0, pool_window=3)
 MIN_WEIGHT_STD = 1e-3                # faithful weights must vary, or the loss check proves little
 # Tolerances are fp32 round-off; models in half precision get them multiplied by this factor.
@@ -111,17 +120,15 @@ def _number(x: float) -> str:
 
 # -- the entry point ------------------------------------------------------------------------------
 def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int = 0) -> Report:
-    """Run checks (a)-(d) of this module's docstring on ``model`` and one training ``batch``
+    """Run checks (0)-(d) of this module's docstring on ``model`` and one training ``batch``
     (the keyword arguments of its forward, ``labels`` included, ``[B, L]`` aligned with
     ``input_ids``; at least one sample with an image). ``gradients=False`` skips the gradient
     comparison (one backward pass fewer, no second set of gradients in memory). Returns a `Report`;
     raises `CALInputError` for a batch it cannot check and `UnsupportedModelError` for a model
     calplug cannot enable."""
-    from . import enabling
     from .step import STATE_ATTR
 
     target = enabling.unwrap_model(model)
-    layout = _layout(target, batch)
     integration = enabling.find_integration(target)
     if integration.check is not None:
         integration.check(target)
@@ -134,8 +141,9 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
         target.train()
         for p in target.parameters():
             p.grad = None
-        with _dropout_off(target):
-            checks = _run_checks(target, batch, layout, integration, gradients, seed)
+        with scoring.dropout_off(target):
+            layout = _layout(target, batch, seed)
+            checks = _run_checks(target, batch, layout, integration, gradients)
     finally:
         enabling.disable(target)
         if previous is not None:
@@ -150,7 +158,8 @@ def verify(model: nn.Module, batch: dict, *, gradients: bool = True, seed: int =
     refusal = _mask_refusal(target, integration)
     notes = (f"contrast='mask' is refused for this model ({refusal}); the default drop is checked "
              "against a reference that removes the image positions",) if refusal else ()
-    return Report(type(target).__name__, setting, checks, _support(target), notes)
+    support = integration.support_status(target) if integration.support_status is not None else None
+    return Report(type(target).__name__, setting, checks, support, notes)
 
 
 def _mask_refusal(model: nn.Module, integration) -> str | None:
@@ -163,14 +172,14 @@ def _mask_refusal(model: nn.Module, integration) -> str | None:
 # -- layout of the batch --------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Layout:
-    labels: torch.Tensor      # [B, L]
-    visual: torch.Tensor      # bool [B, L]: image / video placeholder positions
-    attention: torch.Tensor   # [B, L] padding mask
-    pixel_keys: tuple[str, ...]
-
-    @property
-    def with_image(self) -> torch.Tensor:
-        return self.visual.any(1)
+    labels: torch.Tensor      # [B, L] labels of the decoder sequence calplug runs (the main pass's)
+    visual: torch.Tensor      # bool [B, L]: the image positions the integration reports
+    measured: torch.Tensor    # bool [B, L] (or [B]): where (which samples) the pixels reach (measured)
+    with_image: torch.Tensor  # bool [B]: the samples the image reaches
+    attention: torch.Tensor   # [B, L] padding mask of that sequence
+    replaced: dict            # the batch with other pixels of the same shape
+    decoder: nn.Module        # the module the model hands its merged embeddings to
+    reference: ReferencePass | None = None  # how the reference takes out an image held elsewhere
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -180,47 +189,50 @@ class _Layout:
         return text[:, :-1]
 
 
-def placeholder_positions(config, input_ids: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, L]``: positions of the config's image and video placeholder ids. Read here from
-    the config, independently of the integration's own reading."""
-    ids = {int(v) for v in (getattr(config, n, None) for n in PLACEHOLDER_NAMES) if v is not None}
-    out = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i in ids:
-        out |= input_ids == i
-    return out
-
-
-def _layout(model: nn.Module, batch: dict) -> _Layout:
+def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
+    """The batch checked, and where its images are, twice: as the integration reports them (its
+    main pass, no grad: what the training step and the reference use) and as measured without it
+    (the positions whose decoder input changes with the pixels, `calplug.reference.pixel_positions`)."""
     if not isinstance(batch, dict):
         raise CALInputError(f"verify takes the batch as a dict of forward arguments, got {type(batch).__name__}")
     input_ids, labels = batch.get("input_ids"), batch.get("labels")
     if not isinstance(input_ids, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise CALInputError("verify needs a training batch with input_ids and labels (the forward's "
                             "keyword arguments, as the trainer passes them)")
-    if labels.shape != input_ids.shape or labels.dim() != 2:
-        raise CALInputError(f"labels {tuple(labels.shape)} must be [batch, seq_len] aligned with input_ids "
+    if labels.dim() != 2 or labels.shape[0] != input_ids.shape[0]:
+        raise CALInputError(f"labels {tuple(labels.shape)} must be [batch, seq_len] for the input_ids "
                             f"{tuple(input_ids.shape)}")
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise CALInputError("every label of the batch is -100: verify needs supervised tokens")
-    visual = placeholder_positions(model.config, input_ids)
-    if not bool(visual.any()):
-        names = ", ".join(n for n in PLACEHOLDER_NAMES if getattr(model.config, n, None) is not None)
-        raise CALInputError(f"no sample of the batch holds an image placeholder ({names or 'no placeholder id in the config'}): "
-                            "verify needs a batch with at least one image")
-    pixel_keys = tuple(k for k, v in batch.items() if k.startswith(PIXEL_PREFIX) and _has_floats(v))
+    pixel_keys = tuple(k for k, v in batch.items() if k.startswith(PIXEL_PREFIX) and has_float_pixels(v))
     if not pixel_keys:
-        raise CALInputError(f"the batch has image placeholders but no {PIXEL_PREFIX}* tensor: pass the "
-                            "processor's pixel values")
-    attention = batch.get("attention_mask")
-    if attention is None:
-        attention = torch.ones_like(input_ids)
-    return _Layout(labels, visual, attention, pixel_keys)
-
-
-def _has_floats(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_floating_point() and value.numel() > 0
-    return isinstance(value, (list, tuple)) and any(_has_floats(v) for v in value)
+        raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
+                            "least one image, with the processor's pixel values")
+    target, _, integration, _, forward = scoring.resolved(model, CALConfig())
+    with torch.no_grad():
+        main = scoring.main_pass(target, integration, forward, batch)
+    reference = (integration.reference_pass(target, batch)
+                 if integration.reference_pass is not None else None)
+    if reference is None and main.labels.shape != labels.shape:
+        raise CALInputError(
+            "the model's decoder sequence is not the input_ids sequence: verify handles models that "
+            "splice image features into the input_ids sequence at placeholder tokens "
+            "(transformers' VLM classes); LLaVA-codebase models are proven by calplug's own tests "
+            "(tox -e llava)")
+    g = torch.Generator().manual_seed(seed)
+    replaced = dict(batch, **{k: _replace_pixels(batch[k], g) for k in pixel_keys})
+    # the model's own decoder module (the main pass may hand the contrast pass a wrapper of it)
+    decoder = integration.decoder_and_head(target)[0] if integration.decoder_and_head else main.decoder
+    if not bool(main.with_image.any()):
+        raise CALInputError("calplug found no image in the batch (no image placeholder in input_ids, "
+                            "or placeholder ids that are not the model config's): verify needs a "
+                            "batch with at least one image")
+    if reference is None:
+        measured = pixel_positions(target, batch, replaced, decoder=decoder)
+    else:  # the image enters elsewhere (cross-attention states, an encoder): which samples it reaches
+        measured = pixel_samples(target, batch, replaced)
+    return _Layout(main.labels, main.visual_mask, measured, main.with_image, main.attention_mask,
+                   replaced, decoder, reference)
 
 
 def _replace_pixels(value, g: torch.Generator):
@@ -236,9 +248,7 @@ def _replace_pixels(value, g: torch.Generator):
 
 
 # -- the checks -----------------------------------------------------------------------------------
-def _run_checks(model, batch, layout: _Layout, integration, gradients: bool, seed: int) -> list[Check]:
-    from . import enabling
-
+def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> list[Check]:
     factor = PRECISION_FACTOR.get(_dtype(model), 1.0)
     checks: list[Check] = []
     targets = layout.labels[:, 1:].clamp(min=0)
@@ -261,9 +271,20 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool, see
                         "outputs after enable + disable differ from before" if diff
                         else "the instance's forward attribute was not restored"))
 
+    # (0) the integration's image positions (samples) cover every position (sample) the pixels reach
+    if layout.reference is None:
+        missed = int((layout.measured & ~layout.visual).sum())
+        checks.append(Check(POSITIONS_CHECK, missed == 0, float(missed),
+                            "= 0", "the decoder input changes with the pixels at positions the "
+                            "integration does not report as image positions"))
+    else:
+        missed = int((layout.measured & ~layout.with_image.to(layout.measured.device)).sum())
+        checks.append(Check(SAMPLES_CHECK, missed == 0, float(missed), "= 0",
+                            "the logits of samples the integration reports without an image change "
+                            "with the pixels"))
+
     # (a) the contrast side blind to the image, the main side not; drop = mask on text rows
-    g = torch.Generator().manual_seed(seed)
-    replaced = dict(batch, **{k: _replace_pixels(batch[k], g) for k in layout.pixel_keys})
+    replaced = layout.replaced
     gaps, main_moved, blind_tol = {}, 0.0, 0.0
     for contrast in contrasts:
         with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast)):
@@ -307,15 +328,20 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool, see
 
 
 def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list[Check]:
-    from . import enabling
-
     cfg = CALConfig(**dict(FAITHFUL, contrast=contrast))
     what = ("faithful = two-forward reference" if contrast == "mask"
             else "drop = two-forward reference")
     grad_ctx = contextlib.nullcontext() if gradients else torch.no_grad()
     with grad_ctx:
-        ref_loss, ref_gaps, ref_weights = reference_step(
-            model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast)
+        if layout.reference is None:
+            ref_loss, ref_gaps, ref_weights = reference_step(
+                model, batch, layout.visual, cfg.alpha, cfg.beta, cfg.pool_window, contrast=contrast,
+                decoder=layout.decoder)
+        else:  # the image held elsewhere: the model's own forward without it (either contrast)
+            ref = layout.reference
+            ref_loss, ref_gaps, ref_weights = reference_image_free_step(
+                model, batch, ref.batch, ref.with_image, cfg.alpha, cfg.beta, cfg.pool_window,
+                hooks=ref.hooks, shift=ref.label_shift)
     ref_grads = {}
     if gradients:
         ref_loss.backward()
@@ -353,224 +379,13 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
     return checks
 
 
-# -- the independent reference ---------------------------------------------------------------------
-def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: float, beta: float,
-                   window: int, contrast: str = "mask") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CAL loss by the two-forward definition, without calplug's step: the model's own
-    forward (with grad), and a second forward (no grad) in which a pre-hook on the text decoder
-    removes the image positions ``visual [B, L]``: ``contrast="mask"`` (the published one) hides
-    them from every query in whatever attention mask the model built; ``"drop"`` takes them out
-    of the decoder's sequence (text keeps its positions; a removed row takes the state of the
-    last text position before it, as docs/cal.md defines). Full float32 logits, flat pooling.
-    Whatever the model adds to its cross-entropy (a router's load-balancing loss) is kept: its own
-    loss minus the plain cross-entropy of its logits. Returns ``(loss, gaps [N], weights [N])``,
-    N = B * (L - 1)."""
-    out = model(**batch)
-    logits = _logits(out)
-    decoder = text_decoder(model)
-    attention = batch.get("attention_mask")
-    attention = torch.ones_like(visual, dtype=torch.long) if attention is None else attention
-    if contrast == "mask":
-        handle = decoder.register_forward_pre_hook(_hide_positions(visual), with_kwargs=True)
-        second = batch
-    else:
-        keep = attention.bool() & ~visual
-        handle = decoder.register_forward_pre_hook(_remove_positions(keep), with_kwargs=True)
-        # the sequence is shorter: no labels, and no router statistics over the outer padding mask
-        second = {k: v for k, v in batch.items() if k != "labels"}
-        if "output_router_logits" in inspect.signature(model.forward).parameters:
-            second["output_router_logits"] = False
-    try:
-        with torch.no_grad():
-            logits_wo = _logits(model(**second))
-    finally:
-        handle.remove()
-    if contrast == "drop":
-        logits_wo = _spread(logits_wo, keep, visual.any(1), logits.detach())
-    if logits_wo.shape != logits.shape:
-        raise CALInputError("the model's logits changed shape when image positions were hidden")
-    labels = batch["labels"]
-    V = logits.shape[-1]
-    flat = logits[:, :-1].reshape(-1, V).float()
-    flat_wo = logits_wo[:, :-1].reshape(-1, V).float()
-    shifted = labels[:, 1:].reshape(-1)
-    y = shifted.clamp(min=0)
-    rows = torch.arange(y.numel(), device=y.device)
-    gaps = (flat[rows, y] - flat_wo[rows, y]).detach()
-    w = gaps.clamp(min=alpha, max=beta)
-    if window > 1:
-        w = F.avg_pool1d(w.view(1, 1, -1), kernel_size=window, stride=1, padding=window // 2,
-                         count_include_pad=False).view(-1)
-    ce = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = shifted != IGNORE_INDEX
-    loss = (ce * w).sum() / (w[valid].sum() + 1e-6)
-    own = _loss(out)
-    if own is not None:  # what the model adds to plain cross-entropy (0 for most models)
-        loss = loss + (own.float() - ce[valid].mean())
-    return loss, gaps, w.detach()
-
-
-def text_decoder(model: nn.Module) -> nn.Module:
-    """The module the model hands its merged embeddings to: what the model's own ``get_decoder()``
-    returns, looked through when that is a causal-LM wrapper (Llama 4) or holds a ``decoder``
-    (OPT); where a release's class has no usable ``get_decoder()`` (one returning a module without
-    decoder layers), the integration's attribute paths for that release."""
-    decoder = None
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError, TypeError):
-        pass
-    if isinstance(decoder, nn.Module):
-        if hasattr(decoder, "lm_head") and isinstance(getattr(decoder, "model", None), nn.Module):
-            decoder = decoder.model
-        inner = getattr(decoder, "decoder", None)
-        if isinstance(inner, nn.Module) and hasattr(inner, "layers"):
-            decoder = inner
-        if hasattr(decoder, "layers"):
-            return decoder
-    from . import enabling
-
-    integration = enabling.find_integration(model)
-    if integration.decoder_and_head is None:
-        raise CALInputError(f"verify cannot find the text decoder of {type(model).__name__}: its "
-                            "get_decoder() returns no module with decoder layers")
-    return integration.decoder_and_head(model)[0]
-
-
-def _check_sequence(kwargs: dict, shape: torch.Size) -> torch.Tensor:
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None or embeds.shape[:2] != shape:
-        raise CALInputError(
-            "the text decoder did not receive inputs_embeds of the batch's [batch, seq_len] "
-            f"{tuple(shape)}: verify handles models that splice image features into the input_ids "
-            "sequence at placeholder tokens (transformers' VLM classes); LLaVA-codebase models are "
-            "proven by calplug's own tests (tox -e llava)")
-    return embeds
-
-
-def _hide_positions(visual: torch.Tensor):
-    """A decoder pre-hook: no query may attend to a ``visual`` key, in a 2-D padding mask (or none),
-    a 4-D mask (boolean: True = attend; float: 0 = attend), or a dict of 4-D masks per layer type.
-    A 4-D mask's row left with no key at all keeps its own position."""
-
-    def hide(mask, embeds):
-        if isinstance(mask, dict):
-            return {k: hide(v, embeds) for k, v in mask.items()}
-        if mask is None:
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        keys = visual.to(mask.device)
-        if mask.dim() == 2:
-            return mask * (~keys).to(mask.dtype)
-        if mask.dim() == 4:
-            B, L = keys.shape
-            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-            allowed = allowed.expand(B, *allowed.shape[1:])
-            kept = allowed & ~keys[:, None, None, :]
-            # a row left with no key (an image row that saw only image keys) keeps itself, as
-            # calplug's contrast does (docs/transformers.md): no all-blocked row
-            emptied = ~kept.any(-1, keepdim=True) & allowed.any(-1, keepdim=True)
-            kept = kept | (emptied & torch.eye(L, dtype=torch.bool, device=kept.device))
-            if mask.dtype == torch.bool:
-                return kept
-            return torch.zeros(kept.shape, dtype=mask.dtype, device=mask.device).masked_fill(
-                ~kept, torch.finfo(mask.dtype).min)
-        raise CALInputError(f"the decoder received an attention mask of shape {tuple(mask.shape)}, "
-                            "which verify's reference cannot edit")
-
-    def pre_hook(module, args, kwargs):
-        embeds = _check_sequence(kwargs, visual.shape)
-        return args, dict(kwargs, attention_mask=hide(kwargs.get("attention_mask"), embeds))
-
-    return pre_hook
-
-
-def _remove_positions(keep: torch.Tensor):
-    """A decoder pre-hook: the decoder runs on the ``keep [B, L]`` positions of each sample only,
-    packed to the left in order (right padding), each with its original position id. Every
-    ``[B, L, ...]`` input is gathered alike; a 2-D padding mask (or none) only."""
-    B, L = keep.shape
-    counts = keep.sum(1)
-    length = max(int(counts.max()), 1)
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :length]
-
-    def pre_hook(module, args, kwargs):
-        embeds = _check_sequence(kwargs, keep.shape)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            raise CALInputError("the decoder received a ready-made (4-D or per-layer) attention mask, "
-                                "which verify's drop reference does not rebuild")
-        new = {}
-        idx = order.to(embeds.device)
-        for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (B, L) \
-                    and name != "attention_mask":
-                index = idx.view(B, length, *([1] * (value.dim() - 2))).expand(B, length, *value.shape[2:])
-                new[name] = value.gather(1, index)
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            positions = torch.arange(L, device=embeds.device).expand(B, L)
-        lead = positions.shape[:-2]
-        positions = positions.expand(*lead, B, L)
-        new["position_ids"] = positions.gather(-1, idx.expand(*lead, B, length))
-        packed = torch.arange(length, device=embeds.device).unsqueeze(0) < counts.to(embeds.device).unsqueeze(1)
-        new["attention_mask"] = packed.long() if mask is None else packed.to(mask.dtype)
-        for name in ("past_key_values", "cache_position"):
-            if name in kwargs:
-                new[name] = None
-        if "use_cache" in kwargs:
-            new["use_cache"] = False
-        return args, dict(kwargs, **new)
-
-    return pre_hook
-
-
-def _spread(short: torch.Tensor, keep: torch.Tensor, with_image: torch.Tensor,
-            logits: torch.Tensor) -> torch.Tensor:
-    """``[B, L, V]`` contrast logits from the ``[B, L', V]`` logits of the kept positions: each row
-    takes the last kept position at or before it; rows with none, and samples without an image,
-    take the main logits (gap 0)."""
-    rank = keep.long().cumsum(1) - 1
-    index = rank.clamp(min=0).unsqueeze(-1).expand(-1, -1, short.shape[-1])
-    spread = short.gather(1, index.to(short.device))
-    use_main = (rank < 0) | ~with_image.unsqueeze(1)
-    return torch.where(use_main.unsqueeze(-1), logits, spread)
-
-
 # -- helpers ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _dropout_off(model: nn.Module) -> Iterator[None]:
-    """Dropout probability 0 for the block (``nn.Dropout`` modules and float ``*dropout``
-    attributes that attention modules read in training), restored after."""
-    changed = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            changed.append((module, "p", module.p))
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if name.endswith("dropout") and isinstance(value, float) and value > 0:
-                changed.append((module, name, value))
-                setattr(module, name, 0.0)
-    try:
-        yield
-    finally:
-        for module, name, value in changed:
-            setattr(module, name, value)
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, tuple):
-        return out[1] if out[0].dim() == 0 else out[0]
-    return out.logits
-
-
-def _loss(out) -> torch.Tensor | None:
-    if isinstance(out, tuple):
-        return out[0] if out[0].dim() == 0 else None
-    return out.loss
-
-
 def _target_logits(out, targets: torch.Tensor) -> torch.Tensor:
-    return _logits(out)[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    """float32 target logit of each row; row i of the output's logits predicts ``targets[:, i]``
+    (a causal LM's logits have one row more than its shifted targets; a sequence-to-sequence
+    model's as many)."""
+    logits = _logits(out)[:, :targets.shape[1]]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 
 
 def _max_diff(a, b) -> float:
@@ -613,13 +428,3 @@ def _transformers_version() -> str:
         return "not installed"
     return transformers.__version__
 
-
-def _support(model: nn.Module) -> tuple[str, str] | None:
-    """The support matrix's status (proven / refused / matched) of the model's transformers class
-    (the first in its MRO: a user's subclass counts as the class it extends)."""
-    from .integrations.families import support_status
-
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers."):
-            return support_status(cls.__name__)
-    return None

@@ -14,6 +14,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from calplug.inputs import has_pixels
+
+
 @contextlib.contextmanager
 def capture_decoder_call(decoder: nn.Module) -> Iterator[dict]:
     """Record the keyword arguments of the first call of ``decoder`` inside the block.
@@ -81,35 +84,56 @@ def embeddings_with(original_forward: Callable, decoder: nn.Module, call: dict) 
     raise RuntimeError("the model's forward never called its decoder")
 
 
-def has_pixels(call: dict, pixel_keys: tuple[str, ...]) -> bool:
-    """Whether the forward was given any pixels under ``pixel_keys`` (tensors or lists of them)."""
-    for key in pixel_keys:
-        value = call.get(key)
-        if isinstance(value, torch.Tensor) and value.numel() > 0:
-            return True
-        if isinstance(value, (list, tuple)) and any(
-                isinstance(v, torch.Tensor) and v.numel() > 0 for v in value):
-            return True
-    return False
+class _CallReady(Exception):
+    """Raised from a decoder pre-hook to stop a forward once the decoder's call is known."""
+
+
+def decoder_inputs_with(original_forward: Callable, decoder: nn.Module, call: dict,
+                        names: tuple[str, ...]) -> dict:
+    """The keyword arguments ``names`` the model hands ``decoder`` for ``call`` (no grad),
+    stopping before the decoder runs: the model's own path up to its text decoder (a vision tower
+    and projector for cross-attention states, an encoder for encoder states), no upstream code
+    copied."""
+
+    def stop(module, args, kwargs):
+        raise _CallReady({name: kwargs.get(name) for name in names})
+
+    handle = decoder.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            original_forward(**call)
+    except _CallReady as ready:
+        return ready.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never called its decoder")
 
 
 def pixel_rerun(original_forward: Callable, decoder: nn.Module, call: dict,
                 pixel_keys: tuple[str, ...]):
-    """`MainPass.contrast_embeds` for a model whose forward takes image tensors under
-    ``pixel_keys``: ``fn(pixel_transform) -> inputs_embeds`` re-runs the forward up to its decoder
-    call on transformed pixels. None when ``call`` holds no pixels (nothing to re-run). Holding
-    the call costs nothing until a pixel contrast uses it: it only keeps references."""
+    """`MainPass.rerun_with_pixels` for a model whose forward takes image tensors under
+    ``pixel_keys``: ``fn(pixel_transform) -> {"inputs_embeds": ...}`` re-runs the forward up to its
+    decoder call on transformed pixels. None when ``call`` holds no pixels (nothing to re-run).
+    Holding the call costs nothing until a pixel contrast uses it: it only keeps references."""
     if not has_pixels(call, pixel_keys):
         return None
     call = {k: v for k, v in call.items() if k != "labels"}
 
-    def contrast_embeds(transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def rerun_with_pixels(transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
         changed = dict(call)
         for key in pixel_keys:
-            if isinstance(changed.get(key), torch.Tensor):
-                changed[key] = transform(changed[key])
-            elif isinstance(changed.get(key), (list, tuple)):
-                changed[key] = type(changed[key])(transform(x) for x in changed[key])
-        return embeddings_with(original_forward, decoder, changed)
+            if key in changed:
+                changed[key] = transform_pixels(changed[key], transform)
+        return {"inputs_embeds": embeddings_with(original_forward, decoder, changed)}
 
-    return contrast_embeds
+    return rerun_with_pixels
+
+
+def transform_pixels(value, transform: Callable[[torch.Tensor], torch.Tensor]):
+    """``transform`` applied to a pixel tensor, or to each tensor of a list or tuple of them;
+    anything else (None, ints) is returned as it is."""
+    if isinstance(value, torch.Tensor):
+        return transform(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(transform_pixels(v, transform) for v in value)
+    return value

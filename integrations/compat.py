@@ -5,8 +5,8 @@ is written here once.
   ``model.model.language_model`` and the head at ``model.lm_head``; before, Llava-type models had
   ``model.language_model.model`` / ``model.language_model.lm_head`` and Qwen-VL ``model.model`` /
   ``model.lm_head``; 5.0 removed the old compatibility properties. Also here: the image-token
-  config name (``image_token_index`` before 4.52, ``image_token_id`` after), Qwen-VL positions
-  when the decoder was handed ``None`` (4.45-4.46 training forwards), the name of the "only the
+  config names (``image_token_index`` before 4.52, ``image_token_id`` after: `PLACEHOLDER_NAMES`),
+  M-RoPE positions when the decoder was handed ``None`` (4.45-4.46 training forwards), the name of the "only the
   last k logits" argument (``num_logits_to_keep`` in 4.45, ``logits_to_keep`` later), Qwen's
   ``mm_token_type_ids`` (5.3+), rotary tables cut to the sequence length (< 4.38, which the
   LLaVA codebases pin), the decoder of any VLM (`vlm_decoder_and_head`: its accessors, else
@@ -16,14 +16,12 @@ is written here once.
   `integrations/families.py`, checked through `require_release`. The engine pops
   ``num_items_in_batch`` from the call before the original forward runs, so versions whose
   forward rejects it (Llava 4.45, Qwen2-VL up to 4.52) never receive it.
-* **TRL.** Trainers that compute their own loss and ignore the model's (`OWN_LOSS_TRAINERS`).
 * **Tested versions.** `TESTED_VERSIONS` (transformers), `TESTED_CODEBASES` (llava-torch, the
   LLaVA-NeXT and MGM commits, TRL), `TESTED_FRAMEWORKS` (axolotl, LLaMA-Factory, ms-swift);
   ``tests/test_layout.py`` fails when tox.ini pins others.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import warnings
@@ -31,7 +29,8 @@ import warnings
 import torch
 from torch import nn
 
-from calplug.errors import CALConfigError, CALInputError, UnsupportedModelError
+from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.hookspecs import VISUAL_MASK_ARGUMENT
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,33 +107,23 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
-def config_token_id(config, *names: str) -> int | None:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
+# Config attributes whose ids mark image and video placeholders, in lookup order: releases before
+# 4.52 name them ``*_token_index``, later ones ``*_token_id`` (a config may define both names).
+PLACEHOLDER_NAMES = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+IMAGE_PLACEHOLDER_NAMES = ("image_token_id", "image_token_index")
 
 
 def placeholder_positions(config, input_ids: torch.Tensor,
-                          names: tuple[str, ...] = ("image_token_id", "image_token_index",
-                                                    "video_token_id", "video_token_index")
-                          ) -> torch.Tensor:
+                          names: tuple[str, ...] = PLACEHOLDER_NAMES) -> torch.Tensor:
     """bool ``[B, L]``: the image and video placeholder positions of ``input_ids``, by the
-    config's token ids (``image_token_id`` / ``image_token_index``, ``video_token_id`` /
-    ``video_token_index``, whichever names this version uses; a family can name others)."""
+    config's token ids (`PLACEHOLDER_NAMES`, whichever this version uses; a family can name
+    others)."""
     visual = torch.zeros_like(input_ids, dtype=torch.bool)
     for name in names:
         token = getattr(config, name, None)
         if isinstance(token, int):
             visual |= input_ids == token
     return visual
-
-
-# The forward argument an adapter adds when it hands the model pre-merged ``inputs_embeds``
-# (the images already spliced in, no ``input_ids``): bool ``[B, L]``, True at image and video
-# positions. calplug's forward takes it out of the call; the model never sees it.
-VISUAL_MASK_ARGUMENT = "calplug_visual_mask"
 
 
 def visual_positions(config, call: dict, names: tuple[str, ...] | None = None) -> torch.Tensor:
@@ -233,30 +222,9 @@ def logit_softcap(config, attribute: str | None, since: tuple[int, int]) -> floa
     return float(value) if value else None
 
 
-def llava_type_decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Decoder and lm_head of Llava / LlavaNext(Video) / LlavaOnevision for this transformers version."""
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "language_model", None), nn.Module) \
-            and isinstance(getattr(model, "lm_head", None), nn.Module):
-        return inner.language_model, model.lm_head  # >= 4.52
-    lm = getattr(model, "language_model", None)
-    if lm is not None and hasattr(lm, "model") and hasattr(lm, "lm_head"):
-        return lm.model, lm.lm_head  # < 4.52
-    raise UnsupportedModelError(
-        f"cannot find the decoder and lm_head of {type(model).__name__} in this transformers "
-        f"version ({'.'.join(map(str, transformers_version()))})"
-    )
-
-
-def qwen_positions(position_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
-    """The M-RoPE positions the Qwen decoder used, explicit.
-
-    4.45-4.46 training forwards hand the decoder ``position_ids=None``; it then uses 0..L-1 on all
-    three axes. Later versions hand ``[3, B, L]`` (or ``[4, B, L]`` with text positions first,
-    or ``[B, L]``), which are returned as they are.
-    """
-    if position_ids is not None:
-        return position_ids
+def mrope_positions(embeds: torch.Tensor) -> torch.Tensor:
+    """The M-RoPE positions a Qwen decoder uses when its model hands it ``position_ids=None``
+    (the 4.45-4.46 training forwards): 0..L-1 on all three axes, ``[3, B, L]``."""
     B, L = embeds.shape[:2]
     return torch.arange(L, device=embeds.device).view(1, 1, L).expand(3, B, L)
 
@@ -327,23 +295,3 @@ def contrast_decoder(decoder: nn.Module) -> nn.Module:
     decoder with its rotary table lengthened (`KeepPositionsDecoder`)."""
     rotary = legacy_rotary_modules(decoder)
     return KeepPositionsDecoder(decoder, rotary) if rotary else decoder
-
-
-# -- TRL ------------------------------------------------------------------------------------------
-# Trainer classes (by class name, anywhere in the MRO) whose `compute_loss` computes its own loss
-# and ignores the loss the model returns. TRL's SFTTrainer (1.x) runs the backbone through a fused
-# LM head (`model(..., fused_lm_head=True)`) and takes the cross-entropy from its log-probs.
-OWN_LOSS_TRAINERS = ("SFTTrainer",)
-FUSED_HEAD_ARGUMENT = "fused_lm_head"
-
-
-def check_not_own_loss_call(call: dict) -> None:
-    """A training call from a trainer that computes its own cross-entropy (TRL's fused LM head)
-    would ignore the CAL loss: refuse it, naming the fix."""
-    if call.get(FUSED_HEAD_ARGUMENT):
-        raise CALConfigError(
-            f"this training forward was called with {FUSED_HEAD_ARGUMENT}=True: the caller (TRL's "
-            "SFTTrainer) computes its own cross-entropy through a fused LM head and would ignore "
-            "the CAL loss. Build the trainer first, then call "
-            "calplug.trainer.enable_for_trainer(trainer) (docs/distributed.md)"
-        )

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 
-# Config attributes whose ids mark image and video placeholders, in lookup order (aliases of one
-# id appear once per pair; a config may define both names).
-IMAGE_VIDEO = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
-IMAGE_ONLY = ("image_token_id", "image_token_index")
+from .compat import IMAGE_PLACEHOLDER_NAMES as IMAGE_ONLY
+from .compat import PLACEHOLDER_NAMES as IMAGE_VIDEO
 
 # Pixel arguments that hold images as [..., 3, H, W] tensors: pixel contrasts (blur) transform them.
 IMAGE_PIXELS = ("pixel_values", "pixel_values_videos")
@@ -185,9 +183,6 @@ _ROWS = [
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}
 
-CROSS_ATTENTION = ("the image reaches the text through cross-attention layers, not through "
-                   "placeholder positions of the decoder sequence; a contrast for it would run the "
-                   "decoder without the cross-attention states, which calplug does not implement")
 ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encoder side and the text "
                    "decoder cross-attends to it, so there are no image positions in the decoded "
                    "sequence to hide; a contrast would have to run the decoder against an encoder "
@@ -205,21 +200,12 @@ LOGIT_TRANSFORM = ("its forward transforms the logits after lm_head ({what}); th
                    "family case")
 
 REFUSED: dict[str, str] = {
-    "MllamaForConditionalGeneration": "Mllama: " + CROSS_ATTENTION,
-    "IdeficsForVisionText2Text": "Idefics (1): gated " + CROSS_ATTENTION,
-    "BlipForConditionalGeneration": "BLIP: the text decoder " + CROSS_ATTENTION.split("the image ", 1)[1],
     "ChameleonForConditionalGeneration": "Chameleon: " + VQ_TOKENS,
     "Emu3ForConditionalGeneration": "Emu3: " + VQ_TOKENS,
     "JanusForConditionalGeneration": (
         "Janus: its image-generation path uses VQ image tokens (" + VQ_TOKENS + "); the "
         "understanding path splices SigLIP features at image_token_id and would fit, but one class "
         "serves both and a batch does not say which"),
-    "Florence2ForConditionalGeneration": "Florence-2: " + ENCODER_DECODER,
-    "Pix2StructForConditionalGeneration": "Pix2Struct: " + ENCODER_DECODER,
-    "UdopForConditionalGeneration": "UDOP: " + ENCODER_DECODER,
-    "VisionEncoderDecoderModel": "VisionEncoderDecoderModel: " + ENCODER_DECODER,
-    "T5Gemma2ForConditionalGeneration": "T5Gemma2: " + ENCODER_DECODER,
-    "PPFormulaNetForConditionalGeneration": "PP-FormulaNet: " + ENCODER_DECODER,
     "Blip2ForConditionalGeneration": "BLIP-2: " + Q_FORMER,
     "InstructBlipForConditionalGeneration": "InstructBLIP: " + Q_FORMER,
     "InstructBlipVideoForConditionalGeneration": "InstructBLIP-Video: " + Q_FORMER,
@@ -230,10 +216,6 @@ REFUSED: dict[str, str] = {
         "contrast for patch positions with its own proof"),
     "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
                        "the loss is shifted by the number of image tokens"),
-    "Kosmos2ForConditionalGeneration": (
-        "Kosmos-2: the text model splices image_embeds inside its own embedding step "
-        "(image_embeds_position_mask), so there is no decoder call with merged embeddings to capture"),
-    "Kosmos2_5ForConditionalGeneration": "Kosmos-2.5: as Kosmos-2, the text model splices the image itself",
     "Granite4VisionForConditionalGeneration": (
         "Granite4Vision: the placeholder embeddings are zeroed and the image enters only through "
         "decoder-layer deepstack features (vision_mask, deepstack_features), and the logits are "

@@ -36,7 +36,7 @@ from calplug.gap import IGNORE_INDEX
 from calplug.hookspecs import Integration, MainPass, hookimpl
 
 from . import compat
-from .capture import arange_positions, capture_decoder_call, explicit_attention_mask
+from .capture import arange_positions, capture_decoder_call, explicit_attention_mask, transform_pixels
 
 # Stands for "ignored text label" while labels pass through the upstream splice. Any value the
 # splice never writes itself works; this one fits int32 and int64 labels.
@@ -67,14 +67,6 @@ def _mark(labels: torch.Tensor | None) -> torch.Tensor | None:
     return None if labels is None else labels.masked_fill(labels == IGNORE_INDEX, SENTINEL)
 
 
-def _transform_pixels(value, transform):
-    if isinstance(value, torch.Tensor):
-        return transform(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_transform_pixels(v, transform) for v in value)
-    return value
-
-
 class _SpliceSpy:
     """Replaces the instance's splice for one main pass; records what it produced."""
 
@@ -103,15 +95,15 @@ class _SpliceSpy:
         return (input_ids, position_ids, mask if given_mask is not None else None, past, embeds,
                 None)
 
-    def contrast_embeds(self, transform):
+    def rerun_with_pixels(self, transform) -> dict:
         """Re-run the splice (no grad, no labels) on transformed pixels: same layout, new features."""
         arguments = dict(self.bound, labels=None)
         for name in PIXEL_ARGS:
             if name in arguments:
-                arguments[name] = _transform_pixels(arguments[name], transform)
+                arguments[name] = transform_pixels(arguments[name], transform)
         bound = inspect.BoundArguments(self.signature, arguments)
         with torch.no_grad():
-            return self.original(*bound.args, **bound.kwargs)[4]
+            return {"inputs_embeds": self.original(*bound.args, **bound.kwargs)[4]}
 
 
 def _input_error_if_unusable(call: dict, labels: torch.Tensor) -> None:
@@ -173,16 +165,16 @@ def main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     new_labels = new_labels.masked_fill(new_labels == SENTINEL, IGNORE_INDEX)
     logits = output[0] if isinstance(output, tuple) else output.logits
     positions = decoder_kwargs.get("position_ids")
-    blur = None
+    rerun = None
     if any(isinstance(spy.bound.get(name), (torch.Tensor, list, tuple)) for name in PIXEL_ARGS):
-        blur = spy.contrast_embeds
+        rerun = spy.rerun_with_pixels
     return MainPass(
         output=output, logits=logits, labels=new_labels,
         decoder=compat.contrast_decoder(decoder), lm_head=lm_head,
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=explicit_attention_mask(decoder_kwargs.get("attention_mask"), embeds),
         position_ids=arange_positions(embeds) if positions is None else positions,
-        contrast_embeds=blur,
+        rerun_with_pixels=rerun,
     )
 
 

@@ -24,13 +24,15 @@ nothing is recomputed and no upstream code is copied. What differs between famil
 * ``holes_ignored``: decoders with convolution or linear-attention layers that do not honour
   holes in the mask (Lfm2-VL, Qwen3.5): ``mask`` / ``patch_mask`` are refused at enable;
 * ``labels_in_main_pass_below``: PaliGemma before 5.0 builds its prefix-LM mask from ``labels``,
-  so the main pass passes them (the model's own loss is then computed and discarded);
+  so the main pass passes them (the model's own loss is then computed and discarded), unless
+  no label is supervised (contrastive decoding's main pass, which is generate()'s call);
 * ``broken``: releases whose forward is broken upstream (Llama 4 on 5.24.0), refused at enable.
 
 Found from the captured call, for every family alike: sequence-aligned decoder inputs (Gemma's
 ``per_layer_inputs``) that ``drop`` gathers with the embeddings (`MainPass.sequence_kwargs`), and
-the sliding-window / chunked-attention span of decoders that build local masks from a 2-D mask
-(`MainPass.attention_span`; ``drop`` falls back to ``mask`` on longer sequences). Decoders
+the sliding-window / chunked-attention span of the decoder (`MainPass.attention_span`; ``drop``
+falls back to ``mask`` on longer sequences when the decoder builds its local masks from a 2-D
+mask, and contrastive decoding when the generated sequence will outgrow it). Decoders
 handed ready 4-D masks (PaliGemma, Molmo2) or per-layer-type mask dicts (Gemma 3, Gemma 4) get
 those masks back in the contrast pass, image key columns hidden (``mask``) or sliced to the kept
 positions (``drop``): every text row sees no image position, bidirectional blocks included.
@@ -42,22 +44,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import torch
 from torch import nn
 
 from calplug import gap
-from calplug.errors import CALInputError, UnsupportedModelError
+from calplug.classes import class_names, first_named, is_named
+from calplug.contrast import NON_SEQUENCE_DECODER_KWARGS, SEQUENCE_DECODER_KWARGS
+from calplug.errors import CALInputError, UnsupportedModelError, warn_once
 from calplug.hookspecs import Integration, MainPass, hookimpl
+from calplug.inputs import image_keys
 
 from . import compat, families
 from .capture import arange_positions, capture_decoder_call, pixel_rerun
 from .families import FamilyFacts
 
 # Decoder keyword arguments the engine handles itself (never gathered as sequence inputs).
-_OWN_DECODER_KWARGS = ("inputs_embeds", "attention_mask", "position_ids", "input_ids",
-                       "past_key_values", "cache", "cache_position", "use_cache")
+_OWN_DECODER_KWARGS = SEQUENCE_DECODER_KWARGS + NON_SEQUENCE_DECODER_KWARGS
 MASK_CONTRASTS = ("mask", "patch_mask")
 # For a matched class (no FamilyFacts row): decoder inputs known to carry only visual information
 # (deepstack features of Qwen3-VL-like models), and text layer types that are attention layers;
@@ -79,8 +82,7 @@ def check_labels(visual: torch.Tensor, labels: torch.Tensor) -> None:
 def check_pixels(visual: torch.Tensor, call: dict) -> None:
     """Placeholders without any visual input would be spliced with nothing (the model raises, or
     worse, trains on placeholder embeddings)."""
-    given = [k for k, v in call.items() if v is not None
-             and (k.startswith("pixel_values") or k in ("mm_encoder_outputs", "image_embeds"))]
+    given = [k for k in image_keys(call) if call[k] is not None]
     if bool(visual.any()) and not given:
         raise CALInputError(
             f"input_ids hold {int(visual.sum())} image placeholder tokens but no pixel_values / "
@@ -126,13 +128,6 @@ def padding_mask(decoder_kwargs: dict, call: dict, embeds: torch.Tensor) -> torc
     return torch.ones(B, L, dtype=torch.long, device=embeds.device)
 
 
-def decoder_mask_is_ready(decoder_kwargs: dict) -> bool:
-    """Whether the decoder was handed built masks (4-D, or a dict per layer type) instead of a
-    2-D padding mask it turns into its own (sliding / chunked) masks."""
-    mask = decoder_kwargs.get("attention_mask")
-    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
-
-
 def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[str, ...]) -> tuple[str, ...]:
     """Decoder inputs laid out ``[B, L, ...]`` besides the embeddings (Gemma's per-layer inputs)."""
     B, L = embeds.shape[:2]
@@ -154,8 +149,10 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     decoder, lm_head = compat.vlm_decoder_and_head(model)
     main_call = call
     below = facts.labels_in_main_pass_below
-    if below is not None and compat.transformers_version() < below:
-        main_call = dict(call, labels=labels)  # the model builds its attention mask from labels
+    # The model builds its attention mask from labels; a call that supervises nothing (contrastive
+    # decoding's main pass: generate() passes no labels) gets the mask generate() gets.
+    if below is not None and compat.transformers_version() < below and bool((labels != -100).any()):
+        main_call = dict(call, labels=labels)
     with capture_decoder_call(decoder) as decoder_kwargs:
         output = original_forward(**main_call)
     if not decoder_kwargs:
@@ -166,8 +163,7 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
     embeds = decoder_kwargs["inputs_embeds"]
     positions = decoder_kwargs.get("position_ids")
     if positions is None:
-        positions = compat.qwen_positions(None, embeds) if facts.mrope else arange_positions(embeds)
-    ready = decoder_mask_is_ready(decoder_kwargs)
+        positions = compat.mrope_positions(embeds) if facts.mrope else arange_positions(embeds)
     cap = compat.logit_softcap(config, facts.logit_softcap, facts.logit_softcap_since)
     extras = facts.visual_extras if facts.key else KNOWN_VISUAL_EXTRAS
     # a matched class keeps a router term its output carries (calplug verify checks the loss)
@@ -178,21 +174,21 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=padding_mask(decoder_kwargs, call, embeds), position_ids=positions,
         visual_extras=tuple(k for k in extras if decoder_kwargs.get(k) is not None),
-        contrast_embeds=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
+        rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
         if facts.pixel_keys else None,
         extra_loss=router_aux_loss(model, call, output) if routed else None,
         logit_transform=None if cap is None else functools.partial(gap.softcap, cap=cap),
         sequence_kwargs=sequence_kwargs(decoder_kwargs, embeds, extras),
-        attention_span=None if ready else compat.attention_span(config),
+        attention_span=compat.attention_span(config),
     )
 
 
 def facts_of(model: nn.Module) -> FamilyFacts:
     """The family row of ``model``'s class (or of a transformers class it subclasses); a matched
     class without a row gets the defaults."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in families.FAMILIES:
-            return families.FAMILIES[cls.__name__]
+    facts = first_named(model, families.FAMILIES)
+    if facts is not None:
+        return facts
     name = type(model).__name__
     return FamilyFacts(name, "", name, (4, 45), proven=False,
                        unproven_reason="no FamilyFacts row and no family case")
@@ -205,9 +201,6 @@ class MainPassOf:
 
     def __call__(self, model: nn.Module, original_forward, call: dict) -> MainPass:
         return vlm_main_pass(model, original_forward, call, facts_of(model))
-
-
-_warned: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,19 +221,17 @@ class FamilyCheck:
         if facts.proven:
             return
         name = type(model).__name__
-        if name not in _warned:
-            _warned.add(name)
-            why = f" ({facts.unproven_reason})" if facts.unproven_reason and facts.key else ""
-            attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
-            warnings.warn(families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
-                          UserWarning, stacklevel=4)
+        why = f" ({facts.unproven_reason})" if facts.unproven_reason and facts.key else ""
+        attr = families.placeholder_attribute(model.config, facts.placeholders) or "image_token_id"
+        warn_once(f"matched:{name}", families.MATCHED_WARNING.format(cls=name, attr=attr, why=why),
+                  UserWarning, stacklevel=5)
 
 
 def _refusal(model: nn.Module) -> str | None:
-    for cls in type(model).__mro__:
-        if cls.__name__ in families.REFUSED:
-            return families.REFUSED[cls.__name__]
-        if cls.__name__ in families.FAMILIES:
+    for name in class_names(model):
+        if name in families.REFUSED:
+            return families.REFUSED[name]
+        if name in families.FAMILIES:
             return None
     return families.generic_refusal(model)
 
@@ -265,16 +256,25 @@ def refuses_contrast(model: nn.Module, contrast: str) -> str | None:
 def accepts(model: nn.Module) -> bool:
     """`Integration.accepts` of the generic record: a ``*ForConditionalGeneration`` class with an
     image placeholder id, or a refused class (whose check then raises the reason)."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if names & families.REFUSED.keys():
+    if is_named(model, families.REFUSED):
         return True
     return families.generic_refusal(model) is None
+
+
+def support_status(model: nn.Module) -> tuple[str, str] | None:
+    """`Integration.support_status`: the support matrix's status of the model's transformers
+    class (the first in its MRO: a user's subclass counts as the class it extends)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return families.support_status(cls.__name__)
+    return None
 
 
 def _integration(name: str, classes: tuple[str, ...], pixel_contrasts: bool, **extra) -> Integration:
     return Integration(name=name, model_classes=classes, main_pass=MainPassOf(),
                        decoder_and_head=compat.vlm_decoder_and_head, check=FamilyCheck(),
-                       pixel_contrasts=pixel_contrasts, contrast_refusal=refuses_contrast, **extra)
+                       pixel_contrasts=pixel_contrasts, contrast_refusal=refuses_contrast,
+                       support_status=support_status, **extra)
 
 
 INTEGRATIONS = [

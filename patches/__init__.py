@@ -2,5 +2,5 @@
 
 Each ``NAME.patch`` is a plain git diff with a ``Key: value`` header naming the upstream commit it
 applies to. Use them with ``calplug patch list`` / ``calplug patch apply NAME PATH`` (see
-``calplug.patch_files`` and docs/patches.md), or with ``git apply`` directly.
+``calplug.patching``, the engine, and docs/patches.md), or with ``git apply`` directly.
 """

@@ -1,9 +1,9 @@
 """One faithful-mode CAL step beside its reference: the shared middle of every integration's
-faithful test (tests/test_llava_hf.py, test_llava_style.py, test_transformers_families.py)."""
+faithful test (tests/test_llava_hf.py, test_llava_style.py, test_family_calls.py)."""
 from __future__ import annotations
 
 import calplug
-from reference import grads
+from _close import grads
 
 
 def faithful_step_after_reference(model, batch, ref_loss, alpha, beta, window, contrast="mask"):

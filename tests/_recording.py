@@ -9,13 +9,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 @contextlib.contextmanager
 def record_calls(module):
-    """Record the shape of ``inputs_embeds`` (or the first argument) of every call of ``module``."""
+    """Record the shape of ``inputs_embeds`` (or the first argument, or the first tensor argument)
+    of every call of ``module``."""
     shapes = []
 
     def pre_hook(mod, args, kwargs):
         x = kwargs.get("inputs_embeds")
         if x is None:
             x = kwargs.get("hidden_states", args[0] if args else None)
+        if x is None:  # token ids, pixels: the first tensor the call holds
+            x = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         shapes.append(tuple(x.shape))
 
     handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import _hf_families as hf
+import _hf_kinds as kinds
 import _llava_style_models as styled
-from reference import reference_cal_loss, reference_weights
+from calplug.reference import reference_cal_loss, reference_step, reference_weights
 
 SETTING = (0.0, 5.0, 3)  # alpha, beta, window: weights that vary on a random-init model
 
@@ -36,6 +37,11 @@ class Reference:
     labels: torch.Tensor
     visual: torch.Tensor
     attention: torch.Tensor
+    samples: torch.Tensor | None = None   # bool [B]: the samples the image reaches (default: with a visual position)
+
+    @property
+    def with_image(self) -> torch.Tensor:
+        return self.visual.any(1) if self.samples is None else self.samples
 
 
 @dataclasses.dataclass
@@ -45,6 +51,11 @@ class Layout:
     labels: torch.Tensor
     visual: torch.Tensor
     attention: torch.Tensor
+    samples: torch.Tensor | None = None   # bool [B]: the samples the image reaches (default: with a visual position)
+
+    @property
+    def with_image(self) -> torch.Tensor:
+        return self.visual.any(1) if self.samples is None else self.samples
 
     @property
     def text_rows(self) -> torch.Tensor:
@@ -74,6 +85,22 @@ class Case:
     check: Callable | None = None                        # (model, batch, Reference) extra faithful checks
     contrast: str = "mask"                               # the faithful contrast: the published mask, or
                                                          # drop where mask holes are not honoured
+    decode_inputs: Callable | None = None                # (model, lengths, seeds) -> left-padded inputs
+                                                         # of generate(), one image sample per length
+    kind: str = kinds.POSITIONS                          # where the image is (tests/_hf_kinds.py): at
+                                                         # positions of the decoder sequence, or elsewhere
+    label_shift: int = 1                                 # logits row i predicts label i + shift
+    text_only: bool = True                               # sample 2 of the batch is text-only
+    vision: Callable | None = None                       # model -> the vision tower
+    head: Callable = lambda model: model.get_output_embeddings()  # model -> the output projection
+
+    def without_labels(self, model, batch) -> dict:
+        """The batch as a call without labels: an encoder-decoder model then needs its decoder
+        inputs (the labels shifted right, as it would shift them)."""
+        call = {k: v for k, v in batch.items() if k != "labels"}
+        if self.label_shift == 0:
+            call["decoder_input_ids"] = kinds.decoder_inputs(model, batch["labels"])
+        return call
 
     def own_loss(self, model, batch) -> torch.Tensor:
         out = model(**batch)
@@ -94,93 +121,19 @@ class Env:
 
 
 # -- transformers classes: calplug's tiny Llava and every family of tests/_hf_families.py --------
-CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
-
-
 def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
-    """Spec steps 1-8 by hand: the usual training forward, and a second full decoder pass with
-    the same decoder inputs (merged embeddings, positions, extra visual inputs) and attention to
-    the visual positions removed; full logits as the model makes them (soft-capped where its
-    forward soft-caps), flattened pooling.
-
-    Attention is removed where the decoder takes it: a 2-D padding mask with holes, or, for
-    decoders handed built 4-D masks (a dict of them per layer type) with bidirectional image or
-    prefix blocks, those masks with the image key columns blocked. For a decoder whose layers do
-    not honour mask holes (``family.drop_only``), "without the image" is the sequence with the
-    image positions removed (`hf_drop_logits`)."""
-    decoder, head = hf.decoder_and_head(model)
-    captured = {}
-    handle = decoder.register_forward_pre_hook(
-        lambda mod, args, kwargs: captured.setdefault("kw", dict(kwargs)) and None, with_kwargs=True)
-    logits = model(**batch).logits
-    handle.remove()
+    """Spec steps 1-8 by the independent reference (`calplug.reference.reference_step`): the
+    model's own training forward, and its own forward again with the image taken out of what the
+    text decoder receives: attention to the image positions removed in whatever mask the decoder
+    takes (2-D with holes; built 4-D masks, or a dict of them per layer type, with the image key
+    columns blocked), or, for a decoder whose layers do not honour mask holes
+    (``family.drop_only``), the image positions removed from its sequence. Full logits as the
+    model makes them (soft-capped or scaled where its forward does), flattened pooling."""
     layout = hf_layout(model, batch)
-    kw = {k: v for k, v in captured["kw"].items() if k not in CACHE_KWARGS + ("labels",)}
-    cap = None if family is None or family.logit_cap is None else family.logit_cap(model)
-
-    def logits_of(hidden):
-        out = head(hidden)
-        return out if cap is None else torch.tanh(out / cap) * cap
-
-    with torch.no_grad():
-        if family is not None and family.drop_only:
-            logits_wo = hf_drop_logits(decoder, kw, logits.detach(), layout, logits_of)
-        else:
-            mask = kw.get("attention_mask")
-            if isinstance(mask, dict):
-                kw["attention_mask"] = {k: hide_image_keys(m, layout.visual) for k, m in mask.items()}
-            elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                kw["attention_mask"] = hide_image_keys(mask, layout.visual)
-            else:
-                kw["attention_mask"] = batch["attention_mask"] * (~layout.visual).long()
-            logits_wo = logits_of(decoder(**kw)[0])
-    labels = batch["labels"]
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
-    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
-    return Reference(loss, weights, gaps, labels, layout.visual, layout.attention)
-
-
-def hide_image_keys(mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-    """A built ``[B, 1, L, L]`` mask (boolean, or additive with the dtype's minimum) in which no
-    query can attend to an image position. An image row that could only see image positions (a
-    sliding window inside the image) is left attending to itself: every row attends to
-    something (docs/transformers.md)."""
-    B, L = visual.shape
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    allowed = allowed.expand(B, -1, -1, -1)
-    hidden = allowed & ~visual[:, None, None, :]
-    for b, h, i in (~hidden.any(-1) & allowed.any(-1)).nonzero().tolist():
-        hidden[b, h, i, i] = True
-    if mask.dtype == torch.bool:
-        return hidden
-    return torch.zeros_like(mask.expand(B, -1, -1, -1)).masked_fill(~hidden, torch.finfo(mask.dtype).min)
-
-
-def hf_drop_logits(decoder, kw, logits, layout, logits_of):
-    """Logits without the image for decoders whose conv / recurrent layers ignore mask holes: each
-    image sample runs alone with its image positions (and padding) removed, every kept token at
-    its original position; a removed position takes the state of the last kept position before
-    it, and a position with none keeps the main logits (gap 0), as docs/cal.md defines drop."""
-    out = logits.clone()
-    B, L = layout.visual.shape
-    positions = kw.get("position_ids")
-    if positions is None:
-        positions = torch.arange(L).expand(B, L)
-    for b in range(B):
-        keep = layout.attention[b].bool() & ~layout.visual[b]
-        if not layout.visual[b].any():
-            continue
-        one = {k: v for k, v in kw.items() if k not in ("inputs_embeds", "attention_mask", "position_ids")}
-        one["inputs_embeds"] = kw["inputs_embeds"][b:b + 1, keep]
-        one["attention_mask"] = torch.ones(1, int(keep.sum()), dtype=torch.long)
-        one["position_ids"] = positions.expand(*positions.shape[:-2], B, L)[..., b:b + 1, keep]
-        one["use_cache"] = False
-        kept_logits = logits_of(decoder(**one)[0])[0]
-        last_kept = keep.long().cumsum(0) - 1
-        for i in range(L):
-            if last_kept[i] >= 0:
-                out[b, i] = kept_logits[last_kept[i]]
-    return out
+    contrast = "drop" if family is not None and family.drop_only else "mask"
+    loss, gaps, weights = reference_step(model, batch, layout.visual, alpha, beta, window, contrast,
+                                         decoder=hf_decoder(model))
+    return Reference(loss, weights, gaps, batch["labels"], layout.visual, layout.attention)
 
 
 def hf_layout(model, batch) -> Layout:
@@ -190,6 +143,28 @@ def hf_layout(model, batch) -> Layout:
 
 def hf_decoder(model):
     return hf.decoder_and_head(model)[0]
+
+
+def left_padded(samples: list[dict], finish=None, model=None) -> dict:
+    """One-sample batches merged into one left-padded batch, as a processor pads for generate():
+    ``[1, L]`` inputs padded on the left (ids 0, mask 0, labels -100, other ids 0), every other
+    tensor (pixels, grids, sizes) concatenated; ``finish`` (the family's) is run again on the
+    result, then labels are dropped."""
+    width = max(s["input_ids"].shape[1] for s in samples)
+    pad = {"attention_mask": 0, "labels": -100}
+    merged = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if values[0] is None:
+            merged[key] = None
+        elif all(v.dim() == 2 and v.shape == x["input_ids"].shape for v, x in zip(values, samples)):
+            merged[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=pad.get(key, 0))
+                                     for v in values])
+        else:
+            merged[key] = torch.cat(values)
+    if finish is not None:
+        merged = finish(model, merged)
+    return {k: v for k, v in merged.items() if k != "labels"}
 
 
 def _video_works(name) -> bool:
@@ -214,10 +189,54 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
         one = hf.make_batch(family, model, kinds=("image",), lengths=(6,))
         return {k: v for k, v in one.items() if k != "labels"}
 
+    def decode_inputs(model, lengths, seeds):
+        return left_padded([hf.make_batch(family, model, kinds=("image",), lengths=(n,), seed=s)
+                            for n, s in zip(lengths, seeds)], family.finish, model)
+
+    first = (kind, padding_side) == ("image", "right")
     return Case(f"hf-{name}-{kind}-{padding_side}", build,
                 functools.partial(hf_reference, family=family), hf_layout, hf_decoder,
                 drop_atol=1e-5, contrast="drop" if family.drop_only else "mask",
-                generate_inputs=generate_inputs if (kind, padding_side) == ("image", "right") else None)
+                generate_inputs=generate_inputs if first else None,
+                decode_inputs=decode_inputs if first else None)
+
+
+def kind_case(name: str, padding_side: str) -> Case:
+    """A family of the kinds whose image is not spliced at placeholder ids (tests/_hf_kinds.py):
+    its layout is the decoder sequence calplug runs (for an encoder-decoder model one position
+    longer than the labels, which get an ignored position in front: docs/transformers.md)."""
+    family = kinds.KINDS[name]
+
+    def build(env):
+        reason = family.skip_reason()
+        if reason is not None:
+            pytest.skip(reason)
+        model = family.build(0).train()
+        return model, family.batch(model, padding_side, family.text_only)
+
+    def layout(model, batch):
+        labels, attention = batch["labels"], batch["attention_mask"]
+        if family.kind == kinds.SEQ2SEQ:
+            B = labels.shape[0]
+            labels = torch.cat([labels.new_full((B, 1), -100), labels], 1)
+            attention = torch.ones_like(labels)
+        visual = (family.visual(model, batch) if family.visual is not None
+                  else torch.zeros_like(labels, dtype=torch.bool))
+        return Layout(labels, visual, attention, family.with_image(model, batch))
+
+    def reference(model, batch, alpha, beta, window):
+        loss, gaps, weights = family.reference(model, batch, alpha, beta, window)
+        at = layout(model, batch)
+        return Reference(loss, weights, gaps, batch["labels"], at.visual, at.attention, at.samples)
+
+    def generate_inputs(model):
+        one = family.batch(model, "right", False)
+        return {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in one.items() if k != "labels"}
+
+    return Case(f"hf-{name}-image-{padding_side}", build, reference, layout, family.decoder,
+                drop_atol=1e-5, kind=family.kind, label_shift=family.label_shift,
+                text_only=family.text_only, vision=family.vision, head=family.head,
+                generate_inputs=generate_inputs if padding_side == "right" else None)
 
 
 def tiny_llava_case(padding_side: str, attn: str) -> Case:
@@ -236,10 +255,17 @@ def tiny_llava_case(padding_side: str, attn: str) -> Case:
         one = llava_batch(model, lengths=(6,), with_image=(True,))
         return {k: v for k, v in one.items() if k != "labels"}
 
+    def decode_inputs(model, lengths, seeds):
+        from calplug.testing import llava_batch
+
+        return left_padded([llava_batch(model, lengths=(n,), with_image=(True,), seed=s)
+                            for n, s in zip(lengths, seeds)])
+
     return Case(f"testing-tiny_llava-{attn}-{padding_side}", build, hf_reference, hf_layout,
                 hf_decoder, settings=((0.0, 5.0, 3), (1.0, 5.0, 3), (0.0, 0.05, 1)),
                 min_weight_std=0.01,
-                generate_inputs=generate_inputs if padding_side == "right" else None)
+                generate_inputs=generate_inputs if padding_side == "right" else None,
+                decode_inputs=decode_inputs if padding_side == "right" else None)
 
 
 # -- LLaVA-style codebases: haotian-liu LLaVA, LLaVA-NeXT, MGM (tests/_llava_style_models.py) ----
@@ -331,6 +357,7 @@ def _all_cases() -> list[Case]:
     for name, family in hf.FAMILIES.items():
         for kind in ("image", "video") if family.video else ("image",):
             cases += [family_case(name, kind, side) for side in ("right", "left")]
+    cases += [kind_case(name, side) for name in kinds.KINDS for side in ("right", "left")]
     cases += [llava_style_case(*spec, layout) for spec in LLAVA_STYLE for layout in LAYOUTS]
     return cases
 

@@ -8,7 +8,7 @@ os.environ["CALPLUG_DISABLE_ENTRYPOINTS"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and shared test helpers
+sys.path.insert(0, os.path.dirname(__file__))  # the shared test helpers (cases.py, _close.py, ...)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
 
@@ -18,3 +18,33 @@ def env(tmp_path_factory):
     from cases import Env
 
     return Env(tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_versions(record_testsuite_property):
+    """The transformers and torch of this run, in the junit results the support matrix reads."""
+    import transformers
+
+    record_testsuite_property("transformers", transformers.__version__)
+    record_testsuite_property("torch", torch.__version__)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """calplug.testing's tiny Llava (seed 0) in train mode, one per test module (tests that need
+    a fresh one per test override this fixture)."""
+    from calplug.testing import tiny_llava
+
+    return tiny_llava(seed=0).train()
+
+
+@pytest.fixture(params=["git", "python"])
+def engine(request, monkeypatch):
+    """Run a patch test with ``git apply`` and with the Python fallback (as if no git on PATH)."""
+    from calplug import patching
+
+    if request.param == "python":
+        monkeypatch.setattr(patching, "_git", lambda: None)
+    elif patching._git() is None:
+        pytest.skip("git is not installed: the Python patch engine is tested alone")
+    return request.param

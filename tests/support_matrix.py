@@ -7,7 +7,7 @@ passed), refused (why) or matched but unproven; and the family x release test co
     python tests/support_matrix.py .tox/results docs/support-matrix.md   # by hand
 
 Each env records, as junit testsuite properties, the transformers version it ran
-(``transformers``) and, from tests/test_support_status.py, the classes of that release's mapping
+(``transformers``) and, from tests/test_family_support.py, the classes of that release's mapping
 with calplug's status for each and the family keys of calplug's table (``calplug_support``, JSON).
 Test counts come from the family tests (case ids ``hf-<family>-...`` of tests/test_properties.py,
 the family parameters of the other modules in `MODULES`). Standard library only.
@@ -20,7 +20,8 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-MODULES = ("tests.test_transformers_families", "tests.test_vlm_families", "tests.test_properties",
+MODULES = ("tests.test_family_calls", "tests.test_family_decoders", "tests.test_family_support",
+           "tests.test_properties", "tests.test_kinds",
            "tests.test_verify")
 CASES_MODULE = "tests.test_properties"  # a family is proven on a release where its cases pass there
 NOT_IN_VERSION = re.compile(r"needs transformers >= ")
@@ -160,11 +161,12 @@ def render(results: list[dict]) -> str:
         f"matrix ran (`{mapping}`; releases before it list their",
         "vision-to-sequence mapping) and every class of calplug's family table, with its status:",
         "",
-        "* **proven (releases)**: the generic placeholder-token integration handles it and its family's",
+        "* **proven (releases)**: an integration of calplug handles it (the placeholder-token one, or the",
+        "  cross-attention, encoder-decoder or Kosmos one: docs/transformers.md) and its family's",
         "  tests passed on those releases of the matrix (faithful mode = the two-forward reference in",
         "  loss and gradients, drop = mask on text rows, unit weights = the model's own loss, disable,",
         "  eval and `generate()` untouched, `calplug verify` passes; tests/test_properties.py,",
-        "  tests/test_transformers_families.py, tests/test_vlm_families.py, tests/test_verify.py).",
+        "  tests/test_family_calls.py, tests/test_family_decoders.py, tests/test_verify.py).",
         "* **refused**: `calplug.enable` raises `UnsupportedModelError` with the reason shown.",
         "* **matched, unproven**: `calplug.enable` accepts it with a one-time warning; no test of",
         "  calplug proves it. Check it on your model with `calplug verify` (docs/verify.md).",
@@ -221,7 +223,7 @@ def main(argv: list[str]) -> int:
     files = sorted(results_dir.glob("*.xml"))
     results = [r for r in map(read, files) if r["support"] is not None]
     if not results:
-        print(f"no class list (testsuite property calplug_support, tests/test_support_status.py) in "
+        print(f"no class list (testsuite property calplug_support, tests/test_family_support.py) in "
               f"{results_dir}/*.xml: run the tox envs first (tox -e py,hf-4.45,hf-4.49,hf-4.57)",
               file=sys.stderr)
         return 1

@@ -4,12 +4,7 @@ import torch
 
 import calplug
 from calplug.blur import gaussian_blur
-from calplug.testing import llava_batch, tiny_llava
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(seed=0).train()
+from calplug.testing import llava_batch
 
 
 def deltas(model, batch, **cfg):
@@ -128,7 +123,7 @@ def test_docs_other_image_contrast_example(model):
                 if not visual.any():
                     return None
                 kwargs = base_decoder_kwargs(main)
-                kwargs["inputs_embeds"] = main.contrast_embeds(lambda px: px.roll(1, dims=0))
+                kwargs.update(main.rerun_with_pixels(lambda px: px.roll(1, dims=0)))
                 rows = identity_rows(*visual.shape, visual.device)
                 rows[~visual.any(1)] = -1
                 return ContrastPlan(kwargs, rows)

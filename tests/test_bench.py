@@ -90,7 +90,7 @@ def test_floor_is_exactly_the_drop_contrast_pass():
     batch = bench.build_batch(model, cfg)
     from calplug.integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     outputs = []
     handle = decoder.register_forward_hook(lambda m, a, o: outputs.append(o.last_hidden_state))
     try:
@@ -108,6 +108,27 @@ def test_floor_is_exactly_the_drop_contrast_pass():
     torch.testing.assert_close(contrast[keep], floor[keep], rtol=1e-5, atol=1e-5)
     # and the positions it keeps are the original ones (the text after the image starts at 5 + 16)
     assert int(floor_kwargs["position_ids"][0, 5]) == 5 + 16
+
+
+def test_contrast_probe_times_each_contrast_pass_through_the_observer_hook():
+    """One duration per contrast pass (one per CAL forward, none in a plain one), recorded by a
+    plugin that is gone after the block."""
+    import calplug
+    from calplug import plugins
+
+    cfg = tiny_config()
+    model = bench.build_model(cfg)
+    batch = bench.build_batch(model, cfg)
+    registered = set(plugins.get_plugin_manager().get_plugins())
+    with bench.contrast_probe(torch.device("cpu")) as seconds:
+        assert len(plugins.get_plugin_manager().get_plugins()) == len(registered) + 1
+        model(**batch)                                   # plain: no contrast pass
+        assert seconds == []
+        with calplug.enabled(model):
+            model(**batch)
+            model(**batch)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert set(plugins.get_plugin_manager().get_plugins()) == registered
 
 
 def test_batch_layout_and_labels():

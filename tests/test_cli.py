@@ -8,12 +8,12 @@ import pytest
 
 import calplug
 from calplug import cli
-from calplug.cli import demo
+from calplug.cli import demo_training
 
 
 def test_an_output_path_that_is_a_file_fails_before_any_training(tmp_path, capsys, monkeypatch):
     trained = []
-    monkeypatch.setattr(demo, "run_experiment", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(demo_training, "run_experiment", lambda *a, **k: trained.append(1))
     target = tmp_path / "results"
     target.write_text("not a folder")
     assert cli.main(["demo", "--out", str(target)]) == 2
@@ -34,7 +34,7 @@ def test_an_unwritable_output_folder_is_named(tmp_path, capsys, monkeypatch):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = locked / "out"
-    monkeypatch.setattr(demo, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(demo_training, "run_experiment", lambda *a, **k: pytest.fail("trained"))
     assert cli.main(["demo", "--out", str(target)]) == 2
     err = capsys.readouterr().err
     assert "cannot be written" in err and str(target) in err and err.count("\n") == 1
@@ -69,7 +69,7 @@ def test_bench_prints_its_table_before_writing_the_json(tmp_path, capsys, monkey
 def test_patch_refuses_files_it_cannot_write_before_changing_anything(tmp_path, capsys, monkeypatch):
     import os
 
-    from calplug.cli import patch as patching
+    from calplug import patching
 
     p = patching.resolve("llava-v1.2.2")
     root = tmp_path / "checkout"
@@ -83,5 +83,5 @@ def test_patch_refuses_files_it_cannot_write_before_changing_anything(tmp_path, 
     monkeypatch.setattr(patching, "apply", lambda *a, **k: pytest.fail("applied despite a read-only file"))
     assert cli.main(["patch", "apply", p.name, str(root)]) == 2
     err = capsys.readouterr().err
-    assert "cannot write" in err and p.files[0].path in err and "Nothing was changed" in err
+    assert f"cannot edit {p.files[0].path}" in err and "read-only" in err and "Nothing was changed" in err
     assert locked.read_text() == "whatever\n"

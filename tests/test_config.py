@@ -1,5 +1,7 @@
 import pytest
 
+import calplug
+
 from calplug import CALConfig, CALConfigError
 from calplug.config import resolve_config
 
@@ -30,7 +32,7 @@ def test_sources_dict_yaml_env_and_overrides(tmp_path, monkeypatch):
     ({"pool_window": 0}, "pool_window"),
     ({"pool_window": -3}, "pool_window"),
     ({"pool_scope": "sequnce"}, "pool_scope"),
-    ({"contrast": "blurr"}, "contrast"),
+    ({"contrast": ""}, "contrast"),
     ({"mask_ratio": 1.5}, "mask_ratio"),
     ({"alpha": "1"}, "alpha"),
 ])
@@ -50,9 +52,16 @@ def test_unknown_key_has_did_you_mean(tmp_path):
         resolve_config(path)
 
 
-def test_unknown_contrast_lists_registered_ones():
+def test_unknown_contrast_lists_registered_ones_at_enable():
+    """A config is plain data (plugins may register contrasts later); `enable` resolves the name
+    once and refuses an unknown one, leaving the model as it was."""
+    from calplug.testing import tiny_llava
+
+    assert CALConfig(contrast="masc").contrast == "masc"
+    model = tiny_llava(0)
     with pytest.raises(CALConfigError, match=r"Did you mean 'mask'.*Registered: .*drop.*mask"):
-        CALConfig(contrast="masc")
+        calplug.enable(model, contrast="masc")
+    assert not calplug.is_enabled(model)
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -16,7 +16,7 @@ import torch
 
 import calplug
 from calplug import cli, plugins
-from calplug.cli import demo, synthetic
+from calplug.cli import demo, demo_metrics, demo_protocol, demo_report, demo_training, demo_verdicts, synthetic
 from calplug.errors import CALConfigError
 
 
@@ -100,16 +100,17 @@ def test_caption_layout_constants_match_the_captions():
 # -- metrics --------------------------------------------------------------------------------------
 def _trained(steps=6, seed=0):
     v = synthetic.Vocab()
-    model = demo.build_model(seed, v, demo.Protocol())
+    model = demo_training.build_model(seed, v, demo_protocol.Protocol())
     data = synthetic.make_set(64, seed=seed)
-    demo.train(model, data, demo.schedule(64, steps, 32, seed), v, lr=3e-3, warmup=1, grad_clip=1.0, cal=False)
+    demo_training.train(model, data, demo_training.schedule(64, steps, 32, seed), v, lr=3e-3, warmup=1,
+                        grad_clip=1.0, cal=False)
     return model, v
 
 
 def test_primary_metric_equals_a_hand_computation():
     model, v = _trained()
     data = synthetic.make_set(3, seed=9)
-    found = demo.true_word_logprobs(model, data, v, chunk=2)  # two chunks
+    found = demo_metrics.true_word_logprobs(model, data, v, chunk=2)  # two chunks
     assert found.shape == (3, 4)
     for i in range(3):
         caption = data.captions[i]
@@ -123,17 +124,17 @@ def test_primary_metric_equals_a_hand_computation():
             assert caption[slot] == getattr(data.scenes[i], attr)
             expected = float(row[v.ids[caption[slot]]] - math.log(sum(math.exp(x) for x in row.tolist())))
             assert float(found[i, k]) == pytest.approx(expected, abs=1e-5)
-    summary = demo.per_attribute(found)
+    summary = demo_metrics.per_attribute(found)
     assert summary["colour"] == pytest.approx(float(found[:, 1].mean()))
     assert summary["all"] == pytest.approx(float(found.mean()))
     with pytest.raises(ValueError, match="clean captions"):
-        demo.true_word_logprobs(model, synthetic.make_set(4, seed=1, noise=0.5), v)
+        demo_metrics.true_word_logprobs(model, synthetic.make_set(4, seed=1, noise=0.5), v)
 
 
 def test_greedy_from_the_cache_equals_decoding_from_scratch():
     model, v = _trained(steps=10)
     px = synthetic.make_set(5, seed=4).pixel_values
-    found = demo.greedy(model, px, v, max_new=6, chunk=3)
+    found = demo_metrics.greedy(model, px, v, max_new=6, chunk=3)
     ids = torch.tensor([synthetic.prompt_ids(v)] * 5)
     with torch.no_grad():
         for _ in range(6):
@@ -154,7 +155,7 @@ def test_score_counts_the_first_word_of_each_attribute():
         ["a", s1.shape, ".", ".", ".", ".", ".", "."],
     ]
     generated = torch.tensor([v.encode(r) for r in rows])
-    acc = demo.score(generated, data, v)
+    acc = demo_metrics.score(generated, data, v)
     assert acc["colour"] == 0.0 and acc["size"] == 0.5 and acc["shape"] == 1.0 and acc["position"] == 0.5
     assert acc["all"] == pytest.approx(4 / 8)
 
@@ -167,9 +168,9 @@ def test_weight_statistics_sort_words_by_kind():
     gaps[0, row(2)], weights[0, row(2)] = 6.0, 4.0     # sample 0 clean: colour word
     gaps[1, row(2)], weights[1, row(2)] = -3.0, 2.0    # sample 1 corrupted: colour word
     gaps[:, row(10)] = 0.5                              # a filler word
-    stats = demo.new_weight_stats()
-    demo.add_weight_stats(stats, gaps, weights, torch.tensor([False, True]))
-    s = demo.weight_summary(stats)
+    stats = demo_metrics.new_weight_stats()
+    demo_metrics.add_weight_stats(stats, gaps, weights, torch.tensor([False, True]))
+    s = demo_metrics.weight_summary(stats)
     assert s["groups"]["true"]["n"] == 4 and s["groups"]["wrong"]["n"] == 4 and s["groups"]["filler"]["n"] == 4
     assert s["groups"]["true"]["gap"] == pytest.approx(6.0 / 4)
     assert s["groups"]["true"]["clamped"] == pytest.approx((5.0 + 3) / 4)   # clamped to beta = 5
@@ -184,31 +185,31 @@ def test_weight_statistics_sort_words_by_kind():
 
 # -- verdict --------------------------------------------------------------------------------------
 def test_t_quantiles():
-    assert demo.t975(2) == pytest.approx(4.303)
-    assert demo.t975(7) == pytest.approx(2.365)
-    assert demo.t975(40) == pytest.approx(2.021, abs=1e-3)
-    assert demo.t975(120) == pytest.approx(1.980, abs=1e-3)
+    assert demo_verdicts.t975(2) == pytest.approx(4.303)
+    assert demo_verdicts.t975(7) == pytest.approx(2.365)
+    assert demo_verdicts.t975(40) == pytest.approx(2.021, abs=1e-3)
+    assert demo_verdicts.t975(120) == pytest.approx(1.980, abs=1e-3)
 
 
 def test_pooled_sd_is_the_sd_of_the_union():
     a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.0, 5.0])
     groups = [dict(n=3, mean=float(a.mean()), sd=float(a.std())), dict(n=2, mean=float(b.mean()), sd=float(b.std()))]
-    assert demo.pooled_sd(groups) == pytest.approx(float(torch.cat([a, b]).std()))
+    assert demo_verdicts.pooled_sd(groups) == pytest.approx(float(torch.cat([a, b]).std()))
 
 
 def test_verdict_needs_a_difference_beyond_the_margin():
-    assert demo.verdict([0.20, 0.19, 0.21])["verdict"] == "CAL helps"
-    assert demo.verdict([-0.20, -0.19, -0.21])["verdict"] == "CAL hurts"
+    assert demo_verdicts.verdict([0.20, 0.19, 0.21])["verdict"] == "CAL helps"
+    assert demo_verdicts.verdict([-0.20, -0.19, -0.21])["verdict"] == "CAL hurts"
     # consistent sign but large spread: 3 seeds need t = 4.30 standard errors
-    v = demo.verdict([0.02, 0.10, 0.06])
+    v = demo_verdicts.verdict([0.02, 0.10, 0.06])
     assert v["se"] == pytest.approx(0.04 / math.sqrt(3)) and v["margin"] == pytest.approx(4.303 * v["se"])
     assert v["verdict"] == "no clear difference"
     # the evaluation's own sampling error sets a floor on the margin
-    tight = demo.verdict([0.010, 0.010, 0.011], [dict(n=100, mean=0.01, sd=0.5)] * 3)
+    tight = demo_verdicts.verdict([0.010, 0.010, 0.011], [dict(n=100, mean=0.01, sd=0.5)] * 3)
     pooled = 0.5 * math.sqrt(3 * 99 / 299)  # three groups of 100 with sd 0.5 and one mean
     assert tight["margin"] == pytest.approx(1.96 * pooled / math.sqrt(300))
     assert tight["verdict"] == "no clear difference"
-    one = demo.verdict([0.1], [dict(n=100, mean=0.1, sd=0.2)])
+    one = demo_verdicts.verdict([0.1], [dict(n=100, mean=0.1, sd=0.2)])
     assert one["se"] == 0.0 and one["verdict"] == "CAL helps"
 
 
@@ -225,12 +226,12 @@ class _Counter:
 @pytest.mark.parametrize("cal", [False, True])
 def test_cal_is_on_in_cal_runs_only(cal):
     v = synthetic.Vocab()
-    model = demo.build_model(0, v, demo.Protocol())
+    model = demo_training.build_model(0, v, demo_protocol.Protocol())
     counter = _Counter()
     plugins.register(counter, name="test-demo-counter")
     try:
-        losses = demo.train(model, synthetic.make_set(32, seed=0), demo.schedule(32, 3, 32, 0), v,
-                            lr=1e-3, warmup=1, grad_clip=1.0, cal=cal)
+        losses = demo_training.train(model, synthetic.make_set(32, seed=0), demo_training.schedule(32, 3, 32, 0),
+                                     v, lr=1e-3, warmup=1, grad_clip=1.0, cal=cal)
     finally:
         plugins.unregister(name="test-demo-counter")
     assert counter.calls == (3 if cal else 0)
@@ -239,25 +240,26 @@ def test_cal_is_on_in_cal_runs_only(cal):
 
 
 def test_schedule_sees_every_image_once_per_pass():
-    batches = demo.schedule(64, 5, 32, seed=3)
+    batches = demo_training.schedule(64, 5, 32, seed=3)
     first_pass = torch.cat(batches[:2])
     assert sorted(first_pass.tolist()) == list(range(64))
-    assert [b.tolist() for b in batches] == [b.tolist() for b in demo.schedule(64, 5, 32, seed=3)]
+    assert [b.tolist() for b in batches] == [b.tolist() for b in demo_training.schedule(64, 5, 32, seed=3)]
 
 
 TINY = ["--seeds", "2", "--stage1-steps", "3", "--stage1-images", "32", "--steps", "2",
         "--memorised-images", "32", "--eval-size", "8"]
 
 
-def _tiny_protocol(**changes) -> demo.Protocol:
-    fields = dict(seeds=(0,), conditions=(demo.Condition(0.0), demo.Condition(0.5), demo.Condition(0.5, "memorised")),
+def _tiny_protocol(**changes) -> demo_protocol.Protocol:
+    Condition = demo_protocol.Condition
+    fields = dict(seeds=(0,), conditions=(Condition(0.0), Condition(0.5), Condition(0.5, "memorised")),
                   stage1_steps=3, stage1_images=32, stage2_steps=3, memorised_images=32, eval_size=8)
-    return demo.Protocol(**(fields | changes))
+    return demo_protocol.Protocol(**(fields | changes))
 
 
 def test_stage2_plain_and_cal_start_from_identical_weights_and_see_identical_batches(monkeypatch):
     calls = []
-    real_train = demo.train
+    real_train = demo_training.train
 
     def recording_train(model, data, batches, vocab, **kw):
         seen = []
@@ -265,7 +267,7 @@ def test_stage2_plain_and_cal_start_from_identical_weights_and_see_identical_bat
             lambda mod, args, kwargs: seen.append({k: kwargs[k].clone() for k in ("input_ids", "labels", "pixel_values")}),
             with_kwargs=True)
         calls.append(dict(cal=kw["cal"], lr=kw["lr"], start={k: v.clone() for k, v in model.state_dict().items()},
-                          vision_trained=any(p.requires_grad for p in demo.vision_tower(model).parameters()),
+                          vision_trained=any(p.requires_grad for p in demo_training.vision_tower(model).parameters()),
                           trained=sum(p.requires_grad for p in model.parameters()),
                           indices=torch.cat(batches).tolist(), n_images=len(data), inputs=seen))
         try:
@@ -274,9 +276,9 @@ def test_stage2_plain_and_cal_start_from_identical_weights_and_see_identical_bat
             hook.remove()
             calls[-1]["end"] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    monkeypatch.setattr(demo, "train", recording_train)
+    monkeypatch.setattr(demo_training, "train", recording_train)
     proto = _tiny_protocol()
-    demo.run_experiment(proto, show_progress=False, cache=None)
+    demo_training.run_experiment(proto, show_progress=False, cache=None)
     stage1, rest = calls[0], calls[1:]
     assert stage1["lr"] == proto.stage1_lr and not stage1["cal"] and stage1["vision_trained"]
     assert len(rest) == 2 * len(proto.conditions)
@@ -297,25 +299,25 @@ def test_stage2_plain_and_cal_start_from_identical_weights_and_see_identical_bat
 
 
 def test_stage1_weights_are_cached_by_protocol(tmp_path, monkeypatch, capsys):
-    proto = _tiny_protocol(conditions=(demo.Condition(0.5),))
-    first = demo.run_experiment(proto, show_progress=False, cache=tmp_path, keep_models=False)
-    folder = demo.stage1_folder(tmp_path, proto, threads=1)
+    proto = _tiny_protocol(conditions=(demo_protocol.Condition(0.5),))
+    first = demo_training.run_experiment(proto, show_progress=False, cache=tmp_path, keep_models=False)
+    folder = demo_training.stage1_folder(tmp_path, proto, threads=1)
     assert (folder / "seed-0.pt").is_file() and json.loads((folder / "protocol.json").read_text())["steps"] == 3
-    monkeypatch.setattr(demo, "run_stage1", lambda *a, **k: pytest.fail("stage 1 ran despite the cache"))
-    second = demo.run_experiment(proto, show_progress=False, cache=tmp_path, keep_models=False)
+    monkeypatch.setattr(demo_training, "run_stage1", lambda *a, **k: pytest.fail("stage 1 ran despite the cache"))
+    second = demo_training.run_experiment(proto, show_progress=False, cache=tmp_path, keep_models=False)
     assert second["stage1"]["0"]["cached"] and not first["stage1"]["0"]["cached"]
     assert second["stage2"] == first["stage2"]  # one thread: the same numbers from the cached weights
     # another stage-1 protocol is another folder; a changed stage-2 protocol is the same one
-    assert demo.stage1_folder(tmp_path, dataclasses.replace(proto, stage1_steps=4), 1) != folder
-    assert demo.stage1_folder(tmp_path, dataclasses.replace(proto, stage2_lr=5e-4), 1) == folder
-    assert demo.stage1_folder(tmp_path, proto, 2) != folder  # threads change the last bits
+    assert demo_training.stage1_folder(tmp_path, dataclasses.replace(proto, stage1_steps=4), 1) != folder
+    assert demo_training.stage1_folder(tmp_path, dataclasses.replace(proto, stage2_lr=5e-4), 1) == folder
+    assert demo_training.stage1_folder(tmp_path, proto, 2) != folder  # threads change the last bits
 
 
 def test_an_unwritable_cache_warns_and_the_demo_runs_on(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proto = _tiny_protocol(conditions=(demo.Condition(0.0),))
-    result = demo.run_experiment(proto, show_progress=False, cache=blocker / "cache", keep_models=False)
+    proto = _tiny_protocol(conditions=(demo_protocol.Condition(0.0),))
+    result = demo_training.run_experiment(proto, show_progress=False, cache=blocker / "cache", keep_models=False)
     assert result["stage1_cache"] is None and not result["stage1"]["0"]["cached"]
     err = capsys.readouterr().err
     assert "warning: stage-1 cache" in err and "cannot be written" in err
@@ -324,9 +326,9 @@ def test_an_unwritable_cache_warns_and_the_demo_runs_on(tmp_path, capsys):
 def test_default_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("CALPLUG_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo.default_cache_dir() == tmp_path / "xdg" / "calplug"
+    assert demo_training.default_cache_dir() == tmp_path / "xdg" / "calplug"
     monkeypatch.setenv("CALPLUG_CACHE_DIR", str(tmp_path / "mine"))
-    assert demo.default_cache_dir() == tmp_path / "mine"
+    assert demo_training.default_cache_dir() == tmp_path / "mine"
 
 
 def test_bad_protocol_options_are_refused():
@@ -353,7 +355,7 @@ def test_shortened_demo_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("CALPLUG_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     printed_before_files = []
-    real_plot = demo.plot
+    real_plot = demo_report.plot
 
     def plot_after_table(*a, **k):  # the first file written after results.json
         printed_before_files.append((out / "results.json").is_file())
@@ -367,7 +369,7 @@ def test_shortened_demo_end_to_end(tmp_path, capsys, monkeypatch):
         return real_write(self, *a, **k)
 
     monkeypatch.setattr(demo.Path, "write_text", write_text)
-    monkeypatch.setattr(demo, "plot", plot_after_table)
+    monkeypatch.setattr(demo_report, "plot", plot_after_table)
     assert cli.main(["demo", "--out", str(out), *TINY, "--noise", "0,0.5,0.5:systematic", "--no-progress"]) == 0
     assert printed_before_files == [True, True]
     r = json.loads((out / "results.json").read_text())
@@ -397,8 +399,8 @@ def test_shortened_demo_end_to_end(tmp_path, capsys, monkeypatch):
         diffs = [r["stage2"][row["condition"]][s]["cal"][row["metric"]]["all"]
                  - r["stage2"][row["condition"]][s]["plain"][row["metric"]]["all"] for s in ("0", "1")]
         assert row["difference"] == pytest.approx(statistics.fmean(diffs))
-        assert row["verdict"] == demo.verdict(diffs, [r["stage2"][row["condition"]][s]["image_differences"][row["metric"]]
-                                                      for s in ("0", "1")])["verdict"]
+        image_differences = [r["stage2"][row["condition"]][s]["image_differences"][row["metric"]] for s in ("0", "1")]
+        assert row["verdict"] == demo_verdicts.verdict(diffs, image_differences)["verdict"]
     from PIL import Image
 
     with Image.open(out / "demo.png") as im:

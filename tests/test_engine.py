@@ -7,7 +7,7 @@ import torch
 from calplug.gap import hidden_target_logits, main_target_logits, shift_targets, target_gap
 from calplug.loss import weighted_cross_entropy
 from calplug.weighting import clamp_and_pool
-from reference import reference_cal_loss, reference_weights
+from calplug.reference import reference_cal_loss, reference_weights
 
 # Two sequences of 3 shifted rows each; row 1 of sequence 0 is ignored.
 DELTA = torch.tensor([[0.5, 3.0, 7.0], [2.0, -1.0, 4.0]])

@@ -28,22 +28,16 @@ from torch import nn
 
 import calplug
 from calplug import CALConfig, CALConfigError, CALError, CALInputError, CALWarning, UnsupportedModelError
-from calplug import batch_checks, step
-from calplug.cli import patch as patch_files
+from calplug import contrast_pass, patching
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
 from calplug.trainer import CALStats
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava(0).train()
-
-
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Each test sees calplug's one-time warnings as if nothing had been shown yet."""
-    monkeypatch.setattr(batch_checks, "_WARNED", set())
+    monkeypatch.setattr(calplug.errors, "_WARNED", set())
 
 
 @pytest.fixture
@@ -85,7 +79,7 @@ def test_a_zero_clamp_range_is_refused():
     ({"loss_chunk": -8}, r"loss_chunk must be an integer >= 0"),
     ({"stages": "finetuning"}, r"stages must be one of.*Did you mean 'finetune'"),
     ({"pool_scope": None}, r"pool_scope must be one of"),
-    ({"contrast": ["drop"]}, r"contrast \['drop'\] is not a registered contrast"),
+    ({"contrast": ["drop"]}, r"contrast must be the name of a contrast condition, got \['drop'\]"),
     ({"alpha": True}, r"alpha must be a number, got True"),
 ])
 def test_other_invalid_values_name_the_setting_and_a_valid_example(kwargs, words):
@@ -410,17 +404,17 @@ def test_non_finite_contrast_gaps_are_weighted_as_gap_zero(model, fresh_warnings
     """Main pass finite, contrast pass not: the loss stays finite and equals the one whose weights
     treat those rows as rows without a contrast value."""
     batch = llava_batch(model)
-    real = step.contrast_gaps
+    real = contrast_pass.target_gaps
     poisoned = {}
 
-    def contrast_gaps(*args):
-        gaps, has = real(*args)
+    def target_gaps(*args, **kwargs):
+        gaps, has, lse = real(*args, **kwargs)
         gaps = gaps.clone()
         gaps[0, -3:] = torch.tensor([float("nan"), float("inf"), -float("inf")])
         poisoned["gaps"] = gaps
-        return gaps, has
+        return gaps, has, lse
 
-    monkeypatch.setattr(step, "contrast_gaps", contrast_gaps)
+    monkeypatch.setattr(contrast_pass, "target_gaps", target_gaps)
     with calplug.enabled(model, alpha=1.0, beta=4.0, pool_window=1):
         with pytest.warns(CALWarning, match=r"3 supervised rows.*all in the contrast pass.*the loss stays finite"):
             out = model(**batch)
@@ -464,15 +458,6 @@ def _state(root: Path) -> dict:
     return out
 
 
-@pytest.fixture(params=["git", "python"])
-def engine(request, monkeypatch):
-    if request.param == "python":
-        monkeypatch.setattr(patch_files, "_git", lambda: None)
-    elif patch_files._git() is None:
-        pytest.skip("git is not installed: the Python engine is tested alone")
-    return request.param
-
-
 def _run(capsys, *argv) -> tuple[int, str]:
     from calplug import cli
 
@@ -501,10 +486,10 @@ def test_a_patch_cannot_write_outside_its_tree(tmp_path, capsys, engine, target,
     assert "refusing test-patch: it names the file" in err and "Nothing was changed" in err
     assert re.search(reason, err), err
     assert _state(root) == before_tree and _state(victim) == before_victim
-    with pytest.raises(patch_files.PatchError, match=reason):
-        patch_files.check(patch_files.read_patch(patch), root)
-    with pytest.raises(patch_files.PatchError, match=reason):   # the engine itself refuses too
-        patch_files._apply_python(patch_files.read_patch(patch), root, reverse=False)
+    with pytest.raises(patching.PatchError, match=reason):
+        patching.check(patching.read_patch(patch), root)
+    with pytest.raises(patching.PatchError, match=reason):   # the engine itself refuses too
+        patching._apply_python(patching.read_patch(patch), root, reverse=False)
     assert _state(root) == before_tree and _state(victim) == before_victim
 
 
@@ -520,12 +505,12 @@ def test_a_symlinked_file_inside_the_tree_is_refused_as_git_does(tmp_path, capsy
 def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monkeypatch):
     """Python engine, three files: the second write fails. The first is put back, the third is
     never touched (same inode and time), and the error is one line."""
-    monkeypatch.setattr(patch_files, "_git", lambda: None)
+    monkeypatch.setattr(patching, "_git", lambda: None)
     root = _tree(tmp_path / "fork")
     (root / "pkg/b.txt").chmod(0o640)
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)
-    real, calls = patch_files._replace, []
+    real, calls = patching._replace, []
 
     def failing_replace(path, data, mode=None):
         calls.append(path.name)
@@ -533,7 +518,7 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
             raise OSError(28, "No space left on device", str(path))
         return real(path, data, mode)
 
-    monkeypatch.setattr(patch_files, "_replace", failing_replace)
+    monkeypatch.setattr(patching, "_replace", failing_replace)
     rc, err = _run(capsys, "apply", str(patch), str(root))
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and "During handling" not in err
     assert "could not write pkg/b.txt" in err and "No space left on device" in err and "Nothing was changed" in err
@@ -547,12 +532,12 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
 
 
 def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_path, capsys, monkeypatch):
-    if patch_files._git() is None:
+    if patching._git() is None:
         pytest.skip("git is not installed")
     root = _tree(tmp_path / "fork")
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)
-    real_git = patch_files._run_git
+    real_git = patching._run_git
 
     def half_applying_git(where, args):
         if "--check" in args:
@@ -560,7 +545,7 @@ def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_pa
         (where / "a.txt").write_text("first line\nnew a.txt\nlast line\n")
         return subprocess.CompletedProcess(args, 1, "", "error: pkg/b.txt: Permission denied")
 
-    monkeypatch.setattr(patch_files, "_run_git", half_applying_git)
+    monkeypatch.setattr(patching, "_run_git", half_applying_git)
     rc, err = _run(capsys, "apply", str(patch), str(root))
     assert rc == 2 and err.count("\n") == 1 and "git apply failed after a clean check" in err
     after = _state(root)
@@ -573,7 +558,7 @@ def test_a_read_only_tree_gets_one_line_and_no_file_is_rewritten(tmp_path, capsy
     patch = _patch(tmp_path, _diff("a.txt", "old a.txt", "new a.txt"), _diff("pkg/b.txt", "old pkg/b.txt", "new"))
     if os.geteuid() == 0:
         # root writes through permission bits: report the files as read-only instead
-        monkeypatch.setattr(patch_files, "_writable", lambda path: False)
+        monkeypatch.setattr(patching, "_writable", lambda path: False)
     else:
         for p in [*root.rglob("*"), root]:
             p.chmod(p.stat().st_mode & ~0o222)

@@ -19,10 +19,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import calplug
-from calplug import distributed, enabling, plugins, step
+from calplug import distributed, enabling, plugins
 from calplug.hookspecs import hookimpl
 from calplug.testing import llava_batch, tiny_llava
 from _recording import ShapeRecorder, record_calls
@@ -41,7 +42,7 @@ def llava():
 def _decoder_and_head(model):
     from calplug.integrations import compat
 
-    return compat.llava_type_decoder_and_head(model)
+    return compat.vlm_decoder_and_head(model)
 
 
 def cal_gaps(model, batch, contrast):
@@ -224,7 +225,7 @@ def _sharded_worker(rank, world, init_file, case, results):
         model = model_fn(0).train()
         from calplug.integrations import compat
 
-        decoder, _ = compat.llava_type_decoder_and_head(model)
+        decoder, _ = compat.vlm_decoder_and_head(model)
         # Stand-in for ZeRO-3's parameter gathering: every decoder layer call is a collective that
         # checks all ranks are at the same layer. A rank that skipped a pass the other rank runs
         # would pair different layers (or time out).
@@ -410,11 +411,18 @@ def test_chunked_loss_refuses_what_it_cannot_do(llava, monkeypatch):
     capture = _CaptureLoss()
     plugins.register(capture, name="test-capture-loss")
     try:
-        with calplug.enabled(llava, loss_chunk=16), pytest.raises(calplug.CALConfigError,
-                                                                  match="test-capture-loss"):
-            llava(**batch)
+        with pytest.raises(calplug.CALConfigError, match="test-capture-loss"):  # refused at enable
+            calplug.enable(llava, loss_chunk=16)
+        assert not calplug.is_enabled(llava)
     finally:
         plugins.unregister(name="test-capture-loss")
+    with calplug.enabled(llava, loss_chunk=16):  # a plugin registered after enable: the step refuses
+        plugins.register(capture, name="test-capture-loss")
+        try:
+            with pytest.raises(calplug.CALConfigError, match="test-capture-loss"):
+                llava(**batch)
+        finally:
+            plugins.unregister(name="test-capture-loss")
     monkeypatch.setattr(distributed, "is_sharded", lambda model: True)
     with calplug.enabled(llava, loss_chunk=16), pytest.raises(calplug.CALConfigError, match="ZeRO-3"):
         llava(**batch)
@@ -424,7 +432,7 @@ def test_chunked_loss_refuses_what_it_cannot_do(llava, monkeypatch):
 def test_loss_on_supervised_rows_equals_loss_over_every_row(dtype):
     """`weighted_cross_entropy` runs log-softmax on the supervised rows only; the spec's form sums
     ce * w over every row (ce = 0 on ignored rows). Same value and same logits gradient."""
-    from calplug.loss import EPS, per_row_cross_entropy, weighted_cross_entropy
+    from calplug.loss import EPS, weighted_cross_entropy
 
     g = torch.Generator().manual_seed(3)
     B, L, V = 3, 13, 40
@@ -434,7 +442,10 @@ def test_loss_on_supervised_rows_equals_loss_over_every_row(dtype):
     labels[2, 9:] = -100
     weights = torch.rand(B, L - 1, generator=g) * 4 + 1
     supervised = labels[:, 1:] != -100
-    spec = (per_row_cross_entropy(logits, labels)[:, :-1] * weights).sum() / (weights[supervised].sum() + EPS)
+    # the spec's form, written here: cross-entropy of every shifted row (0 where ignored), float32
+    every_row = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="none").view(B, L - 1)
+    spec = (every_row * weights).sum() / (weights[supervised].sum() + EPS)
     got = weighted_cross_entropy(logits, labels, weights)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got, spec, **tol)

@@ -17,7 +17,6 @@ Example counts keep the file within seconds on a laptop CPU (the default tox env
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypot
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 import calplug  # noqa: E402
-from calplug import CALConfig, CALConfigError  # noqa: E402
+from calplug import CALConfig, CALConfigError, plugins  # noqa: E402
 from calplug.config import POOL_SCOPES, STAGES, resolve_config  # noqa: E402
 from calplug.gap import IGNORE_INDEX  # noqa: E402
 from calplug.testing import tiny_llava  # noqa: E402
@@ -152,7 +151,7 @@ INVALID = {
     "pool_window": st.one_of(NOT_NUMBERS, st.integers(max_value=0), st.integers(1, 1000).map(lambda n: 2 * n),
                              st.floats(1.0, 9.0)),
     "pool_scope": st.one_of(NOT_NUMBERS, st.text(max_size=12).filter(lambda s: s not in POOL_SCOPES)),
-    "contrast": st.one_of(NOT_NUMBERS, st.text(max_size=12).filter(lambda s: s not in ("drop", "mask", "patch_mask", "blur"))),
+    "contrast": st.sampled_from([None, [1.0], {"x": 1}, True, False, ""]),  # names: at enable (below)
     "mask_ratio": st.one_of(NOT_NUMBERS, NON_FINITE, st.floats(-1e6, -1e-9), st.floats(1.0 + 1e-9, 1e6)),
     "blur_sigma": st.one_of(NOT_NUMBERS, NON_FINITE, st.floats(-1e6, 0.0)),
     "seed": st.one_of(NOT_NUMBERS, st.integers(max_value=-1), st.integers(min_value=2 ** 63), st.floats(0, 10)),
@@ -170,6 +169,15 @@ def test_every_invalid_config_raises_a_config_error_naming_the_setting(data, key
     assert key in str(error.value)
     with pytest.raises(CALConfigError):                 # the same through enable's route
         resolve_config({key: value})
+
+
+@FAST
+@given(name=st.text(max_size=12).filter(lambda s: s not in ("drop", "mask", "patch_mask", "blur")))
+def test_every_unregistered_contrast_name_is_refused_when_resolved(name):
+    """A config holds any contrast name (plugins may register more later); `calplug.enable`
+    resolves it once, and an unregistered one is a config error naming the registered ones."""
+    with pytest.raises(CALConfigError, match="contrast .* registered contrast.*Registered: blur, drop"):
+        plugins.resolve_contrast(name)
 
 
 @FAST
@@ -194,7 +202,7 @@ PARTS = st.sampled_from(["..", ".", "a", "b", "link", "inside", "", "x.txt", "/"
 @FAST
 @given(parts=st.lists(PARTS, min_size=1, max_size=5), absolute=st.booleans())
 def test_random_patch_paths_are_refused_or_inside_the_tree(parts, absolute):
-    from calplug.cli import patch as patch_files
+    from calplug import patching
 
     with tempfile.TemporaryDirectory() as folder:
         top = Path(folder)
@@ -203,10 +211,10 @@ def test_random_patch_paths_are_refused_or_inside_the_tree(parts, absolute):
         outside.mkdir()
         (root / "link").symlink_to(outside)
         rel = ("/" if absolute else "") + "/".join(parts)
-        fake = patch_files.PatchFile("fuzz", top / "fuzz.patch", {}, [patch_files.FileDiff(rel, [])])
+        fake = patching.PatchFile("fuzz", top / "fuzz.patch", {}, [patching.FileDiff(rel, [])])
         try:
-            (target,) = patch_files.targets(fake, root)
-        except patch_files.PatchError as error:
+            (target,) = patching.targets(fake, root)
+        except patching.PatchError as error:
             assert "refusing fuzz" in str(error) and "Nothing was changed" in str(error)
         else:
             assert target.resolve().is_relative_to(root.resolve())

@@ -15,7 +15,7 @@ import torch
 
 import calplug
 from calplug import cli
-from calplug.cli import demo, synthetic
+from calplug.cli import demo, demo_protocol, demo_training, synthetic
 from calplug.cli import inspect as inspection
 
 CHROMIUM = "/usr/bin/chromium"
@@ -25,9 +25,10 @@ CHROMIUM = "/usr/bin/chromium"
 def checkpoint(tmp_path_factory) -> Path:
     """A demo checkpoint: the demo's tiny model, a few training steps on synthetic captions."""
     vocab = synthetic.Vocab()
-    model = demo.build_model(0, vocab, demo.Protocol())
+    model = demo_training.build_model(0, vocab, demo_protocol.Protocol())
     data = synthetic.make_set(64, seed=0)
-    demo.train(model, data, demo.schedule(64, 12, 32, 0), vocab, lr=3e-3, warmup=1, grad_clip=1.0, cal=False)
+    demo_training.train(model, data, demo_training.schedule(64, 12, 32, 0), vocab, lr=3e-3, warmup=1,
+                        grad_clip=1.0, cal=False)
     path = tmp_path_factory.mktemp("ckpt") / "model"
     demo.save_checkpoint(model, vocab, path)
     return path
@@ -107,7 +108,7 @@ def test_each_token_carries_the_numbers_of_the_row_that_predicts_it():
     assert lines == dict(token=["a", "red", "<eos>"], gap=["+0.5", "-3.0", "+6.0"],
                          clamped=["1.00", "1.00", "5.00"], pooled=["1.00", "2.33", "3.00"])
     assert "visual words that contradict the image" in text and "-3.00 -> 1.00 -> 2.33  (1 tokens)" in text
-    collapsed = inspection._collapse_image_tokens(toks)
+    collapsed = inspection.collapse_runs(toks)
     assert [t["text"] for t in collapsed] == ["<bos>", "<image>", "a", "red", "<eos>"]
     assert collapsed[1]["repeat"] == 2
 

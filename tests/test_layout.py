@@ -1,7 +1,10 @@
-"""One place per fact: the tested versions in integrations/compat.py are the ones tox.ini pins, the
-tree in docs/layout.md is the tree on disk, and nothing a user gets points outside the repository."""
+"""The layout's rules, enforced: which package may import which (docs/layout.md), no import cycle
+among calplug's modules, no module over 600 lines; one place per fact (the tested versions in
+integrations/compat.py are the ones tox.ini pins, the tree in docs/layout.md is the tree on
+disk); nothing a user gets points outside the repository."""
 from __future__ import annotations
 
+import ast
 import configparser
 import pathlib
 import re
@@ -103,3 +106,153 @@ def test_nothing_a_user_gets_points_outside_the_repository():
                  for path in files for n, line in enumerate(path.read_text().splitlines(), 1)
                  if outside.search(line) and path.name != "test_layout.py"]
     assert offending == []
+
+
+# -- which package may import which -----------------------------------------------------------------
+# The source folder of each installed package (pyproject.toml maps integrations/ and patches/ into
+# calplug's namespace).
+PACKAGE_DIRS = {"calplug.integrations": "integrations", "calplug.patches": "patches", "calplug": "calplug"}
+# Layer of a module -> the layers it may import. The core is every top-level module of calplug
+# (tensor math, the step, the hooks): it asks integrations and frameworks through hooks and
+# records, never by import. docs/layout.md has the same table.
+MAY_IMPORT = {
+    "core": {"core"},
+    "integrations": {"core", "integrations"},
+    "frameworks": {"core", "integrations", "frameworks"},
+    "cli": {"core", "integrations", "frameworks", "cli"},
+}
+# The deliberately independent reference shares no code with what it checks.
+REFERENCE_MAY_IMPORT = {"calplug.errors"}
+MAX_LINES = 600
+
+
+def layer(module: str) -> str:
+    for prefix in ("integrations", "frameworks", "cli"):
+        if module == f"calplug.{prefix}" or module.startswith(f"calplug.{prefix}."):
+            return prefix
+    return "core"
+
+
+def module_files(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
+    """``{module name: file}`` of every calplug module, by the installed names."""
+    found = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in (root / folder).rglob("*.py"):
+            parts = list(path.relative_to(root / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if package == "calplug" and parts[:1] in (["integrations"], ["patches"]):
+                continue
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def imports_of(module: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """The calplug modules ``module`` imports anywhere in its file: at module level, inside
+    functions and under ``if TYPE_CHECKING``. ``from pkg import name`` counts ``pkg.name`` when
+    that is a module, else ``pkg``."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                     for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in known)
+    found.discard(module)
+    return found
+
+
+def import_graph(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
+    files = module_files(root)
+    return {m: imports_of(m, p, set(files)) for m, p in files.items()}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import the table forbids, as ``"importer -> imported"``."""
+    bad = []
+    for module, targets in graph.items():
+        for target in sorted(targets):
+            allowed = MAY_IMPORT[layer(module)]
+            if module == "calplug.reference":
+                allowed_here = target in REFERENCE_MAY_IMPORT
+            else:
+                allowed_here = layer(target) in allowed
+            if not allowed_here:
+                bad.append(f"{module} ({layer(module)}) -> {target} ({layer(target)})")
+    return bad
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles among calplug's modules (one path per strongly connected component)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_package_imports_against_the_layout_table():
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_import_cycle_among_calplug_modules():
+    assert cycles(import_graph()) == []
+
+
+def long_modules(root: pathlib.Path = ROOT) -> dict[str, int]:
+    return {m: n for m, p in module_files(root).items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+
+
+def test_no_module_over_600_lines():
+    assert long_modules() == {}
+
+
+def test_the_rules_fail_on_a_violation(tmp_path):
+    """The checks above catch what they are for: a copy of the tree with an upward import (the
+    core importing an integration), an import cycle hidden under TYPE_CHECKING, and a long module."""
+    import shutil
+
+    for folder in PACKAGE_DIRS.values():
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    gap = tmp_path / "calplug" / "gap.py"
+    gap.write_text(gap.read_text() + "\nfrom .integrations import compat  # upward\n")
+    weighting = tmp_path / "calplug" / "weighting.py"
+    weighting.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import loss\n"
+                         + weighting.read_text())
+    loss = tmp_path / "calplug" / "loss.py"
+    loss.write_text(loss.read_text() + "\nfrom . import weighting\n" + "\n" * MAX_LINES)
+    graph = import_graph(tmp_path)
+    assert upward_imports(graph) == ["calplug.gap (core) -> calplug.integrations.compat (integrations)"]
+    assert ["calplug.loss", "calplug.weighting"] in cycles(graph)
+    assert list(long_modules(tmp_path)) == ["calplug.loss"]

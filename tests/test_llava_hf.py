@@ -14,6 +14,8 @@ from calplug.testing import llava_batch, tiny_llava
 
 @pytest.fixture
 def model():
+    """A fresh tiny Llava per test (overrides conftest's per-module one: these tests enable,
+    disable and copy it)."""
     m = tiny_llava(seed=0)
     m.train()
     return m
@@ -181,8 +183,9 @@ def test_custom_contrast_plugin_is_selectable(model):
         calplug.disable(model)
         plugins.unregister(name="test-contrast")
     assert calls == [32] and torch.all(out.cal_gaps == 0)
-    with pytest.raises(calplug.CALConfigError, match="nothing"):
-        calplug.CALConfig(contrast="nothing")
+    with pytest.raises(calplug.CALConfigError, match="'nothing' is not a registered contrast"):
+        calplug.enable(model, contrast="nothing")  # unregistered again: refused at enable
+    assert not calplug.is_enabled(model)
 
 
 def test_misspelt_hook_fails_loudly():

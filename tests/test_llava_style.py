@@ -13,7 +13,7 @@ import calplug
 from calplug import CALInputError
 from _faithful import faithful_step_after_reference
 from cases import LLAVA_STYLE, llava_style_reference
-from reference import assert_grads_rel_close
+from _close import assert_grads_rel_close
 
 import _llava_style_models as tiny
 

@@ -1,4 +1,5 @@
-"""The patch files (patches/*.patch) and `calplug patch` (calplug/patch_files.py).
+"""The patch files (patches/*.patch), the patch engine (calplug/patching.py) and `calplug patch`
+(calplug/cli/patch.py).
 
 Three layers:
 * the command on a synthetic checkout built from each patch's own context lines (runs anywhere):
@@ -35,8 +36,8 @@ from pathlib import Path
 import pytest
 
 from calplug import cli
-from calplug.cli import patch as patch_files
-from calplug.cli.patch import PatchConflictError
+from calplug import patching
+from calplug.patching import PatchConflictError
 
 LLAVA = "llava-v1.2.2"
 LLAVA_VERSION = "1.2.2.post1"
@@ -74,17 +75,9 @@ def run_cli(*argv: str, capsys) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.fixture(params=["git", "python"] if HAS_GIT else ["python"])
-def engine(request, monkeypatch):
-    """Run each command test with git apply and with the Python fallback (no git on PATH)."""
-    if request.param == "python":
-        monkeypatch.setattr(patch_files, "_git", lambda: None)
-    return request.param
-
-
 # -- the shipped files ----------------------------------------------------------------------------
 def test_every_patch_names_its_upstream_commit_and_files():
-    patches = patch_files.available()
+    patches = patching.available()
     names = {p.name for p in patches}
     assert {LLAVA, "mgm-769820c", "llava-next-df17966"} <= names
     for p in patches:
@@ -108,9 +101,9 @@ def test_every_patch_names_its_upstream_commit_and_files():
 def test_list_shows_each_patch_and_its_state_in_a_checkout(tmp_path, capsys):
     rc, out, _ = run_cli("list", capsys=capsys)
     assert rc == 0
-    for p in patch_files.available():
+    for p in patching.available():
         assert p.name in out and p.header["Commit"][:7] in out
-    checkout = synthetic_checkout(patch_files.resolve(LLAVA), tmp_path / "LLaVA")
+    checkout = synthetic_checkout(patching.resolve(LLAVA), tmp_path / "LLaVA")
     rc, out, _ = run_cli("list", str(checkout), capsys=capsys)
     line = next(l for l in out.splitlines() if l.strip().startswith(LLAVA))
     assert line.endswith("[applies]")
@@ -121,7 +114,7 @@ def test_list_shows_each_patch_and_its_state_in_a_checkout(tmp_path, capsys):
 def test_patch_files_ship_inside_the_installed_package():
     import calplug
 
-    folder = patch_files.patch_dir()
+    folder = patching.patch_dir()
     package = Path(calplug.__file__).resolve().parent
     repo_copy = package.parent / "patches"
     if folder == repo_copy.resolve() and (package.parent / "pyproject.toml").is_file():
@@ -165,7 +158,7 @@ def test_patch_glue_passes_stage_flags_and_config_to_calplug(name, monkeypatch, 
 
     import calplug
 
-    block = _glue_block(patch_files.resolve(name))
+    block = _glue_block(patching.resolve(name))
     calls = []
     monkeypatch.setattr(calplug, "enable_for_stage",
                         lambda model, stage, config=None, **kw: calls.append((model, stage, config, kw)) or True)
@@ -192,7 +185,7 @@ def test_patch_glue_passes_stage_flags_and_config_to_calplug(name, monkeypatch, 
 
 # -- the command on a synthetic checkout ----------------------------------------------------------
 def test_apply_then_reverse_is_byte_identical(tmp_path, capsys, engine):
-    patch = patch_files.resolve(LLAVA)
+    patch = patching.resolve(LLAVA)
     root = synthetic_checkout(patch, tmp_path / "LLaVA")
     (root / "llava/train/train.py").chmod(0o640)   # git apply would recreate it with the umask's
     before = snapshot(root)
@@ -212,11 +205,11 @@ def test_apply_then_reverse_is_byte_identical(tmp_path, capsys, engine):
 def test_python_engine_writes_what_git_apply_writes(tmp_path):
     if not HAS_GIT:
         pytest.skip("git is not installed: nothing to compare the Python engine with")
-    for patch in patch_files.available():
+    for patch in patching.available():
         a = synthetic_checkout(patch, tmp_path / f"{patch.name}-git")
         b = synthetic_checkout(patch, tmp_path / f"{patch.name}-py")
-        patch_files.apply(patch, a)
-        patch_files._apply_python(patch, b, reverse=False)
+        patching.apply(patch, a)
+        patching._apply_python(patch, b, reverse=False)
         assert snapshot(a) == snapshot(b), patch.name
 
 
@@ -227,7 +220,7 @@ def drift(path: Path, old: str, new: str) -> None:
 
 
 def test_drift_is_refused_naming_the_conflicting_lines_and_nothing_changes(tmp_path, capsys, engine):
-    patch = patch_files.resolve(LLAVA)
+    patch = patching.resolve(LLAVA)
     root = synthetic_checkout(patch, tmp_path / "fork")
     train = root / "llava/train/train.py"
     # a fork changed a context line of the second hunk (the Trainer call) and nothing else
@@ -251,21 +244,21 @@ def test_drift_is_refused_naming_the_conflicting_lines_and_nothing_changes(tmp_p
 
 def test_half_fitting_fork_is_not_half_applied(tmp_path, engine):
     """Hunk 1 fits, hunk 2 does not: the library call raises and the file keeps its bytes."""
-    patch = patch_files.resolve(LLAVA)
+    patch = patching.resolve(LLAVA)
     root = synthetic_checkout(patch, tmp_path / "fork")
     train = root / "llava/train/train.py"
     first_context = patch.files[0].hunks[1].old[0]
     drift(train, first_context + "\n", first_context + "  # fork\n")
     before = train.read_bytes()
     with pytest.raises(PatchConflictError, match="hunk 2 of 2"):
-        patch_files.apply(patch, root)
+        patching.apply(patch, root)
     assert train.read_bytes() == before
 
 
 def test_crlf_checkout_is_refused_not_rewritten(tmp_path, capsys, engine):
     """A checkout with Windows line endings does not match the patch's context (as in git);
     the refusal must leave every byte, carriage returns included, where it was."""
-    root = synthetic_checkout(patch_files.resolve(LLAVA), tmp_path / "fork")
+    root = synthetic_checkout(patching.resolve(LLAVA), tmp_path / "fork")
     train = root / "llava/train/train.py"
     train.write_bytes(train.read_bytes().replace(b"\n", b"\r\n"))
     before = snapshot(root)
@@ -275,7 +268,7 @@ def test_crlf_checkout_is_refused_not_rewritten(tmp_path, capsys, engine):
 
 
 def test_already_applied_and_not_applied_are_refused(tmp_path, capsys, engine):
-    root = synthetic_checkout(patch_files.resolve(LLAVA), tmp_path / "fork")
+    root = synthetic_checkout(patching.resolve(LLAVA), tmp_path / "fork")
     rc, _, err = run_cli("apply", "--reverse", LLAVA, str(root), capsys=capsys)
     assert rc == 1 and "is not applied" in err and "nothing to undo" in err
     assert run_cli("apply", LLAVA, str(root), capsys=capsys)[0] == 0
@@ -286,7 +279,7 @@ def test_already_applied_and_not_applied_are_refused(tmp_path, capsys, engine):
 
 
 def test_wrong_folder_and_unknown_name_give_clear_errors(tmp_path, capsys):
-    root = synthetic_checkout(patch_files.resolve(LLAVA), tmp_path / "LLaVA")
+    root = synthetic_checkout(patching.resolve(LLAVA), tmp_path / "LLaVA")
     rc, _, err = run_cli("apply", LLAVA, str(tmp_path), capsys=capsys)   # one level too high
     assert rc == 1 and "llava/train/train.py not found" in err
     assert f"Did you mean {str(root)!r}" in err
@@ -308,7 +301,7 @@ def test_checkout_inside_a_bigger_git_repository(tmp_path, capsys):
     outer = tmp_path / "monorepo"
     outer.mkdir()
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
-    root = synthetic_checkout(patch_files.resolve(LLAVA), outer / "third_party" / "LLaVA")
+    root = synthetic_checkout(patching.resolve(LLAVA), outer / "third_party" / "LLaVA")
     before = snapshot(root)
     rc, _, err = run_cli("apply", LLAVA, str(root), capsys=capsys)
     assert rc == 0, err
@@ -366,8 +359,8 @@ def run_driver(*args: str, src: Path, timeout: int = 600) -> dict:
 def patched_llava(tmp_path_factory):
     src = llava_sources(tmp_path_factory.mktemp("llava-upstream"))
     pristine = snapshot(src)
-    patch = patch_files.resolve(LLAVA)
-    patch_files.apply(patch, src)
+    patch = patching.resolve(LLAVA)
+    patching.apply(patch, src)
     return src, pristine
 
 
@@ -433,7 +426,7 @@ def fork_checkout(name: str, dest: Path):
     folder = os.environ.get(var)
     if not folder:
         pytest.skip(f"set {var}=/path/to/the {name} source checkout to check its patch")
-    patch = next(p for p in patch_files.available() if p.name.startswith(name + "-")
+    patch = next(p for p in patching.available() if p.name.startswith(name + "-")
                  and p.name[len(name) + 1:].isalnum())
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(".git", "*.png", "*.jpg", "*.gif"))
     return patch, dest
@@ -455,7 +448,7 @@ def test_fork_patch_applies_to_upstream_source_and_reverses(name, tmp_path, caps
 @pytest.mark.parametrize("name", sorted(PATCH_ENV))
 def test_fork_patch_parses_the_cal_flags(name, tmp_path):
     patch, root = fork_checkout(name, tmp_path / name)
-    patch_files.apply(patch, root)
+    patching.apply(patch, root)
     got = run_driver("parse", name, "--output_dir", str(root / "out"), "--use_cal", "True",
                      "--cal_beta", "4", "--cal_pool_window", "5", src=root)
     assert got["module"].startswith(str(root))
@@ -467,7 +460,7 @@ def test_fork_patch_parses_the_cal_flags(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(PATCH_ENV))
 def test_fork_patch_trains_two_steps_with_cal(name, tmp_path):
     patch, root = fork_checkout(name, tmp_path / name)
-    patch_files.apply(patch, root)
+    patching.apply(patch, root)
     got = run_driver("train", name, src=root)
     assert got["module"].startswith(str(root))
     check_training(got, integration="mgm" if name == "mgm" else "llava-style")

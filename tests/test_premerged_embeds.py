@@ -11,7 +11,7 @@ import torch
 
 import calplug
 from calplug.errors import CALInputError
-from calplug.integrations import compat
+from calplug.hookspecs import VISUAL_MASK_ARGUMENT
 from calplug.integrations.capture import capture_decoder_call
 
 import _hf_families as fam
@@ -83,14 +83,14 @@ def test_premerged_embeds_with_the_adapter_mask_equal_the_input_ids_path(name):
     calplug.enable(model.train(), alpha=0.0)
     reference = cal_output(model, batch)
     call = premerged(model, batch)
-    call[compat.VISUAL_MASK_ARGUMENT] = fam.visual_positions(model, batch["input_ids"])
+    call[VISUAL_MASK_ARGUMENT] = fam.visual_positions(model, batch["input_ids"])
     out = cal_output(model, call)
     assert_same_cal(reference, out)
     # The adapter's key never reaches the model, in training or passed through (eval).
     model.eval()
     with torch.no_grad():
         model(**{k: v for k, v in call.items() if k != "labels"})
-    assert seen and all(compat.VISUAL_MASK_ARGUMENT not in kwargs for kwargs in seen)
+    assert seen and all(VISUAL_MASK_ARGUMENT not in kwargs for kwargs in seen)
 
 
 def test_premerged_embeds_without_visual_positions_are_refused():
@@ -104,6 +104,6 @@ def test_a_visual_mask_of_the_wrong_shape_is_refused():
     model, batch = build("qwen2_vl")
     calplug.enable(model.train())
     call = premerged(model, batch)
-    call[compat.VISUAL_MASK_ARGUMENT] = torch.zeros(1, 3, dtype=torch.bool)
+    call[VISUAL_MASK_ARGUMENT] = torch.zeros(1, 3, dtype=torch.bool)
     with pytest.raises(CALInputError, match=r"visual-position mask has shape \(1, 3\)"):
         model(**call)

@@ -17,26 +17,26 @@ import torch
 import torch.nn.functional as F
 
 import calplug
-from calplug import step
+from calplug import contrast_pass
 from _faithful import faithful_step_after_reference
 from _recording import ShapeRecorder, record_calls
 from cases import CASES, SETTING, params
-from reference import assert_grads_rel_close
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _record_versions(record_testsuite_property):
-    import transformers
-
-    record_testsuite_property("transformers", transformers.__version__)
-    record_testsuite_property("torch", torch.__version__)
+from _close import assert_grads_rel_close
+from _hf_kinds import POSITIONS
 
 
 def skip_where_mask_is_refused(case, contrast):
     if contrast == "mask" and case.contrast != "mask":
         pytest.skip("this decoder's conv / linear-attention layers do not honour mask holes, so "
-                    "calplug refuses contrast='mask' for it (tests/test_vlm_families.py checks the "
+                    "calplug refuses contrast='mask' for it (tests/test_family_decoders.py checks the "
                     "refusal); its faithful case uses drop")
+
+
+def skip_where_the_image_has_no_positions(case):
+    if case.kind != POSITIONS:
+        pytest.skip(f"{case.kind} models: the image is not at positions of the decoder sequence, so "
+                    "drop and mask are the same image-free pass (tests/test_kinds.py checks that "
+                    "they agree on every row)")
 
 
 def gaps_with(model, batch, **config):
@@ -52,7 +52,7 @@ def test_faithful_mode_equals_reference(case, setting, env):
     ref = case.reference(model, batch, alpha, beta, window)
     if case.check is not None:
         case.check(model, batch, ref)
-    assert int(ref.visual[0].sum()) > 0 and int(ref.visual[2].sum()) == 0
+    assert bool(ref.with_image[0]) and (not case.text_only or not bool(ref.with_image[2]))
     out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref.loss, alpha, beta,
                                                               window, contrast=case.contrast)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
@@ -61,12 +61,14 @@ def test_faithful_mode_equals_reference(case, setting, env):
     for name in case.grad_names:
         assert any(name in n for n in cal_grads), name
     assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=case.grad_atol)
-    assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
+    if case.text_only:
+        assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
     if setting == SETTING:
         # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
         assert out.cal_weights.std() > case.min_weight_std
         if case.far_from_plain:
-            plain = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ref.labels[:, 1:].flatten())
+            rows = out.logits[:, :-1] if case.label_shift else out.logits
+            plain = F.cross_entropy(rows.flatten(0, 1).float(), ref.labels[:, case.label_shift:].flatten())
             assert (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
         assert out.cal_gaps[0].abs().max() > 0
 
@@ -85,7 +87,8 @@ def test_unit_weights_give_the_models_own_loss_and_text_only_samples_weigh_alpha
     with calplug.enabled(model, contrast=case.contrast, alpha=0.0, beta=5.0, pool_window=1):
         out = model(**batch)
     # sample 2 is text-only: no gap, so every weight is alpha = 0
-    assert torch.all(out.cal_gaps[2] == 0) and torch.all(out.cal_weights[2] == 0.0)
+    if case.text_only:
+        assert torch.all(out.cal_gaps[2] == 0) and torch.all(out.cal_weights[2] == 0.0)
     assert out.cal_weights[0].max() > 0
 
 
@@ -97,6 +100,7 @@ def test_drop_equals_mask_on_text_rows(case, env):
     rows docs/cal.md names (at removed positions), and there a visual row borrows the last text
     state before its image."""
     skip_where_mask_is_refused(case, "mask")
+    skip_where_the_image_has_no_positions(case)
     model, batch = case.build(env)
     layout = case.layout(model, batch)
     with calplug.enabled(model, contrast="drop", alpha=0.0):
@@ -129,7 +133,7 @@ def test_drop_pass_covers_only_text_of_samples_with_images(case, env):
     model, batch = case.build(env)
     layout = case.layout(model, batch)
     kept = (layout.attention.bool() & ~layout.visual)
-    with_image = layout.visual.any(1)
+    with_image = layout.with_image
     with calplug.enabled(model, contrast="drop"), record_calls(case.decoder(model)) as calls:
         model(**batch)
     assert len(calls) == 2
@@ -145,10 +149,10 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, c
                                                                           monkeypatch):
     skip_where_mask_is_refused(case, contrast)
     model, batch = case.build(env)
-    head = model.get_output_embeddings()
+    head = case.head(model)
     vocab = head.weight.shape[0]
     recorders = []
-    original = step.contrast_gaps
+    original = contrast_pass.target_gaps
 
     def recorded(*args, **kwargs):
         rec = ShapeRecorder()
@@ -156,13 +160,15 @@ def test_contrast_side_never_calls_lm_head_nor_makes_vocab_sized_tensors(case, c
         with rec:
             return original(*args, **kwargs)
 
-    monkeypatch.setattr(step, "contrast_gaps", recorded)
+    monkeypatch.setattr(contrast_pass, "target_gaps", recorded)
     with calplug.enabled(model, contrast=contrast), record_calls(head) as head_calls, \
             record_calls(case.decoder(model)) as decoder_calls:
         out = model(**batch)
     assert len(recorders) == 1 and len(recorders[0].shapes) > 50   # the decoder pass ran inside
     assert len(decoder_calls) == 2
-    assert len(head_calls) == 1 and head_calls[0][:2] == tuple(out.logits.shape[:2])  # main pass only
+    # main pass only (an encoder-decoder's decoder runs one position longer than its labels)
+    B, L = out.logits.shape[:2]
+    assert len(head_calls) == 1 and head_calls[0][:2] == (B, L + 1 - case.label_shift)
     vocab_sized = [(f, s) for f, s in recorders[0].shapes if vocab in s]
     assert vocab_sized == []
 
@@ -192,7 +198,7 @@ def test_disable_restores_bit_identical_outputs_and_state_dict(case, env):
 @pytest.mark.parametrize("case", params())
 def test_eval_and_calls_without_labels_return_what_the_original_returns(case, env):
     model, batch = case.build(env)
-    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    no_labels = case.without_labels(model, batch)
     model.eval()
     before_eval = model(**batch)
     model.train()
@@ -220,4 +226,5 @@ def test_generate_is_unchanged(case, env):
     ref = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     calplug.enable(model)
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > inputs["input_ids"].shape[1] and torch.equal(out, ref)
+    prompt = inputs["input_ids"].shape[1] if case.label_shift else 1  # a decoder starts from its start token
+    assert out.shape[1] > prompt and torch.equal(out, ref)

@@ -11,7 +11,7 @@ import torch
 import calplug
 from calplug import guards
 from calplug.errors import CALInputError, CALWarning
-from calplug.integrations import compat
+from calplug.hookspecs import VISUAL_MASK_ARGUMENT
 from calplug.testing import llava_batch, tiny_llava
 
 
@@ -87,7 +87,7 @@ def embeds_without_images(model):
     batch = llava_batch(model, with_image=(True, True, True))
     embeds = model.get_input_embeddings()(batch["input_ids"].clamp(max=200)).detach()
     return dict(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                **{compat.VISUAL_MASK_ARGUMENT: torch.zeros_like(batch["attention_mask"], dtype=torch.bool)})
+                **{VISUAL_MASK_ARGUMENT: torch.zeros_like(batch["attention_mask"], dtype=torch.bool)})
 
 
 def test_steps_carrying_images_without_image_positions_are_reported_once(model):

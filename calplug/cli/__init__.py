@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-import tempfile
-from pathlib import Path
 
-from ..errors import CALConfigError, CALError
+from ..errors import CALError
 
 COMMANDS = {
     # name: (module, one-line help)
@@ -21,7 +18,10 @@ COMMANDS = {
     "inspect": ("calplug.cli.inspect", "per token the gap, clamped and pooled CAL weight (printed, HTML, PNG)"),
     "bench": ("calplug.cli.bench", "time and memory of plain, CAL default and CAL faithful steps"),
     "patch": ("calplug.cli.patch", "list / apply / reverse the patch files for LLaVA-family forks"),
+    "audit": ("calplug.cli.audit", "rank a dataset's samples by how much the image supports their answers (scores, HTML, filter)"),
+    "audit-bench": ("calplug.cli.audit_bench", "the audit's samples/s and its time against a plain no-grad forward"),
     "verify": ("calplug.cli.verify", "check calplug on your own model and batch: the family tests' checks, pass/fail"),
+    "generate": ("calplug.cli.generate", "a model's plain and contrastive (image-blind contrast) answers side by side"),
     "llamafactory": ("calplug.cli.llamafactory", "LLaMA-Factory training with CAL: calplug llamafactory train cfg.yaml"),
     "swift-plugin": ("calplug.cli.swift_plugin", "print the path of the ms-swift plugin file (--external_plugins)"),
 }
@@ -72,23 +72,6 @@ def one_line(error: BaseException) -> str:
         where = f"{error.filename}: " if error.filename else ""
         return f"{where}{error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
-
-
-def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """The output folder ``path``, created if missing and checked writable, before any work is
-    done: a command that trains for minutes must not fail at the end for want of a folder."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise CALConfigError(f"{option} {str(folder)!r} is a file, not a folder: give a folder path "
-                             "(it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise CALConfigError(f"{option} {str(folder)!r} cannot be written ({error.strerror}): "
-                             "choose a folder you can write to") from error
-    return folder
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``calplug bench``: time and peak memory of a plain training step, a CAL step in the default
 (``drop``) and in the faithful (``mask``) mode, and the default with the chunked loss
 (``loss_chunk``), against the floor of an exact "without the image" pass (one no-grad forward of
-the decoder over the text tokens alone). The contrast pass is also timed inside each CAL step.
+the decoder over the text tokens alone). The contrast pass is also timed inside each CAL step,
+through calplug's ``calplug_observe_contrast_pass`` hook (`ContrastPassTimer`).
 
 The model is a random-init transformers Llava built from a config (LLaVA-1.5 shaped: 576 image
 tokens from a 336 px / patch-14 CLIP tower, a few hundred text tokens, vocabulary 32,000); the
@@ -31,7 +32,10 @@ from typing import Callable
 
 import torch
 
+from .. import plugins
 from ..gap import IGNORE_INDEX
+from .common import check_writable_file
+from ..hookspecs import hookimpl
 
 VARIANTS = ("plain", "cal_default", "cal_faithful", "cal_chunked", "floor")
 LABELS = {
@@ -184,7 +188,7 @@ def floor_inputs(model, batch: dict) -> dict:
     padding), packed to the left, with the position ids they have in the full sequence."""
     from ..integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     keep = mask & (ids != model.config.image_token_index)
     counts = keep.sum(1)
@@ -207,7 +211,7 @@ def make_steps(model, batch: dict, loss_chunk: int = 0) -> dict[str, Callable[[]
     import calplug
     from ..integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     floor_kwargs = floor_inputs(model, batch)
     device = batch["input_ids"].device
 
@@ -245,28 +249,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class ContrastPassTimer:
+    """A calplug plugin that times every contrast pass (calplug's no-grad decoder call and target
+    logits) through the declared observer ``calplug_observe_contrast_pass``: the device is
+    synchronised at "start" and at "end", and the wall time between them is appended to
+    ``seconds``. Observing, not replacing calplug's functions, keeps the timed code the code
+    that trains."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: list[float] = []
+        self._start: float | None = None
+
+    @hookimpl
+    def calplug_observe_contrast_pass(self, model, phase: str) -> None:
+        _sync(self.device)
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif phase == "end" and self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
+
+
 @contextlib.contextmanager
 def contrast_probe(device: torch.device):
-    """Record the seconds of every contrast pass (calplug's no-grad decoder call and target
-    logits, `calplug.step.contrast_gaps`) made inside the block."""
-    from .. import step
-
-    original = step.contrast_gaps
-    seconds: list[float] = []
-
-    def timed(*args, **kwargs):
-        _sync(device)
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-        return out
-
-    step.contrast_gaps = timed
+    """Record the seconds of every contrast pass made inside the block (a `ContrastPassTimer`
+    registered with calplug's plugin manager for the block's duration); yields the list."""
+    timer = ContrastPassTimer(device)
+    plugins.register(timer, name=f"calplug-bench-contrast-timer-{id(timer)}")
     try:
-        yield seconds
+        yield timer.seconds
     finally:
-        step.contrast_gaps = original
+        plugins.unregister(timer)
 
 
 def time_steps(steps: dict, device: torch.device, repeats: int, warmup: int):
@@ -357,9 +371,6 @@ def benchmark(cfg: BenchConfig) -> dict:
     device = cfg.resolved_device()
     model = build_model(cfg)
     batch = build_batch(model, cfg)
-    from ..integrations import compat
-
-    decoder, lm_head = compat.llava_type_decoder_and_head(model)
     steps = make_steps(model, batch, cfg.loss_chunk)
     times, forward, contrast = time_steps(steps, device, cfg.repeats, cfg.warmup)
     memory = {name: (peak_memory(step, device) if cfg.memory else None) for name, step in steps.items()}
@@ -368,23 +379,7 @@ def benchmark(cfg: BenchConfig) -> dict:
     plain, floor = med["plain"], med["floor"]
     cal_names = [n for n in steps if n not in ("plain", "floor")]
     result = {
-        "config": dataclasses.asdict(cfg),
-        "environment": {
-            "device": str(device), "dtype": str(cfg.resolved_dtype()).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": _transformers_version(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
-        "shape": {
-            "batch": cfg.batch, "seq_len": int(batch["input_ids"].shape[1]),
-            "image_tokens": cfg.image_tokens,
-            "text_tokens": [int(x) for x in ((batch["attention_mask"] == 1)
-                                             & (batch["input_ids"] != model.config.image_token_index)).sum(1)],
-            "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
-            "decoder_params": sum(p.numel() for p in decoder.parameters()),
-            "lm_head_params": lm_head.weight.numel(),
-        },
+        **describe(cfg, model, batch),
         "times": times,
         "forward_times": forward,
         "median_s": med,
@@ -412,6 +407,33 @@ def benchmark(cfg: BenchConfig) -> dict:
     return result
 
 
+def describe(cfg: BenchConfig, model, batch: dict) -> dict:
+    """The run's ``config``, ``environment`` and ``shape`` (model and batch sizes), as reported."""
+    from ..integrations import compat
+
+    device = cfg.resolved_device()
+    decoder, lm_head = compat.vlm_decoder_and_head(model)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "environment": {
+            "device": str(device), "dtype": str(cfg.resolved_dtype()).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": _transformers_version(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "shape": {
+            "batch": cfg.batch, "seq_len": int(batch["input_ids"].shape[1]),
+            "image_tokens": cfg.image_tokens,
+            "text_tokens": [int(x) for x in ((batch["attention_mask"] == 1)
+                                             & (batch["input_ids"] != model.config.image_token_index)).sum(1)],
+            "supervised": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            "decoder_params": sum(p.numel() for p in decoder.parameters()),
+            "lm_head_params": lm_head.weight.numel(),
+        },
+    }
+
+
 def _transformers_version() -> str:
     import transformers
 
@@ -426,13 +448,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
-def format_report(r: dict) -> str:
+def header_lines(r: dict, title: str) -> list[str]:
+    """What ran where: device, versions, the model's and the batch's sizes."""
     env, shape, cfg = r["environment"], r["shape"], r["config"]
-    names = [n for n in VARIANTS if n in r["times"]]
-    cal_names = [n for n in names if n not in ("plain", "floor")]
-    label = {n: LABELS[n].format(chunk=cfg["loss_chunk"]) for n in names}
-    lines = [
-        f"calplug bench: device={env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''} "
+    return [
+        f"{title}: device={env['device']}{' (' + env['gpu'] + ')' if env['gpu'] else ''} "
         f"dtype={env['dtype']} threads={env['threads']} torch={env['torch']} "
         f"transformers={env['transformers']}",
         f"model: Llava, CLIP tower {cfg['vision_layers']}x{cfg['vision_hidden']} "
@@ -443,6 +463,15 @@ def format_report(r: dict) -> str:
         f"batch: {shape['batch']} samples x ({shape['image_tokens']} image + "
         f"{'/'.join(map(str, shape['text_tokens']))} text tokens), seq_len {shape['seq_len']}, "
         f"{shape['supervised']} supervised rows",
+    ]
+
+
+def format_report(r: dict) -> str:
+    cfg = r["config"]
+    names = [n for n in VARIANTS if n in r["times"]]
+    cal_names = [n for n in names if n not in ("plain", "floor")]
+    label = {n: LABELS[n].format(chunk=cfg["loss_chunk"]) for n in names}
+    lines = header_lines(r, "calplug bench") + [
         f"timing: median of {cfg['repeats']} interleaved repetitions (+{cfg['warmup']} warm-up); "
         f"step = forward + backward",
         "",
@@ -479,7 +508,8 @@ def format_report(r: dict) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, batch and timing options (``calplug bench`` and ``calplug audit-bench``)."""
     d = BenchConfig()
     a = parser.add_argument
     a("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -500,37 +530,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--vision-hidden", type=int, default=d.vision_hidden, help=f"CLIP tower width (default {d.vision_hidden})")
     a("--vision-layers", type=int, default=d.vision_layers, help=f"CLIP tower layers (default {d.vision_layers})")
     a("--attn", default=d.attn, choices=["sdpa", "eager"], help="attention implementation (default sdpa)")
-    a("--loss-chunk", type=int, default=d.loss_chunk,
-      help=f"also time CAL default with loss_chunk=N (chunked loss, no full logits); 0 = skip "
-           f"(default {d.loss_chunk})")
     a("--repeats", type=int, default=d.repeats, help=f"interleaved timed rounds (default {d.repeats})")
     a("--warmup", type=int, default=d.warmup, help=f"untimed warm-up rounds (default {d.warmup})")
-    a("--no-memory", action="store_true", help="skip the peak-memory runs")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--seed", type=int, default=d.seed)
     a("--json", metavar="PATH", help="also write the full result (every timing) as JSON")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    add_model_arguments(parser)
+    a = parser.add_argument
+    a("--loss-chunk", type=int, default=d.loss_chunk,
+      help=f"also time CAL default with loss_chunk=N (chunked loss, no full logits); 0 = skip "
+           f"(default {d.loss_chunk})")
+    a("--no-memory", action="store_true", help="skip the peak-memory runs")
+    a("--decode", action="store_true",
+      help="time contrastive decoding against plain generate() per new token instead (docs/decoding.md)")
+    a("--new-tokens", type=int, default=32, help="--decode: new tokens per generate() call (default 32)")
     a("--check", action="store_true", help="exit 1 when a target is not met")
 
 
-def _check_json_path(path: str) -> None:
-    """``--json PATH`` can be written, checked before the minutes of timing."""
-    import os
-    from pathlib import Path
-
-    from ..errors import CALConfigError
-
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise CALConfigError(f"--json {path!r} is a folder: give a file path, e.g. {str(target / 'bench.json')!r}")
-    if not folder.is_dir():
-        raise CALConfigError(f"--json {path!r}: the folder {str(folder)!r} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise CALConfigError(f"--json {path!r} cannot be written (permission denied): choose a path "
-                             "you can write to")
-
-
-def run(args: argparse.Namespace) -> int:
+def checked_config(args: argparse.Namespace) -> BenchConfig:
+    """The `BenchConfig` of the command line, every option checked (``--json`` writable too)."""
     from ..errors import CALConfigError
 
     cfg = BenchConfig(
@@ -538,14 +560,23 @@ def run(args: argparse.Namespace) -> int:
         text_tokens=args.text_tokens, text_before_image=args.text_before_image, vocab=args.vocab,
         hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
         kv_heads=args.kv_heads, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
-        attn=args.attn, loss_chunk=args.loss_chunk, repeats=args.repeats, warmup=args.warmup,
-        memory=not args.no_memory, threads=args.threads, seed=args.seed,
+        attn=args.attn, loss_chunk=getattr(args, "loss_chunk", 0), repeats=args.repeats, warmup=args.warmup,
+        memory=not getattr(args, "no_memory", True), threads=args.threads, seed=args.seed,
     )
     validate(cfg)
     if cfg.resolved_device().type == "cuda" and not torch.cuda.is_available():
         raise CALConfigError("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
     if args.json:
-        _check_json_path(args.json)
+        check_writable_file("--json", args.json)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = checked_config(args)
+    if args.decode:
+        from . import bench_decode
+
+        return bench_decode.run(args, cfg, build_model(cfg))
     result = benchmark(cfg)
     print(format_report(result), flush=True)
     if args.json:

@@ -25,9 +25,7 @@ pairs and a ``--prompt`` that contains the processor's image placeholder.
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import sys
 from pathlib import Path
@@ -36,41 +34,24 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
+from .common import (collapse_runs, diverging_colour, load_model_and_processor, png_data_uri,
+                     prepare_output_dir, quiet_transformers_bars, require_extras)
 
 
-# -- gaps and weights from a CAL training forward -------------------------------------------------
+# -- gaps and weights: calplug.token_gaps ---------------------------------------------------------
 def gaps_and_weights(model, batch: dict, config=None) -> dict:
-    """One CAL training forward of ``batch`` (no grad, dropout off): ``gaps``, ``clamped``
-    (the gaps clamped to [alpha, beta]) and ``weights`` (the pooled weights the loss uses), each
-    float32 ``[B, L-1]`` with row i belonging to token i+1, and the shifted ``supervised`` mask."""
+    """`calplug.token_gaps` of ``batch`` (no grad, dropout off): ``gaps``, ``clamped`` (the gaps
+    clamped to [alpha, beta]) and ``weights`` (the pooled weights the loss uses), each float32
+    ``[B, L-1]`` with row i belonging to token i+1, and the shifted ``supervised`` mask."""
     import calplug
+    from calplug.scoring import network_mode
 
-    was_enabled = calplug.is_enabled(model)
-    previous = calplug.config_of(model)
-    calplug.enable(model, config)
-    cfg = calplug.config_of(model)
-    was_training = model.training
-    model.train()
-    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    for m in dropout:
-        m.eval()
-    try:
-        with torch.no_grad():
-            out = model(**batch)
-    finally:
-        model.train(was_training)
-        if was_enabled:
-            calplug.enable(model, previous)
-        else:
-            calplug.disable(model)
-    gaps, weights = getattr(out, "cal_gaps", None), getattr(out, "cal_weights", None)
-    if gaps is None or weights is None:
-        raise CALInputError("the model's training forward returned no cal_gaps / cal_weights: "
-                            "was it given labels?")
-    supervised = batch["labels"][:, 1:] != IGNORE_INDEX
-    gaps = gaps.float().cpu()
-    return dict(gaps=gaps, clamped=gaps.clamp(cfg.alpha, cfg.beta), weights=weights.float().cpu(),
-                supervised=supervised.cpu())
+    with network_mode(model):  # training mode, dropout off: the network itself
+        found = calplug.token_gaps(model, batch, config)
+    cfg = found.config
+    gaps = found.gaps.float().cpu()
+    return dict(gaps=gaps, clamped=gaps.clamp(cfg.alpha, cfg.beta), weights=found.weights.float().cpu(),
+                supervised=found.supervised.cpu())
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -79,7 +60,6 @@ def demo_samples(path: Path, n: int, noise: float, seed: int):
     from transformers import LlavaForConditionalGeneration
 
     from . import synthetic
-    from .demo import quiet_transformers_bars
 
     vocab = synthetic.Vocab.load(path / "calplug_vocab.json")
     with quiet_transformers_bars():
@@ -122,14 +102,12 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
     """A model saved with its processor, and image/caption pairs: the prompt is unsupervised,
     the caption supervised."""
     from PIL import Image
-    from transformers import AutoConfig, AutoProcessor
 
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
-    processor = AutoProcessor.from_pretrained(path)
-    config = AutoConfig.from_pretrained(path)
-    model = _model_class(config).from_pretrained(path)
+    model, processor = load_model_and_processor(path, fix="load the model yourself and call "
+                                                "calplug.cli.inspect.write_report")
     pil = [Image.open(p).convert("RGB") for p in images]
     rows = []
     for im, cap in zip(pil, captions):
@@ -149,24 +127,6 @@ def processor_samples(path: Path, images: list[str], captions: list[str], prompt
     samples = [dict(image=im, tokens=tok.convert_ids_to_tokens(full["input_ids"][0]), note="",
                     corrupted=False) for im, (full, _) in zip(pil, rows)]
     return model, batches, samples
-
-
-def _model_class(config):
-    import transformers
-
-    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
-        auto = getattr(transformers, name, None)
-        if auto is not None:
-            try:
-                auto._model_mapping[type(config)]
-                return auto
-            except KeyError:
-                continue
-    archs = getattr(config, "architectures", None) or []
-    if archs and hasattr(transformers, archs[0]):
-        return getattr(transformers, archs[0])
-    raise CALConfigError(f"cannot tell which transformers class loads a {type(config).__name__}; "
-                         "load the model yourself and call calplug.cli.inspect.write_report")
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -225,33 +185,9 @@ def format_tokens(rows: list[dict], config, limit: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def _collapse_image_tokens(tokens: list[dict]) -> list[dict]:
-    """Runs of an identical unsupervised token (image placeholders) shown once, with a count."""
-    out = []
-    for t in tokens:
-        if out and not t["supervised"] and not out[-1]["supervised"] and t["text"] == out[-1]["text"]:
-            out[-1]["repeat"] = out[-1].get("repeat", 1) + 1
-        else:
-            out.append(dict(t))
-    return out
-
-
-def _gap_colour(gap: float, scale: float) -> str:
-    x = max(-1.0, min(1.0, gap / scale)) if scale > 0 else 0.0
-    if x >= 0:  # white -> red
-        return f"rgb(255,{round(255 - 200 * x)},{round(255 - 200 * x)})"
-    return f"rgb({round(255 + 200 * x)},{round(255 + 200 * x)},255)"  # white -> blue
-
-
 def _weight_colour(w: float, alpha: float, beta: float) -> str:
     x = 0.0 if beta <= alpha else max(0.0, min(1.0, (w - alpha) / (beta - alpha)))
     return f"rgb({round(255 - 120 * x)},{round(255 - 40 * x)},{round(255 - 180 * x)})"  # white -> green
-
-
-def _png_data_uri(image, size: int = 96) -> str:
-    buf = io.BytesIO()
-    image.resize((size, size), resample=0).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 CSS = """
@@ -286,18 +222,18 @@ def render_html(rows: list[dict], images: list, config, title: str) -> str:
              "contradicted word next to grounded ones is not at alpha. Grey text is context (prompt, "
              "image placeholders) that is not trained on. Hover a token for its numbers.</p>",
              "<p class='legend'>gap: "
-             + "".join(f"<span style='background:{_gap_colour(g, scale)}'>{g:+.1f}</span>"
+             + "".join(f"<span style='background:{diverging_colour(g, scale)}'>{g:+.1f}</span>"
                        for g in (-scale, -scale / 2, 0.0, scale / 2, scale))
              + " &nbsp; weight: "
              + "".join(f"<span style='background:{_weight_colour(w, config.alpha, config.beta)}'>{w:g}</span>"
                        for w in (config.alpha, (config.alpha + config.beta) / 2, config.beta))
              + "</p>"]
     for i, (row, image) in enumerate(zip(rows, images)):
-        toks = _collapse_image_tokens(row["tokens"])
+        toks = collapse_runs(row["tokens"])
         cls = "sample corrupted" if row["corrupted"] else "sample"
         parts.append(f"<div class='{cls}' id='sample-{i}'>")
         if image is not None:
-            parts.append(f"<img alt='sample {i}' src='{_png_data_uri(image)}'>")
+            parts.append(f"<img alt='sample {i}' src='{png_data_uri(image)}'>")
         parts.append("<div>")
         for kind in LINES:
             parts.append(f"<div class='line {kind}-line'><span class='label'>{kind}</span>")
@@ -307,7 +243,7 @@ def render_html(rows: list[dict], images: list, config, title: str) -> str:
                     rep = f"&times;{t['repeat']}" if t.get("repeat", 1) > 1 else ""
                     parts.append(f"<span class='ctx'>{text}{rep}</span>")
                     continue
-                colour = (_gap_colour(t["gap"], scale) if kind == "gap"
+                colour = (diverging_colour(t["gap"], scale) if kind == "gap"
                           else _weight_colour(t[LINES[kind]], config.alpha, config.beta))
                 parts.append(f"<span class='tok' data-gap='{t['gap']:.4f}' data-clamped='{t['clamped']:.4f}' "
                              f"data-weight='{t['weight']:.4f}' style='background:{colour}' "
@@ -378,7 +314,7 @@ def plot_tokens(rows: list[dict], config, path: Path, title: str, limit: int = 6
             ax.text(k + 0.5, y0 + 0.45, t["text"], ha="center", va="center", fontsize=7.5,
                     fontweight="bold" if t.get("kind", "").endswith("visual") else "normal",
                     color="#d62728" if t.get("kind") == "contradicted visual" else "#111111")
-            cells = ((_gap_colour(t["gap"], scale), f"{t['gap']:+.1f}"),
+            cells = ((diverging_colour(t["gap"], scale), f"{t['gap']:+.1f}"),
                      (_weight_colour(t["clamped"], config.alpha, config.beta), f"{t['clamped']:.2f}"),
                      (_weight_colour(t["weight"], config.alpha, config.beta), f"{t['weight']:.2f}"))
             for line, (colour, text) in enumerate(cells):
@@ -447,9 +383,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from . import prepare_output_dir
-    from .synthetic import require_extras
-
     require_extras()
     path = Path(args.model)
     if not path.is_dir():

@@ -50,17 +50,6 @@ N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 PROMPT_LENGTH = 1 + N_IMAGE_TOKENS + len(PROMPT)  # <bos> <image> x 16 describe :
 
 
-def require_extras() -> None:
-    """The demo and `calplug inspect` draw with Pillow and plot with matplotlib."""
-    import importlib.util
-
-    missing = [m for m, pkg in (("PIL", "pillow"), ("matplotlib", "matplotlib"), ("numpy", "numpy"))
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"calplug demo / inspect need {', '.join(missing)}: "
-                          'pip install "calplug[demo]"')
-
-
 class Vocab:
     """Word-level vocabulary; the image placeholder is the last id (``tiny_llava``'s choice)."""
 

@@ -1,7 +1,7 @@
 """``calplug verify``: the checks of calplug's family tests (`calplug.verify`), run on your model.
 
     calplug verify --model DIR --image a.png --caption "a red square" [--image ... --caption ...]
-    calplug verify --tiny llava          # a tiny seeded model of a supported family: a self-check
+    calplug verify --tiny llava          # a tiny seeded Llava and its batch: a self-check
 
 ``--model`` is a folder written by ``save_pretrained`` holding the model and its processor; the
 batch is built from ``--image`` / ``--caption`` pairs after one ``--prompt`` (unsupervised, with the
@@ -17,17 +17,17 @@ import torch
 
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
+from ..processing import forward_arguments, process
+from .common import load_model_and_processor
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..testing import TINY_VLMS
-
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="folder written by save_pretrained: the model and its processor")
-    source.add_argument("--tiny", choices=sorted(TINY_VLMS), metavar="FAMILY",
-                        help=f"check a tiny seeded model of a supported family instead ({', '.join(sorted(TINY_VLMS))})")
+    source.add_argument("--tiny", choices=["llava"],
+                        help="check a tiny seeded Llava instead: a self-check of calplug on this machine")
     parser.add_argument("--image", action="append", default=[], help="--model: an image file (repeatable)")
     parser.add_argument("--caption", action="append", default=[], help="--model: its caption (repeatable)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -39,13 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..testing import tiny_vlm
+    from ..testing import tiny_llava_with_batch
     from ..verifying import verify
 
     if args.tiny is not None:
         if args.image or args.caption:
             raise CALConfigError("--image / --caption go with --model; --tiny builds its own batch")
-        model, batch = tiny_vlm(args.tiny, seed=args.seed)
+        model, batch = tiny_llava_with_batch(seed=args.seed)
     else:
         model, batch = processor_batch(Path(args.model), args.image, args.caption, args.prompt)
     model = model.to(args.device)
@@ -59,36 +59,23 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     """A model saved with its processor, and one right-padded batch of image/caption pairs: the
     prompt (image placeholder included) and the padding are labelled -100, the captions are
     supervised."""
-    if not path.is_dir():
-        raise CALConfigError(f"--model {str(path)!r} is not a folder: pass a folder written by "
-                             "save_pretrained (the model and its processor)")
     if len(images) != len(captions) or not images:
         raise CALConfigError(f"give as many --caption as --image (got {len(images)} images, "
                              f"{len(captions)} captions), at least one of each")
+    model, processor = load_model_and_processor(
+        path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
     try:
         from PIL import Image
     except ImportError as error:
         raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
-    from transformers import AutoConfig, AutoProcessor
-
-    from .inspect import _model_class
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = _model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
-    except (ValueError, OSError, ImportError) as error:
-        raise CALConfigError(
-            f"cannot load the model and its processor from {str(path)!r} ({' '.join(str(error).split())[:300]}): "
-            "pass a folder written by save_pretrained for both, or build the batch yourself and call "
-            "calplug.verify(model, batch) (docs/verify.md)") from error
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
     pil = [Image.open(p).convert("RGB") for p in images]
     texts = [prompt + caption for caption in captions]
-    batch = dict(_process(processor, pil, texts, padding=True))
+    batch = dict(process(processor, pil, texts, padding=True))
     labels = batch["input_ids"].clone()
     for i, im in enumerate(pil):
-        head = _process(processor, [im], [prompt])["input_ids"][0]
+        head = process(processor, [im], [prompt])["input_ids"][0]
         if not torch.equal(batch["input_ids"][i, :head.numel()], head):
             raise CALInputError("the tokens of the prompt alone are not a prefix of prompt + caption; "
                                 "end --prompt with a space or newline")
@@ -96,13 +83,4 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
     if "attention_mask" in batch:
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     batch["labels"] = labels
-    return model.train(), batch
-
-
-def _process(processor, images: list, texts: list[str], **options) -> dict:
-    """The processor's tensors for ``texts`` with one image each (flat image list, or one list
-    per text for processors that want that)."""
-    try:
-        return processor(images=images, text=texts, return_tensors="pt", **options)
-    except (ValueError, TypeError):
-        return processor(images=[[im] for im in images], text=texts, return_tensors="pt", **options)
+    return model.train(), forward_arguments(model, batch)

@@ -76,9 +76,9 @@ class _CALSwitch(BaseModel):
         if self.cal:
             settings = {name: getattr(self, name) for name in type(self).model_fields
                         if name.startswith("cal_")}
-            from ..config import resolve_config
+            from ..enabling import checked_config
 
-            resolve_config(None, **settings_from(settings, FRAMEWORK))  # bad values fail here, early
+            checked_config(None, **settings_from(settings, FRAMEWORK))  # bad values fail here, early
             refuse(FRAMEWORK, REFUSED, _Options(self))
         return self
 

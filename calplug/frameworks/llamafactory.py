@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, refuse, settings_from
-from ..config import resolve_config
+from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, refuse, settings_from
+from ..enabling import checked_config
 from ..errors import CALConfigError
-from ..trainer import CALLoggingCallback
+from ..trainer import CALLoggingCallback, put_first
 
 FRAMEWORK = "LLaMA-Factory"
 
@@ -35,8 +35,7 @@ REFUSED = (
     Refusal("packing", PACKING),
     Refusal("neat_packing", PACKING),
     Refusal("label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
-    Refusal("enable_liger_kernel", "Liger's kernels replace the model's forward with a fused "
-                                   "cross-entropy that calplug is not tested with"),
+    Refusal("enable_liger_kernel", LIGER),
     Refusal("use_unsloth", "Unsloth replaces the model's forward and loss with its own kernels, "
                            "which calplug is not tested with"),
     Refusal("use_mca", "Megatron-Core training runs its own model code, which calplug does not patch"),
@@ -67,13 +66,8 @@ class LlamaFactoryCALCallback(CALLoggingCallback):
 
         enable(model, **self.settings)
         handler = _calling_handler()
-        if handler is not None:
-            # Reporters (TensorBoard, wandb) come before user callbacks; move ahead of them.
-            # Safe while the handler iterates: this callback moves from index i to 0, and the
-            # ones after it keep their index.
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
-            self.handler = handler
+        if handler is not None:  # reporters (TensorBoard, wandb) come before user callbacks
+            put_first(handler, self)
         super().on_train_begin(args, state, control, **kwargs)
 
 
@@ -140,7 +134,7 @@ def train(config: str, overrides=()) -> None:
     if settings is not None:
         refuse(FRAMEWORK, REFUSED, rest)
         _refuse_data_parallel()
-        resolve_config(None, **settings)  # a bad value fails now, not when training begins
+        checked_config(None, **settings)  # a bad value fails now, not when training begins
         callbacks = [LlamaFactoryCALCallback(settings)]
     from llamafactory.train.tuner import run_exp
 

@@ -18,42 +18,63 @@ ms-swift merges the images into ``inputs_embeds`` in a forward pre-hook and drop
 so calplug cannot read the placeholders. With transformers >= 5.3 the hook keeps
 ``mm_token_type_ids``, which calplug reads; otherwise the callback wraps the template's
 ``_post_encode`` so that it also returns the placeholder positions as
-`calplug.integrations.compat.VISUAL_MASK_ARGUMENT`.
+`calplug.hookspecs.VISUAL_MASK_ARGUMENT`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse
+from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse
 from ..errors import CALConfigError
+from ..hookspecs import VISUAL_MASK_ARGUMENT
 from ..integrations import compat
-from ..trainer import CALLoggingCallback
+from ..trainer import CALLoggingCallback, put_first
 
 FRAMEWORK = "ms-swift"
 CALLBACK_NAME = "cal"
 PLUGIN_FILE = Path(__file__).resolve().parent / "swift_plugin" / "calplug_swift.py"
 
-REFUSED = (
-    Refusal("swift rlhf", NOT_SFT + " (run swift sft)", applies=lambda mode: mode != "train",
-            off="swift sft"),
-    Refusal("--task_type", "CAL weights a causal language-model loss",
-            applies=lambda t: t not in (None, "causal_lm"), off="causal_lm"),
-    Refusal("--loss_type", "a custom loss " + OWN_LOSS, off="unset"),
-    Refusal("--loss_scale", "a non-binary loss scale " + OWN_LOSS, off="default"),
-    Refusal("--enable_dft_loss", "DFT " + OWN_LOSS),
-    Refusal("--enable_channel_loss", "channel loss " + OWN_LOSS),
-    Refusal("--label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
-    Refusal("--sequence_parallel_size", "sequence parallelism splits each sequence across ranks "
-                                        "(and it " + OWN_LOSS + ")", applies=lambda n: n > 1, off="1"),
-    Refusal("--packing", PACKING),
-    Refusal("--padding_free", PACKING),
-    Refusal("--use_liger_kernel", "Liger's kernels replace the model's forward with a fused "
-                                  "cross-entropy that calplug is not tested with"),
-    Refusal("--tuner_backend", "Unsloth replaces the model's forward and loss with its own kernels",
-            applies=lambda b: b == "unsloth", off="peft"),
-    Refusal("--use_logits_to_keep", "calplug needs the logits of every position to weight the "
-                                    "loss", applies=lambda v: v is True, off="false (or leave it unset)"),
+def _arg(name: str):
+    return lambda args, template: getattr(args, name, None)
+
+
+def _template(name: str, default=None):
+    return lambda args, template: getattr(template, name, default)
+
+
+def _loss_scale(args, template):
+    """The template's loss scale when it is not binary (None otherwise)."""
+    binary = getattr(template, "is_binary_loss_scale", None)
+    if binary is None and getattr(template, "_loss_scale", None) is not None:
+        binary = template.loss_scale.is_binary_loss_scale
+    return None if binary in (None, True) else template._loss_scale
+
+
+# Each refused option with where ms-swift keeps its value (the trainer's arguments or the template).
+_REFUSED_AND_READ = (
+    (Refusal("swift rlhf", NOT_SFT + " (run swift sft)", applies=lambda mode: mode != "train",
+             off="swift sft"), _template("mode", "train")),
+    (Refusal("--task_type", "CAL weights a causal language-model loss",
+             applies=lambda t: t not in (None, "causal_lm"), off="causal_lm"), _template("task_type")),
+    (Refusal("--loss_type", "a custom loss " + OWN_LOSS, off="unset"), _arg("loss_type")),
+    (Refusal("--loss_scale", "a non-binary loss scale " + OWN_LOSS, off="default"), _loss_scale),
+    (Refusal("--enable_dft_loss", "DFT " + OWN_LOSS), _arg("enable_dft_loss")),
+    (Refusal("--enable_channel_loss", "channel loss " + OWN_LOSS), _arg("enable_channel_loss")),
+    (Refusal("--label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
+     _arg("label_smoothing_factor")),
+    (Refusal("--sequence_parallel_size", "sequence parallelism splits each sequence across ranks "
+                                         "(and it " + OWN_LOSS + ")", applies=lambda n: n > 1, off="1"),
+     _template("sequence_parallel_size")),
+    (Refusal("--packing", PACKING), _template("packing")),
+    (Refusal("--padding_free", PACKING), _template("padding_free")),
+    (Refusal("--use_liger_kernel", LIGER), _arg("use_liger_kernel")),
+    (Refusal("--tuner_backend", "Unsloth replaces the model's forward and loss with its own kernels",
+             applies=lambda b: b == "unsloth", off="peft"), _arg("tuner_backend")),
+    (Refusal("--use_logits_to_keep", "calplug needs the logits of every position to weight the "
+                                     "loss", applies=lambda v: v is True, off="false (or leave it unset)"),
+     _arg("use_logits_to_keep")),
 )
+REFUSED = tuple(refusal for refusal, _ in _REFUSED_AND_READ)
 
 
 def plugin_path() -> str:
@@ -72,24 +93,7 @@ def register() -> None:
 
 def options(args, template) -> dict:
     """The ms-swift options `REFUSED` names, read from the trainer's arguments and template."""
-    binary = getattr(template, "is_binary_loss_scale", None)
-    if binary is None and getattr(template, "_loss_scale", None) is not None:
-        binary = template.loss_scale.is_binary_loss_scale
-    return {
-        "swift rlhf": getattr(template, "mode", "train"),
-        "--task_type": getattr(template, "task_type", None),
-        "--loss_type": getattr(args, "loss_type", None),
-        "--loss_scale": None if binary in (None, True) else template._loss_scale,
-        "--enable_dft_loss": getattr(args, "enable_dft_loss", None),
-        "--enable_channel_loss": getattr(args, "enable_channel_loss", None),
-        "--label_smoothing_factor": getattr(args, "label_smoothing_factor", None),
-        "--sequence_parallel_size": getattr(template, "sequence_parallel_size", None),
-        "--packing": getattr(template, "packing", None),
-        "--padding_free": getattr(template, "padding_free", None),
-        "--use_liger_kernel": getattr(args, "use_liger_kernel", None),
-        "--tuner_backend": getattr(args, "tuner_backend", None),
-        "--use_logits_to_keep": getattr(args, "use_logits_to_keep", None),
-    }
+    return {refusal.option: read(args, template) for refusal, read in _REFUSED_AND_READ}
 
 
 class SwiftCALCallback(CALLoggingCallback):
@@ -112,12 +116,7 @@ class SwiftCALCallback(CALLoggingCallback):
             trainer.args.use_logits_to_keep = False
         enable(model if model is not None else trainer.model)
         self._carry_visual_positions(template)
-        # Log ahead of the printer, logging.jsonl and the reporters. Safe while the handler
-        # iterates: this callback moves from index i to 0, and the ones after it keep their index.
-        handler = trainer.callback_handler
-        handler.callbacks.remove(self)
-        handler.callbacks.insert(0, self)
-        self.handler = handler
+        put_first(trainer.callback_handler, self)  # ahead of the printer, logging.jsonl, reporters
         super().on_train_begin(args, state, control, **kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -144,7 +143,7 @@ class SwiftCALCallback(CALLoggingCallback):
                 from ..enabling import unwrap_model
 
                 config = unwrap_model(model).config
-                result[compat.VISUAL_MASK_ARGUMENT] = compat.placeholder_positions(config, input_ids)
+                result[VISUAL_MASK_ARGUMENT] = compat.placeholder_positions(config, input_ids)
             return result
 
         template._post_encode = post_encode

@@ -49,7 +49,7 @@ def add_dummy_image_hook(model):
     without pixels (the main pass); the state flag is set per step by the caller."""
     from calplug.integrations import compat
 
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     state = {"needed": False}
     vc = model.config.vision_config
 

@@ -234,7 +234,7 @@ def run(name: str, spec: dict, rank: int, mesh, bwd_gathers: list, out_dir: str)
     assert calplug.is_enabled(model)
     lap("wrapped")
     head = model.get_output_embeddings()  # FSDP1 with a head unit: the wrapper
-    decoder, _ = compat.llava_type_decoder_and_head(model)
+    decoder, _ = compat.vlm_decoder_and_head(model)
     rec = {"sharded_outside": distributed.is_sharded(model), "decoder_calls": [],
            "agree_inside": [], "bwd_all_gathers": [],
            "losses": [], "gaps": []}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import calplug
-from calplug import enabling, step
+from calplug import contrast_pass, enabling, step
 from calplug.integrations import compat
 from calplug.testing import llava_batch
 
@@ -39,7 +39,7 @@ def test_gradient_checkpointing_same_loss_and_grads_and_no_checkpointed_contrast
     plain, ckpt = make_model(), make_model()
     # transformers 5.2x renamed it activation_checkpointing_enable (the old name still works, deprecated)
     (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)()
-    decoder, _ = compat.llava_type_decoder_and_head(ckpt)
+    decoder, _ = compat.vlm_decoder_and_head(ckpt)
     # Where the flag and the checkpoint function live depends on the version: on every decoder
     # layer (transformers 5.x), or on the decoder itself (4.x, which then checkpoints whenever
     # the flag is set and it is training, with or without grad).
@@ -96,7 +96,7 @@ def test_no_gradient_checkpointing_switches_flags_off_and_back_for_any_codebase(
     root[1].gradient_checkpointing = True
     root[0].gradient_checkpointing = False
     with pytest.raises(RuntimeError):
-        with step._no_gradient_checkpointing(root):
+        with contrast_pass._no_gradient_checkpointing(root):
             assert (root.gradient_checkpointing, root[1].gradient_checkpointing) == (False, False)
             raise RuntimeError("boom")
     assert (root.gradient_checkpointing, root[1].gradient_checkpointing) == (True, True)

@@ -1,8 +1,7 @@
-"""What is particular to the families of the generic placeholder-token integration
-(integrations/transformers_vlm.py, integrations/families.py), beyond the properties every case of
-tests/cases.py runs: masks that are not 2-D, sliding windows, layers that ignore mask holes,
-logit soft-capping, router losses, refusals, and the support status the verify command and the
-support matrix read.
+"""What differs between the decoders and heads of the transformers families, beyond the properties
+every case of tests/cases.py runs: built (4-D / per-layer-type) masks, sliding windows and
+attention chunks, layers that ignore mask holes, logit soft-capping, inputs that only describe
+image positions (Qwen3-VL's deepstack) and router load-balancing losses.
 
 Tiny seeded models (tests/_hf_families.py), CPU, eager attention; a family the installed
 transformers lacks skips, naming the version that has it.
@@ -15,9 +14,9 @@ import torch
 import calplug
 from calplug import CALConfigError, CALInputError, UnsupportedModelError
 from calplug.integrations import families, transformers_vlm
-from _hf_families import (FAMILIES, build_blip_2, build_deepseek_vl, build_fuyu, decoder_and_head,
-                          make_batch, tf_version, visual_positions)
-from reference import assert_grads_rel_close, grads
+from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
+from _close import assert_grads_rel_close, grads
+
 
 IMAGE_BATCH = ("image", "image", None)
 
@@ -223,149 +222,6 @@ def test_soft_capped_logits_get_the_same_transform_on_the_contrast_side():
         model(**batch)
 
 
-# -- MoE router losses ----------------------------------------------------------------------
-ROUTED = ["glm4v_moe", "qwen3_5_moe"]
-
-
-@pytest.mark.parametrize("name", ROUTED)
-def test_router_load_balancing_loss_is_kept(name):
-    """With router logits on, the model's loss is LM loss + coef * aux_loss, added only when it
-    is given labels; calplug's main pass runs without them, so the term is kept as
-    MainPass.extra_loss: unit weights give the model's own loss and gradients, and with CAL
-    weights the loss with router logits minus the loss without is exactly coef * aux_loss."""
-    family, model = family_model(name, router_logits=True)
-    batch = make_batch(family, model, kinds=IMAGE_BATCH)
-    own = model(**batch)
-    if not hasattr(own, "aux_loss"):
-        pytest.skip(f"{family.class_name} in this release computes no router load-balancing loss "
-                    "(its output has no aux_loss): there is nothing to keep")
-    assert own.aux_loss is not None and own.aux_loss.item() > 0.1
-    own.loss.backward()
-    own_grads = grads(model)
-    model.zero_grad(set_to_none=True)
-    with calplug.enabled(model, alpha=1.0, beta=1.0):
-        unit = model(**batch)
-        unit.loss.backward()
-        assert unit.loss.item() == pytest.approx(own.loss.item(), rel=1e-6)
-        assert_grads_rel_close(grads(model), own_grads, 1e-5)
-    model.zero_grad(set_to_none=True)
-    with calplug.enabled(model):
-        routed = model(**batch)
-        model.config.get_text_config().output_router_logits = False
-        plain = model(**batch)
-    assert (routed.loss - plain.loss).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5)
-    model.config.get_text_config().output_router_logits = True
-    with calplug.enabled(model), pytest.raises(CALInputError, match="return_dict=True"):
-        model(**batch, return_dict=False)
-
-
-# -- refusals, matched classes, broken releases -------------------------------------------------
-REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45)),
-                    "Blip2ForConditionalGeneration": (build_blip_2, (4, 45))}
-
-
-@pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
-def test_refused_classes_name_why_at_enable(class_name):
-    build, since = REFUSED_BUILDERS[class_name]
-    if tf_version() < since:
-        pytest.skip(f"{class_name} needs transformers >= {since[0]}.{since[1]}")
-    try:
-        model = build(0)
-    except (TypeError, ValueError) as error:  # an older release's config takes other arguments
-        pytest.skip(f"the tiny {class_name} config does not build on this release: {error}")
-    reason = families.REFUSED[class_name]
-    with pytest.raises(UnsupportedModelError, match="calplug does not support") as raised:
-        calplug.enable(model)
-    assert reason in str(raised.value)
-    assert not calplug.is_enabled(model)
-    assert families.support_status(class_name) == ("refused", reason)
-
-
-@pytest.mark.parametrize("class_name", ["MllamaForConditionalGeneration", "ChameleonForConditionalGeneration",
-                                        "Emu3ForConditionalGeneration", "Florence2ForConditionalGeneration",
-                                        "JanusForConditionalGeneration"])
-def test_refusal_table_names_the_reason(class_name):
-    status, reason = families.support_status(class_name)
-    assert status == "refused"
-    assert any(word in reason for word in ("cross-attention", "VQ", "encoder-decoder"))
-
-
-def test_matched_class_is_accepted_once_warned_and_runs():
-    """DeepseekVL has no FamilyFacts row: the generic rule accepts it (image placeholders at
-    image_token_id) with one warning per class naming `calplug verify`, and the CAL step runs."""
-    if tf_version() < (4, 54):
-        pytest.skip("DeepseekVLForConditionalGeneration needs transformers >= 4.54")
-    model = build_deepseek_vl(0).train()
-    transformers_vlm._warned.discard(type(model).__name__)
-    with pytest.warns(UserWarning, match="calplug verify"):
-        calplug.enable(model)
-    calplug.disable(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        calplug.enable(model)  # once per class
-    g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.randint(3, 240, (2,), generator=g), torch.full((16,), 250),
-                     torch.randint(3, 240, (8,), generator=g)]).unsqueeze(0)
-    labels = ids.clone()
-    labels[:, :20] = -100
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                pixel_values=torch.randn(1, 3, 32, 32, generator=g))
-    assert torch.isfinite(out.loss) and out.cal_gaps.abs().max() > 0
-    status, reason = families.support_status("DeepseekVLForConditionalGeneration")
-    assert status == "matched" and "calplug verify" in reason
-
-
-def test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug():
-    if tf_version() < (4, 51):
-        pytest.skip("Llama4ForConditionalGeneration needs transformers >= 4.51")
-    import transformers
-
-    model = FAMILIES["llama4"].build(0)
-    if transformers.__version__ == "5.24.0":
-        with pytest.raises(UnsupportedModelError, match="image_outputs"):
-            calplug.enable(model)
-    else:
-        calplug.enable(model)
-        assert calplug.is_enabled(model)
-
-
-# -- the table, the tests and support_status agree ----------------------------------------------
-def test_every_proven_family_has_cases_and_every_family_case_a_row():
-    from cases import CASES
-
-    keys = {c.id.split("-")[1] for c in CASES if c.id.startswith("hf-")}
-    rows = {f.key: f for f in families.FAMILIES.values()}
-    proven = {k for k, f in rows.items() if f.proven}
-    assert proven <= keys, proven - keys
-    for key in keys:
-        assert FAMILIES[key].class_name == rows[key].class_name
-        if key not in proven:  # cases that cannot run in the tox matrix (timm): matched, not proven
-            assert FAMILIES[key].unavailable is not None and rows[key].unproven_reason
-    for facts in families.FAMILIES.values():
-        status, reason = families.support_status(facts.class_name)
-        assert status == ("proven" if facts.proven else "matched"), facts.class_name
-        assert reason
-    assert not families.FAMILIES.keys() & families.REFUSED.keys()
-
-
-def test_support_status_of_every_image_text_to_text_class():
-    """Every class of the installed transformers' image-text-to-text mapping gets a status and a
-    reason; the placeholder-token families of the table are proven."""
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-    except ImportError:
-        pytest.skip("this transformers has no image-text-to-text mapping")
-    seen = {}
-    for class_name in set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()):
-        status, reason = families.support_status(class_name)
-        assert status in ("proven", "refused", "matched") and reason, class_name
-        seen[class_name] = status
-    proven = [c for c, s in seen.items() if s == "proven"]
-    assert "LlavaForConditionalGeneration" in proven
-    if tf_version() >= (5, 0):
-        assert len(proven) >= 20, proven
-
-
 def test_per_layer_masks_that_are_not_4d_are_refused_naming_the_kernel():
     """Flash-attention kernels take 2-D masks per layer type; the contrast edits 4-D ones."""
     from calplug.contrast import drop_contrast, mask_contrast
@@ -389,10 +245,78 @@ def test_a_matched_class_with_non_attention_layers_runs_drop_only(monkeypatch):
     and drop runs, after the one-time warning naming `calplug verify`."""
     family, model = family_model("lfm2_vl")
     monkeypatch.delitem(families.FAMILIES, family.class_name)
-    transformers_vlm._warned.discard(family.class_name)
+    calplug.errors._WARNED.discard(f"matched:{family.class_name}")
     with pytest.warns(UserWarning, match="calplug verify"):
         with pytest.raises(UnsupportedModelError, match="layers of type conv"):
             calplug.enable(model, contrast="mask")
     calplug.enable(model, contrast="drop")
     out = model(**make_batch(family, model, kinds=IMAGE_BATCH))
     assert calplug.is_enabled(model) and out.cal_gaps[0].abs().max() > 0
+
+
+def test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask():
+    family, model = family_model("qwen3_vl")
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    decoder, _ = decoder_and_head(model)
+    for contrast, kept in (("mask", True), ("drop", False)):
+        calplug.enable(model, contrast=contrast)
+        calls, handle = decoder_calls(decoder)
+        model(**batch)
+        handle.remove()
+        main_call, contrast_call = calls
+        assert main_call["visual_pos_masks"] is not None and main_call["deepstack_visual_embeds"] is not None
+        if kept:
+            assert contrast_call["visual_pos_masks"] is main_call["visual_pos_masks"]
+            assert contrast_call["deepstack_visual_embeds"] is main_call["deepstack_visual_embeds"]
+        else:
+            assert contrast_call["visual_pos_masks"] is None
+            assert contrast_call["deepstack_visual_embeds"] is None
+
+
+
+
+# -- router load-balancing losses -----------------------------------------------------------------
+# How each family asks for router logits: Qwen3-VL-MoE by the forward's argument, the others by
+# their text config (the builder's ``router_logits``).
+ROUTED = {"qwen3_vl_moe": "argument", "glm4v_moe": "config", "qwen3_5_moe": "config"}
+
+
+@pytest.mark.parametrize("name", list(ROUTED))
+def test_router_load_balancing_loss_is_kept(name):
+    """With router logits on, the model's loss is LM loss + coef * aux_loss, added only when it
+    is given labels; calplug's main pass runs without them, so the term is kept as
+    MainPass.extra_loss: unit weights give the model's own loss and gradients, and with CAL
+    weights (which differ from unit ones) the loss with router logits minus the loss without is
+    exactly coef * aux_loss."""
+    by_argument = ROUTED[name] == "argument"
+    build = dict(router_aux_loss_coef=0.5) if by_argument else dict(router_logits=True)
+    family, model = family_model(name, **build)
+    batch = make_batch(family, model, kinds=IMAGE_BATCH)
+    routed = dict(batch, output_router_logits=True) if by_argument else batch
+    own = model(**routed)
+    if not hasattr(own, "aux_loss"):
+        pytest.skip(f"{family.class_name} in this release computes no router load-balancing loss "
+                    "(its output has no aux_loss): there is nothing to keep")
+    assert own.aux_loss is not None and own.aux_loss.item() > 0.1
+    own.loss.backward()
+    own_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    with calplug.enabled(model, alpha=1.0, beta=1.0):  # every weight 1: the model's own loss
+        unit = model(**routed)
+        unit.loss.backward()
+        assert unit.loss.item() == pytest.approx(own.loss.item(), rel=1e-6)
+        assert_grads_rel_close(grads(model), own_grads, 1e-5)
+    model.zero_grad(set_to_none=True)
+    text_config = model.config.get_text_config()
+    with calplug.enabled(model):
+        cal_routed = model(**routed)
+        if by_argument:
+            cal_plain = model(**batch)  # no router logits: no aux term
+        else:
+            text_config.output_router_logits = False
+            cal_plain = model(**batch)
+            text_config.output_router_logits = True
+    assert cal_plain.loss.item() != pytest.approx(unit.loss.item(), rel=1e-3)  # CAL weights differ
+    assert (cal_routed.loss - cal_plain.loss).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5)
+    with calplug.enabled(model), pytest.raises(CALInputError, match="return_dict=True"):
+        model(**routed, return_dict=False)

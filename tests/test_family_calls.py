@@ -1,9 +1,11 @@
-"""Every transformers VLM family calplug integrates, on whatever transformers this env has.
+"""How calplug calls each transformers family's forward and what it reads back, beyond the
+properties every case of tests/cases.py runs: the positions the decoder really used (M-RoPE),
+the arguments the original forward must not get (num_items_in_batch) or calplug refuses (partial
+logits), the version gates, and the pixel contrasts (blur, patch_mask) on every family.
 
-Run by every env of the tox matrix (tox.ini: py = 5.24.0, hf-4.45, hf-4.49, hf-4.57); a family
-the installed transformers does not have is skipped with its name and the first version that
-has it. docs/support-matrix.md is generated from these results (tests/support_matrix.py).
-Tiny seeded random-init models (tests/_hf_families.py), CPU, eager attention.
+Run by every env of the transformers matrix (tox.ini); a family the installed transformers does
+not have is skipped with its name and the first version that has it. Tiny seeded random-init
+models (tests/_hf_families.py), CPU, eager attention.
 """
 import pytest
 import torch
@@ -11,19 +13,12 @@ import torch
 import calplug
 from calplug import CALInputError, UnsupportedModelError
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
-from reference import assert_grads_rel_close, grads
+
 
 IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
+
+
 VIDEO_BATCH = ("video", "image", None)   # a video sample, an image sample, a text-only one
-CACHE_KWARGS = ("past_key_values", "cache", "use_cache", "cache_position")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _record_versions(record_testsuite_property):
-    import transformers
-
-    record_testsuite_property("transformers", transformers.__version__)
-    record_testsuite_property("torch", torch.__version__)
 
 
 def family_or_skip(name):
@@ -130,54 +125,6 @@ def test_qwen_without_mm_token_type_ids_warns(name):
             assert "mm_token_type_ids" in str(error)
 
 
-def test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask():
-    family, model = model_for("qwen3_vl")
-    batch = make_batch(family, model, kinds=IMAGE_BATCH)
-    decoder, _ = decoder_and_head(model)
-    for contrast, kept in (("mask", True), ("drop", False)):
-        calplug.enable(model, contrast=contrast)
-        calls, handle = decoder_calls(decoder)
-        model(**batch)
-        handle.remove()
-        main_call, contrast_call = calls
-        assert main_call["visual_pos_masks"] is not None and main_call["deepstack_visual_embeds"] is not None
-        if kept:
-            assert contrast_call["visual_pos_masks"] is main_call["visual_pos_masks"]
-            assert contrast_call["deepstack_visual_embeds"] is main_call["deepstack_visual_embeds"]
-        else:
-            assert contrast_call["visual_pos_masks"] is None
-            assert contrast_call["deepstack_visual_embeds"] is None
-
-
-def test_qwen3_vl_moe_keeps_the_router_load_balancing_loss():
-    """With router logits requested, Qwen3-VL-MoE's loss is LM loss + coef * aux_loss. calplug's
-    main pass runs without labels (so the model adds no aux term itself); the CAL loss must add
-    it: with unit weights the CAL loss and its gradients equal the model's own, and with CAL
-    weights the difference from the same step without router logits is exactly coef * aux_loss."""
-    family = family_or_skip("qwen3_vl_moe")
-    model = family.build(0, router_aux_loss_coef=0.5).train()
-    batch = make_batch(family, model, kinds=IMAGE_BATCH)
-    routed = dict(batch, output_router_logits=True)
-    own = model(**routed)
-    assert own.aux_loss is not None and own.aux_loss.item() > 0.1
-    own.loss.backward()
-    own_grads = grads(model)
-    model.zero_grad(set_to_none=True)
-    with calplug.enabled(model, alpha=1.0, beta=1.0):  # every weight 1: the model's own loss
-        unit = model(**routed)
-        unit.loss.backward()
-        assert unit.loss.item() == pytest.approx(own.loss.item(), rel=1e-6)
-        assert_grads_rel_close(grads(model), own_grads, 1e-5)
-    model.zero_grad(set_to_none=True)
-    with calplug.enabled(model):
-        cal_routed = model(**routed)
-        cal_plain = model(**batch)  # no router logits: no aux term
-    assert cal_plain.loss.item() != pytest.approx(unit.loss.item(), rel=1e-3)  # CAL weights differ
-    assert (cal_routed.loss - cal_plain.loss).item() == pytest.approx(0.5 * own.aux_loss.item(), rel=1e-5)
-    with calplug.enabled(model), pytest.raises(CALInputError, match="return_dict=True"):
-        model(**routed, return_dict=False)
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_original_forward_never_gets_num_items_in_batch(name):
     """The engine takes num_items_in_batch for its own loss; old forwards (Llava 4.45, Qwen2-VL
@@ -197,7 +144,7 @@ def test_original_forward_never_gets_num_items_in_batch(name):
     scaled = model(**batch, num_items_in_batch=2 * n).loss
     if name == "paligemma" and tf_version() < (5, 0):
         # PaliGemma before 5.0 builds its training mask from labels: calplug hands them on
-        # (tests/test_vlm_families.py::test_paligemma_before_5_gets_labels_for_its_training_mask)
+        # (tests/test_family_decoders.py::test_paligemma_before_5_gets_labels_for_its_training_mask)
         seen = [keys - {"labels"} for keys in seen]
     assert all("num_items_in_batch" not in keys and "labels" not in keys for keys in seen)
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-6, atol=0)
@@ -252,85 +199,6 @@ def test_partial_logits_refused(name):
         model(**batch, **{arg: 1})
 
 
-def test_support_matrix_generator_reads_junit(tmp_path):
-    """tests/support_matrix.py: every recorded class gets a row with its status (proven with the
-    releases where its family's property cases passed and nothing failed, FAIL where a test
-    failed, unproven where no case ran, refused / matched with the reason); families x releases
-    count tests (a failure shows as FAIL, a family missing from a release as '-', other skips as
-    numbered notes); columns sorted by transformers version; envs without a class list are
-    ignored."""
-    import json
-    from xml.sax.saxutils import quoteattr
-
-    import support_matrix
-
-    families = {"llava": ["Llava", "LlavaForConditionalGeneration"],
-                "qwen3_vl": ["Qwen3-VL", "Qwen3VLForConditionalGeneration"],
-                "qwen2_vl": ["Qwen2-VL", "Qwen2VLForConditionalGeneration"],
-                "llama4": ["Llama4", "Llama4ForConditionalGeneration"]}
-    props, families_mod = "tests.test_properties", "tests.test_transformers_families"
-
-    def suite(version, classes, cases):
-        support = json.dumps({"mapping": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                              "classes": classes, "families": families})
-        body = "".join(f'<testcase classname="{module}" name="{name}">{inner}</testcase>'
-                       for module, name, inner in cases)
-        return (f'<testsuites><testsuite time="2.5"><properties><property name="transformers" value="{version}"/>'
-                f'<property name="calplug_support" value={quoteattr(support)}/></properties>{body}'
-                f'</testsuite></testsuites>')
-
-    proven = ["proven", "family cases", True]
-    (tmp_path / "py.xml").write_text(suite("5.24.0", {
-        "LlavaForConditionalGeneration": proven, "Qwen3VLForConditionalGeneration": proven,
-        "Qwen2VLForConditionalGeneration": proven, "Llama4ForConditionalGeneration": proven,
-        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", True],
-        "DeepseekVLForConditionalGeneration": ["matched", "run `calplug verify`", True],
-    }, [
-        (props, "test_faithful_mode_equals_reference[hf-qwen3_vl-image-right-a0-b5-w3]", ""),
-        (families_mod, "test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
-        (families_mod, "test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
-        (props, "test_eval_and_calls_without_labels_return_what_the_original_returns[hf-llava-image-right]", ""),
-        (props, "test_faithful_mode_equals_reference[hf-qwen2_vl-image-right-a0-b5-w3]",
-         '<skipped message="needs timm"/>'),
-        (families_mod, "test_partial_logits_refused[qwen2_vl]", ""),  # no case ran: not proven
-        (families_mod, "test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug", ""),
-    ]))
-    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", {
-        "LlavaForConditionalGeneration": proven,
-        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", False],
-    }, [
-        (families_mod, "test_faithful_mode_equals_reference[qwen3_vl-image]",
-         '<skipped message="Qwen3VLForConditionalGeneration needs transformers &gt;= 4.57"/>'),
-        (props, "test_generate_is_unchanged[hf-llava-image-right]", ""),
-    ]))
-    (tmp_path / "distributed.xml").write_text(
-        '<testsuites><testsuite><testcase classname="tests.distributed.x" name="t"/></testsuite></testsuites>')
-    out = tmp_path / "matrix.md"
-    assert support_matrix.main([str(tmp_path), str(out)]) == 0
-    text = out.read_text()
-    # every class, with its status
-    assert "| `LlavaForConditionalGeneration` | proven (4.45.2, 5.24.0) | all | family `llava`: its cases pass on 4.45.2, 5.24.0 |" in text
-    assert "| `Qwen3VLForConditionalGeneration` | FAIL | 5.24.0 | family `qwen3_vl`; FAIL on 5.24.0 (1 of 2 failed) |" in text
-    assert "| `Qwen2VLForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `qwen2_vl`; its tests skip where [1] |" in text
-    assert "| `Llama4ForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `llama4` |" in text
-    assert "| `MllamaForConditionalGeneration` | refused | all | Mllama: cross-attention |" in text
-    assert "| `DeepseekVLForConditionalGeneration` | matched, unproven | 5.24.0 | run `calplug verify` |" in text
-    assert ("transformers 5.24.0: 6 classes: 1 proven, 1 refused, 1 matched but unproven, 1 failing "
-            "their family's tests, 2 with family cases that did not run; 1 families proven on 5.24.0.") in text
-    # family x release test counts
-    header = next(line for line in text.splitlines() if line.startswith("| family"))
-    assert header.index("4.45.2") < header.index("5.24.0") and "distributed" not in header
-    assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
-    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [2] |" in text
-    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | pass 1/2, 1 skipped [1] |" in text
-    assert "1. needs timm" in text and "2. takes no logits_to_keep" in text
-    assert "| pytest seconds (whole env) | | 2.5 | 2.5 |" in text
-    for xml in tmp_path.glob("*.xml"):
-        if xml.stem != "distributed":
-            xml.unlink()
-    assert support_matrix.main([str(tmp_path), str(out)]) == 1
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_blur_contrast_where_pixels_are_images(name):
     """Llava types take images as [..., 3, H, W]: blur re-runs their vision path. Qwen-VL pixels are
@@ -357,7 +225,7 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
     family, model = model_for(name)
     if family.drop_only:
         pytest.skip("mask contrasts are refused for this decoder (layers that ignore mask holes; "
-                    "tests/test_vlm_families.py checks the refusal)")
+                    "tests/test_family_decoders.py checks the refusal)")
     kinds = family.video_kinds if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
     calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)

@@ -1,0 +1,500 @@
+"""Contrastive decoding with CAL's contrast pass: `contrastive_generate`, and `contrastive_decoding`
+for ``model.generate`` itself (a logits processor).
+
+At every step, ``z`` are the main branch's next-token logits (with the image) and ``z'`` the
+contrast branch's (the same tokens so far, without the image). The plausible tokens are those with
+``z(v) >= log(cd_beta) + max z`` (VCD's adaptive plausibility constraint); their score is
+``(1 + cd_alpha) * z(v) - cd_alpha * z'(v)``, every other token's is ``-inf``. Greedy decoding
+takes the arg max, sampling samples after the temperature / top-k / top-p ``generate`` applies.
+``cd_alpha = 0`` leaves the arg max of ``z``: exactly ``generate``'s greedy tokens.
+
+How, with no model knowledge here:
+
+* **The main branch is ``generate``'s own loop.** For the duration, the model's forward is wrapped
+  on the instance. ``generate``'s first call (the prompt) runs as the integration's main pass,
+  which is the model's own forward with the decoder call captured, so the prompt runs once, as
+  ``generate`` would run it, and the one contrast machinery (`calplug.contrast_pass.plan`) builds
+  the image-blind prefix from it: ``drop`` keeps every text token at its own position and no image
+  position, ``blur`` / ``noise`` re-run the vision path on transformed pixels.
+* **The contrast branch keeps its own cache.** The plan's decoder call runs once with a cache of
+  the kind the main branch got (a fresh copy of ``generate``'s empty one), rows right-aligned so
+  that each ends at its last kept token. Every later forward call of ``generate`` is the model's
+  own; a pre-hook reads what its decoder received for the new token (embedding, position ids:
+  M-RoPE or whatever the model computed, read and never recomputed), and the contrast branch runs
+  the decoder on the same inputs with its own cache and padding mask. No prefix is recomputed.
+* **The processor combines them.** `ContrastiveLogitsProcessor` takes ``z`` from ``generate``
+  and ``z'`` from the contrast branch's last state through the model's own output projection
+  (and its soft-capping, `MainPass.logit_transform`).
+
+Samples without an image have nothing to contrast: for them ``z' = z``, so their score is ``z``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import inspect
+import math
+import numbers
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import contrast_pass, plugins
+from .contrast import NON_SEQUENCE_DECODER_KWARGS, is_ready_mask, map_ready_mask
+from .errors import CALConfigError, CALInputError, UnsupportedModelError, warn_once
+from .gap import IGNORE_INDEX
+from .hookspecs import ContrastPlan, MainPass
+from .inputs import has_pixels
+from .scoring import resolved
+
+# ``generate``'s "logits of the last k positions only" argument (its name across releases): held
+# out of the main pass's checks and handed to the model's forward as generate passed it.
+LAST_LOGITS_ARGUMENTS = ("logits_to_keep", "num_logits_to_keep")
+# The cache argument of a forward / decoder call ("cache" from transformers 5.2x).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+# What generate() hands the forward instead of the pixels when it encodes images before the
+# prompt (transformers 5.x): pixel contrasts need the pixels themselves back.
+PRE_ENCODED_ARGUMENTS = ("mm_encoder_outputs",)
+# generate() modes whose caches are reordered or cropped behind the processor's back.
+REFUSED_MODES = {
+    "num_beams": "beam search reorders the main branch's cache, which the contrast branch's cannot follow",
+    "assistant_model": "assisted decoding crops the main branch's cache on rejected tokens",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding crops the main branch's cache on rejected tokens",
+}
+
+
+# -- the rule ---------------------------------------------------------------------------------------
+def check_settings(cd_alpha, cd_beta) -> tuple[float, float]:
+    """``(cd_alpha, cd_beta)`` as floats: ``cd_alpha >= 0`` (how far the contrast pushes),
+    ``0 <= cd_beta <= 1`` (the plausibility cut; 0 turns it off)."""
+    for name, value, low, high, example in (("cd_alpha", cd_alpha, 0.0, math.inf, "cd_alpha=1.0"),
+                                            ("cd_beta", cd_beta, 0.0, 1.0, "cd_beta=0.1")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or not low <= float(value) <= high:
+            rng = f"in [{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
+            raise CALConfigError(f"{name} must be a finite number {rng}, got {value!r}: e.g. {example} "
+                                 "(VCD's defaults: cd_alpha=1.0, cd_beta=0.1)")
+    return float(cd_alpha), float(cd_beta)
+
+
+def contrastive_scores(z: torch.Tensor, z_contrast: torch.Tensor, contrasted: torch.Tensor,
+                       cd_alpha: float, cd_beta: float) -> torch.Tensor:
+    """float32 ``[B, V]`` scores: ``(1 + a) z - a z'`` on rows ``contrasted [B]`` (``z`` on the
+    others), ``-inf`` where ``z < log(cd_beta) + max z``."""
+    z = z.float()
+    scores = torch.where(contrasted.unsqueeze(1), (1.0 + cd_alpha) * z - cd_alpha * z_contrast.float(), z)
+    if cd_beta > 0.0:
+        cutoff = math.log(cd_beta) + z.max(dim=-1, keepdim=True).values
+        scores = scores.masked_fill(z < cutoff, -math.inf)
+    return scores
+
+
+# -- the contrast branch ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ContrastBranch:
+    """The image-blind branch of one ``generate`` call: its own cache, extended token by token.
+
+    samples:    long ``[B']``, the sample of each of its rows.
+    keys:       ``[B', n]`` its padding mask so far (n = its cache length).
+    states:     ``[B', d]`` the final hidden state of each row that predicts its next token.
+    valid:      long ``[S]``: the rows of ``states`` that hold a contrast state (not those of
+                samples without an image, nor, at the first step, a prompt with no text before
+                its image); ``valid_samples`` their samples.
+    """
+
+    decoder: nn.Module
+    head: nn.Module
+    transform: object
+    cache_key: str
+    cache: object
+    samples: torch.Tensor
+    keys: torch.Tensor
+    states: torch.Tensor
+    valid: torch.Tensor
+    valid_samples: torch.Tensor
+    contrasted: torch.Tensor   # long [S'], the rows whose samples the image reaches
+    shortened: bool
+    subset: bool               # samples is not every sample in order
+
+    def logits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[B, V]`` contrast logits (``like``'s values on rows without a contrast) and
+        bool ``[B]``, the samples that have a contrast value."""
+        out = like.float()
+        has = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        if self.valid.numel():
+            logits = self.head(self.states.index_select(0, self.valid))
+            if self.transform is not None:
+                logits = self.transform(logits)
+            out = out.index_copy(0, self.valid_samples, logits.float())
+            has[self.valid_samples] = True
+        return out, has
+
+    def extend(self, step: dict, call_mask) -> None:
+        """Run the decoder on the token(s) the main branch's decoder just received (``step``: its
+        keyword arguments), with this branch's cache and padding mask."""
+        B = step["inputs_embeds"].shape[0] if step.get("inputs_embeds") is not None else -1
+        kwargs = {}
+        for name, value in step.items():
+            if name in NON_SEQUENCE_DECODER_KWARGS or name == "attention_mask":
+                continue
+            if self.subset and isinstance(value, torch.Tensor):
+                if name == "position_ids":
+                    value = value.index_select(value.dim() - 2, self.samples)
+                elif value.dim() > 0 and value.shape[0] == B:
+                    value = value.index_select(0, self.samples)
+            kwargs[name] = value
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise CALInputError("the text decoder received no inputs_embeds at a decoding step: "
+                                "contrastive decoding extends its branch with the embeddings the "
+                                "main branch's decoder received")
+        new = embeds.shape[1]
+        if kwargs.get("position_ids") is None:  # the decoder counts positions from its cache
+            position = step.get("cache_position")
+            if position is None:
+                raise CALInputError("the text decoder received neither position_ids nor "
+                                    "cache_position at a decoding step: the contrast branch "
+                                    "cannot tell the new token's position")
+            kwargs["position_ids"] = position.view(1, -1).expand(self.samples.numel(), -1)
+        if isinstance(call_mask, torch.Tensor) and call_mask.dim() == 2:
+            grown = call_mask[:, -new:].index_select(0, self.samples)
+        else:
+            grown = torch.ones(self.samples.numel(), new, device=self.keys.device)
+        length = self.keys.shape[1]
+        self.keys = torch.cat([self.keys, grown.to(self.keys)], dim=1)
+        kwargs["attention_mask"] = self.keys
+        if step.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(length, length + new, device=self.keys.device)
+        kwargs[self.cache_key] = self.cache
+        kwargs["use_cache"] = True
+        self.states = _final_hidden(self.decoder(**kwargs))[:, -1]
+        self.valid = self.contrasted
+        self.valid_samples = self.samples.index_select(0, self.contrasted)
+
+
+def start_branch(main: MainPass, plan: ContrastPlan, cache_key: str, cache) -> ContrastBranch:
+    """Run the plan's decoder call once with ``cache`` (a fresh cache, or None: the decoder makes
+    one) and keep the state that predicts each sample's first new token."""
+    B, L = main.visual_mask.shape
+    device = main.visual_mask.device
+    kwargs = dict(plan.decoder_kwargs)
+    samples = torch.arange(B, device=device) if plan.samples is None else plan.samples
+    keys = plan.keys
+    if keys is None:
+        keys = kwargs.get("attention_mask")
+        if not (isinstance(keys, torch.Tensor) and keys.dim() == 2):
+            raise CALInputError("the contrast plan gives its decoder a ready (4-D or per-layer) mask "
+                                "and no 2-D `keys` mask: contrastive decoding cannot extend it "
+                                "(ContrastPlan.keys, docs/plugins.md)")
+    kwargs, keys, rows = right_aligned(kwargs, keys, plan.rows)
+    kwargs[cache_key] = cache
+    kwargs["use_cache"] = True
+    with torch.no_grad():
+        out = main.decoder(**kwargs)
+    if cache is None:
+        cache = _returned_cache(out)
+    hidden = _final_hidden(out)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    first = rows[:, L - 1].index_select(0, samples)         # each row's state for the first token
+    with_image = main.with_image.to(device).index_select(0, samples)
+    contrasted = with_image.nonzero().squeeze(1)
+    valid = (with_image & (first >= 0)).nonzero().squeeze(1)
+    subset = samples.numel() != B or not torch.equal(samples, torch.arange(B, device=device))
+    return ContrastBranch(main.decoder, main.lm_head, main.logit_transform, cache_key, cache, samples,
+                          keys, flat.index_select(0, first.clamp(min=0)), valid,
+                          samples.index_select(0, valid), contrasted,
+                          shortened=hidden.shape[1] != L or samples.numel() != B, subset=subset)
+
+
+def right_aligned(kwargs: dict, keys: torch.Tensor, rows: torch.Tensor):
+    """The plan's rows shifted right so that each ends at its last attended position (padding
+    first, as ``generate`` pads): a cache is then extended right after every row's last token,
+    which decoders that carry a state across positions (convolutions, linear attention) need.
+    Every ``[B', n, ...]`` input, the position ids and ready masks (queries and keys) move alike;
+    ``rows`` are remapped."""
+    S, n = keys.shape
+    attended = keys.bool()
+    trailing = n - 1 - torch.where(attended, torch.arange(n, device=keys.device), -1).max(1).values
+    trailing = torch.where(attended.any(1), trailing, torch.zeros_like(trailing))
+    if not bool(trailing.any()):
+        return kwargs, keys, rows
+    index = (torch.arange(n, device=keys.device).unsqueeze(0) - trailing.unsqueeze(1)) % n   # [S, n]
+
+    def along(value: torch.Tensor, batch: int, dim: int) -> torch.Tensor:
+        shape = [1] * value.dim()
+        shape[batch], shape[dim] = S, n
+        where = index.view(shape).expand(*value.shape[:dim], n, *value.shape[dim + 1:])
+        return value.gather(dim, where.to(value.device))
+
+    out = {}
+    for name, value in kwargs.items():
+        if name == "attention_mask" and is_ready_mask(value):
+            value = map_ready_mask(value, lambda m: along(along(m.expand(S, *m.shape[1:]), 0, 2), 0, 3))
+        elif name == "position_ids" and isinstance(value, torch.Tensor):
+            value = along(value.expand(*value.shape[:-2], S, n), value.dim() - 2, value.dim() - 1)
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (S, n):
+            value = along(value, 0, 1)
+        out[name] = value
+    keys = along(keys, 0, 1)
+    slot = rows % n
+    shifted = rows - slot + (slot + trailing.to(rows.device)[rows.clamp(min=0) // n]) % n
+    return out, keys, torch.where(rows >= 0, shifted, rows)
+
+
+def _final_hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def _returned_cache(out):
+    for name in CACHE_ARGUMENTS:
+        value = getattr(out, name, None)
+        if value is not None:
+            return value
+    if isinstance(out, (tuple, list)) and len(out) > 1:
+        return out[1]
+    raise CALInputError("the text decoder returned no cache for the contrast branch")
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value)
+
+
+def positional_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+@contextlib.contextmanager
+def _recording(decoder: nn.Module, names: list[str]) -> Iterator[dict]:
+    """The keyword arguments of ``decoder``'s first call inside the block (positional ones named
+    by ``names``)."""
+    seen: dict = {}
+
+    def record(module, args, kwargs):
+        if not seen:
+            seen.update(zip(names, args))
+            seen.update(kwargs)
+
+    handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+# -- one decoding session: the forward wrapper and the processor -------------------------------------
+class DecodingSession:
+    """What `contrastive_decoding` installs: the instance forward that runs the main branch as
+    ``generate`` calls it, the contrast branch beside it, and the settings."""
+
+    def __init__(self, model: nn.Module, cd_alpha: float, cd_beta: float, contrast: str, config,
+                 max_new_tokens: int | None, inputs: dict | None):
+        self.cd_alpha, self.cd_beta = check_settings(cd_alpha, cd_beta)
+        (self.target, self.config, self.integration, self.contrast,
+         self.original) = resolved(model, config, contrast=contrast)
+        self.signature = inspect.signature(self.original)
+        self.max_new_tokens = max_new_tokens
+        self.inputs = dict(inputs or {})
+        self.expect_image = has_pixels(self.inputs)
+        self.branch: ContrastBranch | None = None
+        self.span: int | None = None
+        self.seen = 0
+
+    # the instance forward ---------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        call = self.signature.bind_partial(*args, **kwargs).arguments
+        var = next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        call.update(call.pop(var, {}) if var else {})
+        cache = next((call[k] for k in CACHE_ARGUMENTS if call.get(k) is not None), None)
+        if _cache_length(cache) == 0:
+            return self.prefill(call)
+        return self.step(call)
+
+    def prefill(self, call: dict):
+        held = {k: call.pop(k) for k in LAST_LOGITS_ARGUMENTS if k in call}
+        cache_key = next((k for k in CACHE_ARGUMENTS if k in call), None)
+        fresh = copy.deepcopy(call[cache_key]) if cache_key and call[cache_key] is not None else None
+        forward = functools.partial(self.original, **held) if held else self.original
+        sequence = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        if sequence is None:
+            raise CALInputError("generate called the model with neither input_ids nor inputs_embeds")
+        if self.contrast.needs_pixels and not has_pixels(call):
+            call = self._with_pixels(call)
+        if self.expect_image and call.get("input_ids") is None and not has_pixels(call):
+            raise UnsupportedModelError(
+                f"{type(self.target).__name__}.generate() called the model's forward with merged "
+                "inputs_embeds and no pixels: the model splices the image into the embeddings "
+                "inside its own generate() (as the LLaVA codebases do), so the forward never "
+                "shows where the image is and calplug's contrastive decoding cannot take it away")
+        labels = torch.full(sequence.shape[:2], IGNORE_INDEX, dtype=torch.long, device=sequence.device)
+        main = self.integration.main_pass(self.target, forward, dict(call, labels=labels))
+        self.seen, self.branch = int(sequence.shape[1]), None
+        if not bool(main.with_image.any()):
+            if self.expect_image:
+                raise UnsupportedModelError(
+                    f"the inputs hold pixels, but {type(self.target).__name__}'s integration found "
+                    "no image position in the prompt generate() ran (placeholder tokens missing?): "
+                    "there is nothing for contrastive decoding to take away")
+            return main.output
+        contrast = self._contrast_for(main)
+        plan = contrast_pass.plan(self.target, main, self.config.replace(contrast=contrast.name), contrast)
+        if plan is not None:
+            cache_key = cache_key or next((k for k in CACHE_ARGUMENTS if k in main.decoder_kwargs),
+                                          "past_key_values")
+            self.branch = start_branch(main, plan, cache_key, fresh)
+            self.decoder_names = positional_names(main.decoder)
+        self.span = main.attention_span
+        return main.output
+
+    def _with_pixels(self, call: dict) -> dict:
+        """``call`` with the generate() call's image inputs in place of the image features
+        generate() encoded before the prompt: the forward encodes them again (the same features),
+        and the integration can re-run the vision path on transformed pixels."""
+        if not has_pixels(self.inputs):
+            raise CALInputError(
+                f"contrast={self.contrast.name!r} re-runs the vision path on transformed pixels, but "
+                "generate() handed the forward no pixels (transformers 5.x encodes images before "
+                "the prompt): pass the generate() inputs, contrastive_decoding(model, inputs=inputs)"
+                ", or use calplug.contrastive_generate")
+        accepted = self.signature.parameters
+        added = {k: v for k, v in self.inputs.items() if k not in call and k in accepted}
+        return {**{k: v for k, v in call.items() if k not in PRE_ENCODED_ARGUMENTS}, **added}
+
+    def _contrast_for(self, main: MainPass):
+        """``drop`` for as long as the decoder's sliding window / attention chunk cannot tell: a
+        sequence that will outgrow it decodes with ``mask`` (warned), as the training step does."""
+        L = main.visual_mask.shape[1]
+        span = main.attention_span
+        new = 1 if self.max_new_tokens is None else self.max_new_tokens  # at least one
+        if self.contrast.name != "drop" or span is None or L + new <= span:
+            return self.contrast
+        refusal = self.integration.contrast_refusal
+        reason = refusal(self.target, "mask") if refusal is not None else None
+        if reason:
+            raise UnsupportedModelError(
+                f"contrast='drop' cannot decode past the decoder's attention span ({span}) exactly "
+                f"({L} + {new} new tokens), and contrast='mask' is refused: {reason}")
+        warn_once(f"decode-span:{type(self.target).__name__}",
+                  f"contrastive decoding: the prompt ({L} positions) plus {new} new token(s) "
+                  "outgrows the decoder's sliding window / attention chunk "
+                  f"({span}), which its layers count in cache positions; the contrast branch keeps the "
+                  "image positions and masks them (contrast='mask') so that it stays exact",
+                  UserWarning, stacklevel=4)
+        return plugins.resolve_contrast("mask")
+
+    def step(self, call: dict):
+        branch = self.branch
+        if branch is None:
+            out = self.original(**call)
+        else:
+            with _recording(branch.decoder, self.decoder_names) as step:
+                out = self.original(**call)
+            new = step["inputs_embeds"].shape[1] if step.get("inputs_embeds") is not None else 1
+            if branch.shortened and self.span is not None and self.seen + new > self.span:
+                raise CALInputError(
+                    f"the sequence grew past the decoder's sliding window / attention chunk "
+                    f"({self.span}) while the contrast branch drops the image, so its windows would "
+                    "differ: pass max_new_tokens to contrastive_decoding (it then masks instead), "
+                    "or use contrast='mask'")
+            branch.extend(step, call.get("attention_mask"))
+        self.seen += _step_length(call)
+        return out
+
+    # the processor ----------------------------------------------------------------------------
+    def scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.seen:
+            raise CALInputError(
+                f"the contrastive logits processor got {input_ids.shape[1]} tokens, but its model "
+                f"has run {self.seen}: use the processor with the model it was made for, inside "
+                "its `with calplug.contrastive_decoding(model) as processor:` block")
+        if self.branch is None:
+            none = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+            return contrastive_scores(scores, scores, none, self.cd_alpha, self.cd_beta).to(scores.dtype)
+        z_contrast, has = self.branch.logits(scores)
+        return contrastive_scores(scores, z_contrast, has, self.cd_alpha, self.cd_beta).to(scores.dtype)
+
+
+def _step_length(call: dict) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        value = call.get(name)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[1])
+    return 1
+
+
+class ContrastiveLogitsProcessor:
+    """A ``generate`` logits processor: ``generate``'s scores in, contrastive scores out (the rule
+    of this module). Made by `contrastive_decoding`, valid inside its block."""
+
+    def __init__(self, session: DecodingSession):
+        self.session = session
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.session.scores(input_ids, scores)
+
+
+class _DecodingForward:
+    """The instance attribute ``forward`` during `contrastive_decoding`, with the forward's own
+    signature (``generate`` inspects it)."""
+
+    def __init__(self, session: DecodingSession):
+        self.session = session
+        self.__signature__ = session.signature
+
+    def __call__(self, *args, **kwargs):
+        return self.session.forward(*args, **kwargs)
+
+
+# -- public API -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: float = 0.1,
+                         contrast: str = "drop", config=None, max_new_tokens: int | None = None,
+                         inputs: dict | None = None) -> Iterator[ContrastiveLogitsProcessor]:
+    """``with contrastive_decoding(model) as processor: model.generate(..., logits_processor=
+    [processor])``: contrastive decoding inside ``generate`` (greedy or sampling; not beam search
+    or assisted decoding). The model's forward is wrapped on the instance inside the block and
+    restored after. ``config``: the contrast's settings (`CALConfig`: ``blur_sigma``,
+    ``noise_step``, ``seed``). ``max_new_tokens``: lets ``drop`` switch to ``mask`` up front for
+    decoders with a sliding window the sequence will outgrow. ``inputs``: the generate() call's
+    inputs, which the pixel contrasts need where generate() encodes images before the prompt
+    (transformers 5.x), and which make a prompt with pixels but no image position an error."""
+    session = DecodingSession(model, cd_alpha, cd_beta, contrast, config, max_new_tokens, inputs)
+    target = session.target
+    previous = target.__dict__.get("forward")
+    target.forward = _DecodingForward(session)
+    try:
+        yield ContrastiveLogitsProcessor(session)
+    finally:
+        if previous is None:
+            target.__dict__.pop("forward", None)
+        else:
+            target.__dict__["forward"] = previous
+
+
+def contrastive_generate(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: float = 0.1,
+                         contrast: str = "drop", max_new_tokens: int | None = None,
+                         do_sample: bool = False, config=None, **inputs):
+    """``model.generate(**inputs, max_new_tokens=..., do_sample=...)`` with contrastive decoding
+    against CAL's image-blind pass; returns what ``generate`` returns (the prompt and the new
+    tokens; padded batches, each row stopping at its end-of-sequence token). ``inputs``: the
+    processor's outputs (left-padded for a batch) and any other ``generate`` arguments
+    (temperature, top_k, top_p, ...). ``cd_alpha=0`` gives ``generate``'s greedy tokens."""
+    generation = inputs.get("generation_config") or getattr(model, "generation_config", None)
+    for name, why in REFUSED_MODES.items():
+        value = inputs.get(name, getattr(generation, name, None) if name == "num_beams" else None)
+        if value is not None and not (name == "num_beams" and value == 1):
+            raise CALInputError(f"contrastive decoding does not support {name}={value!r}: {why}")
+    user = list(inputs.pop("logits_processor", None) or [])
+    if max_new_tokens is not None:
+        inputs["max_new_tokens"] = max_new_tokens
+    with contrastive_decoding(model, cd_alpha=cd_alpha, cd_beta=cd_beta, contrast=contrast,
+                              config=config, max_new_tokens=max_new_tokens,
+                              inputs=inputs) as processor:
+        return model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)

@@ -1,0 +1,40 @@
+"""What a forward call's keyword arguments say about images: which arguments carry pixels or
+image features, written once for the step's guards, the integrations and ``verify``.
+
+Forwards take pixels as ``pixel_values`` and relatives (``pixel_values_videos``,
+``pixel_values_images``, ...), the LLaVA codebases as ``images`` / ``images_aux``; some take image
+features ready-made (``image_embeds``, ``mm_encoder_outputs``). None of this is model knowledge
+that differs per family: it is the vocabulary forward calls share.
+"""
+from __future__ import annotations
+
+import torch
+
+PIXEL_PREFIX = "pixel_values"
+# Arguments beside pixel_values* that carry an image (LLaVA codebases' pixels, ready features).
+IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs")
+
+
+def image_keys(call: dict) -> tuple[str, ...]:
+    """The arguments of ``call`` that can carry an image: ``pixel_values*`` and `IMAGE_ARGUMENTS`."""
+    return tuple(k for k in call if k.startswith(PIXEL_PREFIX) or k in IMAGE_ARGUMENTS)
+
+
+def has_pixels(call: dict, keys: tuple[str, ...] | None = None) -> bool:
+    """Whether ``call`` holds a non-empty tensor (or a list of them) under ``keys`` (default:
+    `image_keys`)."""
+    for key in image_keys(call) if keys is None else keys:
+        value = call.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            return True
+        if isinstance(value, (list, tuple)) and any(
+                isinstance(v, torch.Tensor) and v.numel() > 0 for v in value):
+            return True
+    return False
+
+
+def has_float_pixels(value) -> bool:
+    """Whether ``value`` (a tensor or a list of them) holds floating-point pixels to transform."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and value.numel() > 0
+    return isinstance(value, (list, tuple)) and any(has_float_pixels(v) for v in value)

@@ -1,0 +1,263 @@
+"""Which transformers classes calplug supports, refuses (and why) or only matches, and the support
+matrix built from it: every class the installed transformers maps to image-text-to-text gets its
+status, recorded in this env's junit results (testsuite property ``calplug_support``) for
+tests/support_matrix.py, which the tox env ``support-matrix`` runs with the standard library
+only; refused classes raise their reason at enable; a matched class runs with a warning.
+
+Run by every env of the transformers matrix (tox.ini: py, hf-4.45, hf-4.49, hf-4.57).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import calplug
+from calplug import UnsupportedModelError, plugins
+from calplug.integrations import families
+import _hf_families as hf
+import _hf_kinds as kinds
+from _hf_families import FAMILIES, build_blip_2, build_deepseek_vl, build_fuyu, tf_version
+
+
+STATUSES = ("proven", "refused", "matched")
+
+
+def class_status(name: str) -> tuple[str, str]:
+    """(status, reason) of a class: the answer of the registered integration that speaks for it
+    (`Integration.support_status`, asked with the class: the cross-attention, encoder-decoder and
+    Kosmos integrations), else the family table's (`families.support_status`)."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        for integration in plugins.integrations():
+            answer = integration.support_status(cls) if integration.support_status is not None else None
+            if answer is not None:
+                return answer
+    return families.support_status(name)
+
+
+def kind_keys() -> dict:
+    """The family keys of tests/_hf_kinds.py for the support matrix, {key: [family, class]}; a
+    class that is the kind only with some language model (BLIP-2 with T5) is named with it."""
+    return {k.name: [k.display, k.class_name + (" (T5)" if k.name.endswith("_t5") else "")]
+            for k in kinds.KINDS.values()}
+
+
+def mapping_classes() -> tuple[str, list[str]]:
+    """(name of the mapping, its class names): the image-text-to-text mapping, or on releases
+    before it existed (4.45) the vision-to-sequence mapping that preceded it."""
+    from transformers.models.auto import modeling_auto
+
+    for name in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES"):
+        mapping = getattr(modeling_auto, name, None)
+        if mapping is not None:
+            names = set()
+            for value in mapping.values():
+                names.update((value,) if isinstance(value, str) else value)
+            return name, sorted(names)
+    pytest.skip("this transformers has neither an image-text-to-text nor a vision-to-sequence mapping")
+
+
+def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
+    """Each class of the mapping, and each class of calplug's family table this release has, gets
+    proven / refused / matched with a reason; a proven one has family cases in the tests, a
+    refused one is in the refusal table or fails the generic rule. Recorded for the matrix."""
+    import transformers
+
+    mapping, classes = mapping_classes()
+    table = [f.class_name for f in families.FAMILIES.values() if hasattr(transformers, f.class_name)]
+    statuses = {}
+    for name in sorted(set(classes) | set(table)):
+        status, reason = class_status(name)
+        assert status in STATUSES and reason, name
+        statuses[name] = [status, reason, name in classes]
+    kind_classes = {k.class_name for k in kinds.KINDS.values()}
+    for name, (status, reason, _) in statuses.items():
+        if status == "proven" and name not in kind_classes:
+            facts = families.FAMILIES[name]
+            assert facts.key in hf.FAMILIES and hf.FAMILIES[facts.key].class_name == name
+        if name in families.REFUSED:
+            assert status == "refused" and reason == families.REFUSED[name]
+    assert statuses["LlavaForConditionalGeneration"][0] == "proven"
+    if tf_version() >= (5, 0):  # the placeholder-token families of the table are proven
+        assert sum(s == "proven" for s, _, _ in statuses.values()) >= 20, statuses
+    keys = {f.key: [f.family, f.class_name] for f in families.FAMILIES.values()}
+    keys.update(kind_keys())
+    record_testsuite_property("transformers", transformers.__version__)
+    record_testsuite_property("calplug_support", json.dumps(
+        {"mapping": mapping, "classes": statuses, "families": keys}, sort_keys=True))
+
+
+# -- refusals, matched classes, broken releases -------------------------------------------------
+REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45)),
+                    "Blip2ForConditionalGeneration": (build_blip_2, (4, 45))}
+
+
+@pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
+def test_refused_classes_name_why_at_enable(class_name):
+    build, since = REFUSED_BUILDERS[class_name]
+    if tf_version() < since:
+        pytest.skip(f"{class_name} needs transformers >= {since[0]}.{since[1]}")
+    try:
+        model = build(0)
+    except (TypeError, ValueError) as error:  # an older release's config takes other arguments
+        pytest.skip(f"the tiny {class_name} config does not build on this release: {error}")
+    reason = families.REFUSED[class_name]
+    with pytest.raises(UnsupportedModelError, match="calplug does not support") as raised:
+        calplug.enable(model)
+    assert reason in str(raised.value)
+    assert not calplug.is_enabled(model)
+    assert families.support_status(class_name) == ("refused", reason)
+
+
+@pytest.mark.parametrize("class_name", ["ChameleonForConditionalGeneration", "Emu3ForConditionalGeneration",
+                                        "JanusForConditionalGeneration"])
+
+
+def test_refusal_table_names_the_reason(class_name):
+    status, reason = families.support_status(class_name)
+    assert status == "refused"
+    assert any(word in reason for word in ("cross-attention", "VQ", "encoder-decoder"))
+
+
+def test_matched_class_is_accepted_once_warned_and_runs():
+    """DeepseekVL has no FamilyFacts row: the generic rule accepts it (image placeholders at
+    image_token_id) with one warning per class naming `calplug verify`, and the CAL step runs."""
+    if tf_version() < (4, 54):
+        pytest.skip("DeepseekVLForConditionalGeneration needs transformers >= 4.54")
+    model = build_deepseek_vl(0).train()
+    calplug.errors._WARNED.discard(f"matched:{type(model).__name__}")
+    with pytest.warns(UserWarning, match="calplug verify"):
+        calplug.enable(model)
+    calplug.disable(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calplug.enable(model)  # once per class
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(3, 240, (2,), generator=g), torch.full((16,), 250),
+                     torch.randint(3, 240, (8,), generator=g)]).unsqueeze(0)
+    labels = ids.clone()
+    labels[:, :20] = -100
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                pixel_values=torch.randn(1, 3, 32, 32, generator=g))
+    assert torch.isfinite(out.loss) and out.cal_gaps.abs().max() > 0
+    status, reason = families.support_status("DeepseekVLForConditionalGeneration")
+    assert status == "matched" and "calplug verify" in reason
+
+
+def test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug():
+    if tf_version() < (4, 51):
+        pytest.skip("Llama4ForConditionalGeneration needs transformers >= 4.51")
+    import transformers
+
+    model = FAMILIES["llama4"].build(0)
+    if transformers.__version__ == "5.24.0":
+        with pytest.raises(UnsupportedModelError, match="image_outputs"):
+            calplug.enable(model)
+    else:
+        calplug.enable(model)
+        assert calplug.is_enabled(model)
+
+
+# -- the table, the tests and support_status agree ----------------------------------------------
+def test_every_proven_family_has_cases_and_every_family_case_a_row():
+    from cases import CASES
+
+    keys = {c.id.split("-")[1] for c in CASES if c.id.startswith("hf-")}
+    assert keys - set(FAMILIES) == set(kinds.KINDS)  # the kinds' cases: their integrations speak for them
+    keys &= set(FAMILIES)
+    rows = {f.key: f for f in families.FAMILIES.values()}
+    proven = {k for k, f in rows.items() if f.proven}
+    assert proven <= keys, proven - keys
+    for key in keys:
+        assert FAMILIES[key].class_name == rows[key].class_name
+        if key not in proven:  # cases that cannot run in the tox matrix (timm): matched, not proven
+            assert FAMILIES[key].unavailable is not None and rows[key].unproven_reason
+    for facts in families.FAMILIES.values():
+        status, reason = families.support_status(facts.class_name)
+        assert status == ("proven" if facts.proven else "matched"), facts.class_name
+        assert reason
+    assert not families.FAMILIES.keys() & families.REFUSED.keys()
+
+
+def test_support_matrix_generator_reads_junit(tmp_path):
+    """tests/support_matrix.py: every recorded class gets a row with its status (proven with the
+    releases where its family's property cases passed and nothing failed, FAIL where a test
+    failed, unproven where no case ran, refused / matched with the reason); families x releases
+    count tests (a failure shows as FAIL, a family missing from a release as '-', other skips as
+    numbered notes); columns sorted by transformers version; envs without a class list are
+    ignored."""
+    import json
+    from xml.sax.saxutils import quoteattr
+
+    import support_matrix
+
+    families = {"llava": ["Llava", "LlavaForConditionalGeneration"],
+                "qwen3_vl": ["Qwen3-VL", "Qwen3VLForConditionalGeneration"],
+                "qwen2_vl": ["Qwen2-VL", "Qwen2VLForConditionalGeneration"],
+                "llama4": ["Llama4", "Llama4ForConditionalGeneration"]}
+    props, families_mod = "tests.test_properties", "tests.test_family_calls"
+
+    def suite(version, classes, cases):
+        support = json.dumps({"mapping": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                              "classes": classes, "families": families})
+        body = "".join(f'<testcase classname="{module}" name="{name}">{inner}</testcase>'
+                       for module, name, inner in cases)
+        return (f'<testsuites><testsuite time="2.5"><properties><property name="transformers" value="{version}"/>'
+                f'<property name="calplug_support" value={quoteattr(support)}/></properties>{body}'
+                f'</testsuite></testsuites>')
+
+    proven = ["proven", "family cases", True]
+    (tmp_path / "py.xml").write_text(suite("5.24.0", {
+        "LlavaForConditionalGeneration": proven, "Qwen3VLForConditionalGeneration": proven,
+        "Qwen2VLForConditionalGeneration": proven, "Llama4ForConditionalGeneration": proven,
+        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", True],
+        "DeepseekVLForConditionalGeneration": ["matched", "run `calplug verify`", True],
+    }, [
+        (props, "test_faithful_mode_equals_reference[hf-qwen3_vl-image-right-a0-b5-w3]", ""),
+        (families_mod, "test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
+        (families_mod, "test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
+        (props, "test_eval_and_calls_without_labels_return_what_the_original_returns[hf-llava-image-right]", ""),
+        (props, "test_faithful_mode_equals_reference[hf-qwen2_vl-image-right-a0-b5-w3]",
+         '<skipped message="needs timm"/>'),
+        (families_mod, "test_partial_logits_refused[qwen2_vl]", ""),  # no case ran: not proven
+        (families_mod, "test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug", ""),
+    ]))
+    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", {
+        "LlavaForConditionalGeneration": proven,
+        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", False],
+    }, [
+        (families_mod, "test_faithful_mode_equals_reference[qwen3_vl-image]",
+         '<skipped message="Qwen3VLForConditionalGeneration needs transformers &gt;= 4.57"/>'),
+        (props, "test_generate_is_unchanged[hf-llava-image-right]", ""),
+    ]))
+    (tmp_path / "distributed.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.distributed.x" name="t"/></testsuite></testsuites>')
+    out = tmp_path / "matrix.md"
+    assert support_matrix.main([str(tmp_path), str(out)]) == 0
+    text = out.read_text()
+    # every class, with its status
+    assert "| `LlavaForConditionalGeneration` | proven (4.45.2, 5.24.0) | all | family `llava`: its cases pass on 4.45.2, 5.24.0 |" in text
+    assert "| `Qwen3VLForConditionalGeneration` | FAIL | 5.24.0 | family `qwen3_vl`; FAIL on 5.24.0 (1 of 2 failed) |" in text
+    assert "| `Qwen2VLForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `qwen2_vl`; its tests skip where [1] |" in text
+    assert "| `Llama4ForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `llama4` |" in text
+    assert "| `MllamaForConditionalGeneration` | refused | all | Mllama: cross-attention |" in text
+    assert "| `DeepseekVLForConditionalGeneration` | matched, unproven | 5.24.0 | run `calplug verify` |" in text
+    assert ("transformers 5.24.0: 6 classes: 1 proven, 1 refused, 1 matched but unproven, 1 failing "
+            "their family's tests, 2 with family cases that did not run; 1 families proven on 5.24.0.") in text
+    # family x release test counts
+    header = next(line for line in text.splitlines() if line.startswith("| family"))
+    assert header.index("4.45.2") < header.index("5.24.0") and "distributed" not in header
+    assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
+    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [2] |" in text
+    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | pass 1/2, 1 skipped [1] |" in text
+    assert "1. needs timm" in text and "2. takes no logits_to_keep" in text
+    assert "| pytest seconds (whole env) | | 2.5 | 2.5 |" in text
+    for xml in tmp_path.glob("*.xml"):
+        if xml.stem != "distributed":
+            xml.unlink()
+    assert support_matrix.main([str(tmp_path), str(out)]) == 1
