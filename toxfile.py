@@ -92,15 +92,33 @@ def uv_variables(settings: dict[str, str]) -> dict[str, str]:
     return variables
 
 
+def pip_config_listing() -> str | None:
+    """``pip config list`` of the pip next to this tox, else of the ``pip`` on PATH; None if neither.
+
+    A tox installed with pipx (or provisioned without pip) has no pip of its own; the user's pip on
+    PATH then carries the configuration they install with.
+    """
+    candidates = [[sys.executable, "-m", "pip"]]
+    if shutil.which("pip"):
+        candidates.append([shutil.which("pip")])
+    for pip in candidates:
+        try:
+            return subprocess.run([*pip, "config", "list"], capture_output=True, text=True, timeout=60,
+                                  check=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
 def mirror_pip_sources() -> dict[str, str]:
     """Export pip's package sources to uv, unless uv's are already chosen; returns what was set."""
     if any(os.environ.get(name) for name in UV_SOURCE_VARIABLES):
         return {}
-    try:
-        listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
-                                 text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}  # no pip next to this tox: nothing of pip's to follow
+    listing = pip_config_listing()
+    if listing is None:
+        print("calplug toxfile: no pip found to read package sources from; uv uses its own "
+              "(PyPI unless UV_* says otherwise)", flush=True)
+        return {}
     variables = uv_variables(pip_settings(listing))
     for name, value in variables.items():
         os.environ.setdefault(name, value)
@@ -138,8 +156,8 @@ def tox_add_core_config(core_conf, state) -> None:  # noqa: ARG001 (tox's hook s
     """Make bare ``tox`` (legacy command, default env list, no ``-p``) run envs in parallel."""
     options = state.conf.options
     if (getattr(options, "command", None) not in {"legacy", "le"} or getattr(options, "parallel", None) != 0
-            or not options.env.is_default_list):
-        return
+            or not getattr(getattr(options, "env", None), "is_default_list", False)):
+        return  # anything but bare `tox` (or a tox whose options look different) runs as tox says
     workers = parallel_workers()
     if workers > 1:
         options.parallel = workers
@@ -154,12 +172,12 @@ _COMMANDS_STARTED: dict[str, float] = {}
 
 @impl
 def tox_on_install(tox_env: ToxEnv, arguments, section: str, of_type: str) -> None:  # noqa: ARG001
-    _INSTALL_STARTED.setdefault(tox_env.name, time.monotonic())
+    _INSTALL_STARTED.setdefault(getattr(tox_env, "name", "?"), time.monotonic())
 
 
 @impl
 def tox_before_run_commands(tox_env: ToxEnv) -> None:
-    _COMMANDS_STARTED[tox_env.name] = time.monotonic()
+    _COMMANDS_STARTED[getattr(tox_env, "name", "?")] = time.monotonic()
 
 
 def installed_torch(tox_env: ToxEnv) -> str:
@@ -174,7 +192,18 @@ def installed_torch(tox_env: ToxEnv) -> str:
 
 @impl
 def tox_after_run_commands(tox_env: ToxEnv, exit_code: int, outcomes) -> None:  # noqa: ARG001
-    """Print where the env's time went: install (deps + calplug), commands_pre, tests."""
+    """Print where the env's time went: install (deps + calplug), commands_pre, tests.
+
+    A report only: whatever goes wrong here is printed and never fails the env (an exception in a
+    tox hook fails the env whose tests passed).
+    """
+    try:
+        print(timing_line(tox_env, outcomes), flush=True)
+    except Exception as error:  # noqa: BLE001
+        print(f"{tox_env.name}: calplug timing: not available ({type(error).__name__}: {error})", flush=True)
+
+
+def timing_line(tox_env: ToxEnv, outcomes) -> str:
     name = tox_env.name
     started = _COMMANDS_STARTED.get(name)
     install = f"{started - _INSTALL_STARTED[name]:.1f} s" if started and name in _INSTALL_STARTED else "-"
@@ -182,8 +211,8 @@ def tox_after_run_commands(tox_env: ToxEnv, exit_code: int, outcomes) -> None:  
     n_pre, n_main = len(tox_env.conf["commands_pre"]), len(tox_env.conf["commands"])
     pre = sum(o.elapsed for o in outcomes[:n_pre])
     tests = sum(o.elapsed for o in outcomes[n_pre:n_pre + n_main])
-    print(f"{name}: calplug timing: install {install}, commands_pre {pre:.1f} s, tests {tests:.1f} s "
-          f"(torch {installed_torch(tox_env)})", flush=True)
+    return (f"{name}: calplug timing: install {install}, commands_pre {pre:.1f} s, tests {tests:.1f} s "
+            f"(torch {installed_torch(tox_env)})")
 
 
 # -- deleting envs after use ----------------------------------------------------------------------
@@ -196,7 +225,10 @@ def tox_env_teardown(tox_env: ToxEnv) -> None:
     """
     if not discard_requested() or not isinstance(tox_env, RunToxEnv) or tox_env.name.startswith("."):
         return  # ".tox": the env tox provisioned itself into (tox-uv), kept for the next run
-    env_dir = tox_env.env_dir
-    if env_dir.is_dir():
-        shutil.rmtree(env_dir, ignore_errors=True)
-        print(f"{tox_env.name}: discarded {env_dir} ({DISCARD_VARIABLE} is set)", flush=True)
+    try:
+        env_dir = tox_env.env_dir
+        if env_dir.is_dir():
+            shutil.rmtree(env_dir, ignore_errors=True)
+            print(f"{tox_env.name}: discarded {env_dir} ({DISCARD_VARIABLE} is set)", flush=True)
+    except Exception as error:  # noqa: BLE001 (disk housekeeping never fails an env)
+        print(f"{tox_env.name}: not discarded ({type(error).__name__}: {error})", flush=True)
