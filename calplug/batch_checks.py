@@ -8,7 +8,8 @@ a silently wrong loss.
   gather or the pooling). Metadata only: no GPU work, no synchronisation.
 * `check_label_values`, after the main pass and before anything indexes with the labels: every id
   is ``-100`` or in ``[0, vocab)``, where ``vocab`` is the last dimension of the logits the model
-  produced. On a GPU an out-of-range index is a device-side assert that ends the process, so this
+  produced, and no label supervises a position the image fills (the main pass's ``visual_mask``:
+  a collator that forgot to mask the image placeholders would train the model to predict them). On a GPU an out-of-range index is a device-side assert that ends the process, so this
   cannot wait. Cost: one pass over the ``[B, L]`` labels and one host synchronisation, which lands
   right where the contrast plan synchronises anyway (it asks whether the batch has image positions).
   A batch without a supervised token gets loss 0 and a one-time `CALWarning`.
@@ -57,12 +58,17 @@ def check_labels(labels) -> None:
             "to learn. Drop or merge sequences this short (check the tokenizer's truncation / max_length)")
 
 
-def check_label_values(labels: torch.Tensor, vocab: int) -> int:
-    """Every id of the (decoder-aligned) ``labels`` is -100 or in ``[0, vocab)``; returns the
+def check_label_values(labels: torch.Tensor, vocab: int,
+                       visual_mask: torch.Tensor | None = None) -> int:
+    """Every id of the (decoder-aligned) ``labels`` is -100 or in ``[0, vocab)``, and (with the
+    main pass's ``visual_mask``) no label supervises a position the image fills; returns the
     number of supervised rows (labels after the shift that are not -100). One synchronisation."""
     shifted = labels[:, 1:]
     ids = labels.masked_fill(labels == IGNORE_INDEX, 0)
-    low, high, supervised = torch.stack([ids.min(), ids.max(), (shifted != IGNORE_INDEX).sum()]).tolist()
+    counts = [ids.min(), ids.max(), (shifted != IGNORE_INDEX).sum()]
+    if visual_mask is not None:
+        counts.append(((shifted != IGNORE_INDEX) & visual_mask[:, 1:].to(torch.bool)).sum())
+    low, high, supervised, *on_image = torch.stack(counts).tolist()
     if low < 0:
         raise CALInputError(
             f"labels hold {low}, a negative id other than -100: only -100 marks a position the loss "
@@ -72,6 +78,14 @@ def check_label_values(labels: torch.Tensor, vocab: int) -> int:
             f"labels hold token id {high}, but the model's vocabulary has {vocab} entries (ids 0 to "
             f"{vocab - 1}): the labels were made with another tokenizer, or tokens were added to the "
             "tokenizer without model.resize_token_embeddings(len(tokenizer))")
+    if on_image and on_image[0]:
+        raise CALInputError(
+            f"labels supervise {on_image[0]} positions that the image fills (image placeholder or "
+            "video tokens): the collator did not set the labels of the image tokens to -100, so "
+            "training would teach the model to predict placeholder tokens, and CAL would weight "
+            "those rows by a gap that compares the placeholder's logit with and without the image. "
+            "Set labels to -100 wherever input_ids holds the image (or video) token id, e.g. "
+            "labels[input_ids == image_token_id] = -100 (docs/errors.md)")
     if supervised == 0:
         warn_once("ignored_batch", message=(
             "calplug: a training batch has no supervised token (every label after the shift is -100). "

@@ -16,12 +16,17 @@ How, with no model knowledge here:
   ``generate`` would run it, and the one contrast machinery (`calplug.contrast_pass.plan`) builds
   the image-blind prefix from it: ``drop`` keeps every text token at its own position and no image
   position, ``blur`` / ``noise`` re-run the vision path on transformed pixels.
-* **The contrast branch keeps its own cache.** The plan's decoder call runs once with a cache of
-  the kind the main branch got (a fresh copy of ``generate``'s empty one), rows right-aligned so
-  that each ends at its last kept token. Every later forward call of ``generate`` is the model's
-  own; a pre-hook reads what its decoder received for the new token (embedding, position ids:
-  M-RoPE or whatever the model computed, read and never recomputed), and the contrast branch runs
-  the decoder on the same inputs with its own cache and padding mask. No prefix is recomputed.
+* **The contrast branch starts from its own prefill.** The plan's decoder call runs once with a
+  cache of the kind the main branch got (a fresh copy of ``generate``'s empty one), rows
+  right-aligned so that each ends at its last kept token (`calplug.decoding_branch`).
+* **Then both branches share one decoder call per token.** Its rows are appended to the cache
+  ``generate`` holds (left-padded, masked: `calplug.decoding_cache`), and at every later forward
+  call of ``generate`` hooks on the text decoder and the output projection run the main rows and
+  the contrast rows together: the new token's inputs are what the main branch's decoder received
+  (embedding, position ids: M-RoPE or whatever the model computed, read and never recomputed);
+  the model gets its own rows back and ``generate`` its own cache after the last step. Where the
+  cache cannot be merged (static caches, ...), the contrast branch keeps its own cache and runs
+  the decoder a second time per token on the same inputs. No prefix is recomputed.
 * **The processor combines them.** `ContrastiveLogitsProcessor` takes ``z`` from ``generate``
   and ``z'`` from the contrast branch's last state through the model's own output projection
   (and its soft-capping, `MainPass.logit_transform`).
@@ -32,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import inspect
 import math
@@ -43,18 +47,16 @@ import torch
 from torch import nn
 
 from . import contrast_pass, plugins
-from .contrast import NON_SEQUENCE_DECODER_KWARGS, is_ready_mask, map_ready_mask
+from .decoding_branch import CACHE_ARGUMENTS, ContrastBranch, returned_cache, start_branch
 from .errors import CALConfigError, CALInputError, UnsupportedModelError, warn_once
 from .gap import IGNORE_INDEX
-from .hookspecs import ContrastPlan, MainPass
+from .hookspecs import MainPass
 from .inputs import has_pixels
 from .scoring import resolved
 
 # ``generate``'s "logits of the last k positions only" argument (its name across releases): held
 # out of the main pass's checks and handed to the model's forward as generate passed it.
 LAST_LOGITS_ARGUMENTS = ("logits_to_keep", "num_logits_to_keep")
-# The cache argument of a forward / decoder call ("cache" from transformers 5.2x).
-CACHE_ARGUMENTS = ("cache", "past_key_values")
 # What generate() hands the forward instead of the pixels when it encodes images before the
 # prompt (transformers 5.x): pixel contrasts need the pixels themselves back.
 PRE_ENCODED_ARGUMENTS = ("mm_encoder_outputs",)
@@ -90,172 +92,6 @@ def contrastive_scores(z: torch.Tensor, z_contrast: torch.Tensor, contrasted: to
         cutoff = math.log(cd_beta) + z.max(dim=-1, keepdim=True).values
         scores = scores.masked_fill(z < cutoff, -math.inf)
     return scores
-
-
-# -- the contrast branch ----------------------------------------------------------------------------
-@dataclasses.dataclass
-class ContrastBranch:
-    """The image-blind branch of one ``generate`` call: its own cache, extended token by token.
-
-    samples:    long ``[B']``, the sample of each of its rows.
-    keys:       ``[B', n]`` its padding mask so far (n = its cache length).
-    states:     ``[B', d]`` the final hidden state of each row that predicts its next token.
-    valid:      long ``[S]``: the rows of ``states`` that hold a contrast state (not those of
-                samples without an image, nor, at the first step, a prompt with no text before
-                its image); ``valid_samples`` their samples.
-    """
-
-    decoder: nn.Module
-    head: nn.Module
-    transform: object
-    cache_key: str
-    cache: object
-    samples: torch.Tensor
-    keys: torch.Tensor
-    states: torch.Tensor
-    valid: torch.Tensor
-    valid_samples: torch.Tensor
-    contrasted: torch.Tensor   # long [S'], the rows whose samples the image reaches
-    shortened: bool
-    subset: bool               # samples is not every sample in order
-
-    def logits(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``[B, V]`` contrast logits (``like``'s values on rows without a contrast) and
-        bool ``[B]``, the samples that have a contrast value."""
-        out = like.float()
-        has = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
-        if self.valid.numel():
-            logits = self.head(self.states.index_select(0, self.valid))
-            if self.transform is not None:
-                logits = self.transform(logits)
-            out = out.index_copy(0, self.valid_samples, logits.float())
-            has[self.valid_samples] = True
-        return out, has
-
-    def extend(self, step: dict, call_mask) -> None:
-        """Run the decoder on the token(s) the main branch's decoder just received (``step``: its
-        keyword arguments), with this branch's cache and padding mask."""
-        B = step["inputs_embeds"].shape[0] if step.get("inputs_embeds") is not None else -1
-        kwargs = {}
-        for name, value in step.items():
-            if name in NON_SEQUENCE_DECODER_KWARGS or name == "attention_mask":
-                continue
-            if self.subset and isinstance(value, torch.Tensor):
-                if name == "position_ids":
-                    value = value.index_select(value.dim() - 2, self.samples)
-                elif value.dim() > 0 and value.shape[0] == B:
-                    value = value.index_select(0, self.samples)
-            kwargs[name] = value
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            raise CALInputError("the text decoder received no inputs_embeds at a decoding step: "
-                                "contrastive decoding extends its branch with the embeddings the "
-                                "main branch's decoder received")
-        new = embeds.shape[1]
-        if kwargs.get("position_ids") is None:  # the decoder counts positions from its cache
-            position = step.get("cache_position")
-            if position is None:
-                raise CALInputError("the text decoder received neither position_ids nor "
-                                    "cache_position at a decoding step: the contrast branch "
-                                    "cannot tell the new token's position")
-            kwargs["position_ids"] = position.view(1, -1).expand(self.samples.numel(), -1)
-        if isinstance(call_mask, torch.Tensor) and call_mask.dim() == 2:
-            grown = call_mask[:, -new:].index_select(0, self.samples)
-        else:
-            grown = torch.ones(self.samples.numel(), new, device=self.keys.device)
-        length = self.keys.shape[1]
-        self.keys = torch.cat([self.keys, grown.to(self.keys)], dim=1)
-        kwargs["attention_mask"] = self.keys
-        if step.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(length, length + new, device=self.keys.device)
-        kwargs[self.cache_key] = self.cache
-        kwargs["use_cache"] = True
-        self.states = _final_hidden(self.decoder(**kwargs))[:, -1]
-        self.valid = self.contrasted
-        self.valid_samples = self.samples.index_select(0, self.contrasted)
-
-
-def start_branch(main: MainPass, plan: ContrastPlan, cache_key: str, cache) -> ContrastBranch:
-    """Run the plan's decoder call once with ``cache`` (a fresh cache, or None: the decoder makes
-    one) and keep the state that predicts each sample's first new token."""
-    B, L = main.visual_mask.shape
-    device = main.visual_mask.device
-    kwargs = dict(plan.decoder_kwargs)
-    samples = torch.arange(B, device=device) if plan.samples is None else plan.samples
-    keys = plan.keys
-    if keys is None:
-        keys = kwargs.get("attention_mask")
-        if not (isinstance(keys, torch.Tensor) and keys.dim() == 2):
-            raise CALInputError("the contrast plan gives its decoder a ready (4-D or per-layer) mask "
-                                "and no 2-D `keys` mask: contrastive decoding cannot extend it "
-                                "(ContrastPlan.keys, docs/plugins.md)")
-    kwargs, keys, rows = right_aligned(kwargs, keys, plan.rows)
-    kwargs[cache_key] = cache
-    kwargs["use_cache"] = True
-    with torch.no_grad():
-        out = main.decoder(**kwargs)
-    if cache is None:
-        cache = _returned_cache(out)
-    hidden = _final_hidden(out)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    first = rows[:, L - 1].index_select(0, samples)         # each row's state for the first token
-    with_image = main.with_image.to(device).index_select(0, samples)
-    contrasted = with_image.nonzero().squeeze(1)
-    valid = (with_image & (first >= 0)).nonzero().squeeze(1)
-    subset = samples.numel() != B or not torch.equal(samples, torch.arange(B, device=device))
-    return ContrastBranch(main.decoder, main.lm_head, main.logit_transform, cache_key, cache, samples,
-                          keys, flat.index_select(0, first.clamp(min=0)), valid,
-                          samples.index_select(0, valid), contrasted,
-                          shortened=hidden.shape[1] != L or samples.numel() != B, subset=subset)
-
-
-def right_aligned(kwargs: dict, keys: torch.Tensor, rows: torch.Tensor):
-    """The plan's rows shifted right so that each ends at its last attended position (padding
-    first, as ``generate`` pads): a cache is then extended right after every row's last token,
-    which decoders that carry a state across positions (convolutions, linear attention) need.
-    Every ``[B', n, ...]`` input, the position ids and ready masks (queries and keys) move alike;
-    ``rows`` are remapped."""
-    S, n = keys.shape
-    attended = keys.bool()
-    trailing = n - 1 - torch.where(attended, torch.arange(n, device=keys.device), -1).max(1).values
-    trailing = torch.where(attended.any(1), trailing, torch.zeros_like(trailing))
-    if not bool(trailing.any()):
-        return kwargs, keys, rows
-    index = (torch.arange(n, device=keys.device).unsqueeze(0) - trailing.unsqueeze(1)) % n   # [S, n]
-
-    def along(value: torch.Tensor, batch: int, dim: int) -> torch.Tensor:
-        shape = [1] * value.dim()
-        shape[batch], shape[dim] = S, n
-        where = index.view(shape).expand(*value.shape[:dim], n, *value.shape[dim + 1:])
-        return value.gather(dim, where.to(value.device))
-
-    out = {}
-    for name, value in kwargs.items():
-        if name == "attention_mask" and is_ready_mask(value):
-            value = map_ready_mask(value, lambda m: along(along(m.expand(S, *m.shape[1:]), 0, 2), 0, 3))
-        elif name == "position_ids" and isinstance(value, torch.Tensor):
-            value = along(value.expand(*value.shape[:-2], S, n), value.dim() - 2, value.dim() - 1)
-        elif isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (S, n):
-            value = along(value, 0, 1)
-        out[name] = value
-    keys = along(keys, 0, 1)
-    slot = rows % n
-    shifted = rows - slot + (slot + trailing.to(rows.device)[rows.clamp(min=0) // n]) % n
-    return out, keys, torch.where(rows >= 0, shifted, rows)
-
-
-def _final_hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
-
-
-def _returned_cache(out):
-    for name in CACHE_ARGUMENTS:
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    if isinstance(out, (tuple, list)) and len(out) > 1:
-        return out[1]
-    raise CALInputError("the text decoder returned no cache for the contrast branch")
 
 
 def _cache_length(cache) -> int:
@@ -295,10 +131,15 @@ class DecodingSession:
     ``generate`` calls it, the contrast branch beside it, and the settings."""
 
     def __init__(self, model: nn.Module, cd_alpha: float, cd_beta: float, contrast: str, config,
-                 max_new_tokens: int | None, inputs: dict | None):
+                 max_new_tokens: int | None, inputs: dict | None, join: bool = True):
         self.cd_alpha, self.cd_beta = check_settings(cd_alpha, cd_beta)
+        self.join = bool(join)
         (self.target, self.config, self.integration, self.contrast,
          self.original) = resolved(model, config, contrast=contrast)
+        refusal = self.integration.decoding_refusal
+        reason = refusal(self.target) if refusal is not None else None
+        if reason:
+            raise CALConfigError(not_decoded(self.target, reason))
         self.signature = inspect.signature(self.original)
         self.max_new_tokens = max_new_tokens
         self.inputs = dict(inputs or {})
@@ -319,10 +160,17 @@ class DecodingSession:
 
     def prefill(self, call: dict):
         held = {k: call.pop(k) for k in LAST_LOGITS_ARGUMENTS if k in call}
+        self.leave()
         cache_key = next((k for k in CACHE_ARGUMENTS if k in call), None)
         fresh = copy.deepcopy(call[cache_key]) if cache_key and call[cache_key] is not None else None
         forward = functools.partial(self.original, **held) if held else self.original
         sequence = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        if sequence is None and call.get("decoder_input_ids") is not None:
+            raise CALConfigError(not_decoded(
+                self.target, "generate() ran its encoder first and calls the forward with encoder "
+                "outputs and decoder tokens (an encoder-decoder model), while the only image-blind "
+                "branch calplug's contrastive decoding builds leaves image positions out of one "
+                "decoder sequence"))
         if sequence is None:
             raise CALInputError("generate called the model with neither input_ids nor inputs_embeds")
         if self.contrast.needs_pixels and not has_pixels(call):
@@ -335,6 +183,11 @@ class DecodingSession:
                 "shows where the image is and calplug's contrastive decoding cannot take it away")
         labels = torch.full(sequence.shape[:2], IGNORE_INDEX, dtype=torch.long, device=sequence.device)
         main = self.integration.main_pass(self.target, forward, dict(call, labels=labels))
+        if main.image_free is not None:  # an integration that did not declare its refusal
+            raise CALConfigError(not_decoded(
+                self.target, "its integration takes the image out by other means than leaving image "
+                "positions out of the decoder's sequence (MainPass.image_free), which is the only "
+                "image-blind branch calplug's contrastive decoding builds"))
         self.seen, self.branch = int(sequence.shape[1]), None
         if not bool(main.with_image.any()):
             if self.expect_image:
@@ -350,6 +203,10 @@ class DecodingSession:
                                           "past_key_values")
             self.branch = start_branch(main, plan, cache_key, fresh)
             self.decoder_names = positional_names(main.decoder)
+            if self.join:
+                self.branch.join(_main_cache(main, cache_key), int(sequence.shape[0]), self.seen)
+            else:
+                self.branch.unjoined = "joining was turned off (join=False)"
         self.span = main.attention_span
         return main.output
 
@@ -391,24 +248,50 @@ class DecodingSession:
 
     def step(self, call: dict):
         branch = self.branch
+        new = _step_length(call)
+        if branch is not None and branch.shortened and self.span is not None and self.seen + new > self.span:
+            raise CALInputError(
+                f"the sequence grew past the decoder's sliding window / attention chunk "
+                f"({self.span}) while the contrast branch drops the image, so its windows would "
+                "differ: pass max_new_tokens to contrastive_decoding (it then masks instead), "
+                "or use contrast='mask'")
         if branch is None:
             out = self.original(**call)
+        elif branch.joined:
+            with branch.joined_step(self.decoder_names, call.get("attention_mask")):
+                out = self.original(**call)
         else:
             with _recording(branch.decoder, self.decoder_names) as step:
                 out = self.original(**call)
-            new = step["inputs_embeds"].shape[1] if step.get("inputs_embeds") is not None else 1
-            if branch.shortened and self.span is not None and self.seen + new > self.span:
-                raise CALInputError(
-                    f"the sequence grew past the decoder's sliding window / attention chunk "
-                    f"({self.span}) while the contrast branch drops the image, so its windows would "
-                    "differ: pass max_new_tokens to contrastive_decoding (it then masks instead), "
-                    "or use contrast='mask'")
             branch.extend(step, call.get("attention_mask"))
-        self.seen += _step_length(call)
+        self.seen += new
         return out
+
+    def leave(self) -> None:
+        """Give ``generate()``'s cache its own rows back (the end of a ``generate`` call)."""
+        if self.branch is not None:
+            self.branch.leave()
+
+    @property
+    def joined(self) -> bool | None:
+        """Whether the last ``generate`` call ran both branches in one decoder call per step (None
+        when it had no contrast branch); `unjoined` says why not."""
+        return None if self.branch is None else self.branch.unjoined is None
+
+    @property
+    def unjoined(self) -> str | None:
+        return None if self.branch is None else self.branch.unjoined
 
     # the processor ----------------------------------------------------------------------------
     def scores(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.seen == 0:
+            name = type(self.target).__name__
+            raise CALInputError(
+                f"the contrastive logits processor ran before {name}.forward was ever called: use "
+                "the processor with the model it was made for, inside its `with "
+                "calplug.contrastive_decoding(model) as processor:` block. If you did, "
+                f"{name}.generate() hands the prompt to an inner model's generate() without "
+                "calling the forward that contrastive decoding wraps, and calplug cannot decode it")
         if input_ids.shape[1] != self.seen:
             raise CALInputError(
                 f"the contrastive logits processor got {input_ids.shape[1]} tokens, but its model "
@@ -419,6 +302,22 @@ class DecodingSession:
             return contrastive_scores(scores, scores, none, self.cd_alpha, self.cd_beta).to(scores.dtype)
         z_contrast, has = self.branch.logits(scores)
         return contrastive_scores(scores, z_contrast, has, self.cd_alpha, self.cd_beta).to(scores.dtype)
+
+
+def not_decoded(model: nn.Module, reason: str) -> str:
+    """The refusal of a model contrastive decoding cannot run: the class, why, what works."""
+    return (f"calplug's contrastive decoding does not support {type(model).__name__}: {reason}. "
+            f"Plain {type(model).__name__}.generate() works, and so do CAL training "
+            "(calplug.enable) and calplug.token_gaps on it; contrastive decoding runs on the "
+            "families whose image sits at positions of the text decoder's sequence (docs/decoding.md)")
+
+
+def _main_cache(main: MainPass, cache_key: str):
+    """The cache object ``generate()`` holds after the prefill: the one the model returned."""
+    try:
+        return returned_cache(main.output)
+    except CALInputError:
+        return main.decoder_kwargs.get(cache_key)
 
 
 def _step_length(call: dict) -> int:
@@ -439,6 +338,16 @@ class ContrastiveLogitsProcessor:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return self.session.scores(input_ids, scores)
 
+    @property
+    def joined(self) -> bool | None:
+        """Whether the last ``generate`` call ran both branches in one decoder call per step (None:
+        it had nothing to contrast); `unjoined` says why not (docs/decoding.md)."""
+        return self.session.joined
+
+    @property
+    def unjoined(self) -> str | None:
+        return self.session.unjoined
+
 
 class _DecodingForward:
     """The instance attribute ``forward`` during `contrastive_decoding`, with the forward's own
@@ -456,7 +365,7 @@ class _DecodingForward:
 @contextlib.contextmanager
 def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: float = 0.1,
                          contrast: str = "drop", config=None, max_new_tokens: int | None = None,
-                         inputs: dict | None = None) -> Iterator[ContrastiveLogitsProcessor]:
+                         inputs: dict | None = None, join: bool = True) -> Iterator[ContrastiveLogitsProcessor]:
     """``with contrastive_decoding(model) as processor: model.generate(..., logits_processor=
     [processor])``: contrastive decoding inside ``generate`` (greedy or sampling; not beam search
     or assisted decoding). The model's forward is wrapped on the instance inside the block and
@@ -464,14 +373,17 @@ def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
     ``noise_step``, ``seed``). ``max_new_tokens``: lets ``drop`` switch to ``mask`` up front for
     decoders with a sliding window the sequence will outgrow. ``inputs``: the generate() call's
     inputs, which the pixel contrasts need where generate() encodes images before the prompt
-    (transformers 5.x), and which make a prompt with pixels but no image position an error."""
-    session = DecodingSession(model, cd_alpha, cd_beta, contrast, config, max_new_tokens, inputs)
+    (transformers 5.x), and which make a prompt with pixels but no image position an error.
+    ``join``: run both branches in one decoder call per step where the cache allows it (the
+    processor's ``joined`` / ``unjoined`` tell); False keeps two decoder calls per step."""
+    session = DecodingSession(model, cd_alpha, cd_beta, contrast, config, max_new_tokens, inputs, join)
     target = session.target
     previous = target.__dict__.get("forward")
     target.forward = _DecodingForward(session)
     try:
         yield ContrastiveLogitsProcessor(session)
     finally:
+        session.leave()
         if previous is None:
             target.__dict__.pop("forward", None)
         else:
@@ -480,12 +392,14 @@ def contrastive_decoding(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
 
 def contrastive_generate(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: float = 0.1,
                          contrast: str = "drop", max_new_tokens: int | None = None,
-                         do_sample: bool = False, config=None, **inputs):
+                         do_sample: bool = False, config=None, join: bool = True, **inputs):
     """``model.generate(**inputs, max_new_tokens=..., do_sample=...)`` with contrastive decoding
     against CAL's image-blind pass; returns what ``generate`` returns (the prompt and the new
     tokens; padded batches, each row stopping at its end-of-sequence token). ``inputs``: the
     processor's outputs (left-padded for a batch) and any other ``generate`` arguments
-    (temperature, top_k, top_p, ...). ``cd_alpha=0`` gives ``generate``'s greedy tokens."""
+    (temperature, top_k, top_p, ...). ``cd_alpha=0`` gives ``generate``'s greedy tokens.
+    ``join=False`` runs the contrast branch in a decoder call of its own at every step (the
+    default joins it to the main branch's call where the cache allows: docs/decoding.md)."""
     generation = inputs.get("generation_config") or getattr(model, "generation_config", None)
     for name, why in REFUSED_MODES.items():
         value = inputs.get(name, getattr(generation, name, None) if name == "num_beams" else None)
@@ -496,5 +410,5 @@ def contrastive_generate(model: nn.Module, *, cd_alpha: float = 1.0, cd_beta: fl
         inputs["max_new_tokens"] = max_new_tokens
     with contrastive_decoding(model, cd_alpha=cd_alpha, cd_beta=cd_beta, contrast=contrast,
                               config=config, max_new_tokens=max_new_tokens,
-                              inputs=inputs) as processor:
+                              inputs=inputs, join=join) as processor:
         return model.generate(**inputs, do_sample=do_sample, logits_processor=[processor] + user)

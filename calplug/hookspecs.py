@@ -115,7 +115,19 @@ class MainPass:
     @property
     def with_image(self) -> "torch.Tensor":
         """bool ``[B]``: the samples the image reaches (`image_samples`, else those with a visual
-        position): the samples a contrast pass has something to take away from."""
+        position the text can attend to): the samples a contrast pass has something to take away
+        from. An image whose positions are all padding (attention mask 0) reaches no token: the
+        placeholder image LLaMA-Factory appends to a text-only batch, masked out, so that every
+        rank runs the vision tower under ZeRO-3, leaves its sample text-only (gap 0, no contrast),
+        where contrasting it would only measure round-off."""
+        if self.image_samples is not None:
+            return self.image_samples
+        return (self.visual_mask & self.attention_mask.bool()).any(1)
+
+    @property
+    def found_image(self) -> "torch.Tensor":
+        """bool ``[B]``: the samples where an image was found at all (attended or not), for the
+        report of steps that carry images but never find one (`calplug.guards`)."""
         return self.visual_mask.any(1) if self.image_samples is None else self.image_samples
 
 
@@ -149,6 +161,9 @@ class Integration:
                       not only at positions of its decoder sequence: how the independent
                       reference (`calplug.reference`, which ``calplug verify`` runs) takes the image
                       out. None: it hides the `MainPass.visual_mask` positions.
+    decoding_refusal: optional ``fn(model) -> str | None``: why contrastive decoding
+                      (`calplug.contrastive_generate`) cannot run this model (None: it can);
+                      raised as `CALConfigError` before ``generate`` runs, naming the class.
     """
 
     name: str
@@ -161,6 +176,7 @@ class Integration:
     contrast_refusal: Callable[["nn.Module", str], "str | None"] | None = None
     support_status: Callable[["nn.Module"], "tuple[str, str] | None"] | None = None
     reference_pass: Callable[["nn.Module", dict], "ReferencePass"] | None = None
+    decoding_refusal: Callable[["nn.Module"], "str | None"] | None = None
 
     def matches(self, model: "nn.Module") -> bool:
         if is_named(model, self.model_classes):
@@ -231,12 +247,17 @@ class Framework:
     check_call:        optional ``fn(call: dict) -> None``, run before every CAL training step
                        with the forward's keyword arguments: raises a calplug error when the call
                        shows that this framework would discard the CAL loss (names the fix).
+    check_trainer:     optional ``fn(trainer) -> None``, run by `calplug.trainer.enable_for_trainer`
+                       (and the adapters) on the built trainer before it trains: raises a calplug
+                       error naming an option of this framework's trainers that replaces or
+                       discards the model's loss (TRL's ``loss_type``).
     """
 
     name: str
     packing_off: str = ""
     own_loss_trainers: tuple[str, ...] = ()
     check_call: Callable[[dict], None] | None = None
+    check_trainer: Callable[[Any], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +294,9 @@ def calplug_integrations() -> "list[Integration]":
 def calplug_frameworks() -> "list[Framework]":
     """Return the `Framework` records this plugin provides (calplug's adapters provide TRL's,
     axolotl's, LLaMA-Factory's and ms-swift's). Read when the step refuses a packed batch (to name
-    every framework's packing options), before every CAL step (`Framework.check_call`) and by
-    `calplug.trainer.use_model_loss`."""
+    every framework's packing options), before every CAL step (`Framework.check_call`), by
+    `calplug.trainer.use_model_loss` and by `calplug.trainer.refuse_bypasses`
+    (`Framework.check_trainer`)."""
 
 
 # -- step 2: the contrast condition ---------------------------------------------------------------

@@ -17,6 +17,7 @@ forward, every transform the model applies to its logits (soft-capping, scaling)
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -74,15 +75,24 @@ def reference_cal_loss(logits, logits_wo, labels, alpha=1.0, beta=5.0, window=3,
 def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: float, beta: float,
                    window: int, contrast: str = "mask", *, decoder: nn.Module
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CAL loss by the two-forward definition, without calplug's step: the model's own
-    forward (with grad), and a second forward (no grad) in which a pre-hook on the text decoder
-    removes the image positions ``visual [B, L]``: ``contrast="mask"`` (the published one) hides
-    them from every query in whatever attention mask the model built; ``"drop"`` takes them out
-    of the decoder's sequence (text keeps its positions; a removed row takes the state of the
-    last text position before it, as docs/cal.md defines). Full float32 logits, flat pooling.
-    Whatever the model adds to its cross-entropy (a router's load-balancing loss) is kept: its own
-    loss minus the plain cross-entropy of its logits. Returns ``(loss, gaps [N], weights [N])``,
-    N = B * (L - 1). ``decoder``: the module the model hands its merged embeddings to."""
+    """The CAL loss by the two-forward definition, without calplug's step (`reference_forwards`,
+    then steps 3-7 at one setting). Returns ``(loss, gaps [N], weights [N])``, N = B * (L - 1)."""
+    forwards = reference_forwards(model, batch, visual, contrast, decoder=decoder)
+    return reference_at(forwards, batch["labels"], alpha, beta, window)
+
+
+def reference_forwards(model: nn.Module, batch: dict, visual: torch.Tensor, contrast: str = "mask",
+                       *, decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The two forwards of the definition, shared by every setting (alpha, beta, window): the
+    model's own forward (with grad), and a second forward (no grad) in which a pre-hook on the
+    text decoder removes the image positions ``visual [B, L]``: ``contrast="mask"`` (the
+    published one) hides them from every query in whatever attention mask the model built;
+    ``"drop"`` takes them out of the decoder's sequence (text keeps its positions; a removed row
+    takes the state of the last text position before it, as docs/cal.md defines). Returns
+    ``(logits, logits_wo, extra)``: full logits with and without the image, and what the model
+    adds to its cross-entropy (a router's load-balancing loss: its own loss minus the plain
+    cross-entropy of its logits), or None where it adds nothing. ``decoder``: the module the
+    model hands its merged embeddings to."""
     out = model(**batch)
     logits = _logits(out)
     attention = batch.get("attention_mask")
@@ -106,26 +116,90 @@ def reference_step(model: nn.Module, batch: dict, visual: torch.Tensor, alpha: f
         logits_wo = spread(logits_wo, keep, visual.any(1), logits.detach())
     if logits_wo.shape != logits.shape:
         raise CALInputError("the model's logits changed shape when image positions were hidden")
-    return _cal(out, logits, logits_wo, batch["labels"], alpha, beta, window, shift=1)
+    return logits, logits_wo, _added_loss(out, logits, batch["labels"])
+
+
+def reference_pixel_forwards(model: nn.Module, batch: dict, transform, keys, labels=None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The two forwards of a pixel-level contrast (the paper's blur) by its definition: the
+    model's own forward (with grad), and its own whole forward again (no grad) on the batch whose
+    pixel tensors under ``keys`` (or each tensor of a list under them) are ``transform(pixels)``.
+    No hook and no re-run of a vision path: what calplug's contrast must equal. Returns
+    ``(logits, logits_wo, extra)`` as `reference_forwards` does (for `reference_at`); ``labels``:
+    those of the logits' sequence where the model builds another one (default: the batch's)."""
+    out = model(**batch)
+    logits = _logits(out)
+    changed = dict(batch)
+    for key in keys:
+        value = batch[key]
+        changed[key] = (transform(value) if isinstance(value, torch.Tensor)
+                        else type(value)(transform(v) for v in value))
+    with torch.no_grad():
+        logits_wo = _logits(model(**changed))
+    if logits_wo.shape != logits.shape:
+        raise CALInputError("the model's logits changed shape when its pixels were transformed")
+    return logits, logits_wo, _added_loss(out, logits, batch["labels"] if labels is None else labels)
+
+
+def reference_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The Gaussian blur the blur contrast is defined with, over the last two dimensions ``[...,
+    H, W]``: weights ``exp(-x^2 / (2 sigma^2))`` for ``|x| <= r``, ``r = ceil(3 sigma)`` (at
+    least 1) clipped to ``H - 1`` and ``W - 1``, normalised to sum 1, reflect padding (the edge
+    pixel not repeated), rows then columns. Written as two ``[n, n]`` blur matrices in float64,
+    sharing no code with calplug's convolution."""
+    H, W = pixels.shape[-2:]
+    radius = min(max(1, math.ceil(3.0 * sigma)), H - 1, W - 1)
+    offsets = list(range(-radius, radius + 1))
+    kernel = [math.exp(-0.5 * (x / sigma) ** 2) for x in offsets]
+    kernel = [k / sum(kernel) for k in kernel]
+
+    def matrix(n: int) -> torch.Tensor:
+        m = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for x, k in zip(offsets, kernel):
+                j = abs(i + x)                          # reflect at 0 ...
+                j = 2 * (n - 1) - j if j > n - 1 else j  # ... and at n - 1
+                m[i, j] += k
+        return m
+
+    blurred = matrix(H).to(pixels.device) @ pixels.double() @ matrix(W).to(pixels.device).T
+    return blurred.to(pixels.dtype)
+
+
+def _added_loss(out, logits: torch.Tensor, labels: torch.Tensor, shift: int = 1
+                ) -> torch.Tensor | None:
+    """What the model adds to plain cross-entropy (a router's load-balancing term): its own loss
+    minus the plain cross-entropy of its logits, or None where that is round-off."""
+    own = _loss(out)
+    if own is None:
+        return None
+    V = logits.shape[-1]
+    rows, targets = _aligned(logits, labels, shift)
+    plain = F.cross_entropy(rows.reshape(-1, V).float(), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX)
+    # Most models add nothing: their loss equals plain cross-entropy up to round-off, whose
+    # gradient would only add noise to the reference's. Above 1e-5 of it, the term is real.
+    if abs(float(own.detach()) - float(plain.detach())) > 1e-5 * abs(float(plain.detach())):
+        return own.float() - plain
+    return None
+
+
+def reference_at(forwards: tuple, labels: torch.Tensor, alpha: float, beta: float, window: int,
+                 *, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 3-7 at one setting from `reference_forwards`' result: ``(loss, gaps [N], weights
+    [N])``; the loss carries the gradient of the main forward (call ``backward`` with
+    ``retain_graph=True`` to take another setting's from the same forwards)."""
+    logits, logits_wo, extra = forwards
+    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window, shift=shift)
+    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window, shift=shift)
+    return (loss if extra is None else loss + extra), gaps, weights
 
 
 def _cal(out, logits, logits_wo, labels, alpha, beta, window, *, shift):
     """``(loss, gaps, weights)`` of steps 3-7, plus whatever the model adds to plain
-    cross-entropy (a router's load-balancing term): its own loss minus the plain cross-entropy
-    of its logits."""
-    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window, shift=shift)
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window, shift=shift)
-    own = _loss(out)
-    if own is not None:
-        V = logits.shape[-1]
-        rows, targets = _aligned(logits, labels, shift)
-        plain = F.cross_entropy(rows.reshape(-1, V).float(), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX)
-        # Most models add nothing: their loss equals plain cross-entropy up to round-off, whose
-        # gradient would only add noise to the reference's. Above 1e-5 of it, the term is real.
-        if abs(float(own.detach()) - float(plain.detach())) > 1e-5 * abs(float(plain.detach())):
-            loss = loss + (own.float() - plain)
-    return loss, gaps, weights
+    cross-entropy (a router's load-balancing term), from one pair of forwards."""
+    return reference_at((logits, logits_wo, _added_loss(out, logits, labels, shift)), labels,
+                        alpha, beta, window, shift=shift)
 
 
 # -- models whose image is not (only) at positions of the decoder sequence ----------------------------

@@ -33,10 +33,29 @@ COMPILE_REFUSAL = (
 
 
 @dataclasses.dataclass
+class LossUse:
+    """How many CAL training steps with a gradient ran on this model (``steps``), and how many of
+    their losses a backward pass went through (``backwards``): a trainer that calls the model
+    without labels runs no step, one that computes its own loss from the logits runs steps whose
+    loss no backward reaches. `calplug.trainer` compares them over the first optimiser step."""
+
+    steps: int = 0
+    backwards: int = 0
+
+    def record(self, loss: torch.Tensor) -> None:
+        if loss.requires_grad:
+            self.steps += 1
+            loss.register_hook(self._reached)
+
+    def _reached(self, grad):
+        self.backwards += 1
+
+
+@dataclasses.dataclass
 class CALState:
     """What `calplug.enable` leaves on a model, in ``model.__dict__[STATE_ATTR]`` (outside
     ``state_dict``): the config, the integration, the contrast the config names (resolved once,
-    at enable), and the forward to call and to restore."""
+    at enable), the forward to call and to restore, and what became of its losses."""
 
     config: CALConfig
     integration: Integration
@@ -44,6 +63,7 @@ class CALState:
     original_forward: Any          # the instance attribute `forward` had before, or None
     signature: inspect.Signature   # of the forward the model had: CALForward keeps it
     no_images: guards.NoImageWatch = dataclasses.field(default_factory=guards.NoImageWatch)
+    loss_use: LossUse = dataclasses.field(default_factory=LossUse)
 
     # Pickling (torch.save of a whole model): every field pickles, the integration by reference to
     # module-level functions, so a loaded model comes back enabled. A plugin's integration built
@@ -142,9 +162,10 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             f"produced logits for ({tuple(seq_shape)}): labels must be [batch, seq_len] "
             "aligned with the model's inputs"
         )
-    batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1])
+    batch_checks.check_label_values(main.labels, vocab=main.logits.shape[-1],
+                                    visual_mask=main.visual_mask)
     guards.refuse_restarting_positions(main.position_ids, main.attention_mask)
-    state.no_images.observe(carried_images, main.with_image, type(model).__name__)
+    state.no_images.observe(carried_images, main.found_image, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     with torch.no_grad():
@@ -165,6 +186,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
                                 lm_head=main.lm_head)
     if main.extra_loss is not None:  # e.g. a MoE router's load-balancing term, as the model adds it
         loss = loss + main.extra_loss.to(loss.dtype)
+    state.loss_use.record(loss)
     pm.hook.calplug_observe_step(model=model, gaps=gaps, weights=weights.detach(), labels=shifted,
                                  supervised=supervised, contrasted=contrasted, config=config)
     return _with_loss(main.output, loss, weights.detach(), gaps)

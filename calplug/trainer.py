@@ -38,7 +38,9 @@ import torch
 
 from . import distributed, plugins
 from .classes import is_named
+from .errors import CALConfigError
 from .hookspecs import hookimpl
+from .step import STATE_ATTR
 
 try:  # the callback needs transformers; CALStats does not
     from transformers import TrainerCallback as _CallbackBase
@@ -172,10 +174,22 @@ class CALLoggingCallback(_CallbackBase):
         self.histogram = histogram
         self.handler = None            # set by `attach`; used to find TensorBoard / wandb writers
         self.last_histogram = None
+        self.loss_owner = None         # set by `attach`: whose compute_loss makes the training loss
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.stats.reset()
         self.stats.register()
+        self._first_step = "pending"  # -> "started" (counts taken) -> "checked"
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(self, "_first_step", None) == "pending":
+            self._first_step, self._before = "started", _loss_use(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if getattr(self, "_first_step", None) != "started":
+            return
+        self._first_step = "checked"
+        check_first_step(model, self._before, args, owner=self.loss_owner)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stats.unregister()
@@ -231,8 +245,103 @@ def put_first(handler, callback: CALLoggingCallback) -> None:
 def attach(trainer, histogram: bool = True) -> CALLoggingCallback:
     """Add a `CALLoggingCallback` to ``trainer`` ahead of its reporting callbacks; returns it."""
     callback = CALLoggingCallback(histogram=histogram)
+    callback.loss_owner = loss_owner(trainer)
     put_first(trainer.callback_handler, callback)
     return callback
+
+
+# -- options that bypass CAL ----------------------------------------------------------------------
+
+
+def refuse_bypasses(trainer) -> None:
+    """Refuse, before training, a built trainer whose options would take the labels out of the
+    model call or replace the loss the model returns, naming the option: the HF Trainer's
+    ``label_smoothing_factor`` and ``compute_loss_func`` (both pop ``labels`` before calling the
+    model, so calplug's forward never runs its step), and each registered framework's own
+    (`Framework.check_trainer`: TRL's ``loss_type``, Liger's loss kernels). What no option names
+    (a custom ``compute_loss``) is caught at the first step by `CALLoggingCallback`."""
+    args = getattr(trainer, "args", None)
+    smoothing = getattr(args, "label_smoothing_factor", 0) or 0
+    if smoothing:
+        raise CALConfigError(
+            f"CAL cannot run with label_smoothing_factor={smoothing}: the Trainer's label smoother "
+            "takes the labels out of the model call and computes a smoothed cross-entropy from the "
+            "logits, so calplug's forward never runs its step and the loss is the plain model's. "
+            "Set label_smoothing_factor=0, or turn CAL off")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise CALConfigError(
+            "CAL cannot run with the Trainer's compute_loss_func: the Trainer takes the labels out "
+            "of the model call and computes that function's loss from the logits, so calplug's "
+            "forward never runs its step. Build the trainer without compute_loss_func (the model's "
+            "loss is then the CAL loss), or turn CAL off")
+    for framework in plugins.frameworks():
+        if framework.check_trainer is not None:
+            framework.check_trainer(trainer)
+
+
+def loss_owner(trainer) -> str:
+    """Whose ``compute_loss`` makes ``trainer``'s training loss, for the first-step error."""
+    method = getattr(trainer, "compute_loss", None)
+    function = getattr(method, "__func__", method)
+    name = getattr(function, "__qualname__", None) or type(trainer).__name__
+    return f"{type(trainer).__name__} (compute_loss: {name})"
+
+
+def _loss_use(model):
+    """``(CAL steps with a gradient, of those reached by a backward)`` on the enabled model
+    inside ``model``; None when no enabled model is found."""
+    if model is None:
+        return None
+    from .enabling import unwrap_model
+
+    state = unwrap_model(model).__dict__.get(STATE_ATTR)
+    return None if state is None else (state.loss_use.steps, state.loss_use.backwards)
+
+
+def check_first_step(model, before, args=None, owner: str | None = None) -> None:
+    """After the first optimiser step: the CAL step ran, and a backward pass went through its
+    loss. Raises `CALConfigError` naming what bypassed CAL otherwise. ``before`` is
+    ``_loss_use(model)`` at the step's start (None: CAL was enabled during the step)."""
+    from .enabling import unwrap_model
+
+    after = _loss_use(model)
+    if model is None:
+        return
+    inner = unwrap_model(model)
+    who = owner or "the trainer"
+    if after is None:
+        raise CALConfigError(
+            f"the first training step ran, but the model it trained ({type(inner).__name__}) has "
+            "no CAL enabled: calplug.enable was called on another model object, or the model was "
+            "replaced after it (a trainer or kernel library that reloads or re-wraps the model). "
+            "Enable CAL on the model the trainer trains: calplug.trainer.enable_for_trainer(trainer)")
+    steps = after[0] - (before[0] if before else 0)
+    backwards = after[1] - (before[1] if before else 0)
+    if steps == 0:
+        forward = inner.__dict__.get("forward")
+        if forward is not None and type(forward).__name__ != "CALForward":
+            cause = (f"the model's forward was replaced after calplug.enable (now "
+                     f"{getattr(forward, '__qualname__', type(forward).__name__)}): a kernel "
+                     "library (Liger's fused cross-entropy, Unsloth) or the trainer patched it. "
+                     "Apply such patches first, then enable CAL, or switch them off")
+        else:
+            causes = []
+            if getattr(args, "label_smoothing_factor", 0):
+                causes.append(f"label_smoothing_factor={args.label_smoothing_factor}")
+            cause = (f"{who} called the model without labels (or in eval mode) and computed the "
+                     "training loss itself" + (f"; set here: {', '.join(causes)}" if causes else "")
+                     + ". Label smoothing, a compute_loss_func and a compute_loss that pops the "
+                     "labels all do this: let the model receive the labels and return its loss "
+                     "(the CAL loss)")
+        raise CALConfigError(
+            f"CAL was bypassed: the first training step ran no CAL step on {type(inner).__name__}, "
+            f"so the loss it optimised is not CAL's. Cause: {cause}")
+    if backwards == 0:
+        raise CALConfigError(
+            f"CAL was bypassed: the first training step ran {steps} CAL step(s), but no backward "
+            f"pass went through the CAL loss the model returned: {who} computed its own loss from "
+            "the model's outputs and discarded the model's, so CAL's weights had no effect. Return "
+            "the model's loss (outputs.loss) from compute_loss, or turn CAL off")
 
 
 # -- trainers -------------------------------------------------------------------------------------
@@ -260,13 +369,17 @@ def use_model_loss(trainer) -> bool:
 def enable_for_trainer(trainer, config=None, *, log: bool = True, histogram: bool = True,
                        **overrides) -> CALLoggingCallback | None:
     """One call for an HF `Trainer` or TRL `SFTTrainer` that is already built:
+    `refuse_bypasses` (options that would bypass the CAL loss are refused, naming them),
     ``calplug.enable(trainer.model, config, **overrides)`` (through PEFT and other wrappers),
-    `use_model_loss`, and (``log=True``) `attach` a `CALLoggingCallback`, which is returned.
+    `use_model_loss`, and (``log=True``) `attach` a `CALLoggingCallback`, which is returned and
+    which also checks, after the first optimiser step, that the CAL step ran and its loss reached
+    the backward pass (it raises, naming the likely cause, when not).
 
     Call it after constructing the trainer: TRL's SFTTrainer replaces the model's ``forward``
     while it is built, and calplug must wrap the forward the model finally has."""
     from .enabling import enable
 
+    refuse_bypasses(trainer)
     enable(trainer.model, config, **overrides)
     use_model_loss(trainer)
     return attach(trainer, histogram=histogram) if log else None

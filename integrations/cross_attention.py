@@ -331,6 +331,17 @@ def reference_pass(model: nn.Module, batch: dict) -> ReferencePass:
 PROVEN = {name: (f.family, f.key, KIND) for name, f in FACTS.items()}
 
 
+def refuses_decoding(model: nn.Module) -> str:
+    """`Integration.decoding_refusal`: contrastive decoding's image-blind branch is the decoder
+    sequence without its image positions, appended to ``generate()``'s cache; this kind has no
+    such positions, and a branch whose cross-attention layers get no image is not built."""
+    return (f"its text decoder reaches the image only through cross-attention layers (its image "
+            f"arguments: {', '.join(facts_of(model).image_kwargs)}), never at positions of its sequence, and "
+            "calplug's contrastive decoding builds its image-blind branch by leaving image "
+            "positions out of the decoder's sequence and cache (a branch whose cross-attention "
+            "layers get no image is not built)")
+
+
 def support_status(model_or_class) -> tuple[str, str] | None:
     return text_decoder.status_of(model_or_class, PROVEN, {})
 
@@ -339,7 +350,8 @@ INTEGRATIONS = [
     Integration(name=f"transformers-{facts.key}", model_classes=(facts.class_name,), main_pass=MainPassOf(),
                 decoder_and_head=decoder_and_head, check=check,
                 pixel_contrasts=bool(facts.pixel_keys), contrast_refusal=refuses_contrast,
-                support_status=support_status, reference_pass=reference_pass)
+                support_status=support_status, reference_pass=reference_pass,
+                decoding_refusal=refuses_decoding)
     for facts in FACTS.values()
 ]
 

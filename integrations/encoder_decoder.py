@@ -373,6 +373,16 @@ def refused_main_pass(model, original_forward, call):  # never reached: `refuse`
 PROVEN = {name: (f.family, f.key, KIND) for name, f in FACTS.items()}
 
 
+def refuses_decoding(model: nn.Module) -> str:
+    """`Integration.decoding_refusal`: the image-blind branch of this kind is the encoder re-run
+    on the text alone and a decoder cross-attending to that, with its own cross-attention cache;
+    contrastive decoding only builds branches of one decoder sequence without image positions."""
+    return ("the image enters its encoder, which the decoder cross-attends to at every step; an "
+            "image-blind branch needs the encoder re-run on the text alone and a second "
+            "cross-attention cache beside generate()'s, which calplug's contrastive decoding does "
+            "not build (it leaves image positions out of one decoder sequence and its cache)")
+
+
 def support_status(model_or_class) -> tuple[str, str] | None:
     """Proven for this kind's classes; BLIP-2's classes only for a model with a T5 language model
     (asked with the class, the answer is the placeholder integration's: it depends on the model)."""
@@ -385,7 +395,8 @@ INTEGRATIONS = [
     Integration(name="transformers-encoder-decoder", model_classes=tuple(n for n in FACTS if n not in T5_VARIANTS),
                 main_pass=MainPassOf(), decoder_and_head=decoder_and_head, check=check,
                 pixel_contrasts=True, accepts=accepts, contrast_refusal=refuses_contrast,
-                support_status=support_status, reference_pass=reference_pass),
+                support_status=support_status, reference_pass=reference_pass,
+                decoding_refusal=refuses_decoding),
     Integration(name="refused-image-only-encoder", model_classes=tuple(REFUSED), main_pass=refused_main_pass,
                 check=refuse, support_status=support_status),
 ]

@@ -150,6 +150,21 @@ def check(model: nn.Module) -> None:
 
 PROVEN = {name: (f.family, f.key, KIND) for name, f in FACTS.items()}
 
+# `Integration.decoding_refusal`, per class: what stands between each and contrastive decoding.
+NOT_DECODED = {
+    "Kosmos2ForConditionalGeneration": (
+        "its generate() runs the vision model itself and hands the prompt to its text model's own "
+        "generate(), so the model's forward, which calplug's contrastive decoding wraps, never runs"),
+    "Kosmos2_5ForConditionalGeneration": (
+        "contrastive decoding is not built for it yet: generate() asks its forward for the last "
+        "position's logits only, while this integration checks the map from the text decoder to "
+        "the logits on the prompt's rows, and no decoding reference covers it"),
+}
+
+
+def refuses_decoding(model: nn.Module) -> str:
+    return NOT_DECODED[facts_of(model).class_name]
+
 
 def support_status(model_or_class) -> tuple[str, str] | None:
     return text_decoder.status_of(model_or_class, PROVEN, {})
@@ -158,7 +173,8 @@ def support_status(model_or_class) -> tuple[str, str] | None:
 INTEGRATIONS = [
     Integration(name=f"transformers-{f.key.replace('_', '-')}", model_classes=(f.class_name,),
                 main_pass=MainPassOf(), decoder_and_head=decoder_and_head, check=check,
-                pixel_contrasts=bool(f.pixel_keys), support_status=support_status)
+                pixel_contrasts=bool(f.pixel_keys), support_status=support_status,
+                decoding_refusal=refuses_decoding)
     for f in FACTS.values()
 ]
 

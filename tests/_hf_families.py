@@ -51,6 +51,12 @@ class Family:
 
         return tf_version() >= self.since and hasattr(transformers, self.class_name)
 
+    @property
+    def needs(self) -> str | None:
+        """The package `unavailable` checks for (its ``needs`` attribute), as CALPLUG_REQUIRE
+        names it; None where `unavailable` reports a release's own bug (nothing to install)."""
+        return getattr(self.unavailable, "needs", None)
+
     def skip_reason(self) -> str | None:
         """Why this family's cases cannot run here (None: they can)."""
         import transformers
@@ -561,12 +567,16 @@ def gemma4_visual(model, kind, g):
 
 
 def build_molmo2(seed=0):
+    """The adapter initialised at std 0.2: at the config's 0.02 its attention pooling and gated
+    projector (products of small weights) scale the image features down to ~1e-9, so the pixels
+    moved the logits by ~1e-7 and no image-leak check could see anything (0.2: features ~1e-2,
+    as the text embeddings; the pixels move the logits by ~0.3)."""
     vision = dict(model_type="molmo2_vision", hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                   patch_size=4, num_position_embeddings=16, image_size=[16, 16])
     adapter = dict(model_type="molmo2_adapter", vision_feature_layer=[-1], hidden_size=32,
                    num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=64,
-                   text_hidden_size=64)
+                   text_hidden_size=64, initializer_range=0.2)
     return _model("Molmo2ForConditionalGeneration", seed, vision_config=vision,
                   adapter_config=adapter, text_config=_text("molmo2_text", head_dim=16,
                                                             additional_vocab_size=8),
@@ -593,14 +603,23 @@ def molmo2_finish(model, batch):
 
 
 def timm_unavailable():
+    """Why the TimmWrapper families cannot run here: timm is not installed (a skip naming it, or a
+    failure where CALPLUG_REQUIRE names timm: tests/_skips.py). An installed timm that does not
+    import (torchvision failing beside this torch) raises: that is a broken install, not a
+    missing package."""
     try:
         import timm  # noqa: F401
-    except Exception as error:  # ImportError, or torchvision failing beside this torch
-        return (f"needs the timm package (TimmWrapper vision tower), which imports torchvision "
-                f"({type(error).__name__}: {str(error)[:80]}); PyPI's torchvision does not load "
-                "beside the CPU torch the tests pin. Install a matching torch + torchvision pair "
-                "(e.g. torch 2.14.1 + torchvision 0.29.1) and timm to run these cases")
+    except ModuleNotFoundError as error:
+        if error.name != "timm":
+            raise
+        return ("needs the timm package (TimmWrapper vision tower), which is not installed; it "
+                "imports torchvision, and PyPI's torchvision does not load beside the CPU torch the "
+                "tests pin: install a matching torch + torchvision pair (e.g. torch 2.14.1 + "
+                "torchvision 0.29.1) and timm to run these cases (tox -e timm)")
     return None
+
+
+timm_unavailable.needs = "timm"  # what CALPLUG_REQUIRE calls it
 
 
 def build_perception_lm(seed=0):

@@ -17,7 +17,10 @@ import os
 import sys
 import types
 
+import pytest
 import torch
+
+from _skips import is_the_package, missing
 
 IMAGE = -200  # the image placeholder of these codebases (llava.constants.IMAGE_TOKEN_INDEX)
 VOCAB = 256
@@ -32,30 +35,39 @@ def _src(var: str) -> str | None:
 
 
 def codebase(name: str):
-    """The upstream package for ``name`` ("llava", "llava-next", "mgm") or a skip reason (str)."""
+    """The upstream package for ``name`` ("llava", "llava-next", "mgm"). Where it is not there
+    (no source folder variable, llava-torch not installed) the test skips naming what to install
+    or set, or fails where CALPLUG_REQUIRE names the codebase (tests/_skips.py); where it is
+    there but does not import (a broken install, a dependency of it missing), the import error
+    is raised as it is. The haotian-liu cases skip plainly where ``llava`` is another codebase
+    (LLaVA-NeXT's, which has the same package name)."""
     if name == "mgm":
         if not _src("CALPLUG_MGM_SRC"):
-            return "set CALPLUG_MGM_SRC to a checkout of github.com/dvlab-research/MGM (tox -e mgm)"
-        try:
-            return importlib.import_module("mgm.model")
-        except Exception as exc:  # noqa: BLE001 - report why the upstream does not import
-            return f"mgm from $CALPLUG_MGM_SRC does not import here: {type(exc).__name__}: {exc}"
+            missing("mgm", "set CALPLUG_MGM_SRC to a checkout of github.com/dvlab-research/MGM (tox -e mgm)")
+        return importlib.import_module("mgm.model")
     if name == "llava-next":
         if not _src("CALPLUG_LLAVA_NEXT_SRC"):
-            return ("set CALPLUG_LLAVA_NEXT_SRC to a checkout of github.com/LLaVA-VL/LLaVA-NeXT "
-                    "(tox -e llava-next)")
+            missing("llava-next", "set CALPLUG_LLAVA_NEXT_SRC to a checkout of "
+                                  "github.com/LLaVA-VL/LLaVA-NeXT (tox -e llava-next)")
     elif os.environ.get("CALPLUG_LLAVA_NEXT_SRC"):
-        return "the llava package here is LLaVA-NeXT ($CALPLUG_LLAVA_NEXT_SRC is set)"
+        pytest.skip("the llava package here is LLaVA-NeXT's ($CALPLUG_LLAVA_NEXT_SRC is set), not "
+                    "haotian-liu LLaVA's: tox -e llava runs these cases")
     try:
         module = importlib.import_module("llava.model")
-        from llava.model.llava_arch import LlavaMetaForCausalLM
-    except Exception as exc:  # noqa: BLE001
-        if name == "llava":
-            return f"needs llava-torch==1.2.2.post1 (tox -e llava): {type(exc).__name__}: {exc}"
-        return f"llava from $CALPLUG_LLAVA_NEXT_SRC does not import here: {type(exc).__name__}: {exc}"
+    except ModuleNotFoundError as error:
+        if name == "llava" and is_the_package(error, "llava.model"):
+            missing("llava", "llava-torch==1.2.2.post1 (haotian-liu LLaVA) is not installed: "
+                             "pip install --no-deps llava-torch==1.2.2.post1 (tox -e llava)")
+        raise
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+
     is_next = "modalities" in inspect.signature(LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal).parameters
     if is_next != (name == "llava-next"):
-        return f"the installed llava package is not {name}"
+        if name == "llava":
+            pytest.skip("the installed llava package is LLaVA-NeXT's, not haotian-liu LLaVA's: "
+                        "tox -e llava runs these cases")
+        raise RuntimeError(f"$CALPLUG_LLAVA_NEXT_SRC is set, but the llava package imported from "
+                           f"{module.__file__} is not LLaVA-NeXT's")
     return module
 
 
@@ -97,7 +109,6 @@ def build(name: str, clip_folder: str, variant: str = "pad", backbone: str = "ll
     """A tiny seeded model of codebase ``name``; ``variant`` "pad" (1.5), "anyres" (1.6) or, for
     MGM, "aux" (1.5 plus MGM's high-resolution branch: a ConvNeXt tower fed ``images_aux``)."""
     package = codebase(name)
-    assert not isinstance(package, str), package
     mm = dict(mm_vision_tower=clip_folder, mm_hidden_size=32, mm_projector_type="mlp2x_gelu",
               mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_aspect_ratio="pad",
               mm_patch_merge_type="flat", tokenizer_padding_side="right", use_mm_proj=True)

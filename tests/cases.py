@@ -21,15 +21,19 @@ import torch
 import _hf_families as hf
 import _hf_kinds as kinds
 import _llava_style_models as styled
-from calplug.reference import reference_cal_loss, reference_step, reference_weights
+from _skips import skip_unrunnable_family
+from calplug.reference import reference_at, reference_forwards
 
 SETTING = (0.0, 5.0, 3)  # alpha, beta, window: weights that vary on a random-init model
+POOLED = (1.0, 5.0, 3)   # the published default: alpha 1 clamps most gaps of a random-init model
+                         # to 1, so flat pooling's edges (sequence ends, padding) decide the loss
 
 
 @dataclasses.dataclass
 class Reference:
     """The spec computed by the test: loss, flat weights and gaps, and the decoder sequence's
-    labels, image positions and padding mask."""
+    labels, image positions and padding mask. ``forwards``: the two forwards it came from
+    (`calplug.reference.reference_forwards`), from which `at` computes another setting."""
 
     loss: torch.Tensor
     weights: torch.Tensor
@@ -38,10 +42,16 @@ class Reference:
     visual: torch.Tensor
     attention: torch.Tensor
     samples: torch.Tensor | None = None   # bool [B]: the samples the image reaches (default: with a visual position)
+    forwards: tuple | None = None
 
     @property
     def with_image(self) -> torch.Tensor:
         return self.visual.any(1) if self.samples is None else self.samples
+
+    def at(self, alpha: float, beta: float, window: int) -> "Reference":
+        """The spec at another setting, from the same two forwards (no model call)."""
+        loss, gaps, weights = reference_at(self.forwards, self.labels, alpha, beta, window)
+        return dataclasses.replace(self, loss=loss, gaps=gaps, weights=weights)
 
 
 @dataclasses.dataclass
@@ -74,7 +84,7 @@ class Case:
     reference: Callable[..., Reference]                  # (model, batch, alpha, beta, window)
     layout: Callable[..., Layout]                        # (model, batch)
     decoder: Callable                                    # model -> the text decoder module
-    settings: tuple = (SETTING,)                         # (alpha, beta, window) of the faithful test
+    settings: tuple = (SETTING, POOLED)                  # (alpha, beta, window) of the faithful test
     gap_atol: float = 1e-6                               # faithful gaps / weights
     grad_atol: float = 1e-8                              # faithful gradients (rel 1e-5 + atol)
     drop_atol: float = 1e-4                              # drop vs mask on text rows (rtol 1e-4)
@@ -122,7 +132,7 @@ class Env:
 
 # -- transformers classes: calplug's tiny Llava and every family of tests/_hf_families.py --------
 def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
-    """Spec steps 1-8 by the independent reference (`calplug.reference.reference_step`): the
+    """Spec steps 1-8 by the independent reference (`calplug.reference.reference_forwards`): the
     model's own training forward, and its own forward again with the image taken out of what the
     text decoder receives: attention to the image positions removed in whatever mask the decoder
     takes (2-D with holes; built 4-D masks, or a dict of them per layer type, with the image key
@@ -131,9 +141,10 @@ def hf_reference(model, batch, alpha, beta, window, family=None) -> Reference:
     model makes them (soft-capped or scaled where its forward does), flattened pooling."""
     layout = hf_layout(model, batch)
     contrast = "drop" if family is not None and family.drop_only else "mask"
-    loss, gaps, weights = reference_step(model, batch, layout.visual, alpha, beta, window, contrast,
-                                         decoder=hf_decoder(model))
-    return Reference(loss, weights, gaps, batch["labels"], layout.visual, layout.attention)
+    forwards = reference_forwards(model, batch, layout.visual, contrast, decoder=hf_decoder(model))
+    loss, gaps, weights = reference_at(forwards, batch["labels"], alpha, beta, window)
+    return Reference(loss, weights, gaps, batch["labels"], layout.visual, layout.attention,
+                     forwards=forwards)
 
 
 def hf_layout(model, batch) -> Layout:
@@ -176,9 +187,7 @@ def family_case(name: str, kind: str, padding_side: str) -> Case:
     kinds = ("image", "image", None) if kind == "image" else family.video_kinds
 
     def build(env):
-        reason = family.skip_reason()
-        if reason is not None:
-            pytest.skip(reason)
+        skip_unrunnable_family(family)
         if kind == "video" and not _video_works(name):
             pytest.skip("transformers 4.49's LlavaOnevision cannot take videos (its video check reads "
                         "the image mask: UnboundLocalError / false size mismatch); use 4.45 or >= 4.50")
@@ -262,7 +271,7 @@ def tiny_llava_case(padding_side: str, attn: str) -> Case:
                             for n, s in zip(lengths, seeds)])
 
     return Case(f"testing-tiny_llava-{attn}-{padding_side}", build, hf_reference, hf_layout,
-                hf_decoder, settings=((0.0, 5.0, 3), (1.0, 5.0, 3), (0.0, 0.05, 1)),
+                hf_decoder, settings=(SETTING, POOLED, (0.0, 0.05, 1)),
                 min_weight_std=0.01,
                 generate_inputs=generate_inputs if padding_side == "right" else None,
                 decode_inputs=decode_inputs if padding_side == "right" else None)
@@ -292,9 +301,9 @@ def llava_style_reference(model, batch, alpha, beta, window) -> Reference:
         hidden = decoder(inputs_embeds=embeds, attention_mask=mask * (~image).to(mask.dtype),
                          position_ids=pos)[0]
         logits_wo = model.lm_head(hidden).float()
-    loss = reference_cal_loss(logits, logits_wo, labels, alpha, beta, window)
-    weights, gaps = reference_weights(logits, logits_wo, labels, alpha, beta, window)
-    return Reference(loss, weights, gaps, labels, image, mask)
+    forwards = (logits, logits_wo, None)
+    loss, gaps, weights = reference_at(forwards, labels, alpha, beta, window)
+    return Reference(loss, weights, gaps, labels, image, mask, forwards=forwards)
 
 
 def llava_style_layout(model, batch) -> Layout:
@@ -308,9 +317,7 @@ def llava_style_case(codebase: str, variant: str, backbone: str, layout: str) ->
         overrides = dict(overrides, tokenizer_model_max_length=TRUNCATE[variant])
 
     def build(env):
-        package = styled.codebase(codebase)
-        if isinstance(package, str):
-            pytest.skip(package)
+        styled.codebase(codebase)
         model = styled.build(codebase, env.clip_folder(), variant=variant, backbone=backbone,
                              **overrides)
         return model, styled.batch(model, variant=variant, **batch_options)
@@ -331,7 +338,7 @@ def llava_style_case(codebase: str, variant: str, backbone: str, layout: str) ->
         grad_names += ("vlm_uni_aux_projector",)  # MGM's images_aux branch
     return Case(f"llava_style-{codebase}-{variant}-{backbone}-{layout}", build,
                 llava_style_reference, llava_style_layout, lambda model: model.get_model(),
-                settings=((0.0, 5.0, 3), (0.0, 0.05, 1)),
+                settings=(SETTING, POOLED, (0.0, 0.05, 1)),
                 # atol: MGM's aux branch has key-projection biases (vlm_uni_aux_projector) whose
                 # gradient is 0 in exact arithmetic (softmax is shift-invariant) and ~1e-8 of
                 # round-off in fp32.
@@ -365,14 +372,18 @@ def _all_cases() -> list[Case]:
 CASES = _all_cases()
 
 
+def setting_id(setting) -> str:
+    alpha, beta, window = setting
+    return f"a{alpha:g}-b{beta:g}-w{window}"
+
+
 def params(cases=None, with_settings: bool = False):
-    """pytest params of ``cases`` (default: all), with ids; with ``with_settings`` one per
-    (case, faithful setting)."""
+    """pytest params of ``cases`` (default: all), with ids; ``with_settings`` appends the case's
+    faithful settings to its id (``hf-llava-image-right-a0-b5-w3+a1-b5-w3``): one test checks
+    them all from one build and one pair of reference forwards, and tests/support_matrix.py reads
+    from the id which settings a family passed."""
     out = []
     for case in CASES if cases is None else cases:
-        if with_settings:
-            out += [pytest.param(case, s, id=f"{case.id}-a{s[0]:g}-b{s[1]:g}-w{s[2]}")
-                    for s in case.settings]
-        else:
-            out.append(pytest.param(case, id=case.id))
+        suffix = "-" + "+".join(map(setting_id, case.settings)) if with_settings else ""
+        out.append(pytest.param(case, id=case.id + suffix))
     return out

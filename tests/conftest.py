@@ -12,6 +12,30 @@ sys.path.insert(0, os.path.dirname(__file__))  # the shared test helpers (cases.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "calplug_needs(name, available, reason): skip naming what is "
+                            "missing, or fail where $CALPLUG_REQUIRE names it (tests/_skips.py)")
+
+
+def pytest_sessionstart(session):
+    """Stamp the junit XML (when one is written) with the hash of the source that ran and the tox
+    env (tests/_results.py): at session start, so a run whose every test skips is stamped too."""
+    from _pytest.junitxml import xml_key
+
+    import _results
+
+    xml = session.config.stash.get(xml_key, None)
+    if xml is not None:
+        xml.add_global_property("calplug_source", _results.source_hash())
+        xml.add_global_property("calplug_env", os.environ.get("TOX_ENV_NAME", ""))
+
+
+def pytest_runtest_setup(item):
+    import _skips
+
+    _skips.apply_needs(item)
+
+
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     """What the cases of tests/cases.py share within a session (a tiny CLIP tower, saved once)."""
@@ -46,5 +70,8 @@ def engine(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(patching, "_git", lambda: None)
     elif patching._git() is None:
-        pytest.skip("git is not installed: the Python patch engine is tested alone")
+        import _skips
+
+        _skips.missing("git", "git is not installed: the Python patch engine is tested alone "
+                              "(apt-get install git)")
     return request.param

@@ -21,9 +21,10 @@ from calplug.cli import audit as audit_command
 from calplug.cli import synthetic
 from calplug.gap import IGNORE_INDEX
 from calplug.testing import tiny_llava, tiny_llava_processor
+from _skips import importorskip
 
-pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
-pytest.importorskip("PIL", reason="the audit reads images with pillow: pip install pillow (tox -e py has it)")
+importorskip("tokenizers", "tokenizers", "it is a transformers dependency (pip install tokenizers); it builds the test tokenizer")
+importorskip("PIL", "pillow", "the audit reads images with pillow: pip install pillow (tox -e py has it)")
 
 VOCAB = synthetic.Vocab()
 PROMPT = "<image>\n" + " ".join(synthetic.PROMPT)

@@ -15,9 +15,10 @@ import pytest
 from calplug import cli
 from calplug.cli import synthetic
 from calplug.testing import tiny_llava, tiny_llava_processor
+from _skips import importorskip, missing
 
-pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
-pytest.importorskip("PIL", reason="the audit reads images with pillow: pip install pillow (tox -e py has it)")
+importorskip("tokenizers", "tokenizers", "it is a transformers dependency (pip install tokenizers); it builds the test tokenizer")
+importorskip("PIL", "pillow", "the audit reads images with pillow: pip install pillow (tox -e py has it)")
 
 CHROMIUM = "/usr/bin/chromium"
 VOCAB = synthetic.Vocab()
@@ -67,7 +68,7 @@ def test_report_lists_the_lowest_samples_lowest_first(audited):
 
 def test_report_renders_in_a_headless_browser(audited, tmp_path):
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: install it with "
+        missing("chromium", f"{CHROMIUM} is missing: install it with "
                     "`apt-get update && apt-get install -y chromium` to run the browser test")
     out, ranked = audited
     profile = tmp_path / "profile"

@@ -23,6 +23,7 @@ import _hf_families as hf
 import calplug
 from calplug.reference import mask_image_hook, remove_image_hook
 from cases import CASES, params
+from _skips import skip_unrunnable_family
 
 NEW = 4
 # family -> (the releases before this one, why the from-scratch reference cannot run there)
@@ -164,6 +165,43 @@ def test_padded_batch_of_two_equals_the_rows_alone(case, env):
         assert torch.equal(together[row, width:width + new.numel()], new), row
 
 
+def calls(module) -> tuple[list, object]:
+    """A list that grows by one at each forward call of ``module``, and the hook's handle."""
+    seen: list = []
+    return seen, module.register_forward_pre_hook(lambda m, args: seen.append(1))
+
+
+@pytest.mark.filterwarnings("ignore:contrastive decoding. the prompt:UserWarning")
+@pytest.mark.parametrize("case", params(DECODING))
+def test_both_branches_share_one_decoder_call_per_new_token(case, env):
+    """After the two prefills (the main pass, the contrast prefix), each new token runs the text
+    decoder and the output projection once for both branches (joined: the contrast rows appended
+    to generate()'s cache); join=False runs them twice per token and gives the same tokens. Every
+    family of the matrix keeps a cache the merge takes (docs/decoding.md)."""
+    model = built(case, env)
+    inputs = case.decode_inputs(model, (6, 9), (0, 1))
+    decoder, head = hf.decoder_and_head(model)
+    runs = {}
+    for join in (True, False):
+        decoder_calls, d = calls(decoder)
+        head_calls, h = calls(head)
+        try:
+            with calplug.contrastive_decoding(model, max_new_tokens=NEW, join=join) as processor:
+                out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                     logits_processor=[processor])
+        finally:
+            d.remove()
+            h.remove()
+        runs[join] = out, len(decoder_calls), len(head_calls), processor.joined, processor.unjoined
+    out, decoder_calls, head_calls, joined, why = runs[True]
+    assert joined is True, why
+    assert (decoder_calls, head_calls) == (NEW + 1, NEW + 1)  # 2 prefills + NEW - 1 joined steps
+    two_pass, decoder_calls, head_calls, joined, why = runs[False]
+    assert joined is False and "join=False" in why
+    assert (decoder_calls, head_calls) == (2 * NEW, 2 * NEW)
+    assert torch.equal(out, two_pass)
+
+
 @pytest.mark.parametrize("case", params(DECODING[:1]))
 def test_inside_generate_equals_contrastive_generate(case, env):
     """The logits processor of `calplug.contrastive_decoding` inside the user's own generate()
@@ -280,6 +318,23 @@ def test_sampling_applies_the_rule_before_generates_warpers(llava):
     assert int(plausible.sum()) < plausible.numel()  # the cut removed tokens
 
 
+def test_generate_gets_its_own_cache_back(llava):
+    """The contrast rows leave generate()'s cache with the last step: the cache it returns holds
+    the main rows only, equal to plain generate()'s (cd_alpha=0: the same tokens)."""
+    from calplug.decoding_cache import tensors
+
+    inputs = llava_inputs(llava, (6, 9), (0, 1))
+    plain = llava.generate(**inputs, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+    ours = calplug.contrastive_generate(llava, cd_alpha=0.0, max_new_tokens=NEW,
+                                        return_dict_in_generate=True, **inputs)
+    assert torch.equal(ours.sequences, plain.sequences)
+    mine, theirs = tensors(ours.past_key_values), tensors(plain.past_key_values)
+    assert len(mine) == len(theirs) > 0
+    for a, b in zip(mine, theirs):
+        assert a.shape == b.shape and a.shape[0] == 2
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_and_modes_are_refused_naming_the_fix(llava):
     inputs = llava_inputs(llava)
     for bad in ({"cd_alpha": -1.0}, {"cd_beta": 2.0}, {"cd_beta": float("nan")}, {"cd_alpha": True}):
@@ -317,9 +372,7 @@ def test_sliding_window_the_sequence_outgrows_decodes_with_mask(monkeypatch):
     and prompt + new tokens beyond it, drop would widen the contrast branch's windows. With
     max_new_tokens known it decodes with mask (warned) and equals the reference; the bare
     processor, which cannot know, stops at the step that leaves the window."""
-    family = hf.FAMILIES["gemma3"]
-    if family.skip_reason() is not None:
-        pytest.skip(family.skip_reason())
+    skip_unrunnable_family(hf.FAMILIES["gemma3"])
     from calplug import errors
     from cases import family_case
 

@@ -12,6 +12,7 @@ import calplug
 from calplug import cli
 from calplug.cli import demo, demo_decoding, demo_metrics, demo_protocol, demo_training, synthetic
 from calplug.cli.generate import side_by_side
+from _skips import importorskip
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_generate_on_a_saved_model_prints_both_answers_side_by_side(tmp_path, capsys):
-    pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
-    pytest.importorskip("PIL", reason="the image processor reads images with pillow: pip install pillow (tox -e py has it)")
+    importorskip("tokenizers", "tokenizers", "it is a transformers dependency (pip install tokenizers); it builds the test tokenizer")
+    importorskip("PIL", "pillow", "the image processor reads images with pillow: pip install pillow (tox -e py has it)")
     from test_verify import _saved_llava_with_processor
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -85,15 +86,19 @@ def test_bench_decode_reports_the_ratio_per_new_token(tmp_path, capsys):
     assert cli.main(["bench", "--decode", *tiny, "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "contrastive / plain per new token:" in text
+    assert "both branches in one decoder call per token" in text
     r = json.loads(out.read_text())
-    assert r["alpha_zero_equals_generate"] is True
+    assert r["alpha_zero_equals_generate"] is True and r["joined_equals_two_pass"] is True
+    assert r["joined"] is True and r["unjoined"] is None  # the bench's Llava has a DynamicCache
     for clock in ("wall", "cpu"):
         times = {k: sorted(v) for k, v in r[clock].items()}
-        assert set(times) == {"plain-1", "plain-4", "contrastive-1", "contrastive-4"}
+        variants = ("plain", "contrastive", "two_pass")
+        assert set(times) == {f"{v}-{n}" for v in variants for n in (1, 4)}
         median = {k: (v[0] + v[1]) / 2 for k, v in times.items()}
-        per = {v: (median[f"{v}-4"] - median[f"{v}-1"]) / 3 for v in ("plain", "contrastive")}
+        per = {v: (median[f"{v}-4"] - median[f"{v}-1"]) / 3 for v in variants}
         assert r[f"per_token_{clock}"]["plain"]["per_token"] == pytest.approx(per["plain"])
         assert r[f"ratio_{clock}"] == pytest.approx(per["contrastive"] / per["plain"])
+        assert r["ratio_two_pass"][clock] == pytest.approx(per["two_pass"] / per["plain"])
     assert r["prompt"]["text_tokens"] == [29, 21] and r["prompt"]["positions"] == 45
     assert cli.main(["bench", "--decode", *tiny[:-1], "1"]) == 2  # --new-tokens 1: no per-token time
 

@@ -11,8 +11,9 @@ import pytest
 from calplug import cli
 from calplug.cli import bench, audit_bench, demo_audit, demo_training, synthetic
 from calplug.cli.demo_protocol import Condition, Protocol
+from _skips import importorskip
 
-pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the audit world's tokenizer")
+importorskip("tokenizers", "tokenizers", "it is a transformers dependency (pip install tokenizers); it builds the audit world's tokenizer")
 
 
 def test_auroc_counts_pairs_and_half_the_ties():

@@ -32,6 +32,7 @@ from calplug import contrast_pass, patching
 from calplug.config import resolve_config
 from calplug.testing import llava_batch, tiny_llava
 from calplug.trainer import CALStats
+from _skips import missing
 
 
 @pytest.fixture
@@ -345,6 +346,45 @@ def test_label_ids_outside_the_vocabulary_are_named(model):
         model(**dict(batch, labels=labels))
 
 
+PLACEHOLDER_LABELS = (
+    "labels supervise {n} positions that the image fills (image placeholder or video tokens): the "
+    "collator did not set the labels of the image tokens to -100, so training would teach the model "
+    "to predict placeholder tokens, and CAL would weight those rows by a gap that compares the "
+    "placeholder's logit with and without the image. Set labels to -100 wherever input_ids holds "
+    "the image (or video) token id, e.g. labels[input_ids == image_token_id] = -100 (docs/errors.md)")
+
+
+@pytest.mark.parametrize("contrast", ["drop", "mask"])
+def test_labels_on_image_placeholders_are_refused_naming_the_fix(model, contrast, stats):
+    """The common collator bug (labels = input_ids, image tokens included): refused at the step,
+    before any loss; the same batch with the placeholders masked trains."""
+    batch = llava_batch(model)
+    ids = batch["input_ids"]
+    image = ids == model.config.image_token_index
+    labels = batch["labels"].clone()
+    labels[image] = ids[image]
+    # rows predicting a placeholder: every image position but a sample's first (its label is
+    # shifted away only at position 0; here the image starts at position 1)
+    n = int((image[:, 1:] & (labels[:, 1:] != -100)).sum())
+    assert n == 2 * model.config.image_seq_length
+    with calplug.enabled(model, contrast=contrast), pytest.raises(CALInputError) as refused:
+        model(**dict(batch, labels=labels))
+    assert str(refused.value) == PLACEHOLDER_LABELS.format(n=n)
+    assert stats.steps == 0                            # refused before the loss, nothing observed
+    with calplug.enabled(model, contrast=contrast):
+        assert torch.isfinite(model(**batch).loss)     # masked as llava_batch does: trains
+
+
+def test_a_label_on_one_placeholder_is_enough_to_refuse(model):
+    batch = llava_batch(model)
+    labels = batch["labels"].clone()
+    first = int((batch["input_ids"][1] == model.config.image_token_index).nonzero()[3])
+    labels[1, first] = model.config.image_token_index
+    with calplug.enabled(model), pytest.raises(CALInputError, match=re.escape(
+            PLACEHOLDER_LABELS.format(n=1))):
+        model(**dict(batch, labels=labels))
+
+
 def test_a_batch_without_supervised_tokens_gives_zero_loss_and_warns_once(model, fresh_warnings, stats):
     batch = llava_batch(model)
     ignored = dict(batch, labels=torch.full_like(batch["labels"], -100))
@@ -533,7 +573,7 @@ def test_a_write_failing_midway_leaves_the_tree_as_it_was(tmp_path, capsys, monk
 
 def test_git_apply_failing_midway_is_undone_touching_only_what_it_changed(tmp_path, capsys, monkeypatch):
     if patching._git() is None:
-        pytest.skip("git is not installed")
+        missing("git", "git is not installed: this test runs `git apply` (apt-get install git)")
     root = _tree(tmp_path / "fork")
     patch = _patch(tmp_path, *(_diff(n, f"old {n}", f"new {n}") for n in ("a.txt", "pkg/b.txt", "pkg/c.txt")))
     before = _state(root)

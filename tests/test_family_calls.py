@@ -13,6 +13,8 @@ import torch
 import calplug
 from calplug import CALInputError, UnsupportedModelError
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
+from _skips import skip_unrunnable_family
+from _ablation_refs import blur_forwards, check_against, patch_mask_forwards
 
 
 IMAGE_BATCH = ("image", "image", None)   # two image samples and a text-only one
@@ -23,9 +25,7 @@ VIDEO_BATCH = ("video", "image", None)   # a video sample, an image sample, a te
 
 def family_or_skip(name):
     family = FAMILIES[name]
-    reason = family.skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_unrunnable_family(family)
     return family
 
 
@@ -201,8 +201,9 @@ def test_partial_logits_refused(name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_blur_contrast_where_pixels_are_images(name):
-    """Llava types take images as [..., 3, H, W]: blur re-runs their vision path. Qwen-VL pixels are
-    pre-cut patches: blur is refused at enable, naming the alternatives."""
+    """Llava types take images as [..., 3, H, W]: the blur contrast equals the model's own whole
+    forward on blurred pixels (`calplug.reference.reference_blur`; loss, gaps, weights at alpha
+    0). Qwen-VL pixels are pre-cut patches: blur is refused at enable, naming the alternatives."""
     family, model = model_for(name)
     if not family.images:
         with pytest.raises(UnsupportedModelError, match="contrast='blur' transforms the input pixels"):
@@ -210,18 +211,19 @@ def test_blur_contrast_where_pixels_are_images(name):
         return
     kinds = family.video_kinds if family.video and video_works(name) else IMAGE_BATCH
     batch = make_batch(family, model, kinds=kinds)
-    calplug.enable(model, contrast="mask", alpha=0.0, pool_window=1)
-    masked = model(**batch).cal_gaps
-    calplug.enable(model, contrast="blur", blur_sigma=10.0)
-    blurred = model(**batch).cal_gaps
+    keys = [k for k in batch if k.startswith("pixel_values")]
+    forwards = blur_forwards(model, batch, 10.0, keys)
+    blurred = check_against(model, batch, forwards, (0.0, 5.0, 3), gradients=False, gap_atol=1e-5,
+                            contrast="blur", blur_sigma=10.0)
     assert torch.isfinite(blurred).all() and torch.all(blurred[2] == 0)
-    assert blurred[0].abs().max() > 1e-5 and not torch.allclose(blurred, masked)
+    assert blurred[0].abs().max() > 1e-5
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
+def test_patch_mask_ratio_zero_is_no_contrast_one_is_mask_and_half_masks_the_seeded_half(name):
     """Tables 8/9 on every family: hiding no image position contrasts nothing (all gaps 0);
-    hiding all of them is the published mask contrast."""
+    hiding all of them is the published mask contrast; hiding half is the two-forward mask
+    reference over the half docs/ablations.md's seeded rule picks (loss, gaps, weights)."""
     family, model = model_for(name)
     if family.drop_only:
         pytest.skip("mask contrasts are refused for this decoder (layers that ignore mask holes; "
@@ -234,6 +236,9 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(name):
     assert torch.all(model(**batch).cal_gaps == 0)
     calplug.enable(model, contrast="patch_mask", mask_ratio=1.0)
     torch.testing.assert_close(model(**batch).cal_gaps, masked)
-    calplug.enable(model, contrast="patch_mask", mask_ratio=0.5)
-    half = model(**batch).cal_gaps
+    calplug.disable(model)
+    visual = visual_positions(model, batch["input_ids"])
+    forwards = patch_mask_forwards(model, batch, visual, 0.5, 0, decoder_and_head(model)[0])
+    half = check_against(model, batch, forwards, (0.0, 5.0, 3), gradients=False, gap_atol=1e-5,
+                         contrast="patch_mask", mask_ratio=0.5, seed=0)
     assert half.abs().max() > 0 and not torch.allclose(half, masked)

@@ -15,6 +15,7 @@ import calplug
 from calplug import CALConfigError, CALInputError, UnsupportedModelError
 from calplug.integrations import families, transformers_vlm
 from _hf_families import FAMILIES, decoder_and_head, make_batch, tf_version, visual_positions
+from _skips import skip_unrunnable_family
 from _close import assert_grads_rel_close, grads
 
 
@@ -23,9 +24,7 @@ IMAGE_BATCH = ("image", "image", None)
 
 def family_model(name, **build):
     family = FAMILIES[name]
-    reason = family.skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_unrunnable_family(family)
     return family, family.build(0, **build).train()
 
 

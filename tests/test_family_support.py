@@ -2,7 +2,8 @@
 matrix built from it: every class the installed transformers maps to image-text-to-text gets its
 status, recorded in this env's junit results (testsuite property ``calplug_support``) for
 tests/support_matrix.py, which the tox env ``support-matrix`` runs with the standard library
-only; refused classes raise their reason at enable; a matched class runs with a warning.
+only (its rule is tested in tests/test_support_matrix.py); refused classes raise their reason at
+enable; a matched class runs with a warning.
 
 Run by every env of the transformers matrix (tox.ini: py, hf-4.45, hf-4.49, hf-4.57).
 """
@@ -182,82 +183,3 @@ def test_every_proven_family_has_cases_and_every_family_case_a_row():
         assert status == ("proven" if facts.proven else "matched"), facts.class_name
         assert reason
     assert not families.FAMILIES.keys() & families.REFUSED.keys()
-
-
-def test_support_matrix_generator_reads_junit(tmp_path):
-    """tests/support_matrix.py: every recorded class gets a row with its status (proven with the
-    releases where its family's property cases passed and nothing failed, FAIL where a test
-    failed, unproven where no case ran, refused / matched with the reason); families x releases
-    count tests (a failure shows as FAIL, a family missing from a release as '-', other skips as
-    numbered notes); columns sorted by transformers version; envs without a class list are
-    ignored."""
-    import json
-    from xml.sax.saxutils import quoteattr
-
-    import support_matrix
-
-    families = {"llava": ["Llava", "LlavaForConditionalGeneration"],
-                "qwen3_vl": ["Qwen3-VL", "Qwen3VLForConditionalGeneration"],
-                "qwen2_vl": ["Qwen2-VL", "Qwen2VLForConditionalGeneration"],
-                "llama4": ["Llama4", "Llama4ForConditionalGeneration"]}
-    props, families_mod = "tests.test_properties", "tests.test_family_calls"
-
-    def suite(version, classes, cases):
-        support = json.dumps({"mapping": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-                              "classes": classes, "families": families})
-        body = "".join(f'<testcase classname="{module}" name="{name}">{inner}</testcase>'
-                       for module, name, inner in cases)
-        return (f'<testsuites><testsuite time="2.5"><properties><property name="transformers" value="{version}"/>'
-                f'<property name="calplug_support" value={quoteattr(support)}/></properties>{body}'
-                f'</testsuite></testsuites>')
-
-    proven = ["proven", "family cases", True]
-    (tmp_path / "py.xml").write_text(suite("5.24.0", {
-        "LlavaForConditionalGeneration": proven, "Qwen3VLForConditionalGeneration": proven,
-        "Qwen2VLForConditionalGeneration": proven, "Llama4ForConditionalGeneration": proven,
-        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", True],
-        "DeepseekVLForConditionalGeneration": ["matched", "run `calplug verify`", True],
-    }, [
-        (props, "test_faithful_mode_equals_reference[hf-qwen3_vl-image-right-a0-b5-w3]", ""),
-        (families_mod, "test_qwen3_vl_visual_extras_cleared_by_drop_kept_by_mask", '<failure message="x"/>'),
-        (families_mod, "test_partial_logits_refused[llava]", '<skipped message="takes no logits_to_keep"/>'),
-        (props, "test_eval_and_calls_without_labels_return_what_the_original_returns[hf-llava-image-right]", ""),
-        (props, "test_faithful_mode_equals_reference[hf-qwen2_vl-image-right-a0-b5-w3]",
-         '<skipped message="needs timm"/>'),
-        (families_mod, "test_partial_logits_refused[qwen2_vl]", ""),  # no case ran: not proven
-        (families_mod, "test_llama4_on_a_broken_release_is_refused_with_the_upstream_bug", ""),
-    ]))
-    (tmp_path / "hf-4.45.xml").write_text(suite("4.45.2", {
-        "LlavaForConditionalGeneration": proven,
-        "MllamaForConditionalGeneration": ["refused", "Mllama: cross-attention", False],
-    }, [
-        (families_mod, "test_faithful_mode_equals_reference[qwen3_vl-image]",
-         '<skipped message="Qwen3VLForConditionalGeneration needs transformers &gt;= 4.57"/>'),
-        (props, "test_generate_is_unchanged[hf-llava-image-right]", ""),
-    ]))
-    (tmp_path / "distributed.xml").write_text(
-        '<testsuites><testsuite><testcase classname="tests.distributed.x" name="t"/></testsuite></testsuites>')
-    out = tmp_path / "matrix.md"
-    assert support_matrix.main([str(tmp_path), str(out)]) == 0
-    text = out.read_text()
-    # every class, with its status
-    assert "| `LlavaForConditionalGeneration` | proven (4.45.2, 5.24.0) | all | family `llava`: its cases pass on 4.45.2, 5.24.0 |" in text
-    assert "| `Qwen3VLForConditionalGeneration` | FAIL | 5.24.0 | family `qwen3_vl`; FAIL on 5.24.0 (1 of 2 failed) |" in text
-    assert "| `Qwen2VLForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `qwen2_vl`; its tests skip where [1] |" in text
-    assert "| `Llama4ForConditionalGeneration` | unproven: its cases did not run | 5.24.0 | family `llama4` |" in text
-    assert "| `MllamaForConditionalGeneration` | refused | all | Mllama: cross-attention |" in text
-    assert "| `DeepseekVLForConditionalGeneration` | matched, unproven | 5.24.0 | run `calplug verify` |" in text
-    assert ("transformers 5.24.0: 6 classes: 1 proven, 1 refused, 1 matched but unproven, 1 failing "
-            "their family's tests, 2 with family cases that did not run; 1 families proven on 5.24.0.") in text
-    # family x release test counts
-    header = next(line for line in text.splitlines() if line.startswith("| family"))
-    assert header.index("4.45.2") < header.index("5.24.0") and "distributed" not in header
-    assert "| Qwen3-VL | `Qwen3VLForConditionalGeneration` | - | FAIL 1/2 |" in text
-    assert "| Llava | `LlavaForConditionalGeneration` | pass 1/1 | pass 1/2, 1 skipped [2] |" in text
-    assert "| Qwen2-VL | `Qwen2VLForConditionalGeneration` | - | pass 1/2, 1 skipped [1] |" in text
-    assert "1. needs timm" in text and "2. takes no logits_to_keep" in text
-    assert "| pytest seconds (whole env) | | 2.5 | 2.5 |" in text
-    for xml in tmp_path.glob("*.xml"):
-        if xml.stem != "distributed":
-            xml.unlink()
-    assert support_matrix.main([str(tmp_path), str(out)]) == 1

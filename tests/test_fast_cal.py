@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import calplug
-from calplug import distributed, enabling, plugins
+from calplug import distributed, plugins
 from calplug.hookspecs import hookimpl
 from calplug.testing import llava_batch, tiny_llava
 from _recording import ShapeRecorder, record_calls
+from _skips import missing, skip_unrunnable_family
 
 VOCAB = 1000  # distinctive: no other dimension of the tiny model is 1000
 
@@ -54,20 +55,14 @@ FAMILY_NAMES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_v
 
 
 def _family(name):
-    try:
-        import _hf_families
-    except ImportError:
-        pytest.skip("tests/_hf_families.py (tiny models of every transformers family) is missing")
+    """A family of tests/_hf_families.py (skipped only where this transformers release lacks it)
+    and its tiny model; every one of `FAMILY_NAMES` has an integration, so none is looked up
+    here: a missing one fails the test."""
+    import _hf_families
+
     family = _hf_families.FAMILIES[name]
-    if not family.available():
-        pytest.skip(f"{family.class_name} needs transformers >= {family.since}")
-    model = family.build(0).train()
-    try:
-        enabling.find_integration(model)
-    except calplug.UnsupportedModelError:
-        pytest.skip(f"no calplug integration for {family.class_name} is registered yet "
-                    "(integrations/transformers_vlm.py and its family table)")
-    return _hf_families, family, model
+    skip_unrunnable_family(family)
+    return _hf_families, family, family.build(0).train()
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -264,7 +259,7 @@ def test_sharded_ranks_agree_on_skipping_the_contrast_pass(tmp_path, case):
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("needs torch.distributed with the gloo backend")
+        missing("gloo", "needs torch.distributed with the gloo backend (this torch build has none)")
     world = 2
     results = mp.Manager().dict()
     mp.spawn(_sharded_worker, args=(world, str(tmp_path / "pg"), case, results), nprocs=world,
@@ -383,8 +378,13 @@ def test_chunked_loss_never_makes_full_logits(llava):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_weighted_cross_entropy_matches_reference(dtype):
-    from calplug.loss import chunked_weighted_cross_entropy, weighted_cross_entropy
+def test_chunked_weighted_cross_entropy_equals_the_spec_on_full_logits(dtype):
+    """The chunked loss (gradients computed chunk by chunk in its forward) against step 7 written
+    here on full logits: the output projection in the model's dtype, float32 cross-entropy of
+    every shifted row (0 where ignored), ``sum(ce * w) / (sum of supervised w + 1e-6)``, scaled by
+    the micro-batch's share of ``num_items_in_batch`` supervised tokens. Value and the gradients
+    of hidden states, weight and bias."""
+    from calplug.loss import chunked_weighted_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     B, L, d, V = 3, 11, 8, 50
@@ -395,11 +395,16 @@ def test_chunked_weighted_cross_entropy_matches_reference(dtype):
     labels[:, :3] = -100
     labels[1, 7:] = -100
     weights = torch.rand(B, L - 1, generator=g) + 1
-    ref = weighted_cross_entropy(torch.nn.functional.linear(h, W, bias), labels, weights, 17)
-    got = chunked_weighted_cross_entropy(h, W, bias, labels, weights, 4, 17)
+    items = 17
+    logits = F.linear(h, W, bias)[:, :-1].reshape(-1, V).float()
+    every_row = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100,
+                                reduction="none").view(B, L - 1)
+    supervised = labels[:, 1:] != -100
+    spec = (every_row * weights).sum() / (weights[supervised].sum() + 1e-6) * supervised.sum() / items
+    got = chunked_weighted_cross_entropy(h, W, bias, labels, weights, 4, items)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
-    torch.testing.assert_close(got, ref, **tol)
-    for a, b in zip(torch.autograd.grad(2.5 * ref, (h, W, bias)), torch.autograd.grad(2.5 * got, (h, W, bias))):
+    torch.testing.assert_close(got, spec, **tol)
+    for a, b in zip(torch.autograd.grad(2.5 * spec, (h, W, bias)), torch.autograd.grad(2.5 * got, (h, W, bias))):
         assert a.dtype == b.dtype == dtype
         torch.testing.assert_close(b.float(), a.float(), **tol)
 

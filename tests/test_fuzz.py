@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install hypothesis; tox installs it)")
+from _skips import importorskip
+
+hypothesis = importorskip("hypothesis", "hypothesis", "the fuzz tests need it: pip install hypothesis "
+                          "(tox -e py installs it)")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 import calplug  # noqa: E402

@@ -17,6 +17,7 @@ import calplug
 from calplug import cli
 from calplug.cli import demo, demo_protocol, demo_training, synthetic
 from calplug.cli import inspect as inspection
+from _skips import importorskip, missing
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -149,8 +150,8 @@ def test_inspect_refuses_a_missing_model_folder(tmp_path):
 
 def test_html_renders_tokens_in_a_headless_browser(checkpoint, tmp_path):
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: install it with "
-                    "`apt-get update && apt-get install -y chromium` to run the browser test")
+        missing("chromium", f"{CHROMIUM} is missing: install it with "
+                "`apt-get update && apt-get install -y chromium` to run the browser test")
     out = tmp_path / "inspect"
     assert cli.main(["inspect", "--model", str(checkpoint), "--out", str(out), "--samples", "3"]) == 0
     data = json.loads((out / "tokens.json").read_text())
@@ -206,7 +207,8 @@ def _saved_model_with_processor(folder: Path):
 
 
 def test_inspect_a_saved_model_with_its_processor(tmp_path, capsys):
-    pytest.importorskip("tokenizers", reason="the `tokenizers` package (a transformers dependency) builds the test tokenizer")
+    importorskip("tokenizers", "tokenizers", "the `tokenizers` package (a transformers dependency) "
+                 "builds the test tokenizer: pip install tokenizers")
     model_dir = tmp_path / "model"
     a, b = _saved_model_with_processor(model_dir)
     caps = ["a small red circle on the left <eos>", "a large blue square <eos>"]

@@ -227,3 +227,37 @@ def test_logging_stats_report_the_share_of_rows_that_got_a_contrast(model):
         finally:
             stats.unregister()
         assert stats.scalars()["cal/share_contrasted"] == pytest.approx(expected)
+
+
+def test_an_image_whose_positions_are_all_padding_reaches_no_token(model):
+    """LLaMA-Factory's text-only batches carry a placeholder image appended after the text with
+    attention mask 0 (so every rank runs the vision tower under ZeRO-3). Such an image reaches no
+    token: its sample is text-only for CAL (no contrast, gap exactly 0, weight alpha), and the
+    other samples' gaps, weights and loss are those of the batch without it."""
+    from calplug.trainer import CALStats
+
+    text_only = llava_batch(model, lengths=(9, 10), with_image=(False, False))
+    n = model.config.image_seq_length
+    B, L = text_only["input_ids"].shape
+    # the placeholder image after sample 0's text, masked out, as LLaMA-Factory's collator does
+    end = int(text_only["attention_mask"][0].sum())
+    ids = torch.zeros(B, L + n, dtype=torch.long)
+    mask = torch.zeros(B, L + n, dtype=torch.long)
+    labels = torch.full((B, L + n), -100, dtype=torch.long)
+    ids[:, :L], mask[:, :L], labels[:, :L] = text_only["input_ids"], text_only["attention_mask"], text_only["labels"]
+    ids[0, end:end + n] = model.config.image_token_index
+    padded = dict(input_ids=ids, attention_mask=mask, labels=labels,
+                  pixel_values=torch.zeros(1, 3, 32, 32))
+    stats = CALStats().register()
+    try:
+        with calplug.enabled(model, alpha=0.5):
+            faked = model(**padded)
+            plain = model(**text_only)
+    finally:
+        stats.unregister()
+    sup = labels[:, 1:] != -100
+    assert float(faked.cal_gaps[sup].abs().max()) == 0.0           # no contrast: exactly 0
+    assert bool((faked.cal_weights[sup] == 0.5).all())              # weight alpha
+    assert float(plain.cal_gaps.abs().max()) == 0.0
+    torch.testing.assert_close(faked.loss, plain.loss, rtol=1e-6, atol=1e-6)
+    assert stats.contrasted == 0                                    # cal/share_contrasted: 0

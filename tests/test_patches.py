@@ -25,11 +25,11 @@ import atexit
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
-import traceback
 import zipfile
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import pytest
 from calplug import cli
 from calplug import patching
 from calplug.patching import PatchConflictError
+from _skips import missing
 
 LLAVA = "llava-v1.2.2"
 LLAVA_VERSION = "1.2.2.post1"
@@ -118,8 +119,8 @@ def test_patch_files_ship_inside_the_installed_package():
     package = Path(calplug.__file__).resolve().parent
     repo_copy = package.parent / "patches"
     if folder == repo_copy.resolve() and (package.parent / "pyproject.toml").is_file():
-        pytest.skip("calplug is imported from a source checkout (editable install); "
-                    "`tox -e patches` installs the wheel and runs this check")
+        missing("patches", "calplug is imported from a source checkout (editable install); "
+                           "`tox -e patches` installs the wheel and runs this check")
     assert folder.resolve() == (package / "patches").resolve()
     assert (folder / f"{LLAVA}.patch").is_file()
 
@@ -204,7 +205,8 @@ def test_apply_then_reverse_is_byte_identical(tmp_path, capsys, engine):
 
 def test_python_engine_writes_what_git_apply_writes(tmp_path):
     if not HAS_GIT:
-        pytest.skip("git is not installed: nothing to compare the Python engine with")
+        missing("git", "git is not installed: nothing to compare the Python engine with "
+                       "(apt-get install git)")
     for patch in patching.available():
         a = synthetic_checkout(patch, tmp_path / f"{patch.name}-git")
         b = synthetic_checkout(patch, tmp_path / f"{patch.name}-py")
@@ -297,7 +299,7 @@ def test_checkout_inside_a_bigger_git_repository(tmp_path, capsys):
     """Inside a repository, plain `git apply` reads paths from the repository root and silently
     skips files outside the current folder; the command must patch PATH itself."""
     if not HAS_GIT:
-        pytest.skip("git is not installed")
+        missing("git", "git is not installed: this test builds a git repository (apt-get install git)")
     outer = tmp_path / "monorepo"
     outer.mkdir()
     subprocess.run(["git", "init", "-q", str(outer)], check=True)
@@ -329,8 +331,9 @@ def llava_sources(dest: Path) -> Path:
     except importlib.metadata.PackageNotFoundError:
         dist = None
     if dist is None or dist.version != LLAVA_VERSION:
-        pytest.skip(f"needs the llava-torch=={LLAVA_VERSION} files: set CALPLUG_LLAVA_WHEEL to its "
-                    "wheel (or a folder holding it), or install it --no-deps; `tox -e patches` does")
+        missing("patches", f"needs the llava-torch=={LLAVA_VERSION} files: set CALPLUG_LLAVA_WHEEL to "
+                           "its wheel (or a folder holding it), or install it --no-deps; `tox -e "
+                           "patches` does")
     for f in dist.files or []:
         if str(f).startswith("llava/"):
             target = dest / str(f)
@@ -351,7 +354,7 @@ def run_driver(*args: str, src: Path, timeout: int = 600) -> dict:
                              f"{proc.stderr[-6000:]}")
     result = json.loads(last)
     if "skip" in result:
-        pytest.skip(result["skip"])
+        missing(result["needs"], result["skip"])
     return result
 
 
@@ -425,7 +428,7 @@ def fork_checkout(name: str, dest: Path):
     var = PATCH_ENV[name]
     folder = os.environ.get(var)
     if not folder:
-        pytest.skip(f"set {var}=/path/to/the {name} source checkout to check its patch")
+        missing(name, f"set {var}=/path/to/the {name} source checkout to check its patch")
     patch = next(p for p in patching.available() if p.name.startswith(name + "-")
                  and p.name[len(name) + 1:].isalnum())
     shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(".git", "*.png", "*.jpg", "*.gif"))
@@ -485,19 +488,33 @@ def _import_train(codebase: str):
     try:
         with contextlib.redirect_stdout(printed):
             module = importlib.import_module(TRAIN_MODULE[codebase])
-    except Exception as exc:   # a dependency the codebase imports is missing or broken here
-        frames = traceback.extract_tb(exc.__traceback__)
-        if not isinstance(exc, ImportError) and frames and frames[-1].filename.startswith(os.getcwd()):
-            raise                  # failed in the patched codebase itself: a real failure
+    except ImportError as exc:
         sys.stdout.write(printed.getvalue())
-        # LLaVA-NeXT's llava/model/__init__.py prints the real import error and carries on
-        said = [l.strip() for l in printed.getvalue().splitlines() if "rror" in l][:2]
-        _emit({"skip": f"the patched {TRAIN_MODULE[codebase]} does not import here: {exc!r}"
-                       + (f" ({'; '.join(said)})" if said else "")
-                       + f"; run it in an environment with {codebase}'s dependencies"})
+        absent = _not_installed(exc, printed.getvalue())
+        if absent is None:
+            raise              # the patched codebase itself fails to import: a real failure
+        _emit({"skip": f"the patched {TRAIN_MODULE[codebase]} imports {absent!r}, which is not "
+                       f"installed here: run it in an environment with {codebase}'s dependencies",
+               "needs": "patches" if codebase == "llava" else codebase})
         raise SystemExit(0)
     sys.stdout.write(printed.getvalue())
     return module
+
+
+def _not_installed(exc: ImportError, printed: str) -> str | None:
+    """The third-party module whose absence made the import fail, or None when the failure is
+    anything else (a module of the checkout, a name missing from an installed package, a broken
+    install): only "not installed" may skip. LLaVA-NeXT's llava/model/__init__.py catches its
+    own import errors, prints them and carries on, so what it printed is read too."""
+    names = [exc.name] if isinstance(exc, ModuleNotFoundError) else []
+    if not names:
+        names = re.findall(r"No module named '([\w.]+)'", printed)
+    for name in names:
+        top = (name or "").split(".")[0]
+        in_checkout = (Path.cwd() / top).is_dir() or (Path.cwd() / f"{top}.py").is_file()
+        if top and not in_checkout:
+            return name
+    return None
 
 
 def _drive_parse(codebase: str, argv: list[str]) -> None:
@@ -583,12 +600,7 @@ def _drive_train(codebase: str) -> None:
     real_enable_for_stage = calplug.enable_for_stage
 
     def recording_enable_for_stage(model, stage, config=None, **overrides):  # spy: calls the real one
-        try:
-            enabled = real_enable_for_stage(model, stage, config, **overrides)
-        except calplug.UnsupportedModelError as exc:
-            _emit({"skip": f"calplug has no integration for the patched LLaVA model ({exc}); "
-                           "it comes from calplug/integrations/llava_style.py (issue 3)"})
-            raise SystemExit(0)
+        enabled = real_enable_for_stage(model, stage, config, **overrides)
         state = calplug.enabling.unwrap_model(model).__dict__.get(calplug.step.STATE_ATTR)
         calls.append({"stage": stage, "enabled": enabled,
                       "config": calplug.resolve_config(config, **overrides).to_dict(),

@@ -68,12 +68,12 @@ def test_qwen_premerged_embeds_with_mm_token_type_ids_equal_the_input_ids_path()
     if "mm_token_type_ids" not in batch:
         pytest.skip("this transformers release's Qwen2-VL forward takes no mm_token_type_ids (< 5.3)")
     calplug.enable(model.train(), alpha=0.0)
-    reference = cal_output(model, batch)
+    via_ids = cal_output(model, batch)  # calplug itself, on input_ids
     call = premerged(model, batch)
     call["mm_token_type_ids"] = batch["mm_token_type_ids"]
     out = cal_output(model, call)
-    assert bool((reference.cal_gaps != 0).any())  # the images really changed something
-    assert_same_cal(reference, out)
+    assert bool((via_ids.cal_gaps != 0).any())  # the images really changed something
+    assert_same_cal(via_ids, out)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
@@ -81,11 +81,11 @@ def test_premerged_embeds_with_the_adapter_mask_equal_the_input_ids_path(name):
     model, batch = build(name)
     seen = recording(model)
     calplug.enable(model.train(), alpha=0.0)
-    reference = cal_output(model, batch)
+    via_ids = cal_output(model, batch)  # calplug itself, on input_ids
     call = premerged(model, batch)
     call[VISUAL_MASK_ARGUMENT] = fam.visual_positions(model, batch["input_ids"])
     out = cal_output(model, call)
-    assert_same_cal(reference, out)
+    assert_same_cal(via_ids, out)
     # The adapter's key never reaches the model, in training or passed through (eval).
     model.eval()
     with torch.no_grad():

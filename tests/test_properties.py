@@ -20,23 +20,30 @@ import calplug
 from calplug import contrast_pass
 from _faithful import faithful_step_after_reference
 from _recording import ShapeRecorder, record_calls
-from cases import CASES, SETTING, params
+from cases import CASES, POOLED, SETTING, params
 from _close import assert_grads_rel_close
 from _hf_kinds import POSITIONS
 
 
+# The skips of a property that does not apply (tests/support_matrix.py's NOT_APPLICABLE reads
+# them: such a skip does not keep the family from "proven").
+MASK_REFUSED = ("this decoder's conv / linear-attention layers do not honour mask holes, so calplug "
+                "refuses contrast='mask' for it (tests/test_family_decoders.py checks the refusal); "
+                "its faithful case uses drop")
+
+
 def skip_where_mask_is_refused(case, contrast):
     if contrast == "mask" and case.contrast != "mask":
-        pytest.skip("this decoder's conv / linear-attention layers do not honour mask holes, so "
-                    "calplug refuses contrast='mask' for it (tests/test_family_decoders.py checks the "
-                    "refusal); its faithful case uses drop")
+        pytest.skip(MASK_REFUSED)
+
+
+NO_POSITIONS = ("the image is not at positions of the decoder sequence, so drop and mask are the "
+                "same image-free pass (tests/test_kinds.py checks that they agree on every row)")
 
 
 def skip_where_the_image_has_no_positions(case):
     if case.kind != POSITIONS:
-        pytest.skip(f"{case.kind} models: the image is not at positions of the decoder sequence, so "
-                    "drop and mask are the same image-free pass (tests/test_kinds.py checks that "
-                    "they agree on every row)")
+        pytest.skip(f"{case.kind} models: {NO_POSITIONS}")
 
 
 def gaps_with(model, batch, **config):
@@ -45,32 +52,53 @@ def gaps_with(model, batch, **config):
 
 
 # -- faithful mode -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case, setting", params(with_settings=True))
-def test_faithful_mode_equals_reference(case, setting, env):
-    alpha, beta, window = setting
+@pytest.mark.parametrize("case", params(with_settings=True))
+def test_faithful_mode_equals_reference(case, env):
+    """Faithful mode equals the two-forward reference in loss, gaps, weights and every gradient,
+    at each of the case's settings (its id lists them; every case has alpha 0 with pooling, where
+    the weights vary, and the published alpha 1 with pooling, where flat pooling's edges decide
+    the loss). One build and one pair of reference forwards serve every setting."""
     model, batch = case.build(env)
-    ref = case.reference(model, batch, alpha, beta, window)
+    first = case.reference(model, batch, *case.settings[0])
     if case.check is not None:
-        case.check(model, batch, ref)
-    assert bool(ref.with_image[0]) and (not case.text_only or not bool(ref.with_image[2]))
-    out, cal_grads, ref_grads = faithful_step_after_reference(model, batch, ref.loss, alpha, beta,
-                                                              window, contrast=case.contrast)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out.cal_gaps.reshape(-1), ref.gaps, rtol=1e-5, atol=case.gap_atol)
-    torch.testing.assert_close(out.cal_weights.reshape(-1), ref.weights, rtol=1e-5, atol=case.gap_atol)
-    for name in case.grad_names:
-        assert any(name in n for n in cal_grads), name
-    assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=case.grad_atol)
-    if case.text_only:
-        assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
-    if setting == SETTING:
-        # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
-        assert out.cal_weights.std() > case.min_weight_std
-        if case.far_from_plain:
-            rows = out.logits[:, :-1] if case.label_shift else out.logits
-            plain = F.cross_entropy(rows.flatten(0, 1).float(), ref.labels[:, case.label_shift:].flatten())
-            assert (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
-        assert out.cal_gaps[0].abs().max() > 0
+        case.check(model, batch, first)
+    assert bool(first.with_image[0]) and (not case.text_only or not bool(first.with_image[2]))
+    for i, setting in enumerate(case.settings):
+        alpha, beta, window = setting
+        last = i == len(case.settings) - 1
+        if i == 0:
+            ref = first
+        elif first.forwards is not None:
+            ref = first.at(alpha, beta, window)
+        else:  # a reference that keeps no forwards: run it again on the plain model
+            calplug.disable(model)
+            ref = case.reference(model, batch, alpha, beta, window)
+        out, cal_grads, ref_grads = faithful_step_after_reference(
+            model, batch, ref.loss, alpha, beta, window, contrast=case.contrast,
+            retain_graph=not last and first.forwards is not None)
+        at = f"at alpha={alpha:g}, beta={beta:g}, window={window}"
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0, msg=lambda m: f"loss {at}: {m}")
+        torch.testing.assert_close(out.cal_gaps.reshape(-1), ref.gaps, rtol=1e-5, atol=case.gap_atol,
+                                   msg=lambda m: f"gaps {at}: {m}")
+        torch.testing.assert_close(out.cal_weights.reshape(-1), ref.weights, rtol=1e-5,
+                                   atol=case.gap_atol, msg=lambda m: f"weights {at}: {m}")
+        for name in case.grad_names:
+            assert any(name in n for n in cal_grads), name
+        try:
+            assert_grads_rel_close(cal_grads, ref_grads, 1e-5, atol=case.grad_atol)
+        except AssertionError as error:
+            raise AssertionError(f"gradients {at}: {error}") from None
+        if case.text_only:
+            assert torch.count_nonzero(out.cal_gaps[2]) == 0  # text-only sample: no gap
+        if setting == SETTING:
+            # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
+            assert out.cal_weights.std() > case.min_weight_std
+            if case.far_from_plain:
+                rows = out.logits[:, :-1] if case.label_shift else out.logits
+                plain = F.cross_entropy(rows.flatten(0, 1).float(), ref.labels[:, case.label_shift:].flatten())
+                assert (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
+            assert out.cal_gaps[0].abs().max() > 0
+    assert SETTING in case.settings and POOLED in case.settings
 
 
 # -- unit weights ----------------------------------------------------------------------------------

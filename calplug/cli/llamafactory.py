@@ -19,8 +19,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..frameworks import llamafactory
 
-    llamafactory.train(args.config, args.overrides)
-    return 0
+    return llamafactory.train(args.config, args.overrides)
 
 
 if __name__ == "__main__":  # python -m calplug.cli.llamafactory train cfg.yaml (under torchrun)

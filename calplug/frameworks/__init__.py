@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from ..config import did_you_mean, field_names
 from ..errors import CALConfigError
 from ..hookspecs import Framework, hookimpl
+from .liger import LIGER_KERNEL
 from .trl import TRL
 
 SETTING_PREFIX = "cal_"
@@ -78,8 +79,7 @@ OWN_LOSS = ("computes the loss outside the model from (outputs, labels) and take
             "the model call, so calplug's forward would never see them and CAL would silently do "
             "nothing")
 NOT_SFT = "CAL is a supervised fine-tuning loss; preference / RL / reward trainers compute their own"
-LIGER = ("Liger's kernels replace the model's forward with a fused cross-entropy that calplug is "
-         "not tested with")
+
 
 
 # What the CAL step needs to know about each framework that calls the model (packed batches are
@@ -90,6 +90,7 @@ FRAMEWORKS = [
     Framework("LLaMA-Factory", packing_off="packing: false, neat_packing: false"),
     TRL,
     Framework("ms-swift", packing_off="--packing false --padding_free false"),
+    LIGER_KERNEL,
 ]
 
 

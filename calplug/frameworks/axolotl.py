@@ -26,7 +26,7 @@ from pydantic import BaseModel, create_model, model_validator
 
 from axolotl.integrations.base import BasePlugin
 
-from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse, settings_from
+from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, liger, refuse, settings_from
 from ..config import CALConfig
 
 FRAMEWORK = "axolotl"
@@ -41,8 +41,13 @@ REFUSED = (
     Refusal("chunked_cross_entropy", "it replaces transformers' causal-LM loss, and calplug computes "
                                      "its own weighted loss in the model's forward: the option "
                                      "would do nothing for the CAL loss"),
-    Refusal("liger_fused_linear_cross_entropy", "the fused linear cross-entropy computes the loss "
-                                                "without logits inside the model's forward"),
+    Refusal("liger_fused_linear_cross_entropy", "that Liger kernel "
+            + liger.WHY["fused_linear_cross_entropy"] + ". Liger's other kernels (liger_rope, "
+            "liger_rms_norm, liger_glu_activation, liger_layer_norm) compose with CAL, and for the "
+            "memory it saves set cal_loss_chunk: 1024"),
+    Refusal("liger_cross_entropy", "that Liger kernel " + liger.WHY["cross_entropy"] + ". Liger's "
+            "other kernels (liger_rope, liger_rms_norm, liger_glu_activation, liger_layer_norm) "
+            "compose with CAL"),
     Refusal("cut_cross_entropy", "Cut Cross-Entropy computes the loss without logits inside the "
                                  "model's forward"),
     Refusal("sample_packing", PACKING),
@@ -117,5 +122,6 @@ class CALPlugin(BasePlugin):
             return
         from .. import trainer as cal_trainer
 
+        cal_trainer.refuse_bypasses(trainer)
         cal_trainer.use_model_loss(trainer)
         cal_trainer.attach(trainer)

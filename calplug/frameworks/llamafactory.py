@@ -6,11 +6,11 @@ keys, the options CAL cannot run with are refused (`REFUSED`), and the rest goes
 ``llamafactory.train.tuner.run_exp(args, callbacks)`` with a callback that enables CAL on the
 model when training begins and calplug's logging callback.
 
-Several processes: ``llamafactory-cli`` relaunches itself with torchrun when it sees several
-GPUs, and the relaunched processes lose the callbacks. Launch torchrun yourself instead:
-``torchrun --nproc_per_node N -m calplug.cli.llamafactory train cfg.yaml`` (the command as a
-module). Without torchrun and with several GPUs visible, `train` refuses to start (the Trainer
-would fall back to ``nn.DataParallel``).
+Several processes: ``llamafactory-cli`` relaunches its own launcher with torchrun when it sees
+several GPUs (or ``FORCE_TORCHRUN=1``), and those processes never get calplug's callback. So
+``calplug llamafactory train`` relaunches itself the same way, with LLaMA-Factory's variables
+(`torchrun_command`): ``FORCE_TORCHRUN=1 NPROC_PER_NODE=2 calplug llamafactory train cfg.yaml``
+starts ``torchrun ... -m calplug.cli.llamafactory train cfg.yaml``, which can also be run by hand.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, refuse, settings_from
+from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, is_on, liger, refuse, settings_from
 from ..enabling import checked_config
 from ..errors import CALConfigError
 from ..trainer import CALLoggingCallback, put_first
@@ -35,7 +35,11 @@ REFUSED = (
     Refusal("packing", PACKING),
     Refusal("neat_packing", PACKING),
     Refusal("label_smoothing_factor", "label smoothing " + OWN_LOSS, off="0"),
-    Refusal("enable_liger_kernel", LIGER),
+    Refusal("enable_liger_kernel", "LLaMA-Factory applies Liger with Liger's defaults, which include "
+                                   "the fused_linear_cross_entropy kernel, and has no setting to leave "
+                                   "it out: that kernel " + liger.WHY["fused_linear_cross_entropy"]
+            + ". Liger's other kernels compose with CAL through the Trainer's own switch: "
+              "use_liger_kernel: true with " + liger.YAML_OFF),
     Refusal("use_unsloth", "Unsloth replaces the model's forward and loss with its own kernels, "
                            "which calplug is not tested with"),
     Refusal("use_mca", "Megatron-Core training runs its own model code, which calplug does not patch"),
@@ -88,22 +92,51 @@ def _calling_handler():
     return None
 
 
-def _refuse_data_parallel() -> None:
-    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
-        return
+def _enabled(name: str) -> bool:
+    """An environment switch as LLaMA-Factory reads it ("true", "y" or "1")."""
+    return os.environ.get(name, "0").strip().lower() in ("true", "y", "1")
+
+
+def _gpu_count() -> int:
     try:
         import torch
 
-        gpus = torch.cuda.device_count()
+        return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - no CUDA build
-        gpus = 0
-    if gpus > 1:
+        return 0
+
+
+def torchrun_command(config: str, overrides=()) -> list[str] | None:
+    """The torchrun command `train` relaunches itself with, where ``llamafactory-cli train`` would
+    relaunch itself (``FORCE_TORCHRUN=1``, or several GPUs visible), with the same variables
+    (``NNODES``, ``NODE_RANK``, ``NPROC_PER_NODE``, ``MASTER_ADDR``, ``MASTER_PORT``); None in a
+    process torchrun started (``LOCAL_RANK`` set) or when one process is to train.
+
+    Why calplug relaunches itself rather than leaving it to LLaMA-Factory: ``llamafactory-cli``
+    relaunches its own launcher module, whose processes never get calplug's callback."""
+    if "LOCAL_RANK" in os.environ:
+        return None
+    gpus = _gpu_count()
+    if not (_enabled("FORCE_TORCHRUN") or gpus > 1):
+        return None
+    if os.environ.get("RDZV_ID"):
         raise CALConfigError(
-            f"{gpus} GPUs are visible and this is one process: the Trainer would use nn.DataParallel, "
-            "which calplug cannot run under. Launch one process per GPU: torchrun --nproc_per_node "
-            f"{gpus} -m calplug.cli.llamafactory train CONFIG.yaml (or make one GPU visible "
-            "with CUDA_VISIBLE_DEVICES)"
-        )
+            "RDZV_ID is set: calplug llamafactory does not start elastic (rendezvous) launches. Start "
+            "torchrun yourself: torchrun --rdzv-id ... -m calplug.cli.llamafactory train CONFIG.yaml")
+    import socket
+
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+    return [sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", os.environ.get("NNODES", "1"),
+            "--node_rank", os.environ.get("NODE_RANK", "0"),
+            "--nproc_per_node", os.environ.get("NPROC_PER_NODE", str(max(gpus, 1))),
+            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "--master_port", port,
+            "-m", "calplug.cli.llamafactory", "train", str(config), *map(str, overrides)]
 
 
 def read_config(config: str, overrides=()) -> dict[str, Any]:
@@ -125,17 +158,28 @@ def read_config(config: str, overrides=()) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.from_cli(list(overrides))))
 
 
-def train(config: str, overrides=()) -> None:
+def train(config: str, overrides=()) -> int:
     """Run LLaMA-Factory's training on ``config`` (YAML or JSON) with ``key=value`` overrides,
-    CAL enabled when the config says ``cal: true``. Refusals come before LLaMA-Factory loads."""
+    CAL enabled when the config says ``cal: true``; returns the exit status. Refusals come before
+    LLaMA-Factory loads; where ``llamafactory-cli`` would relaunch itself with torchrun
+    (`torchrun_command`), this relaunches ``python -m calplug.cli.llamafactory`` instead."""
     values = read_config(config, overrides)
     settings, rest = split_config(values)
     callbacks = []
     if settings is not None:
         refuse(FRAMEWORK, REFUSED, rest)
-        _refuse_data_parallel()
+        if is_on(rest.get("use_liger_kernel")):  # the Trainer's own switch: layer kernels compose
+            liger.check_kernel_config(FRAMEWORK, "use_liger_kernel=True", rest.get("liger_kernel_config"),
+                                      liger.YAML_OFF)
         checked_config(None, **settings)  # a bad value fails now, not when training begins
         callbacks = [LlamaFactoryCALCallback(settings)]
+    command = torchrun_command(config, overrides)
+    if command is not None:
+        import subprocess
+
+        print(f"calplug llamafactory: torchrun {' '.join(command[3:])}", flush=True)  # python -m torch.distributed.run
+        return subprocess.run(command).returncode
     from llamafactory.train.tuner import run_exp
 
     run_exp(rest, callbacks=callbacks)
+    return 0

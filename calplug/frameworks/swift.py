@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import LIGER, NOT_SFT, OWN_LOSS, PACKING, Refusal, refuse
-from ..errors import CALConfigError
+from . import NOT_SFT, OWN_LOSS, PACKING, Refusal, liger, refuse
+from ..errors import CALConfigError, CALWarning, warn_once
 from ..hookspecs import VISUAL_MASK_ARGUMENT
 from ..integrations import compat
 from ..trainer import CALLoggingCallback, put_first
@@ -67,7 +67,6 @@ _REFUSED_AND_READ = (
      _template("sequence_parallel_size")),
     (Refusal("--packing", PACKING), _template("packing")),
     (Refusal("--padding_free", PACKING), _template("padding_free")),
-    (Refusal("--use_liger_kernel", LIGER), _arg("use_liger_kernel")),
     (Refusal("--tuner_backend", "Unsloth replaces the model's forward and loss with its own kernels",
              applies=lambda b: b == "unsloth", off="peft"), _arg("tuner_backend")),
     (Refusal("--use_logits_to_keep", "calplug needs the logits of every position to weight the "
@@ -75,6 +74,13 @@ _REFUSED_AND_READ = (
      _arg("use_logits_to_keep")),
 )
 REFUSED = tuple(refusal for refusal, _ in _REFUSED_AND_READ)
+LIGER_NOTE = ("calplug: --use_liger_kernel with CAL: Liger's layer kernels (RMSNorm, RoPE, SwiGLU) "
+              "are applied, its fused linear cross-entropy is not, because CAL weights each "
+              "token's loss and that kernel computes an unweighted one without logits (ms-swift's "
+              "command line cannot set liger_kernel_config, so calplug sets it to "
+              f"{liger.LAYER_ONLY}). For the memory the fused loss saves, set loss_chunk: 1024 in "
+              "$CALPLUG_CONFIG.")
+LIGER_OFF = "liger_kernel_config unset (calplug then applies Liger's layer kernels only)"
 
 
 def plugin_path() -> str:
@@ -105,6 +111,11 @@ class SwiftCALCallback(CALLoggingCallback):
         self.args = args
         self.trainer = trainer
         self._post_encode = None  # the template's own, while wrapped
+        if getattr(args, "use_liger_kernel", False) and not getattr(args, "liger_kernel_config", None):
+            # Built before the Trainer, which applies Liger from these arguments: its layer kernels
+            # only (ms-swift's command line cannot set liger_kernel_config, a dict).
+            args.liger_kernel_config = dict(liger.LAYER_ONLY)
+            warn_once("swift_liger", message=LIGER_NOTE, category=CALWarning)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from ..enabling import enable
@@ -112,6 +123,13 @@ class SwiftCALCallback(CALLoggingCallback):
         trainer = self.trainer
         template = trainer.template
         refuse(FRAMEWORK, REFUSED, options(trainer.args, template))
+        if getattr(trainer.args, "use_liger_kernel", False):  # Liger's layer kernels compose
+            liger.check_kernel_config(FRAMEWORK, "--use_liger_kernel true",
+                                      getattr(trainer.args, "liger_kernel_config", None), LIGER_OFF)
+        from ..trainer import loss_owner, refuse_bypasses
+
+        refuse_bypasses(trainer)   # what ms-swift shares with the HF Trainer
+        self.loss_owner = loss_owner(trainer)
         if trainer.args.use_logits_to_keep is None:  # decided at the first batch, after this
             trainer.args.use_logits_to_keep = False
         enable(model if model is not None else trainer.model)

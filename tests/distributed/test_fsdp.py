@@ -26,13 +26,14 @@ import torch
 
 import _common
 from _launch import describe, launch
+from _skips import needs
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:record_property is incompatible"),
-    pytest.mark.skipif(
-        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-        reason="needs torch.distributed with the gloo backend"),
+    needs(
+        "gloo", torch.distributed.is_available() and torch.distributed.is_gloo_available(),
+        "needs torch.distributed with the gloo backend (this torch build has none)"),
 ]
 
 WORKER = Path(__file__).with_name("_fsdp_worker.py")

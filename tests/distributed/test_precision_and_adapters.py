@@ -2,7 +2,6 @@
 and LoRA through PEFT."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 
@@ -15,6 +14,7 @@ from calplug.integrations import compat
 from calplug.testing import llava_batch
 
 from _common import make_model
+from _skips import module_found, needs
 
 
 def _batch(model):
@@ -137,8 +137,7 @@ def test_bf16_gaps_and_weights_in_fp32_and_loss_within_bf16_tolerance(mode):
 
 
 # -- LoRA (PEFT) ----------------------------------------------------------------------------------
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
-                                reason="needs peft (pip install peft): tox -e distributed")
+needs_peft = needs("peft", module_found("peft"), "peft is not installed (pip install peft): tox -e distributed")
 
 
 @needs_peft

@@ -136,19 +136,32 @@ def write_images(out: str | os.PathLike, n: int = 8, size: int = IMAGE) -> list[
     return found
 
 
-def tag_records(images) -> list[dict]:
+# The multi-process runs' sample order (read sequentially, two per micro-batch, micro-batches
+# dealt to two ranks in turn): at step 1 rank 1's micro-batch is text-only, at step 2 both ranks
+# mix, at step 3 rank 1 is text-only again. True: a sample with an image.
+MIXED = (True, True, False, False, True, False, False, True, True, True, False, False)
+
+
+def tag_records(images, pattern=None) -> list[dict]:
     """Records with an ``<image>`` tag in the user turn and the image path beside it: the format of
-    LLaMA-Factory's sharegpt datasets and of ms-swift's ``messages`` datasets."""
-    return [{"messages": [{"role": "user", "content": "<image>" + QUESTION},
-                          {"role": "assistant", "content": f"The square is {colour}."}],
-             "images": [path]} for path, colour in images]
+    LLaMA-Factory's sharegpt datasets and of ms-swift's ``messages`` datasets. With ``pattern``
+    (one bool per record), the False records are text-only (no tag, no image)."""
+    pattern = pattern or (True,) * len(images)
+    records = []
+    for (path, colour), image in zip(images, pattern):
+        records.append({"messages": [{"role": "user", "content": ("<image>" if image else "") + QUESTION},
+                                     {"role": "assistant", "content": f"The square is {colour}."}],
+                        "images": [path] if image else []})
+    return records
 
 
-def write_llamafactory_data(out: str | os.PathLike, n: int = 8) -> Path:
-    """``out/dataset_info.json`` naming dataset ``tiny_mm`` and its records; returns ``out``."""
+def write_llamafactory_data(out: str | os.PathLike, n: int = 8, pattern=None) -> Path:
+    """``out/dataset_info.json`` naming dataset ``tiny_mm`` and its records (``pattern``: which
+    have an image, `tag_records`); returns ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tiny_mm.json").write_text(json.dumps(tag_records(write_images(out, n)), indent=1))
+    n = len(pattern) if pattern else n
+    (out / "tiny_mm.json").write_text(json.dumps(tag_records(write_images(out, n), pattern), indent=1))
     info = {"tiny_mm": {"file_name": "tiny_mm.json", "formatting": "sharegpt",
                         "columns": {"messages": "messages", "images": "images"},
                         "tags": {"role_tag": "role", "content_tag": "content",
@@ -157,25 +170,30 @@ def write_llamafactory_data(out: str | os.PathLike, n: int = 8) -> Path:
     return out
 
 
-def write_swift_data(out: str | os.PathLike, n: int = 8, image: int = IMAGE) -> Path:
-    """``out/train.jsonl`` in ms-swift's messages format (``image`` pixels a side); returns the file."""
+def write_swift_data(out: str | os.PathLike, n: int = 8, image: int = IMAGE, pattern=None) -> Path:
+    """``out/train.jsonl`` in ms-swift's messages format (``image`` pixels a side; ``pattern``:
+    which records have an image, `tag_records`); returns the file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    n = len(pattern) if pattern else n
     path = out / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tag_records(write_images(out, n, image))))
+    records = tag_records(write_images(out, n, image), pattern)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
-def write_axolotl_data(out: str | os.PathLike, n: int = 8) -> Path:
+def write_axolotl_data(out: str | os.PathLike, n: int = 8, pattern=None) -> Path:
     """``out/train.jsonl`` for axolotl's multimodal ``chat_template`` datasets (typed content
-    parts, the image by path); returns the file."""
+    parts, the image by path; ``pattern``: which records have an image); returns the file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    n = len(pattern) if pattern else n
+    pattern = pattern or (True,) * n
     rows = [{"messages": [
-        {"role": "user", "content": [{"type": "image", "path": path},
-                                     {"type": "text", "text": QUESTION}]},
+        {"role": "user", "content": ([{"type": "image", "path": path}] if image else [])
+         + [{"type": "text", "text": QUESTION}]},
         {"role": "assistant", "content": [{"type": "text", "text": f"The square is {colour}."}]}]}
-        for path, colour in write_images(out, n)]
+        for (path, colour), image in zip(write_images(out, n), pattern)]
     path = out / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

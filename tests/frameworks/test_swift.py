@@ -11,8 +11,13 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("swift", reason="ms-swift is not installed: run tox -e swift")
+# Skips only where the package itself is not installed; a missing dependency of it raises
+# (tests/_skips.py), and tox -e swift fails instead of skipping (CALPLUG_REQUIRE).
+from _skips import importorskip  # noqa: E402
 
+importorskip("swift", "swift", "run tox -e swift (ms-swift)")
+
+import _exact  # noqa: E402
 import _tiny  # noqa: E402
 from conftest import BIN, assert_cal_was_active, run, step_logs, tail  # noqa: E402
 
@@ -45,21 +50,35 @@ def runs(tmp_path_factory):
     data = _tiny.write_swift_data(root / "data")
     settings = root / "cal.yaml"
     settings.write_text("alpha: 0.0\n")
-    plain = run(sft(model, data, root / "plain"), root)
-    cal = run(sft(model, data, root / "cal", *with_cal()), root, CALPLUG_CONFIG=str(settings))
-    return dict(root=root, model=model, data=data, settings=settings, plain=plain, cal=cal)
+    found = dict(root=root, model=model, data=data, settings=settings)
+    for name in ("plain", "plain_again"):   # the second: the determinism control
+        found[name] = run(sft(model, data, root / name), root, **_exact.recording(root / f"rec-{name}"))
+    found["cal"] = run(sft(model, data, root / "cal", *with_cal()), root, CALPLUG_CONFIG=str(settings),
+                       **_exact.recording(root / "rec-cal"))
+    return found
+
+
+def test_the_logged_cal_loss_is_calplugs_loss_on_the_same_batch(runs):
+    """The first step's logged loss is the CAL loss calplug computes here for the batch the model
+    received (recorded in the run), and two plain runs log identical losses at every step."""
+    root = runs["root"]
+    figures = _exact.assert_exact_against_plain(
+        _exact.read(root / "rec-cal"), _exact.read(root / "rec-plain"),
+        _exact.read(root / "rec-plain_again"), runs["model"], {"alpha": 0.0})
+    print(figures)
 
 
 def test_cal_trains_through_swift_sft(runs):
     plain, cal = runs["plain"], runs["cal"]
     assert plain.returncode == 0, tail(plain.stdout)
+    assert runs["plain_again"].returncode == 0, tail(runs["plain_again"].stdout)
     assert cal.returncode == 0, tail(cal.stdout)
     assert_cal_was_active(step_logs(cal.stdout), step_logs(plain.stdout), STEPS)
     # ms-swift's own log file has the keys too (the callback runs before its logging callback)
     (jsonl,) = (runs["root"] / "cal").glob("*/logging.jsonl")
     logged = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sum("cal/mean_weight" in entry for entry in logged) == STEPS, logged
-    print("\n".join(line for line in cal.stdout.splitlines() if "cal/mean_weight" in line))
+    print("\n".join(_exact.log_lines(cal.stdout)))
 
 
 def test_incompatible_option_is_refused_with_the_reason(runs):
@@ -205,3 +224,55 @@ def test_qwen2_vl_trains_through_swift_sft_with_premerged_embeddings(tmp_path):
     assert "Successfully registered post_encode hook" in cal.stdout  # the merge did happen
     assert_cal_was_active(step_logs(cal.stdout), step_logs(plain.stdout), STEPS)
     print("\n".join(line for line in cal.stdout.splitlines() if "cal/mean_weight" in line))
+
+
+# -- Liger: --use_liger_kernel (its Triton kernels do not run on a CPU: checked at the config) ------
+def _training_args(tmp_path, **kwargs):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+
+
+def test_liger_without_a_kernel_config_gets_its_layer_kernels_only(tmp_path, monkeypatch):
+    """ms-swift builds callbacks before the Trainer, which applies Liger from the same arguments:
+    the callback leaves Liger's layer kernels on and its loss kernels off, and says so once. (ms-
+    swift's command line cannot set liger_kernel_config: transformers' parser refuses a dict.)"""
+    monkeypatch.setattr(calplug.errors, "_WARNED", set())
+    args = _training_args(tmp_path, use_liger_kernel=True)
+    with pytest.warns(calplug.CALWarning) as shown:
+        adapter.SwiftCALCallback(args, trainer=None)
+    assert args.liger_kernel_config == {"fused_linear_cross_entropy": False, "cross_entropy": False}
+    assert str(shown[0].message) == (
+        "calplug: --use_liger_kernel with CAL: Liger's layer kernels (RMSNorm, RoPE, SwiGLU) are "
+        "applied, its fused linear cross-entropy is not, because CAL weights each token's loss and "
+        "that kernel computes an unweighted one without logits (ms-swift's command line cannot set "
+        "liger_kernel_config, so calplug sets it to {'fused_linear_cross_entropy': False, "
+        "'cross_entropy': False}). For the memory the fused loss saves, set loss_chunk: 1024 in "
+        "$CALPLUG_CONFIG.")
+    from calplug.frameworks import liger
+
+    liger.check_trainer(type("T", (), {"args": args})())   # what the Trainer will apply: composes
+    plain = _training_args(tmp_path)
+    adapter.SwiftCALCallback(plain, trainer=None)
+    assert plain.liger_kernel_config is None                 # no Liger asked for: nothing set
+
+
+def test_liger_loss_kernels_set_explicitly_are_refused_when_training_begins(tmp_path):
+    class Template:
+        mode, task_type = "train", "causal_lm"
+        sequence_parallel_size, packing, padding_free = 1, False, False
+        is_binary_loss_scale = True
+
+    args = _training_args(tmp_path, use_liger_kernel=True,
+                          liger_kernel_config={"fused_linear_cross_entropy": True})
+    trainer = type("Trainer", (), {"args": args, "template": Template()})()
+    callback = adapter.SwiftCALCallback(args, trainer)
+    with pytest.raises(CALConfigError) as refused:
+        callback.on_train_begin(args, state=None, control=None, model=None)
+    assert str(refused.value).startswith(
+        "ms-swift: CAL cannot run with --use_liger_kernel true: Liger's fused_linear_cross_entropy "
+        "kernel is on, and it replaces the model's forward with one that computes its own unweighted "
+        "cross-entropy without logits, which CAL's per-token weights cannot enter (Liger-Kernel #338): "
+        "applied after calplug.enable it removes the CAL step, applied before it saves nothing. Keep "
+        "Liger and switch its loss kernels off with liger_kernel_config unset (calplug then applies "
+        "Liger's layer kernels only)")

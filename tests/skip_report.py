@@ -1,0 +1,130 @@
+"""Per tox env, every skipped test counted by its reason; exit status 1 on a skip `EXPECTED` does
+not list for that env. Standard library only.
+
+    tox                                           # the skip-report env runs it after the others
+    python tests/skip_report.py .tox/results [ENV ...]   # by hand (default: every current env)
+
+Why: a skip is silent in a green run. tests/_skips.py makes the skips of what an env exists to
+test fail outright (``CALPLUG_REQUIRE``); this report catches the rest: a test that starts to skip
+where it ran before, in any env CI runs, for any reason. Each row of `EXPECTED` says where a skip
+reason is expected and why; a skip matching none fails the run, naming its env, test and reason.
+Only results of this checkout's source are read (tests/_results.py).
+"""
+from __future__ import annotations
+
+import collections
+import fnmatch
+import pathlib
+import re
+import sys
+
+import _results
+
+# (env pattern, reason pattern, why the skip is expected there). Every reason names what is
+# missing or why the test does not apply.
+EXPECTED = [
+    # does not apply to this release or this model
+    ("*", r"needs transformers >= ", "a class newer than this env's transformers"),
+    ("py", r"transformers 5\.24\.0's Llama4ForConditionalGeneration\.forward always raises",
+     "an upstream bug of 5.24.0 (calplug refuses the release); hf-4.57 runs Llama4"),
+    ("hf-4.49", r"transformers 4\.49's LlavaOnevision cannot take videos",
+     "an upstream bug of 4.49 (video only)"),
+    ("*", r"calplug refuses contrast='mask' for it|mask contrasts are refused for this decoder",
+     "mask is refused for decoders that ignore mask holes, by design"),
+    ("*", r"in this transformers version takes no logits_to_keep|takes no mm_token_type_ids",
+     "an argument this release's forward does not have"),
+    ("*", r"computes no router load-balancing loss", "no router loss in this release"),
+    ("py", r"PaliGemma builds its training mask from token_type_ids alone from 5\.0",
+     "a 4.x-only behaviour"),
+    ("hf-*", r"the tiny \w+ config does not build on this release",
+     "a refusal test whose tiny config this older release cannot build"),
+    ("*", r"models: the image is not at positions of the decoder sequence",
+     "cross-attention / encoder-decoder kinds: drop and mask are one image-free pass (test_kinds.py)"),
+    ("*", r"^\w+ is not in transformers \d", "a class this release lacks"),
+    ("hf-4.57", r"transformers < 5\.13's Florence2ForConditionalGeneration computes its own loss",
+     "an upstream bug of 4.56-5.12 (calplug refuses those releases; test_kinds.py checks it)"),
+    ("py|hf-4.57", r"transformers after 4\.49 .* splices BLIP-2's queries only at placeholder ids",
+     "the query-prefix layout exists up to 4.49 (hf-4.45, hf-4.49 run it)"),
+    ("*", r"verify replaces pixel_values\* tensors with noise; Kosmos-2\.5",
+     "calplug verify cannot make a noise batch of Kosmos-2.5's flattened patches (it refuses them)"),
+    ("hf-*", r"transformers < 5\.0's PaliGemma, called without labels, attends bidirectionally",
+     "no from-scratch decoding reference there (test_decoding.py); py runs it"),
+    ("*", r"the LLaVA codebases splice the image inside their own generate\(\)",
+     "listed by test_decoding.py so the report names them; their refusal is tested on an emulation"),
+    # missing here, run by another env (or by hand: docs/testing.md)
+    ("py", r"needs the timm package", "timm needs a torchvision that loads beside the CPU torch: tox -e timm"),
+    ("hf-*", r"needs the timm package", "as in py: tox -e timm"),
+    ("py", r"calplug is imported from a source checkout \(editable install\)",
+     "the wheel check runs in tox -e patches"),
+    ("py", r"needs the llava-torch==1\.2\.2\.post1 files", "the patched LLaVA runs in tox -e patches"),
+    ("py|patches", r"set CALPLUG_(MGM|LLAVA_NEXT)_SRC=", "MGM / LLaVA-NeXT sources: tox -e mgm / llava-next"),
+    ("llava", r"set CALPLUG_(MGM|LLAVA_NEXT)_SRC to a checkout", "MGM / LLaVA-NeXT sources: tox -e mgm / llava-next"),
+    ("hf-*", r"the image processor reads images with pillow",
+     "the hf-4.x envs install no pillow (tox.ini); py runs the processor commands"),
+    ("py", r"/usr/bin/chromium is missing", "the browser test needs a system chromium (.ci/run installs it)"),
+    ("swift", r"swift sft on Qwen2-VL needs torchvision", "tox -e swift-qwen2vl (not in CI: ~7 GB)"),
+]
+
+
+def expected(env: str, reason: str) -> str | None:
+    """Why ``reason`` is an expected skip in ``env`` (None: it is not)."""
+    for envs, pattern, why in EXPECTED:
+        if any(fnmatch.fnmatchcase(env, e) for e in envs.split("|")) and re.search(pattern, reason):
+            return why
+    return None
+
+
+def skips(root) -> list[tuple[str, str]]:
+    """(test, reason) of every skipped testcase of a parsed junit XML."""
+    out = []
+    for case in root.iter("testcase"):
+        skipped = case.find("skipped")
+        if skipped is not None and skipped.get("type") != "pytest.xfail":
+            test = f"{case.get('classname')}::{case.get('name')}".lstrip(":")
+            out.append((test, skipped.get("message", "").strip()))
+    return out
+
+
+def report(results_dir: pathlib.Path, envs: list[str]) -> tuple[str, int]:
+    """(the printed report, number of unexpected skips)."""
+    kept, ignored = _results.current(results_dir.glob("*.xml"))
+    lines, unexpected = [], 0
+    for line in ignored:
+        lines.append(f"left out {line}")
+    if envs:
+        found = {path.stem for path, _ in kept}
+        for env in envs:
+            if env not in found:
+                lines.append(f"{env}: no results of this source in {results_dir}")
+                unexpected += 1
+        kept = [(path, root) for path, root in kept if path.stem in envs]
+    for path, root in kept:
+        env = path.stem
+        found = skips(root)
+        total = sum(1 for _ in root.iter("testcase"))
+        lines.append(f"{env}: {len(found)} of {total} tests skipped")
+        by_reason = collections.Counter(reason for _, reason in found)
+        for reason, n in by_reason.most_common():
+            why = expected(env, reason)
+            lines.append(f"  {n:4d}  {'expected' if why else 'UNEXPECTED'}: {reason}")
+            if why is None:
+                unexpected += n
+                first = next(test for test, r in found if r == reason)
+                lines.append(f"        first: {first}")
+    lines.append(f"{unexpected} unexpected skip{'s' if unexpected != 1 else ''}"
+                 + (" (tests/skip_report.py EXPECTED lists where a skip is expected and why)"
+                    if unexpected else ""))
+    return "\n".join(lines), unexpected
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print("usage: python tests/skip_report.py RESULTS_DIR [ENV ...]", file=sys.stderr)
+        return 2
+    text, unexpected = report(pathlib.Path(argv[0]), argv[1:])
+    print(text)
+    return 1 if unexpected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
