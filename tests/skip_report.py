@@ -63,6 +63,8 @@ EXPECTED = [
      "the hf-4.x envs install no pillow (tox.ini); py runs the processor commands"),
     ("py", r"/usr/bin/chromium is missing", "the browser test needs a system chromium (.ci/run installs it)"),
     ("swift", r"swift sft on Qwen2-VL needs torchvision", "tox -e swift-qwen2vl (not in CI: ~7 GB)"),
+    ("axolotl", r"axolotl < 0\.21 loads no plugin from the axolotl\.plugins entry point",
+     "axolotl 0.21 needs Python 3.12: tox -e axolotl-py312 (not in CI)"),
 ]
 
 
