@@ -139,3 +139,40 @@ def assert_exact_against_plain(cal: Record, plain: Record, plain_again: Record, 
     return {"recorded_vs_recomputed": max(abs(a - b) for a, b in pairs),
             "plain_vs_plain": max(abs(a - b) for a, b in zip(plain.losses(0), plain_again.losses(0))),
             "cal_vs_plain_first": gap}
+
+
+def assert_ranks_log_cal(record: Record, steps: int) -> None:
+    """Two ranks, each with ``steps`` logged steps and model calls; every step's log carries CAL's
+    keys, the same on both ranks, and ``cal/tokens`` counts both ranks' supervised rows."""
+    assert record.ranks == [0, 1], record.ranks
+    for rank in record.ranks:
+        assert len(record.logs[rank]) == steps and len(record.calls[rank]) == steps
+        for log in record.logs[rank]:
+            assert all(key in log for key in LOG_KEYS), log
+    for step in range(steps):
+        rows = sum(supervised_rows(record.calls[r][step]["kwargs"]) for r in record.ranks)
+        for rank in record.ranks:
+            assert record.logs[rank][step]["cal/tokens"] == rows          # summed over ranks
+            assert cal_keys(record.logs[rank][step]) == cal_keys(record.logs[0][step])
+
+
+def assert_two_ranks_equal_one_process(ddp: Record, one_process: Record, model_dir, settings: dict,
+                                       steps: int) -> list[tuple[float, float]]:
+    """The two ranks' micro-batches are the one process's, in order (rank r at step s: the one
+    process's micro-batch 2s + r); every step's logged loss is the one process's; each run's first
+    step is CAL's loss recomputed here (`assert_first_step_exact`). Prints both ranks' logs for the
+    report and returns rank by rank the (recorded, recomputed) step-1 losses."""
+    for step in range(steps):
+        for rank in (0, 1):
+            got = ddp.calls[rank][step]["kwargs"]["input_ids"]
+            want = one_process.calls[0][2 * step + rank]["kwargs"]["input_ids"]
+            assert got.shape == want.shape and bool((got == want).all()), (step, rank)
+    assert_same_losses(ddp, one_process)
+    pairs = assert_first_step_exact(ddp, model_dir, settings)
+    assert_first_step_exact(one_process, model_dir, settings, micro_batches=2)
+    for rank in ddp.ranks:
+        print(f"rank {rank}:", [{k: v for k, v in log.items() if k == "loss" or k.startswith("cal/")}
+                                for log in ddp.logs[rank]])
+    print("losses 2 ranks:", ddp.losses(0), "1 process:", one_process.losses(0))
+    print("step 1 per rank (recorded, recomputed):", pairs)
+    return pairs

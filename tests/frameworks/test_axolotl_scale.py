@@ -82,17 +82,9 @@ def image_token(model_dir) -> int:
 
 
 def assert_two_rank_run(record, model_dir) -> None:
-    assert record.ranks == [0, 1], record.ranks
+    _exact.assert_ranks_log_cal(record, STEPS)
     for rank in record.ranks:
-        assert len(record.logs[rank]) == STEPS and len(record.calls[rank]) == STEPS
         assert {c["module"] for c in record.calls[rank]} == {"DistributedDataParallel"}
-        for log in record.logs[rank]:
-            assert all(key in log for key in _exact.LOG_KEYS), log
-    for step in range(STEPS):
-        rows = sum(_exact.supervised_rows(record.calls[r][step]["kwargs"]) for r in record.ranks)
-        for rank in record.ranks:
-            assert record.logs[rank][step]["cal/tokens"] == rows          # summed over ranks
-            assert _exact.cal_keys(record.logs[rank][step]) == _exact.cal_keys(record.logs[0][step])
     first = [record.calls[r][0]["kwargs"] for r in record.ranks]
     assert first[1].get("pixel_values") is None                          # rank 1: text-only
     assert min(_exact.attended_image_positions(first[0], image_token(model_dir))) > 0
@@ -106,19 +98,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(setup, one_pro
     assert result.returncode == 0, tail(result.stdout)
     ddp = _exact.read(root / "rec-ddp")
     assert_two_rank_run(ddp, model)
-    for step in range(STEPS):
-        for rank in (0, 1):
-            got = ddp.calls[rank][step]["kwargs"]["input_ids"]
-            want = one_process.calls[0][2 * step + rank]["kwargs"]["input_ids"]
-            assert got.shape == want.shape and bool((got == want).all()), (step, rank)
-    _exact.assert_same_losses(ddp, one_process)
-    pairs = _exact.assert_first_step_exact(ddp, model, SETTINGS)
-    _exact.assert_first_step_exact(one_process, model, SETTINGS, micro_batches=2)
-    for rank in ddp.ranks:
-        print(f"rank {rank}:", [{k: v for k, v in log.items() if k == "loss" or k.startswith("cal/")}
-                                for log in ddp.logs[rank]])
-    print("losses 2 ranks:", ddp.losses(0), "1 process:", one_process.losses(0))
-    print("step 1 per rank (recorded, recomputed):", pairs)
+    _exact.assert_two_ranks_equal_one_process(ddp, one_process, model, SETTINGS, STEPS)
 
 
 def test_lora_through_axolotls_launch(setup):
