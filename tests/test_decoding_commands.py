@@ -10,22 +10,16 @@ import torch
 
 import calplug
 from calplug import cli
-from calplug.cli import demo, demo_decoding, demo_metrics, demo_protocol, demo_training, synthetic
+from calplug.cli import demo_decoding, demo_metrics, demo_protocol, synthetic
 from calplug.cli.generate import side_by_side
+import _demo_checkpoint
 from _skips import importorskip
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A `calplug demo` checkpoint: the demo's tiny model after a few plain steps."""
-    vocab = synthetic.Vocab()
-    model = demo_training.build_model(0, vocab, demo_protocol.Protocol())
-    data = synthetic.make_set(64, seed=0)
-    demo_training.train(model, data, demo_training.schedule(64, 12, 32, 0), vocab, lr=3e-3, warmup=1,
-                        grad_clip=1.0, cal=False)
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    demo.save_checkpoint(model, vocab, path)
-    return path
+    return _demo_checkpoint.build(tmp_path_factory)
 
 
 def test_generate_on_a_saved_model_prints_both_answers_side_by_side(tmp_path, capsys):

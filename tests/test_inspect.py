@@ -15,8 +15,9 @@ import torch
 
 import calplug
 from calplug import cli
-from calplug.cli import demo, demo_protocol, demo_training, synthetic
+from calplug.cli import synthetic
 from calplug.cli import inspect as inspection
+import _demo_checkpoint
 from _skips import importorskip, missing
 
 CHROMIUM = "/usr/bin/chromium"
@@ -25,14 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A demo checkpoint: the demo's tiny model, a few training steps on synthetic captions."""
-    vocab = synthetic.Vocab()
-    model = demo_training.build_model(0, vocab, demo_protocol.Protocol())
-    data = synthetic.make_set(64, seed=0)
-    demo_training.train(model, data, demo_training.schedule(64, 12, 32, 0), vocab, lr=3e-3, warmup=1,
-                        grad_clip=1.0, cal=False)
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    demo.save_checkpoint(model, vocab, path)
-    return path
+    return _demo_checkpoint.build(tmp_path_factory)
 
 
 def hand_gaps(model, batch: dict) -> torch.Tensor:

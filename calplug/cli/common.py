@@ -111,6 +111,16 @@ def load_model_and_processor(path: str | os.PathLike, *, option: str = "--model"
 
 
 # -- pieces of the HTML pages ----------------------------------------------------------------------
+def read_images(paths, command: str) -> list:
+    """The images at ``paths`` as RGB pillow images; pillow missing is a `CALConfigError` naming
+    ``command`` (called after the model folder is checked, so a bad folder is named first)."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise CALConfigError(f"{command} reads the images with pillow: pip install pillow") from error
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
 def diverging_colour(value: float, scale: float) -> str:
     """CSS colour of a signed value: white at 0, red up to +scale, blue down to -scale."""
     x = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0

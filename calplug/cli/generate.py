@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CALConfigError
 from ..processing import forward_arguments, process
-from .common import load_model_and_processor, quiet_transformers_bars
+from .common import load_model_and_processor, read_images, quiet_transformers_bars
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 COLUMN = 44
@@ -101,13 +101,9 @@ def processor_inputs(path: Path, images: list[str], prompt: str):
     """A saved model and its processor's left-padded inputs: one prompt per image."""
     model, processor = load_model_and_processor(
         path, fix="call calplug.contrastive_generate(model, **inputs) yourself (docs/decoding.md)")
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise CALConfigError("calplug generate reads the images with pillow: pip install pillow") from error
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
-    pil = [Image.open(p).convert("RGB") for p in images]
+    pil = read_images(images, "calplug generate")
     batch = dict(process(processor, pil, [prompt] * len(pil), padding=True))
 
     def decode(ids):

@@ -18,7 +18,7 @@ import torch
 from ..errors import CALConfigError, CALInputError
 from ..gap import IGNORE_INDEX
 from ..processing import forward_arguments, process
-from .common import load_model_and_processor
+from .common import load_model_and_processor, read_images
 
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
@@ -64,13 +64,9 @@ def processor_batch(path: Path, images: list[str], captions: list[str], prompt: 
                              f"{len(captions)} captions), at least one of each")
     model, processor = load_model_and_processor(
         path, fix="build the batch yourself and call calplug.verify(model, batch) (docs/verify.md)")
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise CALConfigError("calplug verify --model reads the images with pillow: pip install pillow") from error
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "right"
-    pil = [Image.open(p).convert("RGB") for p in images]
+    pil = read_images(images, "calplug verify --model")
     texts = [prompt + caption for caption in captions]
     batch = dict(process(processor, pil, texts, padding=True))
     labels = batch["input_ids"].clone()
