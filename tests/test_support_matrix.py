@@ -240,3 +240,24 @@ def test_family_of_a_test_id(name, family):
     assert sm.family_of(name, module, keys) == family
     if family and module == PROPS:
         assert re.fullmatch(r"hf-\w+-(image|video)-(right|left)", sm.CASE_ID.search(name).group(1))
+
+
+def test_release_columns_follow_where_a_family_ran(tmp_path):
+    """A class proven on a release whose image-text-to-text mapping lacks it (Idefics 1 and UDOP sat
+    under another auto mapping on 4.45) lists that release among the releases that have it; a family
+    whose tests on a release all skip, some because the class needs a later release and some for a
+    reason that holds everywhere (the mask refusal), shows `-` there, not "pass 0/n"."""
+    fams = {"idefics": ["Idefics", "IdeficsForVisionText2Text"],
+            "minicpmv4_6": ["MiniCPM-V-4.6", "MiniCPMV4_6ForConditionalGeneration"]}
+    both = {cls: PROVEN for _, cls in fams.values()}
+    newer = full_set("idefics") + full_set("minicpmv4_6", test_drop_equals_mask_on_text_rows=NOT_APPLICABLE)
+    write(tmp_path, "py", "5.24.0", both, newer, families=fams)
+    later = "MiniCPMV4_6ForConditionalGeneration needs transformers >= 5.0 (installed 4.45.2)"
+    older = full_set("idefics") + [(PROPS, "test_drop_equals_mask_on_text_rows[hf-minicpmv4_6-image-right]",
+                                    NOT_APPLICABLE),
+                                   (CALLS, "test_faithful_mode_equals_reference[minicpmv4_6-image]", later)]
+    write(tmp_path, "hf-4.45", "4.45.2", {}, older, families=fams)
+    text = generate(tmp_path)
+    assert row(text, "IdeficsForVisionText2Text").startswith(
+        "| `IdeficsForVisionText2Text` | proven (4.45.2, 5.24.0) | all |")
+    assert "| MiniCPM-V-4.6 | `MiniCPMV4_6ForConditionalGeneration` | - | pass 10/12, 2 skipped [1] |" in text
