@@ -139,7 +139,7 @@ class DecodingSession:
         refusal = self.integration.decoding_refusal
         reason = refusal(self.target) if refusal is not None else None
         if reason:
-            raise CALConfigError(not_decoded(self.target, reason))
+            raise UnsupportedModelError(not_decoded(self.target, reason))
         self.signature = inspect.signature(self.original)
         self.max_new_tokens = max_new_tokens
         self.inputs = dict(inputs or {})
@@ -168,7 +168,7 @@ class DecodingSession:
         forward = functools.partial(self.original, **held) if held else self.original
         sequence = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
         if sequence is None and call.get("decoder_input_ids") is not None:
-            raise CALConfigError(not_decoded(
+            raise UnsupportedModelError(not_decoded(
                 self.target, "generate() ran its encoder first and calls the forward with encoder "
                 "outputs and decoder tokens (an encoder-decoder model), while the only image-blind "
                 "branch calplug's contrastive decoding builds leaves image positions out of one "
@@ -186,7 +186,7 @@ class DecodingSession:
         labels = torch.full(sequence.shape[:2], IGNORE_INDEX, dtype=torch.long, device=sequence.device)
         main = self.integration.main_pass(self.target, forward, dict(call, labels=labels))
         if main.image_free is not None:  # an integration that did not declare its refusal
-            raise CALConfigError(not_decoded(
+            raise UnsupportedModelError(not_decoded(
                 self.target, "its integration takes the image out by other means than leaving image "
                 "positions out of the decoder's sequence (MainPass.image_free), which is the only "
                 "image-blind branch calplug's contrastive decoding builds"))

@@ -165,7 +165,7 @@ class Integration:
                       out. None: it hides the `MainPass.visual_mask` positions.
     decoding_refusal: optional ``fn(model) -> str | None``: why contrastive decoding
                       (`calplug.contrastive_generate`) cannot run this model (None: it can);
-                      raised as `CALConfigError` before ``generate`` runs, naming the class.
+                      raised as `UnsupportedModelError` before ``generate`` runs, naming the class.
     """
 
     name: str

@@ -178,6 +178,15 @@ def main_pass(model: nn.Module, original_forward, call: dict) -> MainPass:
     )
 
 
+def refuses_decoding(model) -> str:
+    """`Integration.decoding_refusal`: these codebases splice the image inside their own
+    ``generate()``, so the forward it calls never holds the image or its positions."""
+    return ("these codebases splice the image into inputs_embeds inside their own generate() "
+            "(prepare_inputs_labels_for_multimodal, then transformers' generate() on the merged "
+            "embeddings), so the forward that generate() calls never holds pixels or image positions "
+            "and there is no image-blind branch to build beside it")
+
+
 # haotian-liu LLaVA and the LLaVA-VL LLaVA-NeXT repo: both ship a `llava` package whose causal-LM
 # classes mix in LlavaMetaForCausalLM (the splice); the named classes are listed in errors.
 LLAVA_STYLE = Integration(
@@ -188,6 +197,7 @@ LLAVA_STYLE = Integration(
     decoder_and_head=decoder_and_head,
     check=check,
     pixel_contrasts=True,
+    decoding_refusal=refuses_decoding,
 )
 
 # MGM (Mini-Gemini): the same splice with `images_aux`, and its own cross-entropy in forward.
@@ -199,6 +209,7 @@ MGM = Integration(
     decoder_and_head=decoder_and_head,
     check=check,
     pixel_contrasts=True,
+    decoding_refusal=refuses_decoding,
 )
 
 

@@ -25,8 +25,6 @@ import _results
 EXPECTED = [
     # does not apply to this release or this model
     ("*", r"needs transformers >= ", "a class newer than this env's transformers"),
-    ("py", r"transformers 5\.24\.0's Llama4ForConditionalGeneration\.forward always raises",
-     "an upstream bug of 5.24.0 (calplug refuses the release); hf-4.57 runs Llama4"),
     ("hf-4.49", r"transformers 4\.49's LlavaOnevision cannot take videos",
      "an upstream bug of 4.49 (video only)"),
     ("*", r"calplug refuses contrast='mask' for it|mask contrasts are refused for this decoder",
@@ -49,8 +47,6 @@ EXPECTED = [
      "calplug verify cannot make a noise batch of Kosmos-2.5's flattened patches (it refuses them)"),
     ("hf-*", r"transformers < 5\.0's PaliGemma, called without labels, attends bidirectionally",
      "no from-scratch decoding reference there (test_decoding.py); py runs it"),
-    ("*", r"the LLaVA codebases splice the image inside their own generate\(\)",
-     "listed by test_decoding.py so the report names them; their refusal is tested on an emulation"),
     ("*", r": contrastive decoding refused \(NOT_DECODED\)$",
      "a family contrastive decoding refuses; test_decoding.py's greedy test asserts the refusal and its reason"),
     ("hf-4.45", r"transformers 4\.45's OPT decoder takes no position_ids",

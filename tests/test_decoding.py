@@ -48,8 +48,6 @@ UNJOINED = {
     "glm5_next": "sparse-attention indexer",  # DSA: pooled, ranked indexer keys
 }
 DECODING = [c for c in CASES if c.decode_inputs is not None]
-LLAVA_STYLE = sorted({c.id.split("-")[1] for c in CASES if c.id.startswith("llava_style-")}
-                     | {"llava-next" for c in CASES if c.id.startswith("llava_style-llava-next")})
 
 
 def built(case, env):
@@ -253,16 +251,6 @@ def test_inside_generate_equals_contrastive_generate(case, env):
                                 logits_processor=[processor])
     assert torch.equal(inside, expected)
     assert "forward" not in model.__dict__ and model.__dict__.keys() == before.keys()
-
-
-@pytest.mark.parametrize("codebase", LLAVA_STYLE)
-def test_llava_codebases_are_not_decoded(codebase):
-    """Listed so that the report names them: what refuses them is checked on an emulation below."""
-    pytest.skip(f"{codebase}: the LLaVA codebases splice the image inside their own generate() "
-                "(prepare_inputs_labels_for_multimodal, then transformers' generate on merged "
-                "inputs_embeds), so the forward that generate() calls never shows the image's "
-                "positions; contrastive_generate refuses such a model (UnsupportedModelError, "
-                "test_a_model_that_splices_the_image_inside_generate_is_refused)")
 
 
 # -- on calplug's tiny Llava: pixel contrasts, sampling, refusals -------------------------------------

@@ -238,3 +238,16 @@ def test_patch_mask_ratio_zero_is_no_contrast_and_one_is_mask(case, env):
         assert torch.all(model(**batch).cal_gaps == 0)
     with calplug.enabled(model, contrast="patch_mask", mask_ratio=1.0, alpha=0.0):
         torch.testing.assert_close(model(**batch).cal_gaps, masked)
+
+
+@pytest.mark.parametrize("case", FEW, ids=FEW_IDS)
+def test_contrastive_decoding_refuses_the_codebase(case, env):
+    """The LLaVA codebases splice the image into inputs_embeds inside their own generate()
+    (prepare_inputs_labels_for_multimodal, then transformers' generate on the merged embeddings),
+    so the forward that generate() calls never holds pixels or image positions: contrastive
+    decoding cannot build its image-blind branch and says so instead of decoding plainly."""
+    model = make(case, env).eval()
+    batch = tiny.batch(model, variant=case[1], samples=((3, 1, 6),))
+    prompt = {k: v for k, v in batch.items() if k not in ("labels",)}
+    with pytest.raises(calplug.UnsupportedModelError, match="does not support .*: these codebases splice the image into inputs_embeds inside their own generate"):
+        calplug.contrastive_generate(model, max_new_tokens=2, **prompt)
