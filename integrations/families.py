@@ -71,6 +71,9 @@ class FamilyFacts:
                       ``labels`` (PaliGemma's prefix-LM): the main pass then passes them on.
     broken:           ``((version, reason), ...)`` transformers releases whose forward of this class
                       is broken upstream: enable refuses them with the reason.
+    broken_below:     ``((release, reason), ...)``: every release before ``release`` is refused with
+                      the reason (Fuyu before 4.53 scatters its patches by index lists, not at
+                      placeholder ids).
     positions_from:   a decoder submodule whose ``position_ids`` argument is the numbering the
                       decoder makes for itself when handed none (OPT's ``embed_positions``: the
                       running sum of ``attention_mask``). The main pass captures it and the
@@ -106,6 +109,7 @@ class FamilyFacts:
     pixel_keys: tuple[str, ...] = ()
     labels_in_main_pass_below: tuple[int, int] | None = None
     broken: tuple[tuple[str, str], ...] = ()
+    broken_below: tuple[tuple[tuple[int, int], str], ...] = ()
     positions_from: str = ""
     config_refusals: tuple[tuple[str, object, str], ...] = ()
     placeholder_fix: str = ""
@@ -330,6 +334,19 @@ _ROWS += [
                 placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
 ]
 
+# -- Fuyu: no vision tower; each image patch, flattened, goes through one linear layer and the result
+# is spliced at the image placeholder ids (one per patch; the processor writes a newline token
+# after each row of patches, an ordinary text token). The patch positions are the image positions.
+FUYU_INDEX_LISTS = (
+    "transformers {version}'s FuyuForCausalLM scatters its patch embeddings by index lists "
+    "(image_patches_indices), not at placeholder ids: calplug's placeholder integration cannot locate "
+    "them from the config. From 4.53 Fuyu splices them at config.image_token_id, which calplug "
+    "supports: use transformers >= 4.53")
+_ROWS += [
+    FamilyFacts("Fuyu", "fuyu", "FuyuForCausalLM", (4, 45), placeholders=IMAGE_ONLY,
+                broken_below=(((4, 53), FUYU_INDEX_LISTS),)),
+]
+
 # -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
@@ -377,11 +394,6 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "output without the image, which calplug does not implement")
 
 REFUSED: dict[str, str] = {
-    "FuyuForCausalLM": (
-        "Fuyu: there is no vision encoder; the image's linear patch embeddings are themselves the "
-        "sequence (one position per patch, newline tokens between rows), and older releases "
-        "scattered them by index lists instead of placeholder ids. Support would need a documented "
-        "contrast for patch positions with its own proof"),
     "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
                        "the loss is shifted by the number of image tokens"),
     "NemotronH_Omni_Reasoning_V3": (

@@ -271,7 +271,7 @@ class FamilyCheck:
             raise UnsupportedModelError(
                 f"calplug does not support {type(model).__name__}: {refusal}")
         facts = facts_of(model)
-        compat.require_release(facts.family, facts.since, facts.broken)
+        compat.require_release(facts.family, facts.since, facts.broken, facts.broken_below)
         if facts.key:
             _check_row_config(model, facts)
         compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none

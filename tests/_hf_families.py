@@ -853,6 +853,24 @@ def build_fuyu(seed=0):
                   image_token_id=IMAGE, image_size=32, patch_size=8)
 
 
+FUYU_NEWLINE = EXTRA1  # the processor's |NEWLINE| token: an ordinary text token after each patch row
+
+
+def fuyu_visual(model, kind, g):
+    """Fuyu's processor layout of one 16 x 16 image in 8 x 8 patches: a placeholder per patch, a
+    newline token after each row; ``pixel_values [1, 4, 3 * 8 * 8]``, the flattened patches its one
+    linear layer embeds (spliced at the placeholders from 4.53)."""
+    p = model.config.patch_size
+    ids = ([IMAGE, IMAGE, FUYU_NEWLINE]) * 2
+    return torch.tensor(ids), {"pixel_values": torch.randn(1, 4, 3 * p * p, generator=g)}
+
+
+# Fuyu's cases run from 4.53, the first release that splices its patches at placeholder ids
+# (integrations/families.py refuses the earlier ones, which scatter them by index lists).
+FAMILIES["fuyu"] = Family("fuyu", "FuyuForCausalLM", (4, 53), build_fuyu, fuyu_visual, video=False,
+                          qwen=False, images=False)
+
+
 # The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported
 # last: it builds on the helpers above.
 from _hf_shrunk import SHRUNK  # noqa: E402

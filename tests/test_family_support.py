@@ -95,7 +95,18 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
 
 
 # -- refusals, matched classes, broken releases -------------------------------------------------
-REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45))}
+def build_mistral4(seed=0):
+    """Mistral4ForCausalLM, a text-only causal LM (refused by nature), from its shrunk default."""
+    import transformers
+    from _hf_shrunk import TEXT_SIZES, _shrink
+
+    cls = transformers.Mistral4ForCausalLM
+    config = cls.config_class()
+    _shrink(config, TEXT_SIZES)
+    return hf._eager(config, seed, cls)
+
+
+REFUSED_BUILDERS = {"Mistral4ForCausalLM": (build_mistral4, (5, 0))}
 
 
 @pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
@@ -113,6 +124,21 @@ def test_refused_classes_name_why_at_enable(class_name):
     assert reason in str(raised.value)
     assert not calplug.is_enabled(model)
     assert families.support_status(class_name) == ("refused", reason)
+
+
+def test_fuyu_is_refused_before_it_splices_at_placeholder_ids():
+    """Fuyu before 4.53 scatters its patch embeddings by index lists: enable refuses those
+    releases naming it and the first release that splices at config.image_token_id; from 4.53
+    its family cases run (hf-fuyu-*)."""
+    model = build_fuyu(0)
+    if tf_version() < (4, 53):
+        with pytest.raises(UnsupportedModelError, match="image_patches_indices") as raised:
+            calplug.enable(model)
+        assert "transformers >= 4.53" in str(raised.value) and not calplug.is_enabled(model)
+    else:
+        calplug.enable(model)
+        assert calplug.is_enabled(model)
+    assert families.support_status("FuyuForCausalLM")[0] == "proven"
 
 
 def test_qformer_models_go_to_their_kind_or_are_refused_with_the_fix():
