@@ -394,8 +394,6 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "output without the image, which calplug does not implement")
 
 REFUSED: dict[str, str] = {
-    "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
-                       "the loss is shifted by the number of image tokens"),
     "NemotronH_Omni_Reasoning_V3": (
         "Nemotron-H Omni: video token pruning removes rows, so the decoder sequence is shorter than "
         "input_ids and placeholder positions do not index it"),

@@ -111,8 +111,10 @@ def test_blur_re_runs_the_vision_path_on_blurred_pixels(name):
         gaps = model(**batch).cal_gaps
     blurred = dict(batch, pixel_values=gaussian_blur(batch["pixel_values"], sigma))
     with torch.no_grad():
-        main = target_logits(model(**batch).logits, batch["labels"], family.label_shift)
-        other = target_logits(model(**blurred).logits, batch["labels"], family.label_shift)
+        main = target_logits(family.text_logits(model, model(**batch).logits), batch["labels"],
+                             family.label_shift)
+        other = target_logits(family.text_logits(model, model(**blurred).logits), batch["labels"],
+                              family.label_shift)
     with_image = family.with_image(model, batch)
     expected = torch.where(with_image.unsqueeze(1), main - other, torch.zeros_like(main))
     torch.testing.assert_close(gaps, expected, rtol=1e-4, atol=1e-5)
