@@ -82,6 +82,10 @@ class FamilyFacts:
                       whose decoder takes no ``position_ids``.
     config_refusals:  ``((attribute, value, reason), ...)``: a model whose config has ``attribute``
                       equal to ``value`` is refused at enable with the reason (BLIP-2 with T5).
+    call_refusals:    ``((argument, attribute, reason), ...)``: a training call that carries the
+                      forward ``argument`` is refused at the step with the reason (``{value}``: the
+                      setting) when the model's ``attribute`` (its config's, where the model has
+                      none) is set, not 0 / None: Nemotron-H Omni's video token pruning.
     placeholder_fix:  what to do when the config sets none of ``placeholders`` (the class default
                       leaves it unset; the processor marks image positions with the tokenizer's
                       image token): enable refuses such a model with this text.
@@ -112,6 +116,7 @@ class FamilyFacts:
     broken_below: tuple[tuple[tuple[int, int], str], ...] = ()
     positions_from: str = ""
     config_refusals: tuple[tuple[str, object, str], ...] = ()
+    call_refusals: tuple[tuple[str, str, str], ...] = ()
     placeholder_fix: str = ""
     vocabulary_placeholder: str = ""
     image_vocabulary: str = ""
@@ -347,6 +352,23 @@ _ROWS += [
                 broken_below=(((4, 53), FUYU_INDEX_LISTS),)),
 ]
 
+# -- Nemotron-H Omni: images and videos both at image_token_id; a hybrid Mamba-2 / attention / MoE
+# decoder (drop only). Its Efficient Video Sampling (config.video_pruning_rate > 0; 0, off, by
+# default) removes video rows inside the forward: refused at the step for batches with videos.
+NEMOTRON_PRUNING = (
+    "video_pruning_rate is {value}: Nemotron-H Omni's video token pruning (Efficient Video Sampling) "
+    "removes video rows inside the forward, so its decoder sequence is shorter than input_ids and "
+    "labels (the model's own loss fails on such a batch too: its labels cannot be aligned). For "
+    "training set model.video_pruning_rate = 0.0 (the forward reads this copy of "
+    "config.video_pruning_rate, made at init; set both); image batches are never pruned")
+_ROWS += [
+    FamilyFacts("Nemotron-H Omni", "nemotron_h_omni", "NemotronH_Omni_Reasoning_V3", (5, 0),
+                placeholders=IMAGE_ONLY,
+                holes_ignored=HOLES_IGNORED.format(what="Mamba-2 state-space layers",
+                                                   state="recurrent state and short convolution"),
+                call_refusals=(("pixel_values_videos", "video_pruning_rate", NEMOTRON_PRUNING),)),
+]
+
 # -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
@@ -394,9 +416,6 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "output without the image, which calplug does not implement")
 
 REFUSED: dict[str, str] = {
-    "NemotronH_Omni_Reasoning_V3": (
-        "Nemotron-H Omni: video token pruning removes rows, so the decoder sequence is shorter than "
-        "input_ids and placeholder positions do not index it"),
     "DiffusionGemmaForBlockDiffusion": "DiffusionGemma: a block-diffusion model, not causal-LM cross-entropy",
     "PI0ForConditionalGeneration": "PI0: a robot-action flow-matching model (MSE on actions), no token loss",
     "EvollaForProteinText2Text": "Evolla: a protein-text model, no images",

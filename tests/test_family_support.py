@@ -141,6 +141,32 @@ def test_fuyu_is_refused_before_it_splices_at_placeholder_ids():
     assert families.support_status("FuyuForCausalLM")[0] == "proven"
 
 
+def test_nemotron_h_omni_video_pruning_is_refused_at_the_step_naming_the_setting():
+    """Nemotron-H Omni's video token pruning (video_pruning_rate > 0) removes video rows inside the
+    forward: enable accepts the model, image batches train, and a batch with videos is refused at
+    the step naming the setting (the model's own loss fails on it too); with the rate back at 0
+    the same video batch trains."""
+    from _hf_shrunk import build_nemotron_h_omni
+
+    family = FAMILIES["nemotron_h_omni"]
+    reason = family.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    model = build_nemotron_h_omni(0, pruning=0.5).train()
+    images = hf.make_batch(family, model)
+    # one prompt: its pruning handles videos of a single prompt only (a batch of three fails a view)
+    videos = hf.make_batch(family, model, kinds=("video",), lengths=(10,))
+    with pytest.raises(ValueError):  # upstream: pruned logits, unpruned labels
+        model(**videos)
+    calplug.enable(model)
+    assert torch.isfinite(model(**images).loss)
+    with pytest.raises(calplug.CALInputError, match="video_pruning_rate is 0.5") as raised:
+        model(**videos)
+    assert "model.video_pruning_rate = 0.0" in str(raised.value)
+    model.video_pruning_rate = model.config.video_pruning_rate = 0.0
+    assert torch.isfinite(model(**videos).loss)
+
+
 def test_qformer_models_go_to_their_kind_or_are_refused_with_the_fix():
     """BLIP-2 with T5 is the encoder-decoder kind; BLIP-2 with OPT whose config sets no
     image_token_index (the query outputs are not at placeholder positions) is refused at enable
