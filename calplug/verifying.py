@@ -48,7 +48,7 @@ from .config import CALConfig
 from .errors import CALInputError
 from .gap import IGNORE_INDEX, shift_targets
 from .hookspecs import ReferencePass
-from .inputs import PIXEL_PREFIX, has_float_pixels
+from .inputs import PATCH_ARGUMENTS, PIXEL_PREFIX, has_float_pixels
 from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
 POSITIONS_CHECK = "image positions cover where the pixels enter"
@@ -213,7 +213,8 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
                             f"{tuple(input_ids.shape)}")
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise CALInputError("every label of the batch is -100: verify needs supervised tokens")
-    pixel_keys = tuple(k for k, v in batch.items() if k.startswith(PIXEL_PREFIX) and has_float_pixels(v))
+    pixel_keys = tuple(k for k, v in batch.items()
+                       if (k.startswith(PIXEL_PREFIX) or k in PATCH_ARGUMENTS) and has_float_pixels(v))
     if not pixel_keys:
         raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
                             "least one image, with the processor's pixel values")

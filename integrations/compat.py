@@ -78,11 +78,12 @@ TESTED_FRAMEWORKS = {
 }
 
 def require_release(family: str, minimum: tuple[int, int], broken: tuple = (),
-                    broken_below: tuple = ()) -> None:
+                    broken_below: tuple = (), broken_ranges: tuple = ()) -> None:
     """`require_version` from ``minimum`` up to 6.0, naming the tested releases in that range; a
     ``broken`` release ``((version, reason), ...)`` of the family is refused with its reason, and
-    so is every release before ``release`` of ``broken_below`` ``((release, reason), ...)`` (the
-    reason may name the installed ``{version}``)."""
+    so is every release before ``release`` of ``broken_below`` ``((release, reason), ...)`` and
+    every release from ``first`` up to (not including) ``fixed`` of ``broken_ranges``
+    ``((first, fixed, reason), ...)`` (a reason may name the installed ``{version}``)."""
     import transformers
 
     tested = ", ".join(v for v in TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= minimum)
@@ -90,8 +91,9 @@ def require_release(family: str, minimum: tuple[int, int], broken: tuple = (),
     for version, reason in broken:
         if transformers.__version__ == version:
             raise UnsupportedModelError(f"{family}: {reason}")
-    for release, reason in broken_below:
-        if transformers_version() < release:
+    ranges = tuple(((0, 0), release, reason) for release, reason in broken_below) + tuple(broken_ranges)
+    for first, fixed, reason in ranges:
+        if first <= transformers_version() < fixed:
             raise UnsupportedModelError(f"{family}: " + reason.format(version=transformers.__version__))
 
 

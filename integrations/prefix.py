@@ -82,10 +82,18 @@ class PrefixFacts:
     image_rows: Callable[[nn.Module], int]
     image_kwargs: tuple[str, ...] = ("pixel_values",)
     pixel_keys: tuple[str, ...] = ("pixel_values",)
+    broken_ranges: tuple = ()  # ((first, fixed, reason),): releases broken upstream, refused
 
 
+GIT_LOSS = (
+    "transformers {version}'s GitForCausalLM computes its own loss by handing the text rows' logits "
+    "and labels[:, 1:], both flattened, to ForCausalLMLoss, which shifts the labels once more: the "
+    "model's own training objective pairs each row with the token after its target (4.49-5.14; "
+    "4.48 used a plain cross-entropy, 5.15 passes shift_labels). calplug cannot check CAL against it. "
+    "Use transformers 4.45-4.48 or >= 5.15")
 FACTS: dict[str, PrefixFacts] = {f.class_name: f for f in (
-    PrefixFacts("GIT", "git", "GitForCausalLM", (5, 0), git_decoder_and_head, git_image_rows),
+    PrefixFacts("GIT", "git", "GitForCausalLM", (4, 45), git_decoder_and_head, git_image_rows,
+                broken_ranges=(((4, 49), (5, 15), GIT_LOSS),)),
 )}
 
 
@@ -170,7 +178,7 @@ class MainPassOf:
 
 def check(model: nn.Module) -> None:
     facts = facts_of(model)
-    compat.require_release(facts.family, facts.since)
+    compat.require_release(facts.family, facts.since, broken_ranges=facts.broken_ranges)
     facts.decoder_and_head(model)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_families import PAD, VOCAB
+from _hf_families import PAD, VOCAB, tf_version
 from _hf_kinds import KindFamily, _model, _pad, _scaled
 from calplug.reference import reference_image_free_step, without_arguments
 
@@ -66,8 +66,16 @@ def git_reference(model, batch, alpha, beta, window):
                                      prefix=git_image_rows(model))
 
 
+def git_unavailable():
+    if (4, 49) <= tf_version() < (5, 15):
+        return ("transformers 4.49-5.14's GitForCausalLM shifts its labels twice in its own loss (the "
+                "flattened labels[:, 1:] go to ForCausalLMLoss, which shifts them again), and calplug "
+                "refuses those releases (tests/test_kinds.py checks the refusal); run e.g. `tox -e py`")
+    return None
+
+
 PREFIX_KINDS = {f.name: f for f in (
-    KindFamily("git", "GitForCausalLM", "GIT", PREFIX, (5, 0), build_git, git_batch, git_reference,
+    KindFamily("git", "GitForCausalLM", "GIT", PREFIX, (4, 45), build_git, git_batch, git_reference,
                git_with_image, lambda m: m.git, lambda m: m.git.image_encoder, text_only=False,
-               prefix=git_image_rows),
+               prefix=git_image_rows, unavailable=git_unavailable),
 )}

@@ -315,6 +315,23 @@ def test_idefics_decoupled_head_gives_the_added_tokens_their_own_rows():
     assert found.gaps[rows].abs().max() > 1e-4
 
 
+def test_git_between_4_49_and_5_14_is_refused_with_the_upstream_bug():
+    """transformers 4.49-5.14's GIT hands its flattened text logits and labels[:, 1:] to
+    ForCausalLMLoss, which shifts the labels again (its own objective pairs each row with the
+    token after its target): those releases are refused, naming it; 4.45-4.48 and from 5.15 the
+    family cases run."""
+    from _hf_prefix import build_git
+
+    model = build_git(0)
+    if (4, 49) <= kinds.tf_version() < (5, 15):
+        with pytest.raises(UnsupportedModelError, match="shifts the labels once more.*>= 5.15"):
+            calplug.enable(model)
+        assert not calplug.is_enabled(model)
+    else:
+        calplug.enable(model)
+        assert calplug.is_enabled(model)
+
+
 def test_florence2_before_5_13_is_refused_with_the_upstream_bug():
     """transformers 4.56-5.12's Florence-2 computes its own loss as a causal LM's, shifting labels
     its decoder input is already shifted from (its own training objective skips a token): those
