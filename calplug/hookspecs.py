@@ -90,6 +90,10 @@ class MainPass:
                      equals ``mask`` only on sequences no longer than it, unless the decoder
                      receives ready 4-D masks (``drop`` slices them); a decoding cache evicts by
                      it either way (`calplug.decoding`).
+    prefix_rows:     rows the model's forward puts in front of the sequence ``labels`` align with
+                     (GIT prepends its image's embeddings inside the model): the output
+                     projection's input has them, ``logits`` here starts after them, and the
+                     logit self-check and ``loss_chunk`` skip them in what the projection received.
     """
 
     output: Any
@@ -109,6 +113,7 @@ class MainPass:
     logit_transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None
     sequence_kwargs: tuple[str, ...] = ()
     attention_span: int | None = None
+    prefix_rows: int = 0
 
     @property
     def inputs_embeds(self) -> "torch.Tensor":
@@ -203,12 +208,15 @@ class ReferencePass:
     label_shift: 1 when the model's logits at row i predict label i + 1 (a causal LM); 0 when they
                  predict label i (a sequence-to-sequence decoder, whose labels the decoder input
                  is shifted from).
+    prefix:      rows of the first forward's logits in front of the text (GIT's image prefix,
+                 which the second forward, without the image, does not have): left out.
     """
 
     batch: dict
     with_image: "torch.Tensor"
     hooks: tuple = ()
     label_shift: int = 1
+    prefix: int = 0
 
 
 @dataclasses.dataclass

@@ -12,7 +12,10 @@ import torch
 
 PIXEL_PREFIX = "pixel_values"
 # Arguments beside pixel_values* that carry an image (LLaVA codebases' pixels, ready features).
-IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs")
+# Pixel tensors under another name: Fuyu's flattened patches before transformers renamed them
+# pixel_values (5.2x).
+PATCH_ARGUMENTS = ("image_patches",)
+IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs") + PATCH_ARGUMENTS
 
 
 def image_keys(call: dict) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ BUILTIN_PLUGINS = (
     "calplug.integrations.cross_attention",
     "calplug.integrations.encoder_decoder",
     "calplug.integrations.kosmos",
+    "calplug.integrations.prefix",
     "calplug.builtin",
     "calplug.integrations.llava_style",
     "calplug.frameworks",

@@ -234,8 +234,8 @@ def check_positions(model: nn.Module, batch: dict, logits: torch.Tensor, positio
 
 # -- models whose image is not (only) at positions of the decoder sequence ----------------------------
 def reference_image_free_step(model: nn.Module, batch: dict, second: dict, with_image: torch.Tensor,
-                              alpha: float, beta: float, window: int, *, hooks=(), shift: int = 1
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              alpha: float, beta: float, window: int, *, hooks=(), shift: int = 1,
+                              prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CAL loss by the two-forward definition for a model whose image reaches the text
     elsewhere than at positions of its decoder sequence (cross-attention states, an encoder's
     output): the model's own forward on ``batch`` (with grad), and its own forward again (no
@@ -243,10 +243,12 @@ def reference_image_free_step(model: nn.Module, batch: dict, second: dict, with_
     sequence-to-sequence model its decoder inputs) with ``hooks``
     ``((module, pre_hook), ...)`` installed (an encoder run on the text alone). Samples outside
     ``with_image [B]`` take the main logits: nothing to take away, gap 0. ``shift``: 1 when
-    logits row i predicts label i + 1, 0 when it predicts label i (sequence-to-sequence). Full
-    float32 logits, flat pooling. Returns ``(loss, gaps [N], weights [N])``."""
+    logits row i predicts label i + 1, 0 when it predicts label i (sequence-to-sequence).
+    ``prefix``: rows the first forward puts in front of the text (GIT's image), which the second
+    does not have: left out of its logits. Full float32 logits, flat pooling. Returns ``(loss,
+    gaps [N], weights [N])``."""
     out = model(**batch)
-    logits = _logits(out)
+    logits = _logits(out)[:, prefix:]
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
     try:
         with torch.no_grad():

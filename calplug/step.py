@@ -153,6 +153,8 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
             _head_input_once(model, state.integration, check and not config.loss_chunk) as checked_input:
         main: MainPass = state.integration.main_pass(model, original, call)
     hidden = head_input.get("hidden")  # [B, L, d] final hidden states when loss_chunk > 0
+    if hidden is not None and main.prefix_rows:
+        hidden = hidden[:, main.prefix_rows:]  # rows the forward prepended (GIT's image): no labels
     if hidden is not None and main.logit_transform is not None:
         raise CALConfigError(
             f"loss_chunk={config.loss_chunk} computes logits as lm_head(hidden), but "
@@ -173,6 +175,8 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
     head_states = hidden if hidden is not None else checked_input.get("hidden")
+    if hidden is None and head_states is not None and main.prefix_rows:
+        head_states = head_states[:, main.prefix_rows:]
     if check and head_states is not None:  # once per enabled model: the logits are lm_head's
         found = contrast_pass.check_head(model, main, head_states.detach(), targets, supervised)
         state.logits_checked = found.skipped != contrast_pass.NO_FINITE_ROW

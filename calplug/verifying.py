@@ -48,7 +48,7 @@ from .config import CALConfig
 from .errors import CALInputError
 from .gap import IGNORE_INDEX, shift_targets
 from .hookspecs import ReferencePass
-from .inputs import PIXEL_PREFIX, has_float_pixels
+from .inputs import PATCH_ARGUMENTS, PIXEL_PREFIX, has_float_pixels
 from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
 POSITIONS_CHECK = "image positions cover where the pixels enter"
@@ -213,7 +213,8 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
                             f"{tuple(input_ids.shape)}")
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise CALInputError("every label of the batch is -100: verify needs supervised tokens")
-    pixel_keys = tuple(k for k, v in batch.items() if k.startswith(PIXEL_PREFIX) and has_float_pixels(v))
+    pixel_keys = tuple(k for k, v in batch.items()
+                       if (k.startswith(PIXEL_PREFIX) or k in PATCH_ARGUMENTS) and has_float_pixels(v))
     if not pixel_keys:
         raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
                             "least one image, with the processor's pixel values")
@@ -321,11 +322,12 @@ def _run_checks(model, batch, layout: _Layout, integration, gradients: bool) -> 
 
     # (a) the contrast side blind to the image, the main side not; drop = mask on text rows
     replaced = layout.replaced
+    prefix = layout.reference.prefix if layout.reference is not None else 0  # GIT's image rows
     gaps, main_moved, blind_tol = {}, 0.0, 0.0
     for contrast in contrasts:
         with torch.no_grad(), enabling.enabled(model, CALConfig(contrast=contrast, **UNCHECKED)):
             out, out_replaced = model(**batch), model(**replaced)
-        main, main_replaced = _target_logits(out, targets), _target_logits(out_replaced, targets)
+        main, main_replaced = _target_logits(out, targets, prefix), _target_logits(out_replaced, targets, prefix)
         side, side_replaced = main - out.cal_gaps.float(), main_replaced - out_replaced.cal_gaps.float()
         tol = 1e-5 * max(1.0, float(main[rows].abs().max())) * factor
         blind_tol = max(blind_tol, tol)
@@ -375,7 +377,7 @@ def _head_check(model, batch, integration) -> Check:
     if rec.get("hidden") is None:
         return Check(name, False, float("nan"), "-", "the forward never called its output projection")
     _, targets, supervised = shift_targets(main.labels)
-    found = contrast_pass.head_check(main, rec["hidden"], targets, supervised)
+    found = contrast_pass.head_check(main, rec["hidden"][:, main.prefix_rows:], targets, supervised)
     if found.skipped:
         return Check(name, False, float("nan"), "-", found.skipped)
     return Check(name, found.passed, found.difference, f"<= {found.tolerance:.1e}",
@@ -396,7 +398,7 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
             ref = layout.reference
             ref_loss, ref_gaps, ref_weights = reference_image_free_step(
                 model, batch, ref.batch, ref.with_image, cfg.alpha, cfg.beta, cfg.pool_window,
-                hooks=ref.hooks, shift=ref.label_shift)
+                hooks=ref.hooks, shift=ref.label_shift, prefix=ref.prefix)
     ref_grads = {}
     if gradients:
         ref_loss.backward()
@@ -435,11 +437,11 @@ def _reference_checks(model, batch, layout, contrast, gradients, factor) -> list
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _target_logits(out, targets: torch.Tensor) -> torch.Tensor:
-    """float32 target logit of each row; row i of the output's logits predicts ``targets[:, i]``
-    (a causal LM's logits have one row more than its shifted targets; a sequence-to-sequence
-    model's as many)."""
-    logits = _logits(out)[:, :targets.shape[1]]
+def _target_logits(out, targets: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """float32 target logit of each row; row i of the output's logits (after ``prefix`` rows the
+    model puts in front of the text: GIT's image) predicts ``targets[:, i]`` (a causal LM's logits
+    have one row more than its shifted targets; a sequence-to-sequence model's as many)."""
+    logits = _logits(out)[:, prefix:prefix + targets.shape[1]]
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 
 

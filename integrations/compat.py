@@ -77,9 +77,13 @@ TESTED_FRAMEWORKS = {
     "ms-swift": ("4.6.0", "5.19.0"),
 }
 
-def require_release(family: str, minimum: tuple[int, int], broken: tuple = ()) -> None:
-    """`require_version` from ``minimum`` up to 6.0, naming the tested releases in that range; and
-    a ``broken`` release ``((version, reason), ...)`` of the family is refused with its reason."""
+def require_release(family: str, minimum: tuple[int, int], broken: tuple = (),
+                    broken_below: tuple = (), broken_ranges: tuple = ()) -> None:
+    """`require_version` from ``minimum`` up to 6.0, naming the tested releases in that range; a
+    ``broken`` release ``((version, reason), ...)`` of the family is refused with its reason, and
+    so is every release before ``release`` of ``broken_below`` ``((release, reason), ...)`` and
+    every release from ``first`` up to (not including) ``fixed`` of ``broken_ranges``
+    ``((first, fixed, reason), ...)`` (a reason may name the installed ``{version}``)."""
     import transformers
 
     tested = ", ".join(v for v in TESTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= minimum)
@@ -87,6 +91,10 @@ def require_release(family: str, minimum: tuple[int, int], broken: tuple = ()) -
     for version, reason in broken:
         if transformers.__version__ == version:
             raise UnsupportedModelError(f"{family}: {reason}")
+    ranges = tuple(((0, 0), release, reason) for release, reason in broken_below) + tuple(broken_ranges)
+    for first, fixed, reason in ranges:
+        if first <= transformers_version() < fixed:
+            raise UnsupportedModelError(f"{family}: " + reason.format(version=transformers.__version__))
 
 
 # Names of the "compute logits for the last k positions only" argument across versions.

@@ -326,12 +326,7 @@ class MainPassOf:
 
 def check(model: nn.Module) -> None:
     facts = facts_of(model)
-    compat.require_release(facts.family, facts.since)
-    for release, reason in facts.broken_below:
-        if compat.transformers_version() < release:
-            import transformers
-
-            raise UnsupportedModelError(f"{facts.family}: " + reason.format(version=transformers.__version__))
+    compat.require_release(facts.family, facts.since, broken_below=facts.broken_below)
     decoder_and_head(model)
 
 

@@ -71,6 +71,9 @@ class FamilyFacts:
                       ``labels`` (PaliGemma's prefix-LM): the main pass then passes them on.
     broken:           ``((version, reason), ...)`` transformers releases whose forward of this class
                       is broken upstream: enable refuses them with the reason.
+    broken_below:     ``((release, reason), ...)``: every release before ``release`` is refused with
+                      the reason (Fuyu before 4.53 scatters its patches by index lists, not at
+                      placeholder ids).
     positions_from:   a decoder submodule whose ``position_ids`` argument is the numbering the
                       decoder makes for itself when handed none (OPT's ``embed_positions``: the
                       running sum of ``attention_mask``). The main pass captures it and the
@@ -79,6 +82,10 @@ class FamilyFacts:
                       whose decoder takes no ``position_ids``.
     config_refusals:  ``((attribute, value, reason), ...)``: a model whose config has ``attribute``
                       equal to ``value`` is refused at enable with the reason (BLIP-2 with T5).
+    call_refusals:    ``((argument, attribute, reason), ...)``: a training call that carries the
+                      forward ``argument`` is refused at the step with the reason (``{value}``: the
+                      setting) when the model's ``attribute`` (its config's, where the model has
+                      none) is set, not 0 / None: Nemotron-H Omni's video token pruning.
     placeholder_fix:  what to do when the config sets none of ``placeholders`` (the class default
                       leaves it unset; the processor marks image positions with the tokenizer's
                       image token): enable refuses such a model with this text.
@@ -106,8 +113,10 @@ class FamilyFacts:
     pixel_keys: tuple[str, ...] = ()
     labels_in_main_pass_below: tuple[int, int] | None = None
     broken: tuple[tuple[str, str], ...] = ()
+    broken_below: tuple[tuple[tuple[int, int], str], ...] = ()
     positions_from: str = ""
     config_refusals: tuple[tuple[str, object, str], ...] = ()
+    call_refusals: tuple[tuple[str, str, str], ...] = ()
     placeholder_fix: str = ""
     vocabulary_placeholder: str = ""
     image_vocabulary: str = ""
@@ -330,6 +339,36 @@ _ROWS += [
                 placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
 ]
 
+# -- Fuyu: no vision tower; each image patch, flattened, goes through one linear layer and the result
+# is spliced at the image placeholder ids (one per patch; the processor writes a newline token
+# after each row of patches, an ordinary text token). The patch positions are the image positions.
+FUYU_INDEX_LISTS = (
+    "transformers {version}'s FuyuForCausalLM scatters its patch embeddings by index lists "
+    "(image_patches_indices), not at placeholder ids: calplug's placeholder integration cannot locate "
+    "them from the config. From 4.53 Fuyu splices them at config.image_token_id, which calplug "
+    "supports: use transformers >= 4.53")
+_ROWS += [
+    FamilyFacts("Fuyu", "fuyu", "FuyuForCausalLM", (4, 45), placeholders=IMAGE_ONLY,
+                broken_below=(((4, 53), FUYU_INDEX_LISTS),)),
+]
+
+# -- Nemotron-H Omni: images and videos both at image_token_id; a hybrid Mamba-2 / attention / MoE
+# decoder (drop only). Its Efficient Video Sampling (config.video_pruning_rate > 0; 0, off, by
+# default) removes video rows inside the forward: refused at the step for batches with videos.
+NEMOTRON_PRUNING = (
+    "video_pruning_rate is {value}: Nemotron-H Omni's video token pruning (Efficient Video Sampling) "
+    "removes video rows inside the forward, so its decoder sequence is shorter than input_ids and "
+    "labels (the model's own loss fails on such a batch too: its labels cannot be aligned). For "
+    "training set model.video_pruning_rate = 0.0 (the forward reads this copy of "
+    "config.video_pruning_rate, made at init; set both); image batches are never pruned")
+_ROWS += [
+    FamilyFacts("Nemotron-H Omni", "nemotron_h_omni", "NemotronH_Omni_Reasoning_V3", (5, 0),
+                placeholders=IMAGE_ONLY,
+                holes_ignored=HOLES_IGNORED.format(what="Mamba-2 state-space layers",
+                                                   state="recurrent state and short convolution"),
+                call_refusals=(("pixel_values_videos", "video_pruning_rate", NEMOTRON_PRUNING),)),
+]
+
 # -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
@@ -377,16 +416,6 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
                    "output without the image, which calplug does not implement")
 
 REFUSED: dict[str, str] = {
-    "FuyuForCausalLM": (
-        "Fuyu: there is no vision encoder; the image's linear patch embeddings are themselves the "
-        "sequence (one position per patch, newline tokens between rows), and older releases "
-        "scattered them by index lists instead of placeholder ids. Support would need a documented "
-        "contrast for patch positions with its own proof"),
-    "GitForCausalLM": ("GIT: image embeddings are prepended inside GitModel (no placeholder ids) and "
-                       "the loss is shifted by the number of image tokens"),
-    "NemotronH_Omni_Reasoning_V3": (
-        "Nemotron-H Omni: video token pruning removes rows, so the decoder sequence is shorter than "
-        "input_ids and placeholder positions do not index it"),
     "DiffusionGemmaForBlockDiffusion": "DiffusionGemma: a block-diffusion model, not causal-LM cross-entropy",
     "PI0ForConditionalGeneration": "PI0: a robot-action flow-matching model (MSE on actions), no token loss",
     "EvollaForProteinText2Text": "Evolla: a protein-text model, no images",

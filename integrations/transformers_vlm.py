@@ -177,7 +177,17 @@ def sequence_kwargs(decoder_kwargs: dict, embeds: torch.Tensor, extras: tuple[st
                  and isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, L))
 
 
+def check_call(model: nn.Module, call: dict, facts: FamilyFacts) -> None:
+    """`FamilyFacts.call_refusals`: a call carrying the argument while the model's setting is on
+    (Nemotron-H Omni's video pruning) is refused, naming the setting."""
+    for argument, attribute, reason in facts.call_refusals:
+        value = getattr(model, attribute, getattr(model.config, attribute, None))
+        if call.get(argument) is not None and value:
+            raise CALInputError(f"{type(model).__name__}: " + reason.format(value=value))
+
+
 def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyFacts) -> MainPass:
+    check_call(model, call, facts)
     labels = call.pop("labels")
     config = model.config
     visual = compat.visual_positions(placeholder_source(config, facts), call, facts.placeholders)
@@ -271,7 +281,7 @@ class FamilyCheck:
             raise UnsupportedModelError(
                 f"calplug does not support {type(model).__name__}: {refusal}")
         facts = facts_of(model)
-        compat.require_release(facts.family, facts.since, facts.broken)
+        compat.require_release(facts.family, facts.since, facts.broken, facts.broken_below)
         if facts.key:
             _check_row_config(model, facts)
         compat.vlm_decoder_and_head(model)  # raises, naming the class, when there is none

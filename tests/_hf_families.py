@@ -850,7 +850,30 @@ def build_deepseek_vl(seed=0):
 def build_fuyu(seed=0):
     text = dict(_text("persimmon"), num_key_value_heads=4)
     return _model("FuyuForCausalLM", seed, text_config=text,
-                  image_token_id=IMAGE, image_size=32, patch_size=8)
+                  image_token_id=IMAGE, image_size=32, patch_size=8,
+                  hidden_size=64)  # 4.x embeds the patches to the top-level hidden_size
+
+
+FUYU_NEWLINE = EXTRA1  # the processor's |NEWLINE| token: an ordinary text token after each patch row
+
+
+def fuyu_visual(model, kind, g):
+    """Fuyu's processor layout of one 16 x 16 image in 8 x 8 patches: a placeholder per patch, a
+    newline token after each row; ``pixel_values [1, 4, 3 * 8 * 8]``, the flattened patches its one
+    linear layer embeds (spliced at the placeholders from 4.53)."""
+    p = model.config.patch_size
+    ids = ([IMAGE, IMAGE, FUYU_NEWLINE]) * 2
+    patches = torch.randn(1, 4, 3 * p * p, generator=g)
+    if "pixel_values" in inspect.signature(model.forward).parameters:
+        return torch.tensor(ids), {"pixel_values": patches}
+    # before transformers renamed them pixel_values (5.2x): image_patches, [1, patches, d] per image
+    return torch.tensor(ids), {"image_patches": patches.unsqueeze(0)}
+
+
+# Fuyu's cases run from 4.53, the first release that splices its patches at placeholder ids
+# (integrations/families.py refuses the earlier ones, which scatter them by index lists).
+FAMILIES["fuyu"] = Family("fuyu", "FuyuForCausalLM", (4, 53), build_fuyu, fuyu_visual, video=False,
+                          qwen=False, images=False)
 
 
 # The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported

@@ -49,6 +49,11 @@ class KindFamily:
     blur: bool = True               # the model's pixels are images [..., H, W]
     unavailable: Callable | None = None  # () -> why this release cannot run its cases, or None
     verify: str | None = None       # why `calplug verify` cannot check it, or None
+    prefix: Callable | None = None  # model -> rows its logits have in front of the text (GIT), or None
+
+    def text_logits(self, model, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits at the text's rows (those the labels align with)."""
+        return logits if self.prefix is None else logits[:, self.prefix(model):]
 
     @property
     def label_shift(self) -> int:
@@ -615,3 +620,8 @@ KINDS: dict[str, KindFamily] = {f.name: f for f in (
                       "patches whose first two columns are row and column indices (verify refuses the "
                       "batch, naming pixel_values)"),
 )}
+
+# The image-prefix kind (GIT: tests/_hf_prefix.py); imported last: it builds on the helpers above.
+from _hf_prefix import PREFIX, PREFIX_KINDS  # noqa: E402
+
+KINDS.update(PREFIX_KINDS)

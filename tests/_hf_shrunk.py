@@ -276,3 +276,33 @@ def build_matched(seed=0):
 
 
 MATCHED_VISUAL = grid_visual(14)
+
+
+# -- Nemotron-H Omni (f3): images and videos both at image_token_id, a hybrid Mamba-2 / attention /
+# MoE decoder (drop only; Mamba heads of 16 x state 8, chunks of 8: no inner size is the vocabulary size,
+# 256). Radio tower in 8 x 8 patches; the pixel shuffle merges 2 x 2: a 32 x 32
+# image (flattened patches with image_grid_hw) or each tubelet of 2 frames of a video
+# (pixel_values_videos [videos, tubelets, 2 * 3, 32, 32]) gives 4 tokens. Video pruning is off
+# (video_pruning_rate 0.0, the default); test_family_support checks the refusal when it is on.
+def build_nemotron_h_omni(seed=0, pruning=0.0):
+    return shrunk("NemotronH_Omni_Reasoning_V3", seed,
+                  text=dict(mamba_num_heads=6, mamba_head_dim=16, n_groups=1, ssm_state_size=8,
+                            chunk_size=8, moe_shared_expert_intermediate_size=32,
+                            use_mamba_kernels=False),
+                  vision=dict(image_size=32, patch_size=8, max_img_size=64, patch_dim=3 * 8 * 8,
+                              video_patch_dim=2 * 3 * 8 * 8),
+                  top=dict(vision_hidden_size=32, projector_hidden_size=64, video_token_id=None,
+                           video_pruning_rate=pruning))
+
+
+def nemotron_h_omni_visual(model, kind, g):
+    if kind == "image":
+        return torch.tensor([IMAGE] * 4), {"pixel_values": torch.randn(16, 3 * 8 * 8, generator=g),
+                                           "image_grid_hw": torch.tensor([[4, 4]])}
+    return torch.tensor([IMAGE] * 8), {"pixel_values_videos": torch.randn(1, 2, 6, 32, 32, generator=g)}
+
+
+# images and videos share the image token: one modality a batch (as GLM-4.1V)
+SHRUNK["nemotron_h_omni"] = Family("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3", (5, 0),
+                                   build_nemotron_h_omni, nemotron_h_omni_visual, video=True, qwen=False,
+                                   images=False, drop_only=True, video_kinds=("video", None, None))

@@ -103,6 +103,12 @@ class Case:
     text_only: bool = True                               # sample 2 of the batch is text-only
     vision: Callable | None = None                       # model -> the vision tower
     head: Callable = lambda model: model.get_output_embeddings()  # model -> the output projection
+    logit_prefix: Callable | None = None                 # model -> rows the model's logits have in
+                                                         # front of the text (GIT's image), or None
+
+    def text_logits(self, model, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits at the text's rows (those the labels align with)."""
+        return logits if self.logit_prefix is None else logits[:, self.logit_prefix(model):]
 
     def without_labels(self, model, batch) -> dict:
         """The batch as a call without labels: an encoder-decoder model then needs its decoder
@@ -250,6 +256,7 @@ def kind_case(name: str, padding_side: str) -> Case:
     return Case(f"hf-{name}-image-{padding_side}", build, reference, layout, family.decoder,
                 drop_atol=1e-5, kind=family.kind, label_shift=family.label_shift,
                 text_only=family.text_only, vision=family.vision, head=family.head,
+                logit_prefix=family.prefix,
                 generate_inputs=generate_inputs if padding_side == "right" else None)
 
 

@@ -16,12 +16,13 @@ import calplug
 from calplug import CALInputError, UnsupportedModelError
 from calplug.scoring import resolved
 from _recording import record_calls
-from _hf_kinds import CROSS, KINDS, SEQ2SEQ
+from _hf_kinds import CROSS, KINDS, PREFIX, SEQ2SEQ
 
 NEW = 2
 WHY = {  # kind or class -> what the refusal says is in the way
     CROSS: "only through cross-attention layers",
     SEQ2SEQ: "the image enters its encoder",
+    PREFIX: "prepends the image inside the model",
     "Kosmos2ForConditionalGeneration": "hands the prompt to its text model's own generate()",
     "Kosmos2_5ForConditionalGeneration": "not built for it yet",
 }

@@ -95,7 +95,18 @@ def test_every_image_text_to_text_class_has_a_status(record_testsuite_property):
 
 
 # -- refusals, matched classes, broken releases -------------------------------------------------
-REFUSED_BUILDERS = {"FuyuForCausalLM": (build_fuyu, (4, 45))}
+def build_mistral4(seed=0):
+    """Mistral4ForCausalLM, a text-only causal LM (refused by nature), from its shrunk default."""
+    import transformers
+    from _hf_shrunk import TEXT_SIZES, _shrink
+
+    cls = transformers.Mistral4ForCausalLM
+    config = cls.config_class()
+    _shrink(config, TEXT_SIZES)
+    return hf._eager(config, seed, cls)
+
+
+REFUSED_BUILDERS = {"Mistral4ForCausalLM": (build_mistral4, (5, 0))}
 
 
 @pytest.mark.parametrize("class_name", list(REFUSED_BUILDERS))
@@ -113,6 +124,47 @@ def test_refused_classes_name_why_at_enable(class_name):
     assert reason in str(raised.value)
     assert not calplug.is_enabled(model)
     assert families.support_status(class_name) == ("refused", reason)
+
+
+def test_fuyu_is_refused_before_it_splices_at_placeholder_ids():
+    """Fuyu before 4.53 scatters its patch embeddings by index lists: enable refuses those
+    releases naming it and the first release that splices at config.image_token_id; from 4.53
+    its family cases run (hf-fuyu-*)."""
+    model = build_fuyu(0)
+    if tf_version() < (4, 53):
+        with pytest.raises(UnsupportedModelError, match="image_patches_indices") as raised:
+            calplug.enable(model)
+        assert "transformers >= 4.53" in str(raised.value) and not calplug.is_enabled(model)
+    else:
+        calplug.enable(model)
+        assert calplug.is_enabled(model)
+    assert families.support_status("FuyuForCausalLM")[0] == "proven"
+
+
+def test_nemotron_h_omni_video_pruning_is_refused_at_the_step_naming_the_setting():
+    """Nemotron-H Omni's video token pruning (video_pruning_rate > 0) removes video rows inside the
+    forward: enable accepts the model, image batches train, and a batch with videos is refused at
+    the step naming the setting (the model's own loss fails on it too); with the rate back at 0
+    the same video batch trains."""
+    from _hf_shrunk import build_nemotron_h_omni
+
+    family = FAMILIES["nemotron_h_omni"]
+    reason = family.skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    model = build_nemotron_h_omni(0, pruning=0.5).train()
+    images = hf.make_batch(family, model)
+    # one prompt: its pruning handles videos of a single prompt only (a batch of three fails a view)
+    videos = hf.make_batch(family, model, kinds=("video",), lengths=(10,))
+    with pytest.raises(ValueError):  # upstream: pruned logits, unpruned labels
+        model(**videos)
+    calplug.enable(model)
+    assert torch.isfinite(model(**images).loss)
+    with pytest.raises(calplug.CALInputError, match="video_pruning_rate is 0.5") as raised:
+        model(**videos)
+    assert "model.video_pruning_rate = 0.0" in str(raised.value)
+    model.video_pruning_rate = model.config.video_pruning_rate = 0.0
+    assert torch.isfinite(model(**videos).loss)
 
 
 def test_qformer_models_go_to_their_kind_or_are_refused_with_the_fix():

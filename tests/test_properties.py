@@ -94,7 +94,8 @@ def test_faithful_mode_equals_reference(case, env):
             # alpha = 0: the weights vary, and the CAL loss is far from plain cross-entropy
             assert out.cal_weights.std() > case.min_weight_std
             if case.far_from_plain:
-                rows = out.logits[:, :-1] if case.label_shift else out.logits
+                logits = case.text_logits(model, out.logits)
+                rows = logits[:, :-1] if case.label_shift else logits
                 plain = F.cross_entropy(rows.flatten(0, 1).float(), ref.labels[:, case.label_shift:].flatten())
                 assert (out.loss - plain).abs() > 1e-4 * plain  # 10x the tolerance
             assert out.cal_gaps[0].abs().max() > 0
