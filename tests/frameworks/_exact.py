@@ -44,6 +44,22 @@ class Record:
         return [log["loss"] for log in self.logs[rank]]
 
 
+def zero_config(root, stage: int) -> str:
+    """A DeepSpeed ZeRO-2 / ZeRO-3 config file in ``root`` as the frameworks ship them
+    (LLaMA-Factory's examples/deepspeed/ds_z{2,3}_config.json, axolotl's deepspeed_configs/zero{2,3}.json):
+    "auto" sizes the HF Trainer fills in, plus ``stage3_param_persistence_threshold: 0`` so a tiny
+    model's parameters are really partitioned."""
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    if stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    path = Path(root) / f"ds_z{stage}.json"
+    path.write_text(json.dumps({
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True, "zero_optimization": zero}))
+    return str(path)
+
+
 def read(folder) -> Record:
     import torch
 

@@ -49,21 +49,6 @@ def config(root, model, data, name, **extra) -> str:
     return str(path)
 
 
-def zero_config(root, stage: int) -> str:
-    """LLaMA-Factory's own ZeRO configs (examples/deepspeed/ds_z{2,3}_config.json) with "auto"
-    sizes, plus ``stage3_param_persistence_threshold: 0`` so a tiny model's parameters are really
-    partitioned."""
-    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
-    if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
-    path = root / f"ds_z{stage}.json"
-    path.write_text(json.dumps({
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-        "zero_allow_untested_optimizer": True, "zero_optimization": zero}))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("llamafactory-scale")
@@ -154,7 +139,7 @@ def test_deepspeed_zero_through_llamafactory(setup, two_processes, stage):
     YAML must not say ``use_cpu: true``: accelerate then skips DeepSpeed's process group, and
     DeepSpeed counts one process (its batch-size check fails: 4 != 2 * 1 * 1)."""
     root, model, data = setup
-    cfg = config(root, model, data, f"zero{stage}", deepspeed=zero_config(root, stage),
+    cfg = config(root, model, data, f"zero{stage}", deepspeed=_exact.zero_config(root, stage),
                  ddp_backend="gloo", use_cpu=None)
     result = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
                   "-m", "calplug.cli.llamafactory", "train", cfg], root, timeout=TIMEOUT,
