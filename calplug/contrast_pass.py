@@ -177,10 +177,11 @@ def _check_rows(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
 def head_check(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
                supervised: torch.Tensor) -> HeadCheck:
     """Compare the model's own logits with what the contrast side computes from the same final
-    hidden states (``hidden``: what the output projection received in the main pass): the target
-    logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
-    `MainPass.logit_transform`. A forward that transforms its logits after the head in a way the
-    integration does not declare makes every gap mix two kinds of logit; this finds it. Tolerance:
+    hidden states (``hidden``: what the decoder returned in the main pass, `record_head_input`):
+    the target logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
+    `MainPass.logit_transform`. A forward that transforms its logits after the head (or the
+    states between decoder and head) in a way the integration does not declare makes every gap
+    mix two kinds of logit; this finds it. Tolerance:
     rounding of the model's logit dtype (4 ulp) plus float32 accumulation round-off. No grad."""
     found = _check_rows(main, hidden, targets, supervised)
     if isinstance(found, str):
@@ -231,20 +232,36 @@ def head_mismatch_message(model: nn.Module, main: MainPass, found: HeadCheck) ->
 
 
 @contextlib.contextmanager
-def record_head_input(head: nn.Module) -> Iterator[dict]:
-    """Record, under ``"hidden"``, what ``head`` (the output projection) receives on its first
-    call inside the block, unchanged: the final hidden states `head_check` compares from."""
+def record_head_input(head: nn.Module, decoder: nn.Module | None = None) -> Iterator[dict]:
+    """Record, under ``"hidden"``, the final hidden states `head_check` compares from: what
+    ``decoder`` (the text decoder the contrast pass re-runs) returns on its first call inside the
+    block, the very states the contrast side's target logits come from; without a decoder, or
+    where its output is not one state per position the head receives, what ``head`` (the output
+    projection) receives on its first call, unchanged. A forward that transforms the states
+    between the two (Inkling divides them by its muP width multiplier) must declare it."""
     recorded: dict = {}
 
     def pre_hook(module, args, kwargs):
         if "hidden" not in recorded:
             recorded["hidden"] = args[0] if args else next(iter(kwargs.values()), None)
 
-    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def decoder_hook(module, args, out):
+        if "decoder" not in recorded:
+            recorded["decoder"] = out[0] if isinstance(out, (tuple, list)) else \
+                getattr(out, "last_hidden_state", None)
+
+    handles = [head.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if decoder is not None:
+        handles.append(decoder.register_forward_hook(decoder_hook))
     try:
         yield recorded
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        states, head_input = recorded.pop("decoder", None), recorded.get("hidden")
+        if isinstance(states, torch.Tensor) and isinstance(head_input, torch.Tensor) \
+                and states.shape == head_input.shape:
+            recorded["hidden"] = states
 
 
 def check_head(model: nn.Module, main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,

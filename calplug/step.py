@@ -248,13 +248,14 @@ def _head_on_last_position(model: nn.Module, integration: Integration, chunk: in
 
 @contextlib.contextmanager
 def _head_input_once(model: nn.Module, integration: Integration, active: bool) -> Iterator[dict]:
-    """For the self-check: what the output projection receives in the main pass
+    """For the self-check: the final hidden states of the main pass, as the decoder returns them
     (`contrast_pass.record_head_input`). A no-op when not ``active`` or when the integration does
     not say where the head is (`Integration.decoder_and_head`): the check is then not run."""
     if not active or integration.decoder_and_head is None:
         yield {}
         return
-    with contrast_pass.record_head_input(integration.decoder_and_head(model)[1]) as recorded:
+    decoder, head = integration.decoder_and_head(model)
+    with contrast_pass.record_head_input(head, decoder) as recorded:
         yield recorded
 
 

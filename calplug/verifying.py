@@ -370,7 +370,8 @@ def _head_check(model, batch, integration) -> Check:
         return Check(name, False, float("nan"), "-", f"integration {integration.name!r} does not say "
                      "where the output projection is (Integration.decoder_and_head)")
     target, _, _, _, forward = scoring.resolved(model, CALConfig(**UNCHECKED))
-    with torch.no_grad(), contrast_pass.record_head_input(integration.decoder_and_head(target)[1]) as rec:
+    decoder, head = integration.decoder_and_head(target)
+    with torch.no_grad(), contrast_pass.record_head_input(head, decoder) as rec:
         main = scoring.main_pass(target, integration, forward, batch)
     if rec.get("hidden") is None:
         return Check(name, False, float("nan"), "-", "the forward never called its output projection")

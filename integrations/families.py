@@ -334,6 +334,10 @@ _ROWS += [
 # self-check still compares each model's own logits with the contrast side's) ------------------
 NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
            "tiny model yet")
+# Inkling's attention layers run short convolutions over their keys and values (and Inkling 2's
+# over their queries too): a hole in the mask is zeroed but still inside the convolution window.
+INKLING_HOLES = HOLES_IGNORED.format(what="short convolutions inside its attention layers",
+                                     state="convolution window")
 SCALE, DIVIDE, VOCAB = (lambda a: LogitStep("scale", a)), (lambda a: LogitStep("divide", a)), \
     (lambda a: LogitStep("vocab", a))
 _ROWS += [
@@ -353,12 +357,12 @@ _ROWS += [
                 unproven_reason=NO_CASE + " (its tiny model trains and passes `calplug verify`, "
                 "but its own eval-mode forward fails on the tiny image grid)"),
     FamilyFacts("Inkling", "inkling", "InklingForConditionalGeneration", (5, 0),
-                logit_transform=(VOCAB("unpadded_vocab_size"),), proven=False,
-                unproven_reason=NO_CASE),
+                logit_transform=(DIVIDE("logits_mup_width_multiplier"), VOCAB("unpadded_vocab_size")),
+                holes_ignored=INKLING_HOLES),
     FamilyFacts("Inkling2", "inkling2", "Inkling2ForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), holes_ignored=INKLING_HOLES),
     FamilyFacts("Inkling2-Loop", "inkling2_loop", "Inkling2LoopForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), holes_ignored=INKLING_HOLES),
     FamilyFacts("MistralLarge4", "mistral_large4", "MistralLarge4ForConditionalGeneration", (5, 0),
                 logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
     FamilyFacts("MuseGlimmer", "muse_glimmer", "MuseGlimmerForConditionalGeneration", (5, 0),

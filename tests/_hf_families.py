@@ -858,7 +858,9 @@ def build_fuyu(seed=0):
 from _hf_shrunk import SHRUNK  # noqa: E402
 from _hf_qformer import QFORMER  # noqa: E402
 from _hf_vq import VQ  # noqa: E402
+from _hf_transforms import TRANSFORMS  # noqa: E402
 
 FAMILIES.update(SHRUNK)
 FAMILIES.update(QFORMER)
 FAMILIES.update(VQ)
+FAMILIES.update(TRANSFORMS)

@@ -1,0 +1,95 @@
+"""Tiny models of the classes whose forward transforms its logits after the text decoder
+(Inkling's muP division and cut vocabulary, the soft-caps of Inkling 2 / Inkling 2 Loop, ...):
+each built from a config written for the test, every declared transform set to a value that
+shows (not the identity, and logits inside a soft-cap's range: a saturated cap makes every gap
+0), with a batch laid out as the model's processor lays it out. Test helpers only; merged into
+``_hf_families.FAMILIES``.
+"""
+from __future__ import annotations
+
+import torch
+
+from _hf_families import IMAGE, PAD, VOCAB, Family, _model
+from _skips import module_found
+
+# The text decoder both Inkling generations share in shape: one sliding and one full layer, with
+# the short convolutions of their attention layers.
+INKLING_TEXT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                    layer_types=["hybrid_sliding", "hybrid"], num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
+                    swa_num_key_value_heads=2, swa_head_dim=16, sliding_window_size=64, d_rel=8,
+                    rel_extent=64, moe_intermediate_size=32, n_routed_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=512, pad_token_id=PAD)
+
+
+def scipy_unavailable():
+    """Why Inkling's tiny vision tower cannot be built here: with fewer encoder layers than scale
+    steps (a tiny tower) its layer plan solves an assignment with scipy."""
+    if module_found("scipy"):
+        return None
+    return ("needs the scipy package: Inkling's vision tower plans its layers with "
+            "scipy.optimize.linear_sum_assignment when it has fewer layers than scale steps (the "
+            "tiny test tower): pip install scipy")
+
+
+scipy_unavailable.needs = "scipy"  # what CALPLUG_REQUIRE calls it
+
+
+def build_inkling(seed=0):
+    """Inkling: 4 x 4 pixel patches over 2 frames (a 2-layer "HMLP" tower, one token per patch);
+    a dense and a sparse MLP layer. Logits: hidden / logits_mup_width_multiplier (0.5 here, not the
+    default 24, whose logits would all be near 0), then the first unpadded_vocab_size (248 of 256)
+    columns."""
+    text = dict(INKLING_TEXT, intermediate_size=128, mlp_layer_types=["dense", "sparse"],
+                n_shared_experts=1, unpadded_vocab_size=VOCAB - 8, logits_mup_width_multiplier=0.5,
+                initializer_range=0.1)
+    vision = dict(patch_size=4, temporal_patch_size=2, num_hidden_layers=2)
+    return _model("InklingForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  audio_config=dict(n_mel_bins=8, mel_vocab_size=16), image_token_id=IMAGE)
+
+
+def inkling_visual(model, kind, g):
+    """Four patches, one placeholder each: ``pixel_values [4, T, p, p, 3]``."""
+    v = model.config.vision_config
+    p, t = v.patch_size, v.temporal_patch_size
+    return torch.tensor([IMAGE] * 4), {"pixel_values": torch.randn(4, t, p, p, 3, generator=g)}
+
+
+def _inkling2(class_name, **text):
+    def build(seed=0):
+        """Inkling 2: a ViT with 4-pixel patches merged 2 x 2 into each token; logits soft-capped
+        at 3 (the default 30 leaves a tiny model's logits uncapped in effect)."""
+        config = dict(INKLING_TEXT, unpadded_vocab_size=VOCAB, final_logit_softcapping=3.0,
+                      n_layers_per_attn_res_block=1, initializer_range=0.2, eos_token_id=2,
+                      **text)
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+                      spatial_merge_size=2, posemb_grid_size=4, projection_hidden_dim=64,
+                      text_hidden_size=64)
+        return _model(class_name, seed, text_config=config, vision_config=vision,
+                      image_token_id=IMAGE)
+    return build
+
+
+def inkling2_visual(model, kind, g):
+    """A 2 x 2 grid of language-model tokens: ``pixel_values [4, 2p, 2p, 3]`` in [-1, 1]."""
+    v = model.config.vision_config
+    side = v.patch_size * v.spatial_merge_size
+    pixels = torch.rand(4, side, side, 3, generator=g) * 2 - 1
+    return torch.tensor([IMAGE] * 4), {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 2, 2]])}
+
+
+def _family(key, class_name, build, visual, **extra):
+    return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=False,
+                       drop_only=True, **extra)
+
+
+TRANSFORMS = dict([
+    _family("inkling", "InklingForConditionalGeneration", build_inkling, inkling_visual,
+            unavailable=scipy_unavailable),
+    _family("inkling2", "Inkling2ForConditionalGeneration", _inkling2("Inkling2ForConditionalGeneration"),
+            inkling2_visual),
+    _family("inkling2_loop", "Inkling2LoopForConditionalGeneration",
+            _inkling2("Inkling2LoopForConditionalGeneration", loop_layer_index_start=1,
+                      loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8),
+            inkling2_visual),
+])
