@@ -177,7 +177,7 @@ def _check_rows(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
 def head_check(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
                supervised: torch.Tensor) -> HeadCheck:
     """Compare the model's own logits with what the contrast side computes from the same final
-    hidden states (``hidden``: what the decoder returned in the main pass, `record_head_input`):
+    hidden states (``hidden``: `checked_states` of the main pass):
     the target logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
     `MainPass.logit_transform`. A forward that transforms its logits after the head (or the
     states between decoder and head) in a way the integration does not declare makes every gap
@@ -233,13 +233,10 @@ def head_mismatch_message(model: nn.Module, main: MainPass, found: HeadCheck) ->
 
 @contextlib.contextmanager
 def record_head_input(head: nn.Module, decoder: nn.Module | None = None) -> Iterator[dict]:
-    """Record, under ``"hidden"``, the final hidden states `head_check` compares from: what
-    ``decoder`` (the text decoder the contrast pass re-runs) returns on its first call inside the
-    block, the very states the contrast side's target logits come from; without a decoder, or
-    where its output is not one state per position the head receives, what ``head`` (the output
-    projection) receives on its first call, unchanged. A forward that transforms the states
-    between the two (Inkling divides them by its muP width multiplier) must declare it."""
-    recorded: dict = {}
+    """Record, under ``"hidden"``, what ``head`` (the output projection) receives on its first
+    call inside the block, unchanged, and under ``"decoder"`` what ``decoder`` (the model's text
+    decoder) returns on its first call: `checked_states` picks the one `head_check` compares from."""
+    recorded: dict = {"decoder_module": decoder}
 
     def pre_hook(module, args, kwargs):
         if "hidden" not in recorded:
@@ -258,10 +255,20 @@ def record_head_input(head: nn.Module, decoder: nn.Module | None = None) -> Iter
     finally:
         for handle in handles:
             handle.remove()
-        states, head_input = recorded.pop("decoder", None), recorded.get("hidden")
-        if isinstance(states, torch.Tensor) and isinstance(head_input, torch.Tensor) \
-                and states.shape == head_input.shape:
-            recorded["hidden"] = states
+
+
+def checked_states(recorded: dict, main: MainPass) -> torch.Tensor | None:
+    """The final hidden states the self-check compares from: where the contrast pass re-runs the
+    model's own decoder (``main.decoder`` is it), what that decoder returned, the very states the
+    contrast side's target logits come from, so that a forward changing them before its head
+    (Inkling divides them by its muP width multiplier) is caught unless declared; where it runs
+    a wrapper that maps the decoder's output to the head's input (the kinds' rescale), what the
+    head received."""
+    states, head_input = recorded.get("decoder"), recorded.get("hidden")
+    if recorded.get("decoder_module") is main.decoder and isinstance(states, torch.Tensor) \
+            and isinstance(head_input, torch.Tensor) and states.shape == head_input.shape:
+        return states
+    return head_input
 
 
 def check_head(model: nn.Module, main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,

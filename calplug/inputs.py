@@ -13,6 +13,9 @@ import torch
 PIXEL_PREFIX = "pixel_values"
 # Arguments beside pixel_values* that carry an image (LLaVA codebases' pixels, ready features).
 IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs")
+# Pixels cut into flattened patches, each row led by the patch's row and column index (the
+# Pix2Struct processors' layout, which Kosmos-2.5 takes).
+PATCH_ARGUMENTS = ("flattened_patches",)
 
 
 def image_keys(call: dict) -> tuple[str, ...]:
@@ -38,3 +41,10 @@ def has_float_pixels(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.is_floating_point() and value.numel() > 0
     return isinstance(value, (list, tuple)) and any(has_float_pixels(v) for v in value)
+
+
+def pixel_keys(call: dict) -> tuple[str, ...]:
+    """The arguments of ``call`` that hold floating-point pixels (``pixel_values*`` and
+    `PATCH_ARGUMENTS`): what ``verify`` replaces with other pixels of the same layout."""
+    return tuple(k for k, v in call.items()
+                 if (k.startswith(PIXEL_PREFIX) or k in PATCH_ARGUMENTS) and has_float_pixels(v))
