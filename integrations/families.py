@@ -353,9 +353,7 @@ _ROWS += [
                 unproven_reason=NO_CASE),
     FamilyFacts("HyperCLOVAX-Vision-V2", "hyperclovax_vision_v2",
                 "HyperCLOVAXVisionV2ForConditionalGeneration", (5, 0),
-                logit_transform=(SCALE("logits_scaling"),), proven=False,
-                unproven_reason=NO_CASE + " (its tiny model trains and passes `calplug verify`, "
-                "but its own eval-mode forward fails on the tiny image grid)"),
+                logit_transform=(SCALE("logits_scaling"),)),
     FamilyFacts("Inkling", "inkling", "InklingForConditionalGeneration", (5, 0),
                 logit_transform=(DIVIDE("logits_mup_width_multiplier"), VOCAB("unpadded_vocab_size")),
                 holes_ignored=INKLING_HOLES),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from _hf_families import IMAGE, PAD, VOCAB, Family, _model
+from _hf_shrunk import grid_visual, shrunk
 from _skips import module_found
 
 # The text decoder both Inkling generations share in shape: one sliding and one full layer, with
@@ -78,9 +79,15 @@ def inkling2_visual(model, kind, g):
     return torch.tensor([IMAGE] * 4), {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 2, 2]])}
 
 
-def _family(key, class_name, build, visual, **extra):
+def build_hyperclovax(seed=0):
+    """HyperCLOVAX-Vision-V2 shrunk from its default config (a Qwen2.5-VL vision tower): logits *
+    logits_scaling (0.5 here, not the default 1.0, so that it shows)."""
+    return shrunk("HyperCLOVAXVisionV2ForConditionalGeneration", seed, text=dict(logits_scaling=0.5))
+
+
+def _family(key, class_name, build, visual, drop_only=True, **extra):
     return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=False,
-                       drop_only=True, **extra)
+                       drop_only=drop_only, **extra)
 
 
 TRANSFORMS = dict([
@@ -92,4 +99,6 @@ TRANSFORMS = dict([
             _inkling2("Inkling2LoopForConditionalGeneration", loop_layer_index_start=1,
                       loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8),
             inkling2_visual),
+    _family("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", build_hyperclovax,
+            grid_visual(14), drop_only=False),
 ])

@@ -217,10 +217,10 @@ def test_verify_refuses_batches_it_cannot_check():
 
 # -- the enable warning for matched classes names this command ----------------------------------------
 def test_the_matched_class_warning_names_verify_and_what_it_checks():
-    """A class the generic integration accepts without a family proof (HyperCLOVAX-Vision-V2:
-    a row that declares its logit scaling, no family case) warns at enable; the command it names
-    exists, each check it promises is a row of the report, and the report passes on a tiny one,
-    its declared transform included (the self-check row)."""
+    """A class the generic integration accepts without a family proof (Unlimited-OCR: no row, no
+    family case) warns at enable; the command it names exists, each check it promises is a row of
+    the report (the reference rows are drop's: its decoder refuses mask), and the report passes
+    on a tiny one, the self-check row included."""
     import transformers
     from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
 
@@ -241,8 +241,9 @@ def test_the_matched_class_warning_names_verify_and_what_it_checks():
     assert "`calplug verify`" in message and "calplug.verify(model, batch)" in message
     assert "verify" in cli.COMMANDS
     report = calplug.verify(model, batch)
+    assert "contrast='mask' is refused" in report.table()
     promised = {"the contrast pass is blind to the image": BLIND_DROP,
-                "faithful mode equals the two-forward reference": f"{FAITHFUL}: loss",
+                "faithful mode equals the two-forward reference": f"{DROP_REF}: loss",
                 "unit weights give the model's own loss": UNIT}
     rows = {c.name for c in report.checks}
     for phrase, row in promised.items():
