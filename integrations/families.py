@@ -362,7 +362,7 @@ _ROWS += [
     FamilyFacts("Inkling2-Loop", "inkling2_loop", "Inkling2LoopForConditionalGeneration", (5, 0),
                 logit_transform=softcap(), holes_ignored=INKLING_HOLES),
     FamilyFacts("MistralLarge4", "mistral_large4", "MistralLarge4ForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), pixel_keys=("pixel_values",)),
     FamilyFacts("MuseGlimmer", "muse_glimmer", "MuseGlimmerForConditionalGeneration", (5, 0),
                 logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("MuseSpark", "muse_spark", "MuseSparkForConditionalGeneration", (5, 0),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_families import IMAGE, PAD, VOCAB, Family, _model
+from _hf_families import EXTRA1, EXTRA2, IMAGE, PAD, VOCAB, Family, _model
 from _hf_shrunk import grid_visual, shrunk
 from _skips import module_found
 
@@ -85,8 +85,26 @@ def build_hyperclovax(seed=0):
     return shrunk("HyperCLOVAXVisionV2ForConditionalGeneration", seed, text=dict(logits_scaling=0.5))
 
 
-def _family(key, class_name, build, visual, drop_only=True, **extra):
-    return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=False,
+def build_mistral_large4(seed=0):
+    """MistralLarge4 shrunk from its default config: multi-head latent attention (rotary width =
+    head_dim = qk_rope_head_dim 8; its eager attention repeats key heads to query heads 4 / 4), a
+    DeepSeek-style top-k key indexer (its default index_topk, 2048, keeps every key of these short
+    sequences), a Pixtral tower. Logits soft-capped at 1 (the default 30 would not touch a tiny
+    model's logits, which stay within +-0.6 here)."""
+    return shrunk("MistralLarge4ForConditionalGeneration", seed, top=dict(image_token_index=IMAGE),
+                  text=dict(qk_head_dim=16, head_dim=8, num_key_value_heads=4, index_head_dim=16,
+                            index_n_heads=2, final_logit_softcapping=1.0))
+
+
+def mistral_large4_visual(model, kind, g):
+    """A 56 x 56 image: 4 x 4 Pixtral patches merged 2 x 2, two rows of [IMG] x 2 closed by
+    [IMG_BREAK] / [IMG_END] (text tokens), with its ``image_sizes``, as the processor writes."""
+    ids = torch.tensor([IMAGE, IMAGE, EXTRA1, IMAGE, IMAGE, EXTRA2])
+    return ids, {"pixel_values": torch.randn(1, 3, 56, 56, generator=g), "image_sizes": torch.tensor([[56, 56]])}
+
+
+def _family(key, class_name, build, visual, drop_only=True, images=False, **extra):
+    return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=images,
                        drop_only=drop_only, **extra)
 
 
@@ -101,4 +119,6 @@ TRANSFORMS = dict([
             inkling2_visual),
     _family("hyperclovax_vision_v2", "HyperCLOVAXVisionV2ForConditionalGeneration", build_hyperclovax,
             grid_visual(14), drop_only=False),
+    _family("mistral_large4", "MistralLarge4ForConditionalGeneration", build_mistral_large4,
+            mistral_large4_visual, drop_only=False, images=True),
 ])

@@ -47,6 +47,7 @@ NOT_DECODED = {
 # Families whose cache the joined step cannot take (calplug/decoding_cache.py): two passes.
 UNJOINED = {
     "glm5_next": "sparse-attention indexer",  # DSA: pooled, ranked indexer keys
+    "mistral_large4": "sparse-attention indexer",  # the same indexer
 }
 DECODING = [c for c in CASES if c.decode_inputs is not None]
 LLAVA_STYLE = sorted({c.id.split("-")[1] for c in CASES if c.id.startswith("llava_style-")}
