@@ -368,7 +368,7 @@ _ROWS += [
     FamilyFacts("MuseSpark", "muse_spark", "MuseSparkForConditionalGeneration", (5, 0),
                 logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("Gemma4Unified", "gemma4_unified", "Gemma4UnifiedForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap()),
 ]
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}

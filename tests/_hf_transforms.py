@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_families import EXTRA1, EXTRA2, IMAGE, PAD, VOCAB, Family, _model
+from _hf_families import EXTRA1, EXTRA2, EXTRA3, IMAGE, PAD, VEND, VIDEO, VOCAB, VSTART, Family, _model, _text
 from _hf_shrunk import grid_visual, shrunk
 from _skips import module_found
 
@@ -103,6 +103,32 @@ def mistral_large4_visual(model, kind, g):
     return ids, {"pixel_values": torch.randn(1, 3, 56, 56, generator=g), "image_sizes": torch.tensor([[56, 56]])}
 
 
+def build_gemma4_unified(seed=0):
+    """Gemma4Unified: Gemma 4's text decoder (a sliding and a full layer, each with its own head
+    width: global_head_dim; bidirectional attention within an image), no vision transformer:
+    each 4 x 4 merged patch (2-pixel patches pooled 2 x 2) is normalised, projected and placed.
+    Logits soft-capped at 1 (the default leaves them uncapped; they stay within +-0.7 here)."""
+    text = _text("gemma4_unified_text", head_dim=16, global_head_dim=16, sliding_window=4,
+                 layer_types=["sliding_attention", "full_attention"],
+                 use_bidirectional_attention="vision", final_logit_softcapping=1.0)
+    del text["model_type"]
+    vision = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=8,
+                  output_proj_dims=32)
+    return _model("Gemma4UnifiedForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  audio_config=dict(audio_embed_dim=16), image_token_id=IMAGE, video_token_id=VIDEO,
+                  boi_token_id=VSTART, eoi_token_id=VEND, audio_token_id=EXTRA3, boa_token_id=EXTRA1,
+                  eoa_token_index=EXTRA2)
+
+
+def gemma4_unified_visual(model, kind, g):
+    """A 2 x 2 grid of merged patches ``[1, 4, 3 * 4 * 4]`` with their (x, y) positions: 4 tokens."""
+    yy, xx = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+    positions = torch.stack([xx.flatten(), yy.flatten()], -1).unsqueeze(0)
+    side = model.config.vision_config.model_patch_size
+    return torch.tensor([VSTART] + [IMAGE] * 4 + [VEND]), {
+        "pixel_values": torch.rand(1, 4, 3 * side * side, generator=g), "image_position_ids": positions}
+
+
 def _family(key, class_name, build, visual, drop_only=True, images=False, **extra):
     return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=images,
                        drop_only=drop_only, **extra)
@@ -121,4 +147,6 @@ TRANSFORMS = dict([
             grid_visual(14), drop_only=False),
     _family("mistral_large4", "MistralLarge4ForConditionalGeneration", build_mistral_large4,
             mistral_large4_visual, drop_only=False, images=True),
+    _family("gemma4_unified", "Gemma4UnifiedForConditionalGeneration", build_gemma4_unified,
+            gemma4_unified_visual, drop_only=False),
 ])
