@@ -330,10 +330,9 @@ _ROWS += [
                 placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
 ]
 
-# -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
-# self-check still compares each model's own logits with the contrast side's) ------------------
-NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
-           "tiny model yet")
+# -- logit transforms after lm_head, declared (tests/_hf_transforms.py and _hf_shrunk.py build
+# their tiny models; the first step's self-check compares each model's own logits with the
+# contrast side's) --------------------------------------------------------------------------------
 # Inkling's attention layers run short convolutions over their keys and values (and Inkling 2's
 # over their queries too): a hole in the mask is zeroed but still inside the convolution window.
 INKLING_HOLES = HOLES_IGNORED.format(what="short convolutions inside its attention layers",
@@ -349,8 +348,7 @@ _ROWS += [
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Granite4Vision", "granite4_vision", "Granite4VisionForConditionalGeneration",
                 (5, 0), logit_transform=(DIVIDE("logits_scaling"),),
-                visual_extras=("vision_mask", "deepstack_features"), proven=False,
-                unproven_reason=NO_CASE),
+                visual_extras=("vision_mask", "deepstack_features"), pixel_keys=("pixel_values",)),
     FamilyFacts("HyperCLOVAX-Vision-V2", "hyperclovax_vision_v2",
                 "HyperCLOVAXVisionV2ForConditionalGeneration", (5, 0),
                 logit_transform=(SCALE("logits_scaling"),)),

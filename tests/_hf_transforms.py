@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from _hf_families import EXTRA1, EXTRA2, EXTRA3, IMAGE, PAD, VEND, VIDEO, VOCAB, VSTART, Family, _model, _text
+from _hf_families import (EXTRA1, EXTRA2, EXTRA3, IMAGE, PAD, VEND, VIDEO, VOCAB, VSTART, Family, _model,
+                          _text, _vision)
 from _hf_shrunk import grid_visual, shrunk
 from _skips import module_found
 
@@ -129,6 +130,30 @@ def gemma4_unified_visual(model, kind, g):
         "pixel_values": torch.rand(1, 4, 3 * side * side, generator=g), "image_position_ids": positions}
 
 
+def build_granite4_vision(seed=0):
+    """Granite4Vision: a CLIP tower (32 x 32 tiles of 8-pixel patches; width 64, one Q-Former head
+    of 64), one anyres grid (32 x 32: a base tile and one grid tile), Window Q-Former downsamplers
+    at rate 1/2, deepstack features of vision layer -2 into decoder layer 0 and the 4 spatial
+    offset groups into layers 0, 1, 1, 1 (the defaults name layers 12-21 of a 2-layer decoder);
+    no dropout in the projector and Q-Former (training-mode forwards are compared). Logits / logits_scaling (0.5 here, not the default 1.0, so that it shows)."""
+    text = _text("granite4_vision_text", logits_scaling=0.5)
+    del text["model_type"]
+    vision = _vision("clip_vision_model", hidden_size=64, num_attention_heads=4, image_size=32, patch_size=8)
+    return _model("Granite4VisionForConditionalGeneration", seed, text_config=text, vision_config=vision,
+                  image_token_index=IMAGE, image_grid_pinpoints=[[32, 32]], downsample_rate="1/2",
+                  deepstack_layer_map=[[-2, 0]], spatial_vision_layer=-1,
+                  spatial_target_layers=[0, 1, 1, 1], projector_dropout=0.0,
+                  qformer_config=dict(intermediate_size=64, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+
+
+def granite4_vision_visual(model, kind, g):
+    """One 32 x 32 image: ``pixel_values [1, 2 tiles, 3, 32, 32]`` with its ``image_sizes``; its
+    packed features (base tile, grid tile, newline) are 10 tokens."""
+    return torch.tensor([IMAGE] * 10), {"pixel_values": torch.randn(1, 2, 3, 32, 32, generator=g),
+                                        "image_sizes": torch.tensor([[32, 32]])}
+
+
 def _family(key, class_name, build, visual, drop_only=True, images=False, **extra):
     return key, Family(key, class_name, (5, 0), build, visual, video=False, qwen=False, images=images,
                        drop_only=drop_only, **extra)
@@ -149,4 +174,6 @@ TRANSFORMS = dict([
             mistral_large4_visual, drop_only=False, images=True),
     _family("gemma4_unified", "Gemma4UnifiedForConditionalGeneration", build_gemma4_unified,
             gemma4_unified_visual, drop_only=False),
+    _family("granite4_vision", "Granite4VisionForConditionalGeneration", build_granite4_vision,
+            granite4_vision_visual, drop_only=False, images=True),
 ])
