@@ -79,8 +79,19 @@ def is_ready_mask(mask) -> bool:
     return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
 
-def map_ready_mask(mask, fn):
-    return {k: fn(v) for k, v in mask.items()} if isinstance(mask, dict) else fn(mask)
+# Per-layer-type entries that are not attention masks but the [B, L] padding mask (or None: no
+# padding) of layers without attention (transformers' recurrent masks: linear attention, short
+# convolutions), e.g. Inkling's dict, built before its decoder is called.
+PADDING_MASK_TYPES = ("linear_attention", "conv")
+
+
+def map_ready_mask(mask, fn, padding_fn=None):
+    """``fn`` on each 4-D mask of ``mask`` (one, or a dict per layer type); ``padding_fn`` on the
+    dict's `PADDING_MASK_TYPES` entries (kept as they are when it is None)."""
+    if not isinstance(mask, dict):
+        return fn(mask)
+    return {k: (v if padding_fn is None else padding_fn(v)) if k in PADDING_MASK_TYPES else fn(v)
+            for k, v in mask.items()}
 
 
 def _allowed(mask: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
@@ -153,7 +164,8 @@ def masked_attention_plan(main: MainPass, hidden: torch.Tensor,
     mask = main.attention_mask
     keys = mask * (~hidden).to(mask.dtype)
     if is_ready_mask(ready):
-        kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask))
+        kwargs["attention_mask"] = map_ready_mask(ready, lambda m: hide_keys(m, hidden, main.attention_mask),
+                                                  lambda m: keys)
     else:
         kwargs["attention_mask"] = keys
     B, L = hidden.shape
@@ -233,7 +245,8 @@ def select_positions(main: MainPass, keep: torch.Tensor, samples: torch.Tensor) 
     ready = kwargs.get("attention_mask")
     if is_ready_mask(ready):
         kwargs["attention_mask"] = map_ready_mask(
-            ready, lambda m: slice_ready_mask(m, samples, order, packed_mask, main.attention_mask))
+            ready, lambda m: slice_ready_mask(m, samples, order, packed_mask, main.attention_mask),
+            lambda m: packed_mask.to(main.attention_mask.dtype))
     else:
         kwargs["attention_mask"] = packed_mask.to(main.attention_mask.dtype)
     pos = main.position_ids

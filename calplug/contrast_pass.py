@@ -177,10 +177,11 @@ def _check_rows(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
 def head_check(main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,
                supervised: torch.Tensor) -> HeadCheck:
     """Compare the model's own logits with what the contrast side computes from the same final
-    hidden states (``hidden``: what the output projection received in the main pass): the target
-    logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
-    `MainPass.logit_transform`. A forward that transforms its logits after the head in a way the
-    integration does not declare makes every gap mix two kinds of logit; this finds it. Tolerance:
+    hidden states (``hidden``: `checked_states` of the main pass):
+    the target logit ``hidden . W[y] + b`` (`calplug.gap.hidden_target_logits`), then
+    `MainPass.logit_transform`. A forward that transforms its logits after the head (or the
+    states between decoder and head) in a way the integration does not declare makes every gap
+    mix two kinds of logit; this finds it. Tolerance:
     rounding of the model's logit dtype (4 ulp) plus float32 accumulation round-off. No grad."""
     found = _check_rows(main, hidden, targets, supervised)
     if isinstance(found, str):
@@ -231,20 +232,45 @@ def head_mismatch_message(model: nn.Module, main: MainPass, found: HeadCheck) ->
 
 
 @contextlib.contextmanager
-def record_head_input(head: nn.Module) -> Iterator[dict]:
+def record_head_input(head: nn.Module, decoder: nn.Module | None = None) -> Iterator[dict]:
     """Record, under ``"hidden"``, what ``head`` (the output projection) receives on its first
-    call inside the block, unchanged: the final hidden states `head_check` compares from."""
-    recorded: dict = {}
+    call inside the block, unchanged, and under ``"decoder"`` what ``decoder`` (the model's text
+    decoder) returns on its first call: `checked_states` picks the one `head_check` compares from."""
+    recorded: dict = {"decoder_module": decoder}
 
     def pre_hook(module, args, kwargs):
         if "hidden" not in recorded:
             recorded["hidden"] = args[0] if args else next(iter(kwargs.values()), None)
 
-    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def decoder_hook(module, args, out):
+        if "decoder" not in recorded:
+            recorded["decoder"] = out[0] if isinstance(out, (tuple, list)) else \
+                getattr(out, "last_hidden_state", None)
+
+    handles = [head.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if decoder is not None:
+        handles.append(decoder.register_forward_hook(decoder_hook))
     try:
         yield recorded
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def checked_states(recorded: dict, main: MainPass) -> torch.Tensor | None:
+    """The final hidden states the self-check compares from: where the contrast pass re-runs the
+    model's own decoder (``main.decoder`` is it), what that decoder returned, the very states the
+    contrast side's target logits come from, so that a forward changing them before its head
+    (Inkling divides them by its muP width multiplier) is caught unless declared; where it runs
+    a wrapper that maps the decoder's output to the head's input (the kinds' rescale), what the
+    head received."""
+    states, head_input = recorded.get("decoder"), recorded.get("hidden")
+    if not (recorded.get("decoder_module") is main.decoder and isinstance(states, torch.Tensor)
+            and isinstance(head_input, torch.Tensor) and states.shape == head_input.shape):
+        states = head_input
+    if states is not None and main.prefix_rows:  # rows the forward prepended (GIT's image)
+        states = states[:, main.prefix_rows:]
+    return states
 
 
 def check_head(model: nn.Module, main: MainPass, hidden: torch.Tensor, targets: torch.Tensor,

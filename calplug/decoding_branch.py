@@ -88,8 +88,8 @@ class ContrastBranch:
                 logits = self.projected.index_select(0, self.valid)
             else:
                 logits = self.head(self.states.index_select(0, self.valid))
-            if self.transform is not None:
-                logits = self.transform(logits)
+            if self.transform is not None:  # the model's own logits: transformed, vocabulary cut
+                logits = self.transform.full_logits(logits)
             out = out.index_copy(0, self.valid_samples, logits.float())
             has[self.valid_samples] = True
         return out, has

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 PIXEL_PREFIX = "pixel_values"
-# Arguments beside pixel_values* that carry an image (LLaVA codebases' pixels, ready features).
-# Pixel tensors under another name: Fuyu's flattened patches before transformers renamed them
-# pixel_values (5.2x).
-PATCH_ARGUMENTS = ("image_patches",)
-IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs") + PATCH_ARGUMENTS
+# Arguments beside pixel_values* that carry an image: the LLaVA codebases' pixels, ready features,
+# and Fuyu's patches before transformers renamed them pixel_values (5.2x).
+IMAGE_ARGUMENTS = ("images", "images_aux", "image_embeds", "mm_encoder_outputs", "image_patches")
+# Pixels cut into patches under another name: Fuyu's image_patches, and flattened patches each led
+# by the patch's row and column index (the Pix2Struct processors' layout, which Kosmos-2.5 takes).
+PATCH_ARGUMENTS = ("image_patches", "flattened_patches")
 
 
 def image_keys(call: dict) -> tuple[str, ...]:
@@ -41,3 +42,10 @@ def has_float_pixels(value) -> bool:
     if isinstance(value, torch.Tensor):
         return value.is_floating_point() and value.numel() > 0
     return isinstance(value, (list, tuple)) and any(has_float_pixels(v) for v in value)
+
+
+def pixel_keys(call: dict) -> tuple[str, ...]:
+    """The arguments of ``call`` that hold floating-point pixels (``pixel_values*`` and
+    `PATCH_ARGUMENTS`): what ``verify`` replaces with other pixels of the same layout."""
+    return tuple(k for k, v in call.items()
+                 if (k.startswith(PIXEL_PREFIX) or k in PATCH_ARGUMENTS) and has_float_pixels(v))

@@ -408,7 +408,9 @@ def remove_image_hook(keep: torch.Tensor, positions: torch.Tensor | None = None)
     """A decoder pre-hook: the decoder runs on the ``keep [B, L]`` positions of each sample only,
     packed to the left in order (right padding), each with its original position id (the
     decoder's, else ``positions``, else 0..L-1). Every ``[B, L, ...]`` input is gathered alike; a
-    2-D padding mask (or none) only."""
+    2-D padding mask (or none); a per-layer-type dict of masks is replaced by the packed 2-D
+    mask, from which the decoder builds its own (as transformers' decoders do when not handed a
+    dict: Inkling's is built by the model before it calls the decoder)."""
     B, L = keep.shape
     counts = keep.sum(1)
     length = max(int(counts.max()), 1)
@@ -417,9 +419,11 @@ def remove_image_hook(keep: torch.Tensor, positions: torch.Tensor | None = None)
     def pre_hook(module, args, kwargs):
         embeds = check_sequence(kwargs, keep.shape)
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            mask = None
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            raise CALInputError("the decoder received a ready-made (4-D or per-layer) attention mask, "
-                                "which verify's drop reference does not rebuild")
+            raise CALInputError("the decoder received a ready-made 4-D attention mask, which "
+                                "verify's drop reference does not rebuild")
         new = {}
         idx = order.to(embeds.device)
         for name, value in kwargs.items():

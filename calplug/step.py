@@ -174,9 +174,7 @@ def training_step(model: nn.Module, original, state: CALState, call: dict):
     state.no_images.observe(carried_images, main.found_image, type(model).__name__)
     # step 3: shift; ignored rows take token 0 as their target
     shifted, targets, supervised = gap.shift_targets(main.labels)
-    head_states = hidden if hidden is not None else checked_input.get("hidden")
-    if hidden is None and head_states is not None and main.prefix_rows:
-        head_states = head_states[:, main.prefix_rows:]
+    head_states = hidden if hidden is not None else contrast_pass.checked_states(checked_input, main)
     if check and head_states is not None:  # once per enabled model: the logits are lm_head's
         found = contrast_pass.check_head(model, main, head_states.detach(), targets, supervised)
         state.logits_checked = found.skipped != contrast_pass.NO_FINITE_ROW
@@ -252,13 +250,14 @@ def _head_on_last_position(model: nn.Module, integration: Integration, chunk: in
 
 @contextlib.contextmanager
 def _head_input_once(model: nn.Module, integration: Integration, active: bool) -> Iterator[dict]:
-    """For the self-check: what the output projection receives in the main pass
-    (`contrast_pass.record_head_input`). A no-op when not ``active`` or when the integration does
+    """For the self-check: the final hidden states of the main pass, as the decoder returns them
+    and as the head receives them (`contrast_pass.record_head_input`). A no-op when not ``active`` or when the integration does
     not say where the head is (`Integration.decoder_and_head`): the check is then not run."""
     if not active or integration.decoder_and_head is None:
         yield {}
         return
-    with contrast_pass.record_head_input(integration.decoder_and_head(model)[1]) as recorded:
+    decoder, head = integration.decoder_and_head(model)
+    with contrast_pass.record_head_input(head, decoder) as recorded:
         yield recorded
 
 

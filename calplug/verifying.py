@@ -48,7 +48,7 @@ from .config import CALConfig
 from .errors import CALInputError
 from .gap import IGNORE_INDEX, shift_targets
 from .hookspecs import ReferencePass
-from .inputs import PATCH_ARGUMENTS, PIXEL_PREFIX, has_float_pixels
+from .inputs import PATCH_ARGUMENTS, PIXEL_PREFIX, pixel_keys as float_pixel_keys
 from .reference import _logits, _loss, pixel_positions, pixel_samples, reference_image_free_step, reference_step
 
 POSITIONS_CHECK = "image positions cover where the pixels enter"
@@ -213,10 +213,10 @@ def _layout(model: nn.Module, batch: dict, seed: int) -> _Layout:
                             f"{tuple(input_ids.shape)}")
     if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
         raise CALInputError("every label of the batch is -100: verify needs supervised tokens")
-    pixel_keys = tuple(k for k, v in batch.items()
-                       if (k.startswith(PIXEL_PREFIX) or k in PATCH_ARGUMENTS) and has_float_pixels(v))
+    pixel_keys = float_pixel_keys(batch)
     if not pixel_keys:
-        raise CALInputError(f"the batch has no {PIXEL_PREFIX}* tensor: verify needs a batch with at "
+        raise CALInputError(f"the batch has no {PIXEL_PREFIX}* (or {', '.join(PATCH_ARGUMENTS)}) "
+                            "tensor: verify needs a batch with at "
                             "least one image, with the processor's pixel values")
     target, _, integration, _, forward = scoring.resolved(model, CALConfig())
     own = integration.decoder_and_head(target)[0] if integration.decoder_and_head else None
@@ -270,15 +270,26 @@ def _received_positions(decoder: nn.Module | None):
 
 
 def _replace_pixels(value, g: torch.Generator):
-    """Other pixels of the same shape: seeded noise at the scale of the originals. All-zero
-    entries stay zero (Idefics-type processors mark padding images that way)."""
+    """Other pixels of the same layout: seeded noise at the scale of the originals. All-zero
+    entries stay zero (Idefics-type processors mark padding images that way), and so do columns
+    of the last axis that hold only whole numbers, not all the same, while others do not: the
+    row and column index in front of each flattened patch (Kosmos-2.5's ``flattened_patches``),
+    which are positions, not pixels. A tensor of whole numbers only (unnormalised pixels) is
+    replaced whole."""
     if isinstance(value, (list, tuple)):
         return type(value)(_replace_pixels(v, g) for v in value)
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return value
     x = value.float()
-    noise = torch.randn(x.shape, generator=g) * x.std().clamp(min=1e-3) + x.mean()
-    return torch.where(x == 0, x, noise.to(x.device)).to(value.dtype)
+    columns = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+    # index columns: whole numbers that vary (a constant column, e.g. a black border, is pixels)
+    whole = (columns == columns.round()).all(0) & (columns.amax(0) > columns.amin(0))
+    if bool(whole.all()) or x.dim() == 1:
+        whole = torch.zeros_like(whole)
+    whole = whole.to(x.device)
+    picked = x[..., ~whole] if x.dim() > 1 else x   # the statistics of the pixel columns
+    noise = torch.randn(x.shape, generator=g) * picked.std().clamp(min=1e-3).cpu() + picked.mean().cpu()
+    return torch.where((x == 0) | whole, x, noise.to(x.device)).to(value.dtype)
 
 
 # -- the checks -----------------------------------------------------------------------------------
@@ -372,12 +383,13 @@ def _head_check(model, batch, integration) -> Check:
         return Check(name, False, float("nan"), "-", f"integration {integration.name!r} does not say "
                      "where the output projection is (Integration.decoder_and_head)")
     target, _, _, _, forward = scoring.resolved(model, CALConfig(**UNCHECKED))
-    with torch.no_grad(), contrast_pass.record_head_input(integration.decoder_and_head(target)[1]) as rec:
+    decoder, head = integration.decoder_and_head(target)
+    with torch.no_grad(), contrast_pass.record_head_input(head, decoder) as rec:
         main = scoring.main_pass(target, integration, forward, batch)
     if rec.get("hidden") is None:
         return Check(name, False, float("nan"), "-", "the forward never called its output projection")
     _, targets, supervised = shift_targets(main.labels)
-    found = contrast_pass.head_check(main, rec["hidden"][:, main.prefix_rows:], targets, supervised)
+    found = contrast_pass.head_check(main, contrast_pass.checked_states(rec, main), targets, supervised)
     if found.skipped:
         return Check(name, False, float("nan"), "-", found.skipped)
     return Check(name, found.passed, found.difference, f"<= {found.tolerance:.1e}",

@@ -110,11 +110,13 @@ def decoder_inputs_with(original_forward: Callable, decoder: nn.Module, call: di
 
 
 def pixel_rerun(original_forward: Callable, decoder: nn.Module, call: dict,
-                pixel_keys: tuple[str, ...]):
+                pixel_keys: tuple[str, ...], extras: tuple[str, ...] = ()):
     """`MainPass.rerun_with_pixels` for a model whose forward takes image tensors under
     ``pixel_keys``: ``fn(pixel_transform) -> {"inputs_embeds": ...}`` re-runs the forward up to its
-    decoder call on transformed pixels. None when ``call`` holds no pixels (nothing to re-run).
-    Holding the call costs nothing until a pixel contrast uses it: it only keeps references."""
+    decoder call on transformed pixels; the decoder arguments ``extras`` (visual-only inputs such
+    as deepstack features, which come from the same pixels) are taken from that call too. None
+    when ``call`` holds no pixels (nothing to re-run). Holding the call costs nothing until a
+    pixel contrast uses it: it only keeps references."""
     if not has_pixels(call, pixel_keys):
         return None
     call = {k: v for k, v in call.items() if k != "labels"}
@@ -124,7 +126,9 @@ def pixel_rerun(original_forward: Callable, decoder: nn.Module, call: dict,
         for key in pixel_keys:
             if key in changed:
                 changed[key] = transform_pixels(changed[key], transform)
-        return {"inputs_embeds": embeddings_with(original_forward, decoder, changed)}
+        if not extras:
+            return {"inputs_embeds": embeddings_with(original_forward, decoder, changed)}
+        return decoder_inputs_with(original_forward, decoder, changed, ("inputs_embeds",) + extras)
 
     return rerun_with_pixels
 

@@ -369,10 +369,13 @@ _ROWS += [
                 call_refusals=(("pixel_values_videos", "video_pruning_rate", NEMOTRON_PRUNING),)),
 ]
 
-# -- logit transforms after lm_head, declared; no family case builds them yet (the first step's
-# self-check still compares each model's own logits with the contrast side's) ------------------
-NO_CASE = ("its logit transform is declared here, but no family case in calplug's tests builds its "
-           "tiny model yet")
+# -- logit transforms after lm_head, declared (tests/_hf_transforms.py and _hf_shrunk.py build
+# their tiny models; the first step's self-check compares each model's own logits with the
+# contrast side's) --------------------------------------------------------------------------------
+# Inkling's attention layers run short convolutions over their keys and values (and Inkling 2's
+# over their queries too): a hole in the mask is zeroed but still inside the convolution window.
+INKLING_HOLES = HOLES_IGNORED.format(what="short convolutions inside its attention layers",
+                                     state="convolution window")
 SCALE, DIVIDE, VOCAB = (lambda a: LogitStep("scale", a)), (lambda a: LogitStep("divide", a)), \
     (lambda a: LogitStep("vocab", a))
 _ROWS += [
@@ -384,28 +387,25 @@ _ROWS += [
                 pixel_keys=("pixel_values",)),
     FamilyFacts("Granite4Vision", "granite4_vision", "Granite4VisionForConditionalGeneration",
                 (5, 0), logit_transform=(DIVIDE("logits_scaling"),),
-                visual_extras=("vision_mask", "deepstack_features"), proven=False,
-                unproven_reason=NO_CASE),
+                visual_extras=("vision_mask", "deepstack_features"), pixel_keys=("pixel_values",)),
     FamilyFacts("HyperCLOVAX-Vision-V2", "hyperclovax_vision_v2",
                 "HyperCLOVAXVisionV2ForConditionalGeneration", (5, 0),
-                logit_transform=(SCALE("logits_scaling"),), proven=False,
-                unproven_reason=NO_CASE + " (its tiny model trains and passes `calplug verify`, "
-                "but its own eval-mode forward fails on the tiny image grid)"),
+                logit_transform=(SCALE("logits_scaling"),)),
     FamilyFacts("Inkling", "inkling", "InklingForConditionalGeneration", (5, 0),
-                logit_transform=(VOCAB("unpadded_vocab_size"),), proven=False,
-                unproven_reason=NO_CASE),
+                logit_transform=(DIVIDE("logits_mup_width_multiplier"), VOCAB("unpadded_vocab_size")),
+                holes_ignored=INKLING_HOLES),
     FamilyFacts("Inkling2", "inkling2", "Inkling2ForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), holes_ignored=INKLING_HOLES),
     FamilyFacts("Inkling2-Loop", "inkling2_loop", "Inkling2LoopForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), holes_ignored=INKLING_HOLES),
     FamilyFacts("MistralLarge4", "mistral_large4", "MistralLarge4ForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap(), pixel_keys=("pixel_values",)),
     FamilyFacts("MuseGlimmer", "muse_glimmer", "MuseGlimmerForConditionalGeneration", (5, 0),
                 logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("MuseSpark", "muse_spark", "MuseSparkForConditionalGeneration", (5, 0),
                 logit_transform=(SCALE("output_multiplier"),) + softcap()),
     FamilyFacts("Gemma4Unified", "gemma4_unified", "Gemma4UnifiedForConditionalGeneration", (5, 0),
-                logit_transform=softcap(), proven=False, unproven_reason=NO_CASE),
+                logit_transform=softcap()),
 ]
 
 FAMILIES: dict[str, FamilyFacts] = {row.class_name: row for row in _ROWS}

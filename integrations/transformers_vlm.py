@@ -239,7 +239,8 @@ def vlm_main_pass(model: nn.Module, original_forward, call: dict, facts: FamilyF
         decoder_kwargs=decoder_kwargs, visual_mask=visual,
         attention_mask=padding_mask(decoder_kwargs, call, embeds), position_ids=positions,
         visual_extras=tuple(k for k in extras if decoder_kwargs.get(k) is not None),
-        rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys)
+        rerun_with_pixels=pixel_rerun(original_forward, decoder, call, facts.pixel_keys,
+                                      tuple(k for k in extras if decoder_kwargs.get(k) is not None))
         if facts.pixel_keys else None,
         extra_loss=router_aux_loss(model, call, output) if routed else None,
         logit_transform=compat.logit_transform(config, facts.logit_transform),

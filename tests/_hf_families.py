@@ -881,7 +881,9 @@ FAMILIES["fuyu"] = Family("fuyu", "FuyuForCausalLM", (4, 53), build_fuyu, fuyu_v
 from _hf_shrunk import SHRUNK  # noqa: E402
 from _hf_qformer import QFORMER  # noqa: E402
 from _hf_vq import VQ  # noqa: E402
+from _hf_transforms import TRANSFORMS  # noqa: E402
 
 FAMILIES.update(SHRUNK)
 FAMILIES.update(QFORMER)
 FAMILIES.update(VQ)
+FAMILIES.update(TRANSFORMS)

@@ -48,7 +48,6 @@ class KindFamily:
     head: Callable = lambda model: model.get_output_embeddings()  # model -> the output projection
     blur: bool = True               # the model's pixels are images [..., H, W]
     unavailable: Callable | None = None  # () -> why this release cannot run its cases, or None
-    verify: str | None = None       # why `calplug verify` cannot check it, or None
     prefix: Callable | None = None  # model -> rows its logits have in front of the text (GIT), or None
 
     def text_logits(self, model, logits: torch.Tensor) -> torch.Tensor:
@@ -615,10 +614,7 @@ KINDS: dict[str, KindFamily] = {f.name: f for f in (
     KindFamily("kosmos2_5", "Kosmos2_5ForConditionalGeneration", "Kosmos-2.5", POSITIONS, (4, 56),
                build_kosmos2_5, kosmos2_5_batch, kosmos2_reference,
                lambda m, b: kosmos2_visual(m, b).any(1), lambda m: m.text_model.model,
-               lambda m: m.vision_model, visual=kosmos2_visual, blur=False,
-               verify="verify replaces pixel_values* tensors with noise; Kosmos-2.5 takes flattened "
-                      "patches whose first two columns are row and column indices (verify refuses the "
-                      "batch, naming pixel_values)"),
+               lambda m: m.vision_model, visual=kosmos2_visual, blur=False),
 )}
 
 # The image-prefix kind (GIT: tests/_hf_prefix.py); imported last: it builds on the helpers above.

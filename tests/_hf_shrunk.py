@@ -264,18 +264,29 @@ SHRUNK = dict([
 ])
 
 
-# A class calplug matches without a family case: HyperCLOVAX-Vision-V2 (its row declares the
-# logits * logits_scaling transform; 0.5 here, not the default 1.0, so that it shows). Its tiny
-# model trains, but its own eval-mode forward fails on the tiny grid (a size mismatch in the
-# vision path), so it has no family case; the matched-class tests use it.
-MATCHED_CLASS = "HyperCLOVAXVisionV2ForConditionalGeneration"
+# A class calplug matches without a family case: Unlimited-OCR (no FamilyFacts row; the generic
+# placeholder rule accepts it). Its tiny model (SAM and CLIP towers shrunk: a 128 x 128 image
+# gives a 2 x 2 grid, a newline token per row and a view separator, 7 tokens) trains and passes
+# `calplug verify`; its decoder's reference sliding-attention layers make it drop-only. The
+# matched-class tests use it.
+MATCHED_CLASS = "UnlimitedOcrForConditionalGeneration"
 
 
 def build_matched(seed=0):
-    return shrunk(MATCHED_CLASS, seed, text=dict(logits_scaling=0.5))
+    from transformers.models.unlimited_ocr import configuration_unlimited_ocr as c
+
+    sam = c.UnlimitedOcrSamVisionConfig(
+        hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=128,
+        patch_size=16, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[32, 32],
+        initializer_range=0.02)  # the default, 1e-10, leaves the tower's output (and the image) at 0
+    encoder = c.UnlimitedOcrVisionEncoderConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=2, image_size=28, patch_size=14)
+    # its eager attention does not repeat key / value heads: as many as query heads
+    return shrunk(MATCHED_CLASS, seed, vision=dict(sam_config=sam, encoder_config=encoder),
+                  text=dict(num_key_value_heads=4))
 
 
-MATCHED_VISUAL = grid_visual(14)
+MATCHED_VISUAL = image_visual(7, size=128)
 
 
 # -- Nemotron-H Omni (f3): images and videos both at image_token_id, a hybrid Mamba-2 / attention /

@@ -13,7 +13,7 @@ env, every skip by reason and fails CI on one its table does not expect.
 
 Names (what ``CALPLUG_REQUIRE`` may list): the package or tool itself (``deepspeed``, ``peft``,
 ``trl``, ``accelerate``, ``tensorboard``, ``hypothesis``, ``pillow``, ``tokenizers``, ``timm``,
-``git``, ``chromium``, ``gloo``) or an upstream codebase (``llava``, ``llava-next``, ``mgm``) or
+``scipy``, ``git``, ``chromium``, ``gloo``) or an upstream codebase (``llava``, ``llava-next``, ``mgm``) or
 ``patches`` (the patch files' upstream files and the wheel install `tox -e patches` makes).
 """
 from __future__ import annotations

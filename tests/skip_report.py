@@ -45,8 +45,6 @@ EXPECTED = [
      "an upstream bug of 4.56-5.12 (calplug refuses those releases; test_kinds.py checks it)"),
     ("py|hf-4.57", r"transformers after 4\.49 .* splices BLIP-2's queries only at placeholder ids",
      "the query-prefix layout exists up to 4.49 (hf-4.45, hf-4.49 run it)"),
-    ("*", r"verify replaces pixel_values\* tensors with noise; Kosmos-2\.5",
-     "calplug verify cannot make a noise batch of Kosmos-2.5's flattened patches (it refuses them)"),
     ("hf-*", r"transformers < 5\.0's PaliGemma, called without labels, attends bidirectionally",
      "no from-scratch decoding reference there (test_decoding.py); py runs it"),
     ("*", r": contrastive decoding refused \(NOT_DECODED\)$",

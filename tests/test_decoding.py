@@ -41,11 +41,13 @@ NOT_DECODED = {
     "instructblipvideo": "never called its own forward",
     "chameleon": "received no inputs_embeds at a decoding step",  # its decoder embeds token ids
     "ovis2_5": "neither position_ids nor cache_position",  # generate() drops the position ids
+    "hyperclovax_vision_v2": "neither position_ids nor cache_position",  # same
     "janus": "never called the logits processor",  # Janus' generate drops logits_processor
 }
 # Families whose cache the joined step cannot take (calplug/decoding_cache.py): two passes.
 UNJOINED = {
     "glm5_next": "sparse-attention indexer",  # DSA: pooled, ranked indexer keys
+    "mistral_large4": "sparse-attention indexer",  # the same indexer
 }
 DECODING = [c for c in CASES if c.decode_inputs is not None]
 

@@ -215,9 +215,9 @@ def test_refusal_table_names_the_reason(class_name):
 
 
 def test_matched_class_is_accepted_once_warned_and_runs():
-    """HyperCLOVAX-Vision-V2 has a row (its logit scaling declared) but no family case: calplug
-    accepts it with one warning per class naming `calplug verify`, and the CAL step runs (its
-    first-step self-check passes: the declared scaling is the model's)."""
+    """Unlimited-OCR has no row and no family case: the generic rule accepts it, calplug enables
+    it with one warning per class naming `calplug verify`, and the CAL step runs (its first-step
+    self-check passes)."""
     from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
 
     if tf_version() < (5, 0) or not hasattr(__import__("transformers"), MATCHED_CLASS):

@@ -217,10 +217,10 @@ def test_verify_refuses_batches_it_cannot_check():
 
 # -- the enable warning for matched classes names this command ----------------------------------------
 def test_the_matched_class_warning_names_verify_and_what_it_checks():
-    """A class the generic integration accepts without a family proof (HyperCLOVAX-Vision-V2:
-    a row that declares its logit scaling, no family case) warns at enable; the command it names
-    exists, each check it promises is a row of the report, and the report passes on a tiny one,
-    its declared transform included (the self-check row)."""
+    """A class the generic integration accepts without a family proof (Unlimited-OCR: no row, no
+    family case) warns at enable; the command it names exists, each check it promises is a row of
+    the report (the reference rows are drop's: its decoder refuses mask), and the report passes
+    on a tiny one, the self-check row included."""
     import transformers
     from _hf_shrunk import MATCHED_CLASS, MATCHED_VISUAL, build_matched
 
@@ -241,8 +241,9 @@ def test_the_matched_class_warning_names_verify_and_what_it_checks():
     assert "`calplug verify`" in message and "calplug.verify(model, batch)" in message
     assert "verify" in cli.COMMANDS
     report = calplug.verify(model, batch)
+    assert "contrast='mask' is refused" in report.table()
     promised = {"the contrast pass is blind to the image": BLIND_DROP,
-                "faithful mode equals the two-forward reference": f"{FAITHFUL}: loss",
+                "faithful mode equals the two-forward reference": f"{DROP_REF}: loss",
                 "unit weights give the model's own loss": UNIT}
     rows = {c.name for c in report.checks}
     for phrase, row in promised.items():
@@ -332,3 +333,43 @@ def test_command_on_a_saved_model_with_its_processor(tmp_path, capsys):
     assert "batch of 2 samples, 2 with images or videos" in out and out.rstrip().endswith("all passed")
     with pytest.raises(calplug.CALConfigError, match="as many --caption as --image"):
         cli.main(args[:-2] + ["--debug"])
+
+
+# -- the replaced pixels; the self-check's states ----------------------------------------------------
+def test_replaced_flattened_patches_keep_their_index_columns():
+    """Kosmos-2.5's flattened patches lead each row with its row and column index: verify's other
+    pixels keep those (and the all-zero padding patches), and replace every pixel value."""
+    from calplug.verifying import _replace_pixels
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.stack([torch.arange(1, 5).repeat_interleave(4), torch.arange(1, 5).repeat(4)], -1).float()
+    patches = torch.cat([index.expand(2, 16, 2), torch.randn(2, 16, 48, generator=g)], -1)
+    patches[1, 12:] = 0  # padding patches
+    other = _replace_pixels(patches, torch.Generator().manual_seed(1))
+    assert torch.equal(other[..., :2], patches[..., :2]) and torch.equal(other[1, 12:], patches[1, 12:])
+    real = patches[..., 2:] != 0
+    assert bool((other[..., 2:] != patches[..., 2:])[real].all())
+    assert abs(float(other[..., 2:][real].std()) - float(patches[..., 2:].std())) < 0.2
+    # images: every value is a pixel (a constant whole-number column, a black border, too)
+    image = torch.randn(1, 3, 8, 8, generator=g)
+    image[..., 0] = -1.0
+    assert bool((_replace_pixels(image, torch.Generator().manual_seed(1)) != image).all())
+
+
+def test_self_check_catches_states_changed_between_decoder_and_head(monkeypatch):
+    """Inkling divides the decoder's output by its muP width multiplier before lm_head; its row
+    declares the division. Without it the contrast side's target logits (from the decoder's
+    output) would be 1 / 0.5 of the model's: verify's self-check row fails, quoting both logits."""
+    family = hf.FAMILIES["inkling"]
+    skip_unrunnable_family(family)
+    facts = families.FAMILIES[family.class_name]
+    assert facts.logit_transform[0].attribute == "logits_mup_width_multiplier"
+    model, batch = built("inkling")
+    assert model.config.text_config.logits_mup_width_multiplier == 0.5
+    assert calplug.verify(model, batch, gradients=False).passed
+    monkeypatch.setitem(families.FAMILIES, family.class_name,
+                        dataclasses.replace(facts, logit_transform=facts.logit_transform[1:]))
+    report = calplug.verify(model, batch, gradients=False)
+    head = next(c for c in report.checks if c.name == HEAD)
+    assert not head.passed and head.measured > 0.1, report.table()
+    assert "the forward transforms its logits after lm_head" in report.table()
