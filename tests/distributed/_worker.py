@@ -73,8 +73,11 @@ def main() -> int:
         engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.SGD(model.parameters(), lr=_common.LR)
     else:
+        import _ds_op
         import deepspeed
 
+        # DeepSpeed's CPU comm op as tox's commands_pre built it into the cache, else JIT-built here
+        print(f"DeepSpeed's CPU comm op: {_ds_op.preload() or 'JIT load'}", flush=True)
         deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
         opt = torch.optim.SGD(model.parameters(), lr=_common.LR)
         engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
