@@ -95,6 +95,8 @@ def build() -> Path:
         if target.is_file():
             print(f"calplug: DeepSpeed's {NAME} op from the cache (built by another run): {target}", flush=True)
             return target
+        for left in target.parent.glob("build-*"):  # a build killed midway (its lock died with it)
+            shutil.rmtree(left, ignore_errors=True)
         build_dir = tempfile.mkdtemp(prefix="build-", dir=target.parent)
         try:
             os.environ["TORCH_EXTENSIONS_DIR"] = build_dir  # private: torch's own lock file lives here
