@@ -10,8 +10,8 @@ and each rank loads that file into DeepSpeed's own table of loaded ops before De
     python tests/distributed/_ds_op.py     # tox's commands_pre: build into the cache unless there
     _ds_op.preload()                       # a rank, before deepspeed.init_distributed
 
-The cache lives in ``$CALPLUG_CACHE_DIR/deepspeed-ops`` (default ``${XDG_CACHE_HOME:-~/.cache}/calplug``),
-beside pip's and uv's caches: a new ``CALPLUG_CACHE_DIR`` means a cold build (.ci/timing sets it
+The cache lives in ``$CALPLUG_CACHE_DIR/deepspeed-ops`` (default ``${XDG_CACHE_HOME:-~/.cache}/calplug``,
+calplug's cache folder, where the demo keeps its stage-1 weights), beside pip's and uv's caches: a new ``CALPLUG_CACHE_DIR`` means a cold build (.ci/timing sets it
 inside its ``--cache`` folder). Two runs that share the cache build under an ``flock`` (released
 by the kernel when its holder dies, so a killed build never leaves a lock behind), each in a
 private build folder; the finished file is moved into place whole. Without a cached file a rank
