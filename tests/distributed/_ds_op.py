@@ -124,5 +124,17 @@ def preload() -> Path | None:
     return target
 
 
+def main() -> None:
+    """tox's commands_pre: the cached build, or (cache folder not writable) DeepSpeed's own JIT
+    build into ``TORCH_EXTENSIONS_DIR``, which each rank then reloads as before."""
+    try:
+        build()
+    except OSError as error:
+        print(f"calplug: no cache for DeepSpeed's {NAME} op ({type(error).__name__}: {error}); "
+              f"building it into TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR')} "
+              f"(set {CACHE_VARIABLE} to a writable folder to keep it across runs)", flush=True)
+        _builder().load()
+
+
 if __name__ == "__main__":
-    build()
+    main()
