@@ -207,7 +207,10 @@ def test_cal_step_makes_no_more_full_logit_tensors_than_plain(dtype):
 
 
 # -- ZeRO-3 style agreement on skipping (2 gloo ranks, CPU) ----------------------------------------
-def _sharded_worker(rank, world, init_file, case, results):
+SHARDED_CASES = ("mixed", "none")
+
+
+def _sharded_worker(rank, world, init_file, cases, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -217,54 +220,65 @@ def _sharded_worker(rank, world, init_file, case, results):
         from calplug.testing import llava_batch as batch_fn, tiny_llava as model_fn
 
         dist_mod.is_sharded = lambda model: True  # pretend ZeRO-3 partitioned the parameters
-        model = model_fn(0).train()
-        from calplug.integrations import compat
-
-        decoder, _ = compat.vlm_decoder_and_head(model)
-        # Stand-in for ZeRO-3's parameter gathering: every decoder layer call is a collective that
-        # checks all ranks are at the same layer. A rank that skipped a pass the other rank runs
-        # would pair different layers (or time out).
-        layer_calls = []
-
-        def gather(idx):
-            def pre_hook(module, args):
-                t = torch.tensor([idx], dtype=torch.long)
-                out = [torch.zeros_like(t) for _ in range(world)]
-                torch.distributed.all_gather(out, t)
-                if len({int(x) for x in out}) != 1:
-                    raise RuntimeError(f"collective mismatch: layers {[int(x) for x in out]}")
-                layer_calls.append(idx)
-            return pre_hook
-
-        for i, layer in enumerate(decoder.layers):
-            layer.register_forward_pre_hook(gather(i))
-        has_image = {"mixed": rank == 0, "none": False, "both": True}[case]
-        batch = batch_fn(model, seed=rank, lengths=(10, 8),
-                         with_image=(has_image, False))
-        seen = []
-        decoder.register_forward_pre_hook(
-            lambda m, a, k: seen.append(tuple(k["inputs_embeds"].shape)), with_kwargs=True)
-        with calplug.enabled(model):
-            out = model(**batch)
-        out.loss.backward()
-        torch.distributed.barrier()
-        results[rank] = {"decoder_calls": seen, "layer_calls": len(layer_calls),
-                         "loss": float(out.loss), "nonzero_delta": int(torch.count_nonzero(out.cal_gaps))}
+        for case in cases:  # one launch, a fresh model and fresh hooks per case
+            results[(case, rank)] = _sharded_step(rank, world, case, model_fn, batch_fn)
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", ["mixed", "none"])
-def test_sharded_ranks_agree_on_skipping_the_contrast_pass(tmp_path, case):
+def _sharded_step(rank, world, case, model_fn, batch_fn) -> dict:
+    model = model_fn(0).train()
+    from calplug.integrations import compat
+
+    decoder, _ = compat.vlm_decoder_and_head(model)
+    # Stand-in for ZeRO-3's parameter gathering: every decoder layer call is a collective that
+    # checks all ranks are at the same layer. A rank that skipped a pass the other rank runs
+    # would pair different layers (or time out).
+    layer_calls = []
+
+    def gather(idx):
+        def pre_hook(module, args):
+            t = torch.tensor([idx], dtype=torch.long)
+            out = [torch.zeros_like(t) for _ in range(world)]
+            torch.distributed.all_gather(out, t)
+            if len({int(x) for x in out}) != 1:
+                raise RuntimeError(f"collective mismatch: layers {[int(x) for x in out]}")
+            layer_calls.append(idx)
+        return pre_hook
+
+    for i, layer in enumerate(decoder.layers):
+        layer.register_forward_pre_hook(gather(i))
+    has_image = {"mixed": rank == 0, "none": False, "both": True}[case]
+    batch = batch_fn(model, seed=rank, lengths=(10, 8),
+                     with_image=(has_image, False))
+    seen = []
+    decoder.register_forward_pre_hook(
+        lambda m, a, k: seen.append(tuple(k["inputs_embeds"].shape)), with_kwargs=True)
+    with calplug.enabled(model):
+        out = model(**batch)
+    out.loss.backward()
+    torch.distributed.barrier()
+    return {"decoder_calls": seen, "layer_calls": len(layer_calls),
+            "loss": float(out.loss), "nonzero_delta": int(torch.count_nonzero(out.cal_gaps))}
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    """Both cases' results from one two-rank launch (each case on a fresh model, one after the
+    other on the same process group): the processes start once, not once a case."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         missing("gloo", "needs torch.distributed with the gloo backend (this torch build has none)")
-    world = 2
     results = mp.Manager().dict()
-    mp.spawn(_sharded_worker, args=(world, str(tmp_path / "pg"), case, results), nprocs=world,
-             join=True)
-    r0, r1 = results[0], results[1]
+    init_file = tmp_path_factory.mktemp("sharded") / "pg"
+    mp.spawn(_sharded_worker, args=(2, str(init_file), SHARDED_CASES, results), nprocs=2, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("case", SHARDED_CASES)
+def test_sharded_ranks_agree_on_skipping_the_contrast_pass(sharded_results, case):
+    r0, r1 = sharded_results[(case, 0)], sharded_results[(case, 1)]
     n_layers = 2
     if case == "mixed":
         # Rank 0 contrasts its image sample; rank 1 (no image) runs the one-token placeholder.

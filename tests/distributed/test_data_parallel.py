@@ -1,7 +1,8 @@
 """Two-rank data-parallel CAL training on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Each test launches two real processes (tests/distributed/_worker.py) and compares them with one
-process training on the same micro-batches (tests/distributed/_common.py): the CAL loss and gaps of
+Each test launches two real processes (tests/distributed/_worker.py; the two DDP cases share one
+launch, each trained on a fresh model) and compares them with one process training on the same
+micro-batches (tests/distributed/_common.py): the CAL loss and gaps of
 step 0 on each rank, the losses of step 1, and every parameter after two SGD steps, all to `TOL`
 (1e-5 absolute, as the FSDP tests; the largest difference measured is ~1e-6, docs/distributed.md).
 ZeRO-3 runs with ``stage3_param_persistence_threshold: 0``, so every parameter is partitioned; the
@@ -51,8 +52,11 @@ def run_ranks(tmp_path, mode, case, *extra, timeout=240.0, launcher="popen"):
 
 
 def check_against_reference(tmp_path, mode, case, launcher="popen", record=lambda k, v: None,
-                            contrast="drop"):
-    result = run_ranks(tmp_path, mode, case, "--contrast", contrast, launcher=launcher)
+                            contrast="drop", result=None):
+    """Launch the ranks (or take ``result``, a launch that wrote this case into ``tmp_path``) and
+    compare them with one process."""
+    if result is None:
+        result = run_ranks(tmp_path, mode, case, "--contrast", contrast, launcher=launcher)
     assert not result["timed_out"] and set(result["returncodes"]) == {0}, describe(result)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_common.WORLD)]
     params = torch.load(tmp_path / "params.pt")
@@ -73,10 +77,22 @@ def check_against_reference(tmp_path, mode, case, launcher="popen", record=lambd
     return ranks
 
 
+DDP_CASES = ("images", "mixed")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Both DDP cases from one launch: each rank trains them in turn, a fresh model each
+    (tests/distributed/_worker.py), so the two ranks start once."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, run_ranks(out, "ddp", ",".join(DDP_CASES), "--contrast", "drop")
+
+
 @needs_gloo
-@pytest.mark.parametrize("case", ["images", "mixed"])
-def test_ddp_matches_single_process(tmp_path, case, record_property):
-    ranks = check_against_reference(tmp_path, "ddp", case, record=record_property)
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_matches_single_process(ddp_run, case, record_property):
+    out, result = ddp_run
+    ranks = check_against_reference(out / case, "ddp", case, record=record_property, result=result)
     assert not any(r["sharded"] for r in ranks)
     if case == "mixed":
         assert torch.count_nonzero(ranks[1]["deltas"][0]) == 0  # text-only rank: all gaps 0
