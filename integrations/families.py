@@ -273,6 +273,18 @@ _ROWS = [
           ("MiniCPM-V-4.6", "minicpmv4_6", "MiniCPMV4_6ForConditionalGeneration"),
           ("MiniCPM-V-4.7", "minicpmv4_7", "MiniCPMV4_7ForConditionalGeneration"),
           ("MiniCPM-OCR", "minicpm_ocr", "MiniCPMOcrForConditionalGeneration"))),
+    FamilyFacts("Qianfan-OCR", "qianfan_ocr", "QianfanOCRForConditionalGeneration", (5, 0),
+                placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
+    FamilyFacts("GOT-OCR2", "got_ocr2", "GotOcr2ForConditionalGeneration", (4, 49),
+                placeholders=IMAGE_ONLY, pixel_keys=("pixel_values",)),
+    FamilyFacts("HunYuanVL", "hunyuan_vl", "HunYuanVLForConditionalGeneration", (5, 0),
+                placeholders=IMAGE_ONLY),
+    FamilyFacts("Kimi-K2.5", "kimi_k25", "Kimi_K25ForConditionalGeneration", (5, 0)),
+    FamilyFacts("ERNIE-4.5-VL-MoE", "ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration",
+                (5, 0), mrope=True, router_aux=True),
+    FamilyFacts("HY-V4-VL", "hyv4vl", "HYV4VLForConditionalGeneration", (5, 0),
+                holes_ignored=HOLES_IGNORED.format(what="indexed (top-k key selection) layers",
+                                                   state="key selection")),
 ]
 
 # -- Q-Former families with a decoder-only (OPT) language model: the query outputs sit at the

@@ -1,0 +1,86 @@
+"""More placeholder classes of transformers 5.x built from their shrunk default configs
+(`_hf_shrunk.shrunk`), each with the batch layout its own splice takes: Qianfan-OCR, GOT-OCR2,
+HunYuanVL, Kimi-K2.5, ERNIE-4.5-VL-MoE, HY-V4-VL. Test helpers only; merged into
+``_hf_families.FAMILIES``. Where a default has to change beyond sizes, the comment says why: the
+structure (layer types, projector, rotary layout) stays the model's own.
+"""
+from __future__ import annotations
+
+from _hf_families import VEND, VSTART
+from _hf_shrunk import _family, grid_visual, image_visual, shrunk
+
+
+def _rope(sections):
+    """M-RoPE sections for the tiny heads (the defaults' sections fit 128-wide heads)."""
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections}
+
+
+def build_qianfan_ocr(seed=0):
+    # drop_path_rate 0: the default (0.1) makes the vision tower's residual blocks stochastic in
+    # training mode, so two training forwards of one batch differ; a training run with stochastic
+    # depth off (as with dropout 0) is deterministic. 32 x 32 images of 8-pixel patches, 2 x 2
+    # pixel shuffle: 4 tokens an image.
+    return shrunk("QianfanOCRForConditionalGeneration", seed,
+                  vision=dict(image_size=[32, 32], patch_size=[8, 8], drop_path_rate=0.0),
+                  top=dict(image_seq_length=4))
+
+
+def build_got_ocr2(seed=0):
+    # The vision default initialises at std 1e-10 (a checkpoint fills the weights): the tower's
+    # output would not depend on the pixels, so 0.02 here. 64 x 64 images of 8-pixel patches (an
+    # 8 x 8 grid; windows of 4), two stride-2 convolutions in the projector: 4 tokens an image.
+    return shrunk("GotOcr2ForConditionalGeneration", seed,
+                  vision=dict(image_size=64, patch_size=8, mlp_dim=64, output_channels=32,
+                              window_size=4, global_attn_indexes=[1], initializer_range=0.02),
+                  top=dict(image_seq_length=4))
+
+
+def build_hunyuan_vl(seed=0):
+    # Its M-RoPE has four axes (text, width, height, image index); the default sets no sections
+    # (its forward then raises), a checkpoint does. head_dim: the default leaves it None.
+    return shrunk("HunYuanVLForConditionalGeneration", seed,
+                  text=dict(rope_parameters=_rope([2, 2, 2, 2]), head_dim=16),
+                  vision=dict(text_hidden_size=64), top=dict(im_start_id=VSTART, im_end_id=VEND))
+
+
+def build_kimi_k25(seed=0):
+    # DeepSeek-V3 decoder (MLA): rotary width = head_dim = qk_rope_head_dim, as many key/value
+    # heads as query heads; the vision position table cut to an 8 x 8 grid.
+    return shrunk("Kimi_K25ForConditionalGeneration", seed,
+                  text=dict(head_dim=8, num_key_value_heads=4),
+                  vision=dict(pos_emb_height=8, pos_emb_width=8), top=dict(projection_hidden_size=32))
+
+
+def build_ernie4_5_vl_moe(seed=0):
+    # moe_intermediate_size is a list (text experts, vision experts); M-RoPE sections for 16-wide
+    # heads (height + width, then time)
+    return shrunk("Ernie4_5_VLMoeForConditionalGeneration", seed,
+                  text=dict(moe_intermediate_size=[32, 32], rope_parameters=_rope([3, 3, 2])))
+
+
+def build_hyv4vl(seed=0):
+    # MLA-style attention with indexed (top-k) layers: rotary width = head_dim; hc_mult 2: 4
+    # hyper-connection streams x 64 would be the vocabulary size (the "no vocabulary-sized
+    # contrast tensors" property looks for that size); initialisation 0.02 (default 0.006, at which
+    # the tiny model's gaps barely vary)
+    return shrunk("HYV4VLForConditionalGeneration", seed,
+                  text=dict(rope_parameters=_rope([2, 1, 1]), head_dim=8, num_key_value_heads=4,
+                            hc_mult=2, initializer_range=0.02))
+
+
+SHRUNK_MORE = dict([
+    _family("qianfan_ocr", "QianfanOCRForConditionalGeneration", build_qianfan_ocr,
+            image_visual(4), images=True),
+    _family("got_ocr2", "GotOcr2ForConditionalGeneration", build_got_ocr2,
+            image_visual(4, size=64), images=True),
+    # 4 x 4 patches merged 2 x 2: 2 rows of (2 tokens + a newline) and begin / end features = 8
+    _family("hunyuan_vl", "HunYuanVLForConditionalGeneration", build_hunyuan_vl,
+            grid_visual(16, temporal=1, count=8)),
+    _family("kimi_k25", "Kimi_K25ForConditionalGeneration", build_kimi_k25,
+            grid_visual(14, shape=(3, 14, 14))),
+    _family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", build_ernie4_5_vl_moe,
+            grid_visual(14, temporal=1)),
+    # 2 merged rows of (2 tokens + a newline) = 6; indexed attention: drop only
+    _family("hyv4vl", "HYV4VLForConditionalGeneration", build_hyv4vl,
+            grid_visual(16, temporal=1, count=6), drop_only=True),
+])
