@@ -59,13 +59,15 @@ def build_ernie4_5_vl_moe(seed=0):
 
 
 def build_hyv4vl(seed=0):
-    # MLA-style attention with indexed (top-k) layers: rotary width = head_dim; hc_mult 2: 4
-    # hyper-connection streams x 64 would be the vocabulary size (the "no vocabulary-sized
-    # contrast tensors" property looks for that size); initialisation 0.02 (default 0.006, at which
-    # the tiny model's gaps barely vary)
+    # MLA-style attention with indexed layers: rotary width = head_dim; the indexer keeps the top
+    # 8 keys (the default 2048 would keep every key of a tiny batch, and so honour mask holes);
+    # hc_mult 2: 4 hyper-connection streams x 64 would be the vocabulary size (the "no
+    # vocabulary-sized contrast tensors" property looks for that size); initialisation 0.02
+    # (default 0.006, at which the tiny model's gaps barely vary)
     return shrunk("HYV4VLForConditionalGeneration", seed,
                   text=dict(rope_parameters=_rope([2, 1, 1]), head_dim=8, num_key_value_heads=4,
-                            hc_mult=2, initializer_range=0.02))
+                            index_n_heads=2, index_head_dim=8, index_topk=8, hc_mult=2,
+                            initializer_range=0.02))
 
 
 SHRUNK_MORE = dict([

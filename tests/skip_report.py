@@ -49,6 +49,8 @@ EXPECTED = [
      "calplug verify cannot make a noise batch of Kosmos-2.5's flattened patches (it refuses them)"),
     ("hf-*", r"transformers < 5\.0's PaliGemma, called without labels, attends bidirectionally",
      "no from-scratch decoding reference there (test_decoding.py); py runs it"),
+    ("py", r"HYV4VLForConditionalGeneration: once its sparse-attention indexer keeps fewer keys",
+     "its own cached generate() is not its from-scratch forward (test_decoding.py); the other decoding tests run it"),
     ("*", r"the LLaVA codebases splice the image inside their own generate\(\)",
      "listed by test_decoding.py so the report names them; their refusal is tested on an emulation"),
     ("*", r": contrastive decoding refused \(NOT_DECODED\)$",
