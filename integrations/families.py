@@ -285,6 +285,12 @@ _ROWS = [
     FamilyFacts("HY-V4-VL", "hyv4vl", "HYV4VLForConditionalGeneration", (5, 0),
                 holes_ignored=HOLES_IGNORED.format(what="indexed (top-k key selection) layers",
                                                    state="key selection")),
+    FamilyFacts("Qwen4-Exp", "qwen4_exp", "Qwen4ExpForConditionalGeneration", (5, 0), mrope=True,
+                router_aux=True,
+                holes_ignored=HOLES_IGNORED.format(what="gated linear-attention layers",
+                                                   state="recurrent state and short convolution")),
+    FamilyFacts("DeepSeek-VL-Hybrid", "deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration",
+                (4, 54), placeholders=IMAGE_ONLY, pixel_keys=("pixel_values", "high_res_pixel_values")),
 ]
 
 # -- Q-Former families with a decoder-only (OPT) language model: the query outputs sit at the

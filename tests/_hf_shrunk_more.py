@@ -1,13 +1,15 @@
 """More placeholder classes of transformers 5.x built from their shrunk default configs
 (`_hf_shrunk.shrunk`), each with the batch layout its own splice takes: Qianfan-OCR, GOT-OCR2,
-HunYuanVL, Kimi-K2.5, ERNIE-4.5-VL-MoE, HY-V4-VL. Test helpers only; merged into
+HunYuanVL, Kimi-K2.5, ERNIE-4.5-VL-MoE, HY-V4-VL, Qwen4-Exp, DeepSeek-VL hybrid. Test helpers only; merged into
 ``_hf_families.FAMILIES``. Where a default has to change beyond sizes, the comment says why: the
 structure (layer types, projector, rotary layout) stays the model's own.
 """
 from __future__ import annotations
 
-from _hf_families import VEND, VSTART
-from _hf_shrunk import _family, grid_visual, image_visual, shrunk
+import torch
+
+from _hf_families import IMAGE, VEND, VSTART
+from _hf_shrunk import MROPE, VISION_SIZES, _family, _shrink, grid_visual, image_visual, shrunk
 
 
 def _rope(sections):
@@ -71,6 +73,42 @@ def build_hyv4vl(seed=0):
                             initializer_range=0.02))
 
 
+def build_qwen4_exp(seed=0):
+    # Gated linear attention and hyper-connections (2 streams of 64); the default sets no
+    # sizes for the full-attention layers' token indexer (its layers then fail to build: a
+    # checkpoint sets them) and a 20M-row n-gram embedding (1024 rows here)
+    return shrunk("Qwen4ExpForConditionalGeneration", seed, vision=dict(num_position_embeddings=64),
+                  text=dict(rope_parameters=dict(MROPE, mrope_interleaved=True),
+                            linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                            linear_num_value_heads=4, hc_count=2, hc_lowrank=8, ple_embed_dim=16,
+                            ngram_vocab_size_base=1024, split_ngram_parts=4, heads_per_ngram=2,
+                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16,
+                            indexer_budget=8, indexer_compress_ratio=2))
+
+
+def build_deepseek_vl_hybrid(seed=0):
+    # SigLIP on 32 x 32 images (4 x 4 patches: 16 tokens) beside a SAM tower on 64 x 64 ones; the
+    # SAM default initialises at std 1e-10 (a checkpoint fills it), 0.02 here so that its features
+    # depend on the pixels
+    import transformers
+
+    sam = transformers.DeepseekVLHybridForConditionalGeneration.config_class().high_res_vision_config
+    _shrink(sam, VISION_SIZES)
+    for name, value in dict(image_size=64, patch_size=8, mlp_dim=64, output_channels=32,
+                            window_size=4, global_attn_indexes=[1], initializer_range=0.02).items():
+        setattr(sam, name, value)
+    sam._attn_implementation = "eager"
+    return shrunk("DeepseekVLHybridForConditionalGeneration", seed,
+                  vision=dict(image_size=32, patch_size=8), top=dict(high_res_vision_config=sam))
+
+
+def deepseek_vl_hybrid_visual(model, kind, g):
+    """16 placeholders; the image at both resolutions (pixel_values, high_res_pixel_values)."""
+    return torch.tensor([IMAGE] * 16), {
+        "pixel_values": torch.randn(1, 3, 32, 32, generator=g),
+        "high_res_pixel_values": torch.randn(1, 3, 64, 64, generator=g)}
+
+
 SHRUNK_MORE = dict([
     _family("qianfan_ocr", "QianfanOCRForConditionalGeneration", build_qianfan_ocr,
             image_visual(4), images=True),
@@ -86,4 +124,8 @@ SHRUNK_MORE = dict([
     # 2 merged rows of (2 tokens + a newline) = 6; indexed attention: drop only
     _family("hyv4vl", "HYV4VLForConditionalGeneration", build_hyv4vl,
             grid_visual(16, temporal=1, count=6), drop_only=True),
+    _family("qwen4_exp", "Qwen4ExpForConditionalGeneration", build_qwen4_exp, grid_visual(16),
+            drop_only=True),
+    _family("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration",
+            build_deepseek_vl_hybrid, deepseek_vl_hybrid_visual, images=True),
 ])

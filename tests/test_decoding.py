@@ -55,6 +55,7 @@ CACHED_NOT_FROM_SCRATCH = {
 UNJOINED = {
     "glm5_next": "sparse-attention indexer",  # DSA: pooled, ranked indexer keys
     "hyv4vl": "sparse-attention indexer",
+    "qwen4_exp": "sparse-attention indexer",
 }
 DECODING = [c for c in CASES if c.decode_inputs is not None]
 LLAVA_STYLE = sorted({c.id.split("-")[1] for c in CASES if c.id.startswith("llava_style-")}
