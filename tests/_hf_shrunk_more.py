@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from _hf_families import IMAGE, VEND, VSTART
+from _hf_families import EXTRA1, EXTRA2, IMAGE, VEND, VIDEO, VSTART
 from _hf_shrunk import MROPE, VISION_SIZES, _family, _shrink, grid_visual, image_visual, shrunk
 
 
@@ -109,6 +109,22 @@ def deepseek_vl_hybrid_visual(model, kind, g):
         "high_res_pixel_values": torch.randn(1, 3, 64, 64, generator=g)}
 
 
+def grid_av(patch: int, count: int = 4, video_count: int = 4, shape=None):
+    """Images as `_hf_shrunk.grid_visual` (4 x 4 patches, one frame of patches, ``count``
+    placeholders); a video: 2 frames of 4 x 4 patches (``video_grid_thw [[2, 4, 4]]``, pixels
+    ``[32, 3 * patch**2]`` or ``[32, *shape]``) and ``video_count`` placeholders inside the
+    video start / end ids, as many as the model's video features (its own split)."""
+    image = grid_visual(patch, temporal=1, count=count, shape=shape)
+
+    def visual(model, kind, g):
+        if kind == "image":
+            return image(model, kind, g)
+        pixels = torch.randn(32, *(shape or (3 * patch * patch,)), generator=g)
+        return torch.tensor([EXTRA1] + [VIDEO] * video_count + [EXTRA2]), {
+            "pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[2, 4, 4]])}
+    return visual
+
+
 SHRUNK_MORE = dict([
     _family("qianfan_ocr", "QianfanOCRForConditionalGeneration", build_qianfan_ocr,
             image_visual(4), images=True),
@@ -117,13 +133,15 @@ SHRUNK_MORE = dict([
     # 4 x 4 patches merged 2 x 2: 2 rows of (2 tokens + a newline) and begin / end features = 8
     _family("hunyuan_vl", "HunYuanVLForConditionalGeneration", build_hunyuan_vl,
             grid_visual(16, temporal=1, count=8)),
+    # Kimi-K2.5: 4 tokens a video too (its split counts the merged grid of one frame)
     _family("kimi_k25", "Kimi_K25ForConditionalGeneration", build_kimi_k25,
-            grid_visual(14, shape=(3, 14, 14))),
+            grid_av(14, shape=(3, 14, 14)), video=True),
+    # ERNIE: a video's 2 frames merge in time (temporal_merge_size 2): 4 tokens
     _family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", build_ernie4_5_vl_moe,
-            grid_visual(14, temporal=1)),
-    # 2 merged rows of (2 tokens + a newline) = 6; indexed attention: drop only
+            grid_av(14), video=True),
+    # 2 merged rows of (2 tokens + a newline) = 6 a frame; indexed attention: drop only
     _family("hyv4vl", "HYV4VLForConditionalGeneration", build_hyv4vl,
-            grid_visual(16, temporal=1, count=6), drop_only=True),
+            grid_av(16, count=6, video_count=12), drop_only=True, video=True),
     _family("qwen4_exp", "Qwen4ExpForConditionalGeneration", build_qwen4_exp, grid_visual(16),
             drop_only=True),
     _family("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration",
