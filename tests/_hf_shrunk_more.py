@@ -86,18 +86,25 @@ def build_qwen4_exp(seed=0):
                             indexer_budget=8, indexer_compress_ratio=2))
 
 
+def _sam(sam):
+    """A SAM tower config shrunk to a 64 x 64 image of 8-pixel patches (windows of 4, the second
+    layer global); initialised at 0.02, not the default 1e-10 at which its output does not depend
+    on the pixels (a checkpoint fills the weights)."""
+    _shrink(sam, VISION_SIZES)
+    for name, value in dict(image_size=64, patch_size=8, mlp_dim=64, output_channels=32,
+                            window_size=4, global_attn_indexes=[1], initializer_range=0.02).items():
+        setattr(sam, name, value)
+    sam._attn_implementation = "eager"
+    return sam
+
+
 def build_deepseek_vl_hybrid(seed=0):
     # SigLIP on 32 x 32 images (4 x 4 patches: 16 tokens) beside a SAM tower on 64 x 64 ones; the
     # SAM default initialises at std 1e-10 (a checkpoint fills it), 0.02 here so that its features
     # depend on the pixels
     import transformers
 
-    sam = transformers.DeepseekVLHybridForConditionalGeneration.config_class().high_res_vision_config
-    _shrink(sam, VISION_SIZES)
-    for name, value in dict(image_size=64, patch_size=8, mlp_dim=64, output_channels=32,
-                            window_size=4, global_attn_indexes=[1], initializer_range=0.02).items():
-        setattr(sam, name, value)
-    sam._attn_implementation = "eager"
+    sam = _sam(transformers.DeepseekVLHybridForConditionalGeneration.config_class().high_res_vision_config)
     return shrunk("DeepseekVLHybridForConditionalGeneration", seed,
                   vision=dict(image_size=32, patch_size=8), top=dict(high_res_vision_config=sam))
 
