@@ -128,16 +128,19 @@ def _score(target: nn.Module, main: MainPass, cfg, contrast: Contrast, log_probs
 
 @contextlib.contextmanager
 def dropout_off(model: nn.Module) -> Iterator[None]:
-    """Dropout probability 0 for the block (``nn.Dropout`` modules and float ``*dropout``
-    attributes that attention modules read in training), restored after: scores and checks of
-    the network itself, in training mode (some forwards build other masks in eval mode)."""
+    """Dropout probability 0 for the block (``nn.Dropout`` modules, float ``*dropout``
+    attributes that attention modules read in training, and the ``drop_prob`` of stochastic-depth
+    modules: transformers' and timm's DropPath, e.g. Qianfan-OCR's vision tower at its default
+    0.1), restored after: scores and checks of the network itself, in training mode (some
+    forwards build other masks in eval mode)."""
     changed = []
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             changed.append((module, "p", module.p))
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if name.endswith("dropout") and isinstance(value, float) and value > 0:
+            if ((name.endswith("dropout") or name == "drop_prob") and isinstance(value, float)
+                    and value > 0):
                 changed.append((module, name, value))
                 setattr(module, name, 0.0)
     try:

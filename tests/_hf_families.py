@@ -879,11 +879,13 @@ FAMILIES["fuyu"] = Family("fuyu", "FuyuForCausalLM", (4, 53), build_fuyu, fuyu_v
 # The placeholder classes built from their shrunk default configs (tests/_hf_shrunk.py); imported
 # last: it builds on the helpers above.
 from _hf_shrunk import SHRUNK  # noqa: E402
+from _hf_shrunk_more import SHRUNK_MORE  # noqa: E402
 from _hf_qformer import QFORMER  # noqa: E402
 from _hf_vq import VQ  # noqa: E402
 from _hf_transforms import TRANSFORMS  # noqa: E402
 
 FAMILIES.update(SHRUNK)
+FAMILIES.update(SHRUNK_MORE)
 FAMILIES.update(QFORMER)
 FAMILIES.update(VQ)
 FAMILIES.update(TRANSFORMS)

@@ -47,6 +47,8 @@ EXPECTED = [
      "the query-prefix layout exists up to 4.49 (hf-4.45, hf-4.49 run it)"),
     ("hf-*", r"transformers < 5\.0's PaliGemma, called without labels, attends bidirectionally",
      "no from-scratch decoding reference there (test_decoding.py); py runs it"),
+    ("py", r"HYV4VLForConditionalGeneration: once its sparse-attention indexer keeps fewer keys",
+     "its own cached generate() is not its from-scratch forward (test_decoding.py); the other decoding tests run it"),
     ("*", r": contrastive decoding refused \(NOT_DECODED\)$",
      "a family contrastive decoding refuses; test_decoding.py's greedy test asserts the refusal and its reason"),
     ("hf-4.45", r"transformers 4\.45's OPT decoder takes no position_ids",

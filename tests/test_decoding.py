@@ -44,10 +44,20 @@ NOT_DECODED = {
     "hyperclovax_vision_v2": "neither position_ids nor cache_position",  # same
     "janus": "never called the logits processor",  # Janus' generate drops logits_processor
 }
+# family -> why its own cached generate() is not its from-scratch forward (an upstream property the
+# greedy reference, which recomputes without a cache, cannot be compared with)
+CACHED_NOT_FROM_SCRATCH = {
+    "hyv4vl": ("transformers 5.25.0's HYV4VLForConditionalGeneration: once its sparse-attention "
+               "indexer keeps fewer keys than the sequence has, its own cached generate() scores "
+               "differ from its forward on the whole sequence by ~1e-3 (calplug not involved); "
+               "cd_alpha=0, the padded-batch and the join tests cover it"),
+}
 # Families whose cache the joined step cannot take (calplug/decoding_cache.py): two passes.
 UNJOINED = {
     "glm5_next": "sparse-attention indexer",  # DSA: pooled, ranked indexer keys
     "mistral_large4": "sparse-attention indexer",  # the same indexer
+    "hyv4vl": "sparse-attention indexer",
+    "qwen4_exp": "sparse-attention indexer",
 }
 DECODING = [c for c in CASES if c.decode_inputs is not None]
 
@@ -150,6 +160,8 @@ def test_greedy_equals_the_reference_that_recomputes_both_branches(case, env):
     family = case.id.split("-")[1]
     if family in NO_REFERENCE_BELOW and hf.tf_version() < NO_REFERENCE_BELOW[family][0]:
         pytest.skip(NO_REFERENCE_BELOW[family][1])
+    if family in CACHED_NOT_FROM_SCRATCH:
+        pytest.skip(CACHED_NOT_FROM_SCRATCH[family])
     model = built(case, env)
     if refused(case, model):
         return

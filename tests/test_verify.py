@@ -205,6 +205,25 @@ def test_verify_without_gradients_skips_only_that_check():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_verify_turns_stochastic_depth_off_for_its_checks():
+    """Qianfan-OCR's vision tower with stochastic depth (its default drop_path_rate is 0.1; 0.5
+    here, so that most training forwards drop differently: with it left on, the checks compare
+    such forwards and fail): every check passes (verify runs the network with DropPath's
+    drop_prob at 0, as with dropout) and the rates are restored after."""
+    skip_unrunnable_family(hf.FAMILIES["qianfan_ocr"])
+    from _hf_shrunk_more import build_qianfan_ocr
+
+    model = build_qianfan_ocr(0, drop_path_rate=0.5).train()
+    batch = hf.make_batch(hf.FAMILIES["qianfan_ocr"], model)
+    rates = {n: m.drop_prob for n, m in model.named_modules() if hasattr(m, "drop_prob")}
+    assert rates and max(rates.values()) == pytest.approx(0.5)
+    torch.manual_seed(0)
+    assert not torch.equal(model(**batch).logits, model(**batch).logits)
+    report = calplug.verify(model, batch)
+    assert failed(report) == set(), report.table()
+    assert {n: m.drop_prob for n, m in model.named_modules() if hasattr(m, "drop_prob")} == rates
+
+
 def test_verify_refuses_batches_it_cannot_check():
     model, batch = built("llava")
     with pytest.raises(CALInputError, match="at least one image"):
