@@ -436,6 +436,7 @@ ENCODER_DECODER = ("an encoder-decoder model: the image is encoded on the encode
 REFUSED: dict[str, str] = {
     "DiffusionGemmaForBlockDiffusion": "DiffusionGemma: a block-diffusion model, not causal-LM cross-entropy",
     "PI0ForConditionalGeneration": "PI0: a robot-action flow-matching model (MSE on actions), no token loss",
+    "PI05ForConditionalGeneration": "PI0.5: a robot-action flow-matching model (MSE on actions), no token loss",
     "EvollaForProteinText2Text": "Evolla: a protein-text model, no images",
     "Mistral4ForCausalLM": "Mistral4ForCausalLM: a text-only causal LM (no vision inputs)",
 }
