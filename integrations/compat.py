@@ -29,6 +29,7 @@ import warnings
 import torch
 from torch import nn
 
+from calplug.classes import first_named
 from calplug.errors import CALInputError, UnsupportedModelError
 from calplug.gap import LogitTransform
 from calplug.hookspecs import VISUAL_MASK_ARGUMENT
@@ -317,3 +318,13 @@ def contrast_decoder(decoder: nn.Module) -> nn.Module:
     decoder with its rotary table lengthened (`KeepPositionsDecoder`)."""
     rotary = legacy_rotary_modules(decoder)
     return KeepPositionsDecoder(decoder, rotary) if rotary else decoder
+
+
+def facts_row(model: nn.Module, table: dict, integration: str):
+    """The row of a kind's facts ``table`` for ``model``'s class (or a class it subclasses); a model
+    of no listed class is refused naming the integration and the classes it handles."""
+    row = first_named(model, table)
+    if row is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a class of calplug's {integration} "
+                                    f"integration ({', '.join(table)})")
+    return row

@@ -48,7 +48,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calplug.classes import first_named
 from calplug.errors import CALInputError, UnsupportedModelError, warn_once
 from calplug.hookspecs import Integration, MainPass, ReferencePass, hookimpl
 from calplug.inputs import has_pixels
@@ -208,11 +207,7 @@ FACTS: dict[str, CrossAttentionFacts] = {f.class_name: f for f in (
 
 
 def facts_of(model: nn.Module) -> CrossAttentionFacts:
-    facts = first_named(model, FACTS)
-    if facts is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a class of calplug's cross-attention "
-                                    f"integration ({', '.join(FACTS)})")
-    return facts
+    return compat.facts_row(model, FACTS, "cross-attention")
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

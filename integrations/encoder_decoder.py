@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from calplug.classes import first_named, is_named
+from calplug.classes import is_named
 from calplug.errors import CALInputError, UnsupportedModelError
 from calplug.gap import IGNORE_INDEX
 from calplug.hookspecs import Integration, MainPass, ReferencePass, hookimpl
@@ -186,11 +186,7 @@ T5_VARIANTS = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGener
 
 
 def facts_of(model: nn.Module) -> Seq2SeqFacts:
-    facts = first_named(model, FACTS)
-    if facts is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a class of calplug's encoder-decoder "
-                                    f"integration ({', '.join(FACTS)})")
-    return facts
+    return compat.facts_row(model, FACTS, "encoder-decoder")
 
 
 def accepts(model: nn.Module) -> bool:

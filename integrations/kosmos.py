@@ -22,7 +22,6 @@ import sys
 import torch
 from torch import nn
 
-from calplug.classes import first_named
 from calplug.errors import CALInputError, UnsupportedModelError
 from calplug.hookspecs import Integration, MainPass, hookimpl
 from calplug.inputs import has_pixels
@@ -50,10 +49,7 @@ FACTS = {f.class_name: f for f in (
 
 
 def facts_of(model: nn.Module) -> KosmosFacts:
-    facts = first_named(model, FACTS)
-    if facts is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a Kosmos class ({', '.join(FACTS)})")
-    return facts
+    return compat.facts_row(model, FACTS, "Kosmos")
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
