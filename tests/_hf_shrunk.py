@@ -20,7 +20,10 @@ TEXT_SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_h
                   shared_expert_intermediate_size=32, first_k_dense_replace=1, n_group=1,
                   topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
                   qk_nope_head_dim=8, v_head_dim=16, pad_token_id=PAD, max_position_embeddings=512,
-                  num_layers=2, sliding_window=64)
+                  num_layers=2, sliding_window=64,
+                  # linear-attention (Gated DeltaNet) layers: their defaults are 16 + 32 heads of 128
+                  linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                  linear_num_value_heads=4)
 VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, depth=2,
                     num_attention_heads=4, num_heads=4, num_key_value_heads=4, head_dim=8,
                     out_hidden_size=64, embed_dim=32, num_layers=2)
