@@ -30,7 +30,7 @@ VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, d
 AUDIO_SIZES = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
                    d_model=16, output_dim=64, downsample_hidden_size=16, max_source_positions=100,
                    n_window=10, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
-                   num_attention_heads=2)
+                   num_attention_heads=2, out_hidden_size=64)
 UNSET_KEPT = ("head_dim", "q_lora_rank", "sliding_window")  # None in the default: leave it None
 IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
            vision_end_token_id=VEND, image_start_token_id=VSTART, image_end_token_id=VEND,
